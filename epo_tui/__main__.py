@@ -1,0 +1,3 @@
+from epo_tui.cli import main
+
+raise SystemExit(main())

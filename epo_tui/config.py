@@ -1,0 +1,219 @@
+"""The user's configuration: TOML (tomli) into frozen dataclasses, validated at load.
+
+Lookup order: `--config PATH`, `--config sample:NAME` (a shipped sample), the user's
+`config.toml` in the platformdirs config folder, else the built-in defaults (GPT-2 small with
+`gpt2-small-res-jb`). Every error names the file and key, what was found and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli
+
+from epo_tui import paths
+from epo_tui.errors import ConfigError, UserError, did_you_mean
+
+DTYPES = ("float32", "bfloat16")
+BUILTIN_SOURCE = "built-in defaults"
+
+
+def _limits(minimum: float | None = None, maximum: float | None = None, choices=None) -> dict:
+    return {"min": minimum, "max": maximum, "choices": choices}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str | None = "gpt2"  # Hugging Face hub id
+    path: str | None = None  # or a local checkpoint directory
+    dtype: str = field(default="float32", metadata=_limits(choices=DTYPES))
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    release: str | None = "gpt2-small-res-jb"  # sae-lens registry release
+    id: str | None = "blocks.8.hook_resid_pre"  # SAE id within the release
+    path: str | None = None  # or a local sae-lens directory
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    index: int = field(default=234, metadata=_limits(minimum=0))
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    iterations: int = field(default=750, metadata=_limits(minimum=1))
+    elites: int = field(default=8, metadata=_limits(minimum=1))
+    candidates: int = field(default=128, metadata=_limits(minimum=1))
+    prompt_tokens: int = field(default=20, metadata=_limits(minimum=1))
+    penalty_min: float = field(default=1.0, metadata=_limits(minimum=0.0))
+    penalty_max: float = field(default=20.0, metadata=_limits(minimum=0.0))
+    topk: int = field(default=128, metadata=_limits(minimum=1))
+    seed: int = field(default=0, metadata=_limits(minimum=0))
+    prefix: str = ""  # text placed after BOS, e.g. "<start_of_turn>user\n"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    sae: SAEConfig = SAEConfig()
+    feature: FeatureConfig = FeatureConfig()
+    search: SearchConfig = SearchConfig()
+    source: str = field(default=BUILTIN_SOURCE, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for result files and sessions (without the source)."""
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "sae": SAEConfig,
+    "feature": FeatureConfig,
+    "search": SearchConfig,
+}
+
+
+def load_config(spec: str | None = None) -> Config:
+    """The config named by `--config` (a path or `sample:NAME`), else the user's file, else defaults."""
+    if spec is None:
+        user_file = paths.default_config_file()
+        return load_config_file(user_file) if user_file.is_file() else Config()
+    if spec.startswith("sample:"):
+        name = spec.removeprefix("sample:")
+        samples = paths.sample_configs()
+        if name not in samples:
+            raise UserError(
+                f"--config: no sample config named '{name}'{did_you_mean(name, samples)}"
+                f" (samples: {', '.join(samples)})"
+            )
+        return load_config_file(samples[name])
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise UserError(f"--config: no such file '{spec}'")
+    return load_config_file(path)
+
+
+def load_config_file(path: Path) -> Config:
+    source = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{source}: cannot read: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(source, "", f"not valid UTF-8 (byte {err.start})") from None
+    return parse_config(text, source=source, base_dir=path.parent)
+
+
+def parse_config(text: str, source: str = "<string>", base_dir: Path | None = None) -> Config:
+    """Validate TOML text into a Config; relative paths resolve against `base_dir`."""
+    try:
+        document = tomli.loads(text)
+    except tomli.TOMLDecodeError as err:
+        where = f"line {err.lineno}, column {err.colno}" if getattr(err, "lineno", None) else "?"
+        reason = getattr(err, "msg", str(err))
+        raise ConfigError(source, "", f"invalid TOML at {where}: {reason}") from None
+
+    for name in document:
+        if name not in SECTIONS:
+            raise ConfigError(
+                source, name, f"unknown section{did_you_mean(name, SECTIONS)}"
+                f" (allowed: {', '.join(SECTIONS)})"
+            )
+    built = {}
+    for name, cls in SECTIONS.items():
+        table = document.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(source, name, f"expected a table [{name}], found {_describe(table)}")
+        built[name] = _build_section(cls, name, table, source)
+
+    model = _resolve_choice(built["model"], table=document.get("model", {}), source=source,
+                            section="model", remote=("name",), local="path", base_dir=base_dir)
+    sae = _resolve_choice(built["sae"], table=document.get("sae", {}), source=source,
+                          section="sae", remote=("release", "id"), local="path", base_dir=base_dir)
+    search = built["search"]
+    if search.penalty_min > search.penalty_max:
+        raise ConfigError(
+            source, "search.penalty_min",
+            f"{search.penalty_min} is larger than search.penalty_max ({search.penalty_max})",
+        )
+    if search.penalty_min <= 0:
+        raise ConfigError(source, "search.penalty_min",
+                          f"must be > 0 (penalties are log-spaced), found {search.penalty_min}")
+    return Config(model=model, sae=sae, feature=built["feature"], search=search, source=source)
+
+
+def _build_section(cls: type, section: str, table: dict, source: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in table.items():
+        dotted = f"{section}.{key}"
+        if key not in fields:
+            raise ConfigError(
+                source, dotted, f"unknown key{did_you_mean(key, fields)}"
+                f" (allowed in [{section}]: {', '.join(fields)})"
+            )
+        values[key] = _check_value(value, hints[key], fields[key].metadata, source, dotted)
+    return cls(**values)
+
+
+def _check_value(value: Any, hint: Any, limits: typing.Mapping, source: str, key: str) -> Any:
+    allowed = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
+    allowed.discard(type(None))
+    expected = allowed.pop()
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(source, key, f"expected {_TYPE_NAMES[expected]}, found {_describe(value)}")
+    choices = limits.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(
+            source, key, f"'{value}' is not one of {', '.join(choices)}{did_you_mean(value, choices)}"
+        )
+    if limits.get("min") is not None and value < limits["min"]:
+        raise ConfigError(source, key, f"must be >= {limits['min']}, found {value}")
+    if limits.get("max") is not None and value > limits["max"]:
+        raise ConfigError(source, key, f"must be <= {limits['max']}, found {value}")
+    return value
+
+
+def _resolve_choice(built, *, table: dict, source: str, section: str, remote: tuple[str, ...],
+                    local: str, base_dir: Path | None):
+    """A section names its source either remotely (hub / registry keys) or by a local path."""
+    given_remote = [k for k in remote if k in table]
+    if local in table:
+        if given_remote:
+            raise ConfigError(
+                source, f"{section}.{given_remote[0]}",
+                f"give either {section}.{local} or {' + '.join(f'{section}.{k}' for k in remote)}, not both",
+            )
+        path = Path(table[local]).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        return dataclasses.replace(built, **{k: None for k in remote}, **{local: str(path)})
+    if given_remote and len(given_remote) < len(remote):
+        missing = next(k for k in remote if k not in table)
+        raise ConfigError(source, f"{section}.{missing}",
+                          f"missing; {section}.{given_remote[0]} needs {section}.{missing} too")
+    return built
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "table"}.get(type(value), type(value).__name__)
+    shown = repr(value) if not isinstance(value, (dict, list)) else ""
+    return f"{shown} ({kind})".strip() if shown else kind

@@ -1,0 +1,1 @@
+"""Everything that touches JAX, model weights or sae-lens. Never imports the UI."""

@@ -1,0 +1,69 @@
+"""Finding a Hugging Face checkpoint (hub id through the huggingface_hub cache, or a local folder)
+and reading its safetensors (single file or sharded index). Nothing is unpickled."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+from safetensors import safe_open
+
+from epo_tui.errors import UserError
+
+# What a checkpoint folder must hold for us: config, tokenizer files and safetensors weights.
+CHECKPOINT_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+                    "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt", "*.model"]
+_LAYER_RE = re.compile(r"(?:^|\.)(?:h|layers)\.(\d+)\.")
+
+
+def resolve_checkpoint_dir(name: str | None, path: str | None) -> Path:
+    """A local folder as given, or the hub id's snapshot in the huggingface_hub cache (downloading it
+    when the hub is reachable; HF_HUB_OFFLINE=1 uses the cache only)."""
+    if path is not None:
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            raise UserError(f"model.path: '{path}' is not a checkpoint folder (no config.json there)")
+        return folder
+    assert name is not None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        return Path(snapshot_download(name, allow_patterns=CHECKPOINT_FILES))
+    except GatedRepoError:
+        reason = "it is gated: accept its licence on huggingface.co and set HF_TOKEN"
+    except RepositoryNotFoundError:
+        reason = "no such model on the hub (or it is private: set HF_TOKEN)"
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = "it is not in the local cache and HF_HUB_OFFLINE is set" if offline else first_line
+        reason = f"could not download it ({where})"
+    raise UserError(
+        f"model.name: cannot load '{name}' from the Hugging Face hub or its local cache: {reason}. "
+        "Use --demo for the bundled offline model, or set model.path to a local checkpoint folder"
+    )
+
+
+def read_safetensors(folder: Path, max_layer: int | None = None) -> dict[str, jnp.ndarray]:
+    """All tensors of a checkpoint folder as JAX arrays, skipping layers deeper than `max_layer`."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"'{folder}' holds no .safetensors weights (only safetensors are read)")
+    tensors: dict[str, jnp.ndarray] = {}
+    for file in files:
+        with safe_open(folder / file, framework="flax") as handle:
+            for key in handle.keys():
+                match = _LAYER_RE.search(key)
+                if max_layer is not None and match and int(match.group(1)) > max_layer:
+                    continue
+                tensors[key] = handle.get_tensor(key)
+    return tensors

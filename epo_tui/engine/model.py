@@ -1,0 +1,106 @@
+"""A loaded language model: family module, config, parameters, tokenizer, and its jitted forward."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from epo_tui.config import ModelConfig
+from epo_tui.engine.checkpoint import read_safetensors, resolve_checkpoint_dir
+from epo_tui.engine.models import family_module
+from epo_tui.engine.models.hooks import HookRecorder, parse_hook
+from epo_tui.errors import UserError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@functools.partial(jax.jit, static_argnames=("model_type", "cfg", "hooks", "logits", "center_writes"))
+def run_model(params: dict, tokens_or_onehot: jnp.ndarray, *, model_type: str, cfg: Any,
+              hooks: tuple[str, ...], logits: bool, center_writes: bool):
+    """(logits_BxLxV or None, {hook: activations}) for ids BxL or one-hot BxLxV."""
+    family = family_module(model_type)
+    recorder = HookRecorder(hooks, cfg.n_layers, center_writes)
+    x_BxLxD = family.embed(params, cfg, tokens_or_onehot)
+    return family.forward(params, cfg, x_BxLxD, recorder, logits), recorder.out
+
+
+@dataclass
+class LanguageModel:
+    name: str  # hub id or folder, for display
+    model_type: str  # Hugging Face model_type: gpt2, gemma, gemma2
+    cfg: Any  # the family's frozen Config
+    params: dict
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    dtype: str
+
+    @property
+    def family(self) -> ModuleType:
+        return family_module(self.model_type)
+
+    @property
+    def n_layers(self) -> int:
+        return self.cfg.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.cfg.d_model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    def forward(self, tokens_or_onehot, hooks: tuple[str, ...] = (), logits: bool = True,
+                center_writes: bool = False):
+        """(logits_BxLxV | None, {hook: BxLx...}); hooks use sae-lens names (blocks.L.hook_resid_pre)."""
+        for hook in hooks:
+            parse_hook(hook, self.n_layers)  # a clear error before tracing
+        return run_model(self.params, jnp.asarray(tokens_or_onehot), model_type=self.model_type,
+                         cfg=self.cfg, hooks=tuple(hooks), logits=logits, center_writes=center_writes)
+
+    def unembedding_VxD(self) -> jnp.ndarray:
+        return self.family.unembedding_VxD(self.params)
+
+    def special_token_ids(self) -> np.ndarray:
+        """Ids never to be proposed: BOS/EOS/pad/unk and every added special token."""
+        ids = set(self.tokenizer.all_special_ids)
+        ids.update(i for i, tok in self.tokenizer.added_tokens_decoder.items() if tok.special)
+        return np.array(sorted(i for i in ids if i is not None and i < self.vocab_size), dtype=np.int32)
+
+    def encode(self, text: str, prefix: str = "") -> list[int]:
+        """BOS, then the prefix, then the text: each tokenized on its own, as the search lays them out."""
+        bos = self.tokenizer.bos_token_id
+        if bos is None:
+            raise UserError(f"the tokenizer of '{self.name}' has no BOS token")
+        ids = [bos]
+        for part in (prefix, text):
+            if part:
+                ids += self.tokenizer(part, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def token_strings(self, ids) -> list[str]:
+        """Each id decoded on its own (spaces kept), as a reader expects to see it."""
+        return [self.tokenizer.decode([int(i)]) for i in ids]
+
+
+def load_model(model_cfg: ModelConfig) -> LanguageModel:
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = resolve_checkpoint_dir(model_cfg.name, model_cfg.path)
+    try:
+        hf_config = AutoConfig.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the config or tokenizer in '{folder}': {str(err).splitlines()[0]}") from None
+    family = family_module(hf_config.model_type)
+    cfg = family.Config.from_hf(hf_config)
+    dtype = DTYPES[model_cfg.dtype]
+    params = family.params_from_checkpoint(read_safetensors(folder), cfg, cfg.n_layers)
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
+    return LanguageModel(name=model_cfg.path or model_cfg.name, model_type=hf_config.model_type,
+                         cfg=cfg, params=params, tokenizer=tokenizer, dtype=model_cfg.dtype)

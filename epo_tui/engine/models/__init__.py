@@ -1,0 +1,27 @@
+"""Model families, each one short pure-JAX module with the same interface:
+
+- `Config.from_hf(hf_config)`, `params_from_checkpoint(tensors, cfg, n_layers)`,
+- `embed(params, cfg, ids_BxL | onehot_BxLxV) -> x_BxLxD`,
+- `forward(params, cfg, x_BxLxD, recorder, logits) -> logits_BxLxV | None`,
+- `unembedding_VxD(params)`, and `CENTERS_WRITES_BY_DEFAULT` (TransformerLens's residual convention).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from epo_tui.errors import UserError
+
+# Hugging Face `model_type` -> module of ours.
+FAMILIES = {
+    "gpt2": "epo_tui.engine.models.gpt2",
+    "gemma": "epo_tui.engine.models.gemma",
+    "gemma2": "epo_tui.engine.models.gemma",
+}
+
+
+def family_module(model_type: str) -> ModuleType:
+    if model_type not in FAMILIES:
+        raise UserError(f"model type '{model_type}' is not supported (supported: {', '.join(FAMILIES)})")
+    return importlib.import_module(FAMILIES[model_type])

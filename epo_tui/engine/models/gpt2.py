@@ -1,0 +1,146 @@
+"""GPT-2 as a pure JAX function over a parameter pytree (weights from HF safetensors).
+
+Shapes: B batch, L sequence, D d_model, H heads, K head dim, F MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from epo_tui.engine.models.hooks import HookRecorder
+from epo_tui.errors import UserError
+
+FAMILY = "gpt2"
+# TransformerLens centres the writing weights of LayerNorm models by default; res-jb SAEs see that.
+CENTERS_WRITES_BY_DEFAULT = True
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    vocab_size: int
+    max_positions: int
+    layer_norm_eps: float
+
+    @classmethod
+    def from_hf(cls, hf) -> GPT2Config:
+        if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UserError(f"GPT-2 activation '{hf.activation_function}' is not supported (gelu_new)")
+        if getattr(hf, "scale_attn_by_inverse_layer_idx", False):
+            raise UserError("GPT-2 with scale_attn_by_inverse_layer_idx is not supported")
+        return cls(
+            n_layers=hf.n_layer,
+            d_model=hf.n_embd,
+            n_heads=hf.n_head,
+            d_mlp=hf.n_inner or 4 * hf.n_embd,
+            vocab_size=hf.vocab_size,
+            max_positions=hf.n_positions,
+            layer_norm_eps=hf.layer_norm_epsilon,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+def params_from_checkpoint(tensors: Mapping[str, jnp.ndarray], cfg: GPT2Config, n_layers: int) -> dict:
+    """HF names (with or without the `transformer.` prefix) -> our pytree. Conv1D weights are DxOut."""
+
+    def get(key: str) -> jnp.ndarray:
+        return tensors[key] if key in tensors else tensors[f"transformer.{key}"]
+
+    blocks = []
+    for i in range(n_layers):
+        p = f"h.{i}."
+        blocks.append({
+            "ln1_g": get(p + "ln_1.weight"), "ln1_b": get(p + "ln_1.bias"),
+            "w_qkv_Dx3HK": get(p + "attn.c_attn.weight"), "b_qkv": get(p + "attn.c_attn.bias"),
+            "w_o_HKxD": get(p + "attn.c_proj.weight"), "b_o": get(p + "attn.c_proj.bias"),
+            "ln2_g": get(p + "ln_2.weight"), "ln2_b": get(p + "ln_2.bias"),
+            "w_in_DxF": get(p + "mlp.c_fc.weight"), "b_in": get(p + "mlp.c_fc.bias"),
+            "w_out_FxD": get(p + "mlp.c_proj.weight"), "b_out": get(p + "mlp.c_proj.bias"),
+        })
+    return {
+        "wte_VxD": get("wte.weight"), "wpe_PxD": get("wpe.weight"),
+        "lnf_g": get("ln_f.weight"), "lnf_b": get("ln_f.bias"), "blocks": blocks,
+    }
+
+
+def embed(params: dict, cfg: GPT2Config, tokens_or_onehot: jnp.ndarray) -> jnp.ndarray:
+    """Token embeddings x_BxLxD from ids (BxL) or from one-hot rows (BxLxV, differentiable)."""
+    if tokens_or_onehot.ndim == 3:
+        return jnp.einsum("BLV,VD->BLD", tokens_or_onehot.astype(params["wte_VxD"].dtype),
+                          params["wte_VxD"])
+    return params["wte_VxD"][tokens_or_onehot]
+
+
+def _layer_norm(x: jnp.ndarray, g: jnp.ndarray, b: jnp.ndarray, eps: float) -> jnp.ndarray:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = ((x32 - mean) ** 2).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype) * g + b
+
+
+def _attention(block: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray) -> jnp.ndarray:
+    B, L, _ = x_BxLxD.shape
+    qkv = x_BxLxD @ block["w_qkv_Dx3HK"] + block["b_qkv"]
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
+        t.reshape(B, L, cfg.n_heads, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1)
+    )
+    scores_BxHxLxS = jnp.einsum("BLHK,BSHK->BHLS", q_BxLxHxK, k_BxLxHxK).astype(jnp.float32)
+    scores_BxHxLxS = scores_BxHxLxS / jnp.sqrt(jnp.float32(cfg.head_dim))
+    causal_LxS = jnp.tril(jnp.ones((L, L), dtype=bool))
+    scores_BxHxLxS = jnp.where(causal_LxS, scores_BxHxLxS, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores_BxHxLxS, axis=-1).astype(x_BxLxD.dtype)
+    z_BxLxHxK = jnp.einsum("BHLS,BSHK->BLHK", probs, v_BxLxHxK)
+    return z_BxLxHxK.reshape(B, L, cfg.d_model) @ block["w_o_HKxD"] + block["b_o"]
+
+
+def _block(block: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray, layer: int,
+           rec: HookRecorder) -> jnp.ndarray:
+    eps = cfg.layer_norm_eps
+    rec.record(layer, "hook_resid_pre", x_BxLxD)
+    attn_out = _attention(block, cfg, _layer_norm(x_BxLxD, block["ln1_g"], block["ln1_b"], eps))
+    rec.record(layer, "hook_attn_out", attn_out)
+    x_BxLxD = x_BxLxD + attn_out
+    rec.record(layer, "hook_resid_mid", x_BxLxD)
+    pre_BxLxF = _layer_norm(x_BxLxD, block["ln2_g"], block["ln2_b"], eps) @ block["w_in_DxF"] + block["b_in"]
+    rec.record(layer, "mlp.hook_pre", pre_BxLxF)
+    post_BxLxF = jax.nn.gelu(pre_BxLxF, approximate=True)
+    rec.record(layer, "mlp.hook_post", post_BxLxF)
+    mlp_out = post_BxLxF @ block["w_out_FxD"] + block["b_out"]
+    rec.record(layer, "hook_mlp_out", mlp_out)
+    x_BxLxD = x_BxLxD + mlp_out
+    rec.record(layer, "hook_resid_post", x_BxLxD)
+    return x_BxLxD
+
+
+def forward(params: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray, rec: HookRecorder,
+            logits: bool = True) -> jnp.ndarray | None:
+    """Runs the blocks on token embeddings; returns logits_BxLxV (float32) or None when not asked.
+
+    Without logits, stops after the deepest block a recorded hook needs.
+    """
+    L = x_BxLxD.shape[1]
+    x_BxLxD = x_BxLxD + params["wpe_PxD"][:L]
+    n_run = len(params["blocks"]) if logits else rec.last_layer + 1
+    for layer in range(n_run):
+        x_BxLxD = _block(params["blocks"][layer], cfg, x_BxLxD, layer, rec)
+    if not logits:
+        return None
+    x_BxLxD = _layer_norm(x_BxLxD, params["lnf_g"], params["lnf_b"], cfg.layer_norm_eps)
+    return jnp.einsum("BLD,VD->BLV", x_BxLxD, params["wte_VxD"]).astype(jnp.float32)
+
+
+def unembedding_VxD(params: dict) -> jnp.ndarray:
+    return params["wte_VxD"]
+
+
+Config = GPT2Config

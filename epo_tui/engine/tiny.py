@@ -1,0 +1,116 @@
+"""Tiny random checkpoints, SAEs and configs, for tests and for trying the commands offline.
+
+    python -m epo_tui.engine.tiny DIR [--family gpt2|gemma|gemma2] [--architecture standard|jumprelu|topk]
+
+writes DIR/model (a Hugging Face checkpoint with a small trained BPE tokenizer), DIR/sae (a sae-lens
+folder with random weights) and DIR/config.toml pointing at both. Weights are random: activations
+and fluency numbers mean nothing, but every code path is the real one.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+FAMILIES = ("gpt2", "gemma", "gemma2")
+ARCHITECTURES = ("standard", "jumprelu", "topk")
+
+# Training text for the tiny tokenizer: enough variety that common English words get merged.
+_CORPUS = """The quick brown fox jumps over the lazy dog. Hello world, this is a tiny model.
+Legalization of cannabis was debated; officials refused to comment on the new law.
+Wonder Woman campaigns for justice. Animals at the shelter need homes, quite happily.
+Translate from English to French: left and right, up and down, hot and cold.
+Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation! Questions? Yes: no; maybe - (perhaps).
+"""
+_SPECIALS = {
+    "gpt2": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+    "gemma": {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"},
+}
+
+
+def write_tokenizer(folder: Path, family: str, vocab_size: int = 320) -> int:
+    """A byte-level BPE tokenizer trained on a built-in paragraph; returns its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = _SPECIALS["gpt2" if family == "gpt2" else "gemma"]
+    special_tokens = list(dict.fromkeys(specials.values()))
+    if family != "gpt2":
+        special_tokens += ["<start_of_turn>", "<end_of_turn>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([_CORPUS] * 4, trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **specials)
+    if family != "gpt2":
+        wrapped.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    wrapped.save_pretrained(folder)
+    return len(wrapped)
+
+
+def hf_config(family: str, vocab_size: int, **overrides):
+    """A small transformers config of the family (2 layers, d_model 32)."""
+    from transformers import Gemma2Config, GemmaConfig, GPT2Config
+
+    if family == "gpt2":
+        kwargs = dict(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=4,
+                      bos_token_id=0, eos_token_id=0)
+        return GPT2Config(**{**kwargs, **overrides})
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                  pad_token_id=2, bos_token_id=0, eos_token_id=1)
+    if family == "gemma":
+        return GemmaConfig(**{**common, **overrides})
+    return Gemma2Config(**{**common, "sliding_window": 4, "query_pre_attn_scalar": 8, **overrides})
+
+
+def write_tiny_checkpoint(folder: Path, family: str = "gpt2", seed: int = 0, **config_overrides) -> Path:
+    """A random transformers model of the family saved with save_pretrained (safetensors)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tokenizer(folder, family)
+    config = hf_config(family, vocab_size, **config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random norms and biases too, so parity tests see every parameter
+        for name, param in model.named_parameters():
+            if "norm" in name or "ln" in name or name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(folder)
+    return folder
+
+
+def write_config(path: Path, model_dir: str, sae_dir: str, feature: int = 0, **search) -> Path:
+    """A config.toml naming a local model and SAE (paths relative to the config's folder)."""
+    lines = ["[model]", f'path = "{model_dir}"', "", "[sae]", f'path = "{sae_dir}"', "",
+             "[feature]", f"index = {feature}", "", "[search]"]
+    lines += [f"{k} = {v!r}".replace("'", '"') for k, v in search.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m epo_tui.engine.tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--family", choices=FAMILIES, default="gpt2")
+    parser.add_argument("--architecture", choices=ARCHITECTURES, default="standard")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from epo_tui.engine.sae_writer import write_random_sae
+
+    write_tiny_checkpoint(args.folder / "model", args.family, seed=args.seed)
+    write_random_sae(args.folder / "sae", d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_pre",
+                     architecture=args.architecture, seed=args.seed)
+    config = write_config(args.folder / "config.toml", "model", "sae", feature=3,
+                          iterations=20, elites=4, candidates=16, prompt_tokens=6, topk=32)
+    print(f"wrote {args.folder}/model, {args.folder}/sae and {config}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

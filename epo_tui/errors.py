@@ -1,0 +1,27 @@
+"""Errors a user can fix. The CLI prints them as one line on stderr and exits with code 2."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """Bad input or an unavailable resource, described in one line the user can act on."""
+
+
+class ConfigError(UserError):
+    """A config value that is wrong: names the file, the key, what was found and what is allowed."""
+
+    def __init__(self, source: str, key: str, message: str):
+        self.source = source
+        self.key = key
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+
+
+def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
+    """'; did you mean 'x'?' for the closest choices, or '' when none is close."""
+    matches = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)
+    if not matches:
+        return ""
+    return "; did you mean " + " or ".join(f"'{m}'" for m in matches) + "?"
