@@ -19,8 +19,8 @@ class ConfigError(UserError):
         super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
 
 
-def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
-    """'; did you mean 'x'?' for the closest choices, or '' when none is close."""
+def did_you_mean(word: str, choices: Iterable[str], n: int = 1) -> str:
+    """'; did you mean 'x'?' for the closest choice(s), or '' when none is close."""
     matches = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)
     if not matches:
         return ""

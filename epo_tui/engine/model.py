@@ -63,8 +63,9 @@ class LanguageModel:
         return run_model(self.params, jnp.asarray(tokens_or_onehot), model_type=self.model_type,
                          cfg=self.cfg, hooks=tuple(hooks), logits=logits, center_writes=center_writes)
 
-    def unembedding_VxD(self) -> jnp.ndarray:
-        return self.family.unembedding_VxD(self.params)
+    def folded_unembedding_VxD(self) -> jnp.ndarray:
+        """The unembedding with the final norm's gain folded in: what a residual direction reads as."""
+        return self.family.folded_unembedding_VxD(self.params)
 
     def special_token_ids(self) -> np.ndarray:
         """Ids never to be proposed: BOS/EOS/pad/unk and every added special token."""

@@ -1,0 +1,56 @@
+"""Each SAE latent's decoder direction read through the model's unembedding: its top tokens.
+
+The catalog is computed once per (model, SAE) in chunks with a progress bar, then cached.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from rich.progress import Progress
+
+from epo_tui.engine.pairing import ModelWithSAE
+from epo_tui.features import FeatureEntry, catalog_path, load_catalog, save_catalog
+
+TOP_TOKENS = 8
+CHUNK = 1024
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _top_tokens(W_dec_CxD: jnp.ndarray, W_U_VxD: jnp.ndarray, banned_V: jnp.ndarray, k: int):
+    logits_CxV = jnp.einsum("CD,VD->CV", W_dec_CxD.astype(jnp.float32), W_U_VxD.astype(jnp.float32))
+    return jax.lax.top_k(jnp.where(banned_V, -jnp.inf, logits_CxV), k)[1]
+
+
+def compute_catalog(pair: ModelWithSAE, k: int = TOP_TOKENS, show_progress: bool = True) -> list[FeatureEntry]:
+    model, W_dec_SxD = pair.model, pair.sae.W_dec_SxD
+    W_U_VxD = model.folded_unembedding_VxD()
+    banned_V = jnp.zeros(W_U_VxD.shape[0], dtype=bool).at[model.special_token_ids()].set(True)
+    d_sae = W_dec_SxD.shape[0]
+    pad = (-d_sae) % CHUNK  # one static chunk shape: a single compilation
+    W_dec_SxD = jnp.pad(W_dec_SxD, ((0, pad), (0, 0)))
+    ids = []
+    with Progress(transient=True, disable=not show_progress) as progress:
+        task = progress.add_task("top tokens per feature", total=d_sae)
+        for start in range(0, d_sae, CHUNK):
+            ids.append(np.asarray(_top_tokens(W_dec_SxD[start:start + CHUNK], W_U_VxD, banned_V, k)))
+            progress.update(task, advance=min(CHUNK, d_sae - start))
+    ids_SxK = np.concatenate(ids)[:d_sae]
+    used = np.unique(ids_SxK)
+    text_of = dict(zip(used.tolist(), model.token_strings(used)))
+    return [FeatureEntry(index=i, top_tokens=tuple(text_of[t] for t in row.tolist()),
+                         top_token_ids=tuple(int(t) for t in row)) for i, row in enumerate(ids_SxK)]
+
+
+def feature_catalog(pair: ModelWithSAE) -> list[FeatureEntry]:
+    """The cached catalog of this model + SAE, computed on first use."""
+    key = f"{pair.model.name}|{pair.sae.cache_key}|top{TOP_TOKENS}"
+    path = catalog_path(key)
+    entries = load_catalog(path, key)
+    if entries is None:
+        entries = compute_catalog(pair)
+        save_catalog(path, key, entries)
+    return entries

@@ -1,0 +1,244 @@
+"""Gemma 1 and Gemma 2 as pure JAX functions over a parameter pytree (weights from HF safetensors).
+
+Gemma 2 adds norms after attention and after the MLP, tanh soft-capping of attention and final logits,
+a query scale from `query_pre_attn_scalar`, and a sliding-window mask on its sliding layers.
+
+Shapes: B batch, L/S query/key positions, D d_model, H query heads, G key-value heads, R query heads
+per key-value head (H = G * R), K head dim, F MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from epo_tui.engine.models.hooks import HookRecorder
+from epo_tui.errors import UserError
+
+FAMILY = "gemma"
+# TransformerLens cannot centre writing weights for RMSNorm models: Gemma SAEs see the raw residual.
+CENTERS_WRITES_BY_DEFAULT = False
+
+# Hugging Face activation name -> whether it is the tanh approximation of GELU.
+_GELU_APPROXIMATE = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu": False}
+
+
+@dataclass(frozen=True)
+class GemmaConfig:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_mlp: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    gelu_approximate: bool
+    query_scale: float  # multiplies q.k
+    post_norms: bool  # Gemma 2: post-attention, pre- and post-feedforward norms
+    attn_softcap: float | None
+    final_softcap: float | None
+    sliding_window: int | None
+    sliding_layers: tuple[bool, ...]  # per layer: sliding-window attention
+    tied_unembedding: bool
+
+    @classmethod
+    def from_hf(cls, hf) -> GemmaConfig:
+        gemma2 = hf.model_type == "gemma2"
+        act = _activation(hf, gemma2)
+        if getattr(hf, "use_bidirectional_attention", None):
+            raise UserError("Gemma with use_bidirectional_attention is not supported (causal models only)")
+        if getattr(hf, "attention_bias", False):
+            raise UserError("Gemma with attention_bias is not supported")
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        layer_types = getattr(hf, "layer_types", None) if gemma2 else None
+        if gemma2 and layer_types is None:  # transformers < 4.53: even layers slide
+            layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention"
+                           for i in range(hf.num_hidden_layers)]
+        sliding_window = getattr(hf, "sliding_window", None) if gemma2 else None
+        sliding = tuple(bool(sliding_window) and t == "sliding_attention" for t in (layer_types or ()))
+        return cls(
+            n_layers=hf.num_hidden_layers,
+            d_model=hf.hidden_size,
+            n_heads=hf.num_attention_heads,
+            n_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+            head_dim=head_dim,
+            d_mlp=hf.intermediate_size,
+            vocab_size=hf.vocab_size,
+            rms_norm_eps=hf.rms_norm_eps,
+            rope_theta=_rope_theta(hf),
+            gelu_approximate=_GELU_APPROXIMATE[act],
+            query_scale=(hf.query_pre_attn_scalar if gemma2 else head_dim) ** -0.5,
+            post_norms=gemma2,
+            attn_softcap=getattr(hf, "attn_logit_softcapping", None) if gemma2 else None,
+            final_softcap=getattr(hf, "final_logit_softcapping", None) if gemma2 else None,
+            sliding_window=sliding_window if any(sliding) else None,
+            sliding_layers=sliding or (False,) * hf.num_hidden_layers,
+            tied_unembedding=getattr(hf, "tie_word_embeddings", True),
+        )
+
+
+def _activation(hf, gemma2: bool) -> str:
+    """The MLP activation as transformers runs it. Gemma 1's legacy 'gelu' means the tanh approximation."""
+    act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", None) or "gelu_pytorch_tanh"
+    if not gemma2 and act == "gelu":
+        act = "gelu_pytorch_tanh"
+    if act not in _GELU_APPROXIMATE:
+        raise UserError(f"Gemma activation '{act}' is not supported ({', '.join(_GELU_APPROXIMATE)})")
+    return act
+
+
+def _rope_theta(hf) -> float:
+    """RoPE base: `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (transformers 4)."""
+    rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise UserError(f"Gemma RoPE type '{rope_type}' is not supported (default only)")
+    return float(rope.get("rope_theta", getattr(hf, "rope_theta", None) or 10000.0))
+
+
+def params_from_checkpoint(tensors: Mapping[str, jnp.ndarray], cfg: GemmaConfig, n_layers: int) -> dict:
+    """HF names (with or without the `model.` prefix) -> our pytree. Linear weights stay OutxIn."""
+
+    def get(key: str) -> jnp.ndarray:
+        return tensors[key] if key in tensors else tensors[f"model.{key}"]
+
+    H, G, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+    blocks = []
+    for i in range(n_layers):
+        p = f"layers.{i}."
+        block = {
+            "ln_attn_w": get(p + "input_layernorm.weight"),
+            "w_q_HxKxD": get(p + "self_attn.q_proj.weight").reshape(H, K, D),
+            "w_k_GxKxD": get(p + "self_attn.k_proj.weight").reshape(G, K, D),
+            "w_v_GxKxD": get(p + "self_attn.v_proj.weight").reshape(G, K, D),
+            "w_o_DxHxK": get(p + "self_attn.o_proj.weight").reshape(D, H, K),
+            "w_gate_FxD": get(p + "mlp.gate_proj.weight"),
+            "w_up_FxD": get(p + "mlp.up_proj.weight"),
+            "w_down_DxF": get(p + "mlp.down_proj.weight"),
+        }
+        if cfg.post_norms:  # Gemma 2's post_attention_layernorm follows attention ...
+            block["ln_attn_post_w"] = get(p + "post_attention_layernorm.weight")
+            block["ln_mlp_w"] = get(p + "pre_feedforward_layernorm.weight")
+            block["ln_mlp_post_w"] = get(p + "post_feedforward_layernorm.weight")
+        else:  # ... Gemma 1's precedes the MLP
+            block["ln_mlp_w"] = get(p + "post_attention_layernorm.weight")
+        blocks.append(block)
+    params = {"embed_VxD": get("embed_tokens.weight"), "lnf_w": get("norm.weight"), "blocks": blocks}
+    if not cfg.tied_unembedding:
+        params["unembed_VxD"] = tensors["lm_head.weight"]
+    return params
+
+
+def embed(params: dict, cfg: GemmaConfig, tokens_or_onehot: jnp.ndarray) -> jnp.ndarray:
+    """Token embeddings x_BxLxD (times sqrt(d_model) in the weights' dtype, as HF does) from ids (BxL)
+    or from one-hot rows (BxLxV, differentiable)."""
+    w_VxD = params["embed_VxD"]
+    if tokens_or_onehot.ndim == 3:
+        x_BxLxD = jnp.einsum("BLV,VD->BLD", tokens_or_onehot.astype(w_VxD.dtype), w_VxD)
+    else:
+        x_BxLxD = w_VxD[tokens_or_onehot]
+    return x_BxLxD * jnp.asarray(cfg.d_model**0.5, dtype=w_VxD.dtype)
+
+
+def _rms_norm(x: jnp.ndarray, w: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """x / rms(x) * (1 + w), all in float32, then back to x's dtype."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt((x32**2).mean(-1, keepdims=True) + eps)
+    return (normed * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+
+
+def _softcap(x: jnp.ndarray, cap: float | None) -> jnp.ndarray:
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def _rope(x_BxLxNxK: jnp.ndarray, cos_LxK: jnp.ndarray, sin_LxK: jnp.ndarray) -> jnp.ndarray:
+    """Rotary embedding on halves (HF's rotate_half layout), for any number N of heads."""
+    x1, x2 = jnp.split(x_BxLxNxK, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x_BxLxNxK * cos_LxK[:, None, :] + rotated * sin_LxK[:, None, :]
+
+
+def _rope_tables(cfg: GemmaConfig, L: int, dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos_LxK and sin_LxK computed in float32 and cast to the activations' dtype, as HF does."""
+    K = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))
+    freqs_LxK = jnp.tile(jnp.arange(L, dtype=jnp.float32)[:, None] * inv_freq[None, :], (1, 2))
+    return jnp.cos(freqs_LxK).astype(dtype), jnp.sin(freqs_LxK).astype(dtype)
+
+
+def _attention(block: dict, cfg: GemmaConfig, x_BxLxD: jnp.ndarray, sliding: bool,
+               rope: tuple[jnp.ndarray, jnp.ndarray]) -> jnp.ndarray:
+    B, L, _ = x_BxLxD.shape
+    G, R = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
+    q_BxLxHxK = _rope(jnp.einsum("BLD,HKD->BLHK", x_BxLxD, block["w_q_HxKxD"]), *rope)
+    k_BxSxGxK = _rope(jnp.einsum("BLD,GKD->BLGK", x_BxLxD, block["w_k_GxKxD"]), *rope)
+    v_BxSxGxK = jnp.einsum("BLD,GKD->BLGK", x_BxLxD, block["w_v_GxKxD"])
+    q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, R, cfg.head_dim)  # query head h uses kv head h // R
+    scores_BxGxRxLxS = jnp.einsum("BLGRK,BSGK->BGRLS", q_BxLxGxRxK, k_BxSxGxK).astype(jnp.float32)
+    scores_BxGxRxLxS = _softcap(scores_BxGxRxLxS * cfg.query_scale, cfg.attn_softcap)
+    q_L, k_S = jnp.arange(L)[:, None], jnp.arange(L)[None, :]
+    allowed_LxS = k_S <= q_L
+    if sliding:
+        allowed_LxS &= k_S > q_L - cfg.sliding_window
+    scores_BxGxRxLxS = jnp.where(allowed_LxS, scores_BxGxRxLxS, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores_BxGxRxLxS, axis=-1).astype(x_BxLxD.dtype)
+    z_BxLxGxRxK = jnp.einsum("BGRLS,BSGK->BLGRK", probs, v_BxSxGxK)
+    z_BxLxHxK = z_BxLxGxRxK.reshape(B, L, cfg.n_heads, cfg.head_dim)
+    return jnp.einsum("BLHK,DHK->BLD", z_BxLxHxK, block["w_o_DxHxK"])
+
+
+def _block(block: dict, cfg: GemmaConfig, x_BxLxD: jnp.ndarray, layer: int, rec: HookRecorder,
+           rope: tuple[jnp.ndarray, jnp.ndarray]) -> jnp.ndarray:
+    eps = cfg.rms_norm_eps
+    rec.record(layer, "hook_resid_pre", x_BxLxD)
+    attn_out = _attention(block, cfg, _rms_norm(x_BxLxD, block["ln_attn_w"], eps),
+                          cfg.sliding_layers[layer], rope)
+    if cfg.post_norms:
+        attn_out = _rms_norm(attn_out, block["ln_attn_post_w"], eps)
+    rec.record(layer, "hook_attn_out", attn_out)
+    x_BxLxD = x_BxLxD + attn_out
+    rec.record(layer, "hook_resid_mid", x_BxLxD)
+    normed_BxLxD = _rms_norm(x_BxLxD, block["ln_mlp_w"], eps)
+    gate_BxLxF = jnp.einsum("BLD,FD->BLF", normed_BxLxD, block["w_gate_FxD"])
+    rec.record(layer, "mlp.hook_pre", gate_BxLxF)  # TransformerLens's GatedMLP: hook_pre is the gate
+    act_BxLxF = jax.nn.gelu(gate_BxLxF.astype(jnp.float32), approximate=cfg.gelu_approximate)
+    up_BxLxF = jnp.einsum("BLD,FD->BLF", normed_BxLxD, block["w_up_FxD"])
+    post_BxLxF = act_BxLxF.astype(x_BxLxD.dtype) * up_BxLxF
+    rec.record(layer, "mlp.hook_post", post_BxLxF)
+    mlp_out = jnp.einsum("BLF,DF->BLD", post_BxLxF, block["w_down_DxF"])
+    if cfg.post_norms:
+        mlp_out = _rms_norm(mlp_out, block["ln_mlp_post_w"], eps)
+    rec.record(layer, "hook_mlp_out", mlp_out)
+    x_BxLxD = x_BxLxD + mlp_out
+    rec.record(layer, "hook_resid_post", x_BxLxD)
+    return x_BxLxD
+
+
+def forward(params: dict, cfg: GemmaConfig, x_BxLxD: jnp.ndarray, rec: HookRecorder,
+            logits: bool = True) -> jnp.ndarray | None:
+    """Runs the blocks on token embeddings; returns logits_BxLxV (float32, soft-capped for Gemma 2)
+    or None when not asked.
+
+    Without logits, stops after the deepest block a recorded hook needs.
+    """
+    rope = _rope_tables(cfg, x_BxLxD.shape[1], x_BxLxD.dtype)
+    n_run = len(params["blocks"]) if logits else rec.last_layer + 1
+    for layer in range(n_run):
+        x_BxLxD = _block(params["blocks"][layer], cfg, x_BxLxD, layer, rec, rope)
+    if not logits:
+        return None
+    x_BxLxD = _rms_norm(x_BxLxD, params["lnf_w"], cfg.rms_norm_eps)
+    logits_BxLxV = jnp.einsum("BLD,VD->BLV", x_BxLxD, unembedding_VxD(params)).astype(jnp.float32)
+    return _softcap(logits_BxLxV, cfg.final_softcap)
+
+
+def unembedding_VxD(params: dict) -> jnp.ndarray:
+    return params.get("unembed_VxD", params["embed_VxD"])
+
+
+Config = GemmaConfig

@@ -1,0 +1,44 @@
+"""A language model paired with the SAE that reads one of its hooks, checked to fit together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+
+from epo_tui.config import Config
+from epo_tui.engine.model import LanguageModel, load_model
+from epo_tui.engine.sae import SAEParams, check_feature_index, check_fits_model, load_sae
+
+
+@dataclass
+class ModelWithSAE:
+    model: LanguageModel
+    sae: SAEParams
+
+    @property
+    def center_writes(self) -> bool:
+        """Whether the SAE saw TransformerLens's centred residual (GPT-2 res-jb) or the raw one."""
+        if self.sae.center_writes is not None:
+            return self.sae.center_writes and self.model.family.CENTERS_WRITES_BY_DEFAULT
+        return self.model.family.CENTERS_WRITES_BY_DEFAULT
+
+    def forward(self, tokens_or_onehot, logits: bool = True):
+        """(logits_BxLxV | None, sae_input_BxLxD): the model's logits and the SAE's hook activations."""
+        logits_out, acts = self.model.forward(tokens_or_onehot, hooks=(self.sae.hook_name,),
+                                              logits=logits, center_writes=self.center_writes)
+        return logits_out, acts[self.sae.hook_name]
+
+
+def load_model_with_sae(config: Config, feature: int | None = None) -> ModelWithSAE:
+    """Loads both (SAE first: its errors are quicker to find), checks hook, width and feature index."""
+    sae = load_sae(config.sae, source=config.source)
+    if feature is not None:
+        check_feature_index(sae, feature)
+    model = load_model(config.model)
+    check_fits_model(sae, model.n_layers, model.d_model, model.name)
+    return ModelWithSAE(model=model, sae=sae)
+
+
+def as_batch(token_ids: list[int]) -> jnp.ndarray:
+    return jnp.asarray([token_ids], dtype=jnp.int32)

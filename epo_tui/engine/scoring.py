@@ -1,0 +1,29 @@
+"""Scoring a text: per-token activation of one SAE latent and per-token cross-entropy."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from epo_tui.engine.pairing import ModelWithSAE, as_batch
+from epo_tui.engine.sae import activations
+from epo_tui.errors import UserError
+
+
+def score_text(pair: ModelWithSAE, text: str, feature: int, prefix: str = "") -> dict:
+    """{"tokens", "token_ids", "activations", "xent"} for BOS + prefix + text.
+
+    activations[i] is the latent's true activation (as sae-lens computes it) at token i;
+    xent[i] is -log p(token i | tokens before it), None for the first token.
+    """
+    model = pair.model
+    ids = model.encode(text, prefix)
+    limit = getattr(model.cfg, "max_positions", None)
+    if limit is not None and len(ids) > limit:
+        raise UserError(f"the text is {len(ids)} tokens with BOS and prefix; the model reads at most {limit}")
+    logits_1xLxV, sae_in_1xLxD = pair.forward(as_batch(ids))
+    acts_L = np.asarray(activations(pair.sae, sae_in_1xLxD[0])[:, feature], dtype=np.float64)
+    logprobs_LxV = np.asarray(jax.nn.log_softmax(logits_1xLxV[0], axis=-1), dtype=np.float64)
+    xent = [None] + [float(-logprobs_LxV[i - 1, ids[i]]) for i in range(1, len(ids))]
+    return {"tokens": model.token_strings(ids), "token_ids": ids,
+            "activations": [float(a) for a in acts_L], "xent": xent}

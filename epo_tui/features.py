@@ -1,0 +1,66 @@
+"""The feature catalog: each SAE latent's index, top tokens and label, cached on disk, searchable.
+
+Plain Python (no JAX): the engine computes the top tokens once per SAE; the CLI and the UI read and
+search the cached catalog.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from epo_tui import paths
+from epo_tui.atomic import write_json_atomic
+
+CATALOG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FeatureEntry:
+    index: int
+    top_tokens: tuple[str, ...]  # decoder direction through the unembedding, strongest first
+    top_token_ids: tuple[int, ...]
+    label: str | None = None
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["top_tokens"], data["top_token_ids"] = list(self.top_tokens), list(self.top_token_ids)
+        return data
+
+
+def catalog_path(sae_key: str, cache_root: Path | None = None) -> Path:
+    """Where the catalog of the SAE identified by `sae_key` (release/id or folder + stamp) lives."""
+    digest = hashlib.sha256(sae_key.encode()).hexdigest()[:16]
+    return (cache_root or paths.cache_dir()) / "catalogs" / f"{digest}.json"
+
+
+def save_catalog(path: Path, sae_key: str, entries: list[FeatureEntry]) -> None:
+    write_json_atomic(path, {"version": CATALOG_VERSION, "sae": sae_key,
+                             "features": [e.to_json() for e in entries]})
+
+
+def load_catalog(path: Path, sae_key: str) -> list[FeatureEntry] | None:
+    """The cached catalog, or None when missing, stale or unreadable (it is then rebuilt)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("version") != CATALOG_VERSION or data.get("sae") != sae_key:
+            return None
+        return [FeatureEntry(index=f["index"], top_tokens=tuple(f["top_tokens"]),
+                             top_token_ids=tuple(f["top_token_ids"]), label=f.get("label"))
+                for f in data["features"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def search_features(entries: list[FeatureEntry], query: str) -> list[FeatureEntry]:
+    """Entries whose index equals the query, or whose label or top tokens contain it (any case)."""
+    query = query.strip()
+    if not query:
+        return list(entries)
+    if query.isdigit():
+        return [e for e in entries if e.index == int(query)]
+    needle = query.casefold()
+    return [e for e in entries
+            if needle in (e.label or "").casefold() or any(needle in t.casefold() for t in e.top_tokens)]

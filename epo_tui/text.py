@@ -1,0 +1,22 @@
+"""Token text made inert for terminals and markdown: control characters and escape sequences
+become visible escapes, so a token can never move the cursor, recolour the screen or inject markup."""
+
+from __future__ import annotations
+
+import unicodedata
+
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def inert(text: str) -> str:
+    """`text` with every control / format / separator character shown as a backslash escape."""
+    out = []
+    for char in text:
+        if char in _NAMED:
+            out.append(_NAMED[char])
+        elif unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"):
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(char)
+    return "".join(out)

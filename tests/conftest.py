@@ -1,0 +1,31 @@
+"""Test isolation: every test session gets its own config/cache/data folders and no hub access."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_HOME = Path(tempfile.mkdtemp(prefix="epo-tui-tests-"))
+# Set before anything imports platformdirs users or huggingface_hub (they read these at import).
+os.environ.update({
+    "XDG_CONFIG_HOME": str(_HOME / "config"),
+    "XDG_CACHE_HOME": str(_HOME / "cache"),
+    "XDG_DATA_HOME": str(_HOME / "data"),
+    "HF_HOME": str(_HOME / "hf"),
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "JAX_PLATFORMS": "cpu",
+})
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny GPT-2 + standard SAE + config.toml, written once per test session by the documented helper."""
+    from epo_tui.engine.tiny import main as write_tiny
+
+    folder = tmp_path_factory.mktemp("tiny")
+    assert write_tiny([str(folder)]) == 0
+    return folder

@@ -1,0 +1,40 @@
+"""themes/ and sample_configs/ reach users who install the wheel (not editable)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_wheel_ships_themes_and_samples_and_finds_them_at_run_time(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"),
+                    str(REPO)], check=True, capture_output=True, timeout=600)
+    wheel = next((tmp_path / "dist").glob("epo_tui-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for shipped in ["themes/dark.toml", "themes/light.toml", "sample_configs/gpt2-small-res-jb.toml",
+                    "sample_configs/gemma-2b-it-res-jb.toml", "sample_configs/gemma-2-2b-gemma-scope.toml"]:
+        assert f"epo_tui/{shipped}" in names
+    assert any(n.endswith("entry_points.txt") for n in names)
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                    str(wheel)], check=True, capture_output=True, timeout=600)
+    code = ("import epo_tui.paths as p, epo_tui.themes as t, epo_tui.config as c;"
+            "print(p.__file__); print(sorted(p.sample_configs())); print(sorted(t.available_themes()));"
+            "print(c.load_config('sample:gpt2-small-res-jb').feature.index)")
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(str(target))
+    assert lines[1] == "['gemma-2-2b-gemma-scope', 'gemma-2b-it-res-jb', 'gpt2-small-res-jb']"
+    assert lines[2] == "['epo-dark', 'epo-light']"
+    assert lines[3] == "234"
