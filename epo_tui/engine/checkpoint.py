@@ -29,23 +29,30 @@ def resolve_checkpoint_dir(name: str | None, path: str | None) -> Path:
         return folder
     assert name is not None
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
         return Path(snapshot_download(name, allow_patterns=CHECKPOINT_FILES))
     except GatedRepoError:
-        reason = "it is gated: accept its licence on huggingface.co and set HF_TOKEN"
+        reason = "it is gated: accept its licence on huggingface.co and export HF_TOKEN"
     except RepositoryNotFoundError:
-        reason = "no such model on the hub (or it is private: set HF_TOKEN)"
+        reason = "no such model on the hub (or it is private: export HF_TOKEN)"
+    except LocalEntryNotFoundError as err:
+        why = "HF_HUB_OFFLINE is set" if offline else f"the hub is unreachable: {_first_line(err.__cause__ or err)}"
+        reason = f"it is not in the local cache and {why}"
     except (HfHubHTTPError, OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        where = "it is not in the local cache and HF_HUB_OFFLINE is set" if offline else first_line
-        reason = f"could not download it ({where})"
+        reason = f"the download failed: {_first_line(err)}"
     raise UserError(
-        f"model.name: cannot load '{name}' from the Hugging Face hub or its local cache: {reason}. "
-        "Use --demo for the bundled offline model, or set model.path to a local checkpoint folder"
+        f"model.name: cannot load '{name}' from the Hugging Face hub or its local cache ({reason}). "
+        "Set model.path to a local checkpoint folder, or fill the cache where the hub is reachable"
     )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].removeprefix("Got: ") if text else type(err).__name__
 
 
 def read_safetensors(folder: Path, max_layer: int | None = None) -> dict[str, jnp.ndarray]:
