@@ -18,8 +18,8 @@ def score_text(pair: ModelWithSAE, text: str, feature: int, prefix: str = "") ->
     """
     model = pair.model
     ids = model.encode(text, prefix)
-    limit = getattr(model.cfg, "max_positions", None)
-    if limit is not None and len(ids) > limit:
+    limit = model.cfg.max_positions
+    if len(ids) > limit:
         raise UserError(f"the text is {len(ids)} tokens with BOS and prefix; the model reads at most {limit}")
     logits_1xLxV, sae_in_1xLxD = pair.forward(as_batch(ids))
     acts_L = np.asarray(activations(pair.sae, sae_in_1xLxD[0])[:, feature], dtype=np.float64)

@@ -3,7 +3,9 @@
 - `Config.from_hf(hf_config)`, `params_from_checkpoint(tensors, cfg, n_layers)`,
 - `embed(params, cfg, ids_BxL | onehot_BxLxV) -> x_BxLxD`,
 - `forward(params, cfg, x_BxLxD, recorder, logits) -> logits_BxLxV | None`,
-- `unembedding_VxD(params)`, and `CENTERS_WRITES_BY_DEFAULT` (TransformerLens's residual convention).
+- `folded_unembedding_VxD(params)`: W_U with the final norm's gain folded in,
+- `CENTERS_WRITES_BY_DEFAULT`: TransformerLens's residual convention for the family,
+- `Config.max_positions`: the longest sequence the model reads.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ class GemmaConfig:
     head_dim: int
     d_mlp: int
     vocab_size: int
+    max_positions: int
     rms_norm_eps: float
     rope_theta: float
     gelu_approximate: bool
@@ -69,6 +70,7 @@ class GemmaConfig:
             head_dim=head_dim,
             d_mlp=hf.intermediate_size,
             vocab_size=hf.vocab_size,
+            max_positions=hf.max_position_embeddings,
             rms_norm_eps=hf.rms_norm_eps,
             rope_theta=_rope_theta(hf),
             gelu_approximate=_GELU_APPROXIMATE[act],
@@ -95,6 +97,10 @@ def _activation(hf, gemma2: bool) -> str:
 def _rope_theta(hf) -> float:
     """RoPE base: `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (transformers 4)."""
     rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    if rope and all(isinstance(v, dict) for v in rope.values()):  # one entry per layer type
+        if len({tuple(sorted(v.items())) for v in rope.values()}) > 1:
+            raise UserError("Gemma with a different RoPE per layer type is not supported")
+        rope = next(iter(rope.values()))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise UserError(f"Gemma RoPE type '{rope_type}' is not supported (default only)")
@@ -239,6 +245,11 @@ def forward(params: dict, cfg: GemmaConfig, x_BxLxD: jnp.ndarray, rec: HookRecor
 
 def unembedding_VxD(params: dict) -> jnp.ndarray:
     return params.get("unembed_VxD", params["embed_VxD"])
+
+
+def folded_unembedding_VxD(params: dict) -> jnp.ndarray:
+    """W_U with the final RMSNorm's (1 + w) gain folded in, for reading residual directions."""
+    return unembedding_VxD(params) * (1.0 + params["lnf_w"])
 
 
 Config = GemmaConfig

@@ -1,0 +1,248 @@
+"""Our JAX GPT-2 / Gemma / Gemma 2 against PyTorch: transformers for logits and HF module outputs,
+TransformerLens for every hook point (the activations sae-lens SAEs are trained on).
+
+The tiny checkpoints are made sensitive to what they test: initializer_range 0.3 so attention is far
+from uniform (at 0.02 a wrong RoPE or query scale moves logits by less than 1e-4), Gemma with MQA and a
+head_dim that is not d_model / n_heads (as gemma-2b and gemma-7b), Gemma 2 with GQA, a
+query_pre_attn_scalar that is not head_dim, and soft-caps small enough to bite. The 12-token sequences
+are longer than Gemma 2's sliding window (4), so the sliding mask matters.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from epo_tui.config import ModelConfig
+from epo_tui.engine.model import load_model
+from epo_tui.engine.models import family_module
+from epo_tui.engine.models.hooks import BLOCK_POINTS
+from epo_tui.engine.tiny import write_tiny_checkpoint
+
+CASES = {
+    "gpt2": dict(initializer_range=0.3),
+    "gemma": dict(initializer_range=0.3, num_key_value_heads=1, head_dim=16),
+    "gemma2": dict(initializer_range=0.3, head_dim=12, query_pre_attn_scalar=5,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+}
+FAMILIES = tuple(CASES)
+GEMMAS = ("gemma", "gemma2")
+SEQ_LEN = 12
+ATOL = 1e-4
+
+
+class Case:
+    """One tiny checkpoint: its folder, our fp32 model, and the transformers model (eval, fp32)."""
+
+    def __init__(self, folder, family: str):
+        from transformers import AutoModelForCausalLM
+
+        self.folder, self.family = folder, family
+        self.model = load_model(ModelConfig(name=None, path=str(folder)))
+        self.hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        self.n_layers = self.model.n_layers
+
+    def ids(self, batch: int = 2) -> np.ndarray:
+        return np.random.default_rng(batch).integers(0, self.model.vocab_size, (batch, SEQ_LEN)).astype(np.int32)
+
+    def all_hooks(self) -> tuple[str, ...]:
+        return tuple(f"blocks.{layer}.{point}" for layer in range(self.n_layers) for point in BLOCK_POINTS)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> dict[str, Case]:
+    root = tmp_path_factory.mktemp("parity")
+    return {family: Case(write_tiny_checkpoint(root / family, family, seed=1, **overrides), family)
+            for family, overrides in CASES.items()}
+
+
+def _max_diff(ours, ref) -> float:
+    ours, ref = np.asarray(ours, dtype=np.float32), np.asarray(ref, dtype=np.float32)
+    assert ours.shape == ref.shape
+    return float(np.abs(ours - ref).max())
+
+
+def _hf_logits(case: Case, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return case.hf(torch.from_numpy(ids).long()).logits.numpy()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float32_logits_match_transformers(cases, family, batch):
+    case = cases[family]
+    ids = case.ids(batch)
+    logits, _ = case.model.forward(ids)
+    assert logits.dtype == jnp.float32
+    assert _max_diff(logits, _hf_logits(case, ids)) < ATOL
+
+
+@pytest.mark.parametrize("family", GEMMAS)
+def test_gemma_residual_matches_hf_hidden_states(cases, family):
+    """hidden_states[L] is resid_pre of layer L. HF's last hidden state comes after the final norm,
+    so resid_post is compared with each decoder layer's output, caught by a forward hook."""
+    case = cases[family]
+    ids = case.ids()
+    outputs = []
+    handles = [layer.register_forward_hook(lambda _m, _a, out: outputs.append(
+        out[0] if isinstance(out, tuple) else out)) for layer in case.hf.model.layers]
+    try:
+        with torch.no_grad():
+            hidden = case.hf(torch.from_numpy(ids).long(), output_hidden_states=True).hidden_states
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(hidden) == case.n_layers + 1 and len(outputs) == case.n_layers
+    _, acts = case.model.forward(ids, hooks=case.all_hooks())
+    for layer in range(case.n_layers):
+        assert _max_diff(acts[f"blocks.{layer}.hook_resid_pre"], hidden[layer]) < ATOL
+        assert _max_diff(acts[f"blocks.{layer}.hook_resid_post"], outputs[layer]) < ATOL
+
+
+def _hf_block_points(case: Case, ids: np.ndarray) -> dict[str, torch.Tensor]:
+    """Every hook point of every layer, read off the HF modules with forward hooks."""
+    gemma2 = case.family == "gemma2"
+    caught: dict[str, torch.Tensor] = {}
+
+    def output_of(name):
+        return lambda _m, _args, out: caught.__setitem__(name, out[0] if isinstance(out, tuple) else out)
+
+    def input_of(name):
+        return lambda _m, args: caught.__setitem__(name, args[0])
+
+    hooks = []
+    for i, layer in enumerate(case.hf.model.layers):
+        p = f"blocks.{i}."
+        hooks.append(layer.register_forward_pre_hook(input_of(p + "hook_resid_pre")))
+        # Gemma 2 adds the post-attention / post-feedforward norms' outputs to the residual.
+        attn_out_module = layer.post_attention_layernorm if gemma2 else layer.self_attn
+        hooks.append(attn_out_module.register_forward_hook(output_of(p + "hook_attn_out")))
+        mlp_norm = layer.pre_feedforward_layernorm if gemma2 else layer.post_attention_layernorm
+        hooks.append(mlp_norm.register_forward_pre_hook(input_of(p + "hook_resid_mid")))
+        hooks.append(layer.mlp.gate_proj.register_forward_hook(output_of(p + "mlp.hook_pre")))
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(input_of(p + "mlp.hook_post")))
+        mlp_out_module = layer.post_feedforward_layernorm if gemma2 else layer.mlp
+        hooks.append(mlp_out_module.register_forward_hook(output_of(p + "hook_mlp_out")))
+        hooks.append(layer.register_forward_hook(output_of(p + "hook_resid_post")))
+    try:
+        with torch.no_grad():
+            case.hf(torch.from_numpy(ids).long())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return caught
+
+
+@pytest.mark.parametrize("family", GEMMAS)
+def test_gemma_hook_points_match_hf_modules(cases, family):
+    case = cases[family]
+    ids = case.ids()
+    caught = _hf_block_points(case, ids)
+    _, acts = case.model.forward(ids, hooks=case.all_hooks())
+    assert set(caught) == set(acts)
+    for name, ref in caught.items():
+        assert _max_diff(acts[name], ref) < ATOL, name
+
+
+def _transformer_lens_model(case: Case):
+    """A HookedTransformer built offline from the tiny HF model, processed as `from_pretrained` does
+    (fold_ln, center_writing_weights, center_unembed; TL skips centring for RMSNorm models)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gemma_weights, convert_gpt2_weights
+
+    c = case.hf.config
+    common = dict(n_layers=case.n_layers, d_vocab=c.vocab_size, default_prepend_bos=False,
+                  dtype=torch.float32, device="cpu")
+    if case.family == "gpt2":
+        cfg = HookedTransformerConfig(
+            **common, d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head,
+            d_mlp=c.n_inner or 4 * c.n_embd, n_ctx=c.n_positions, eps=c.layer_norm_epsilon,
+            act_fn=c.activation_function, normalization_type="LN", positional_embedding_type="standard",
+            original_architecture="GPT2LMHeadModel")
+        convert = convert_gpt2_weights
+    else:
+        extra = {}
+        if case.family == "gemma2":
+            extra = dict(
+                attn_scale=c.query_pre_attn_scalar**0.5, window_size=c.sliding_window, use_local_attn=True,
+                attn_types=["local" if t == "sliding_attention" else "global" for t in c.layer_types],
+                attn_scores_soft_cap=c.attn_logit_softcapping, output_logits_soft_cap=c.final_logit_softcapping,
+                use_normalization_before_and_after=True)
+        # TL's own gemma-2b/7b configs say act_fn "gelu" (exact); HF runs the tanh approximation.
+        cfg = HookedTransformerConfig(
+            **common, **extra, d_model=c.hidden_size, d_head=c.head_dim, n_heads=c.num_attention_heads,
+            n_key_value_heads=c.num_key_value_heads, d_mlp=c.intermediate_size, n_ctx=c.max_position_embeddings,
+            eps=c.rms_norm_eps, act_fn="gelu_pytorch_tanh", normalization_type="RMS", gated_mlp=True,
+            final_rms=True, positional_embedding_type="rotary", rotary_dim=c.head_dim,
+            rotary_base=c.rope_parameters["rope_theta"],
+            original_architecture="Gemma2ForCausalLM" if case.family == "gemma2" else "GemmaForCausalLM")
+        convert = convert_gemma_weights
+    tl = HookedTransformer(cfg)
+    tl.load_and_process_state_dict(convert(case.hf, cfg), fold_ln=True, center_writing_weights=True,
+                                   center_unembed=True)
+    return tl.eval()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hook_points_match_transformer_lens(cases, family):
+    """Every hook point, with the family's default centring (GPT-2: centred writes, as res-jb SAEs saw;
+    Gemma: the raw residual, as TL cannot centre RMSNorm models)."""
+    case = cases[family]
+    ids = case.ids()
+    tl = _transformer_lens_model(case)
+    with torch.no_grad():
+        _, cache = tl.run_with_cache(torch.from_numpy(ids).long())
+    center = family_module(family).CENTERS_WRITES_BY_DEFAULT
+    assert center == (family == "gpt2")
+    _, acts = case.model.forward(ids, hooks=case.all_hooks(), center_writes=center)
+    for name in case.all_hooks():
+        assert _max_diff(acts[name], cache[name]) < ATOL, name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_logits_close_to_float32(cases, family):
+    """bfloat16 keeps 8 significant bits (relative step 2**-8 = 0.4%); after a few roundings per layer
+    the logits here move by ~3% of their largest magnitude, as transformers' own bfloat16 forward does
+    (measured: ours 0.10-0.20, HF 0.13-0.16 on logits up to ~7). So: within 10% of the logit scale,
+    and no further from float32 than twice HF's bfloat16 error. A missing norm, scale or cap moves
+    logits by their own size."""
+    from transformers import AutoModelForCausalLM
+
+    case = cases[family]
+    model16 = load_model(ModelConfig(name=None, path=str(case.folder), dtype="bfloat16"))
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(model16.params))
+    ids = case.ids()
+    logits16, _ = model16.forward(ids)
+    logits32, _ = case.model.forward(ids)
+    assert logits16.dtype == jnp.float32 and bool(jnp.isfinite(logits16).all())
+    hf16 = AutoModelForCausalLM.from_pretrained(case.folder, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        hf_logits16 = hf16(torch.from_numpy(ids).long()).logits.float().numpy()
+    error = _max_diff(logits16, logits32)
+    assert error < 0.1 * float(jnp.abs(logits32).max())
+    assert error <= 2 * _max_diff(hf_logits16, logits32)
+    assert float((logits16.argmax(-1) == logits32.argmax(-1)).mean()) >= 0.9  # near-ties may flip
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_without_logits_stops_early_with_same_hook(cases, family):
+    case = cases[family]
+    ids = case.ids()
+    hook = "blocks.0.hook_resid_post"
+    logits, acts = case.model.forward(ids, hooks=(hook,), logits=False)
+    assert logits is None and set(acts) == {hook}
+    _, full = case.model.forward(ids, hooks=(hook,))
+    assert _max_diff(acts[hook], full[hook]) < 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_onehot_input_matches_ids(cases, family):
+    case = cases[family]
+    ids = case.ids()
+    from_ids, _ = case.model.forward(ids)
+    from_onehot, _ = case.model.forward(jax.nn.one_hot(ids, case.model.vocab_size))
+    assert _max_diff(from_onehot, from_ids) < 1e-5
