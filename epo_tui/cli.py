@@ -82,11 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _feature_index(args: argparse.Namespace, config: Config) -> int:
-    index = config.feature.index if args.feature is None else args.feature
-    if index < 0:
-        raise UserError(f"--feature: must be >= 0, found {index}")
-    return index
+def _feature_index(args: argparse.Namespace, config: Config) -> tuple[int, str]:
+    """The feature to use and where it came from, for error messages."""
+    if args.feature is None:
+        return config.feature.index, config.source
+    if args.feature < 0:
+        raise UserError(f"--feature: must be >= 0, found {args.feature}")
+    return args.feature, "--feature"
 
 
 def cmd_score(args: argparse.Namespace, config: Config) -> int:
@@ -94,8 +96,8 @@ def cmd_score(args: argparse.Namespace, config: Config) -> int:
     from epo_tui.engine.scoring import score_text
     from epo_tui.terminal import print_score
 
-    feature = _feature_index(args, config)
-    pair = load_model_with_sae(config, feature)
+    feature, feature_source = _feature_index(args, config)
+    pair = load_model_with_sae(config, feature, feature_source)
     scored = score_text(pair, args.text, feature, prefix=config.search.prefix)
     if args.json:
         print(json.dumps(scored, ensure_ascii=False))

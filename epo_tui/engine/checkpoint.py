@@ -11,7 +11,7 @@ from pathlib import Path
 import jax.numpy as jnp
 from safetensors import safe_open
 
-from epo_tui.errors import UserError
+from epo_tui.errors import UserError, first_line
 
 # What a checkpoint folder must hold for us: config, tokenizer files and safetensors weights.
 CHECKPOINT_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
@@ -40,19 +40,14 @@ def resolve_checkpoint_dir(name: str | None, path: str | None) -> Path:
     except RepositoryNotFoundError:
         reason = "no such model on the hub (or it is private: export HF_TOKEN)"
     except LocalEntryNotFoundError as err:
-        why = "HF_HUB_OFFLINE is set" if offline else f"the hub is unreachable: {_first_line(err.__cause__ or err)}"
+        why = "HF_HUB_OFFLINE is set" if offline else f"the hub is unreachable: {first_line(err.__cause__ or err)}"
         reason = f"it is not in the local cache and {why}"
     except (HfHubHTTPError, OSError, ValueError) as err:
-        reason = f"the download failed: {_first_line(err)}"
+        reason = f"the download failed: {first_line(err)}"
     raise UserError(
         f"model.name: cannot load '{name}' from the Hugging Face hub or its local cache ({reason}). "
         "Set model.path to a local checkpoint folder, or fill the cache where the hub is reachable"
     )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0].removeprefix("Got: ") if text else type(err).__name__
 
 
 def read_safetensors(folder: Path, max_layer: int | None = None) -> dict[str, jnp.ndarray]:

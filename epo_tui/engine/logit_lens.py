@@ -10,6 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from rich.console import Console
 from rich.progress import Progress
 
 from epo_tui.engine.pairing import ModelWithSAE
@@ -33,7 +34,7 @@ def compute_catalog(pair: ModelWithSAE, k: int = TOP_TOKENS, show_progress: bool
     pad = (-d_sae) % CHUNK  # one static chunk shape: a single compilation
     W_dec_SxD = jnp.pad(W_dec_SxD, ((0, pad), (0, 0)))
     ids = []
-    with Progress(transient=True, disable=not show_progress) as progress:
+    with Progress(console=Console(stderr=True), transient=True, disable=not show_progress) as progress:
         task = progress.add_task("top tokens per feature", total=d_sae)
         for start in range(0, d_sae, CHUNK):
             ids.append(np.asarray(_top_tokens(W_dec_SxD[start:start + CHUNK], W_U_VxD, banned_V, k)))

@@ -15,7 +15,7 @@ from epo_tui.config import ModelConfig
 from epo_tui.engine.checkpoint import read_safetensors, resolve_checkpoint_dir
 from epo_tui.engine.models import family_module
 from epo_tui.engine.models.hooks import HookRecorder, parse_hook
-from epo_tui.errors import UserError
+from epo_tui.errors import UserError, first_line
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -97,7 +97,7 @@ def load_model(model_cfg: ModelConfig) -> LanguageModel:
         hf_config = AutoConfig.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot read the config or tokenizer in '{folder}': {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot read the config or tokenizer in '{folder}': {first_line(err)}") from None
     family = family_module(hf_config.model_type)
     cfg = family.Config.from_hf(hf_config)
     dtype = DTYPES[model_cfg.dtype]

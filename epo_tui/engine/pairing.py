@@ -30,13 +30,17 @@ class ModelWithSAE:
         return logits_out, acts[self.sae.hook_name]
 
 
-def load_model_with_sae(config: Config, feature: int | None = None) -> ModelWithSAE:
-    """Loads both (SAE first: its errors are quicker to find), checks hook, width and feature index."""
+def load_model_with_sae(config: Config, feature: int | None = None,
+                        feature_source: str | None = None) -> ModelWithSAE:
+    """Loads both (SAE first: its errors are quicker to find), checks hook, width and feature index.
+
+    `feature_source` names where the feature came from in errors (default: the config file).
+    """
     sae = load_sae(config.sae, source=config.source)
     if feature is not None:
-        check_feature_index(sae, feature)
+        check_feature_index(sae, feature, source=feature_source or config.source)
     model = load_model(config.model)
-    check_fits_model(sae, model.n_layers, model.d_model, model.name)
+    check_fits_model(sae, model.n_layers, model.d_model, model.name, d_mlp=model.cfg.d_mlp)
     return ModelWithSAE(model=model, sae=sae)
 
 

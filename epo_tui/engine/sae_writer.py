@@ -35,11 +35,14 @@ def write_random_sae(
     model_from_pretrained_kwargs: dict[str, Any] | None = None,
     neuronpedia_id: str | None = None,
     write_sparsity: bool = True,
+    input_norm: float | None = None,
 ) -> Path:
     """Writes a random sae-lens SAE into `folder` and returns the folder.
 
-    Scaled for inputs of norm ~sqrt(d_in) (e.g. standard normal rows): encoder columns have unit
-    norm, so pre-activations are ~N(b_enc, 1) and roughly a third of the latents fire.
+    Scaled for inputs of norm `input_norm` (default sqrt(d_in), e.g. standard normal rows): encoder
+    columns have norm sqrt(d_in) / input_norm, so pre-activations are ~N(b_enc, 1) and roughly a
+    third of the latents fire. With a run-time normalization the inputs are rescaled to norm ~sqrt(d_in)
+    anyway: leave `input_norm` unset then.
     """
     import torch
     from safetensors.torch import save_file
@@ -82,14 +85,15 @@ def write_random_sae(
     def rand(*shape: int) -> torch.Tensor:
         return torch.rand(*shape, generator=gen)
 
+    scale = 1.0 if input_norm is None else input_norm / math.sqrt(d_in)  # input size per dimension
     with torch.no_grad():
         W_enc_DxS = randn(d_in, d_sae)
-        W_enc_DxS /= W_enc_DxS.norm(dim=0, keepdim=True)
+        W_enc_DxS /= W_enc_DxS.norm(dim=0, keepdim=True) * scale
         sae.W_enc.data = W_enc_DxS.to(sae.dtype)
         # uneven decoder norms, so decoder-norm rescaling and folding change something
         W_dec_SxD = randn(d_sae, d_in) / math.sqrt(d_in) * (0.5 + rand(d_sae, 1))
         sae.W_dec.data = W_dec_SxD.to(sae.dtype)
-        sae.b_dec.data = (0.1 * randn(d_in)).to(sae.dtype)
+        sae.b_dec.data = (0.1 * scale * randn(d_in)).to(sae.dtype)
         if architecture == "jumprelu":
             sae.b_enc.data = (0.2 * randn(d_sae)).to(sae.dtype)
             sae.threshold.data = (0.3 + 0.5 * rand(d_sae)).to(sae.dtype)
@@ -99,7 +103,7 @@ def write_random_sae(
     sae.save_model(folder)
     if write_sparsity:
         with torch.no_grad():
-            x_NxD = randn(512, d_in)
+            x_NxD = scale * randn(512, d_in)
             fired_S = (sae.encode(x_NxD) > 0).float().mean(0)
         # the same key and log10 convention as sae-lens's trainer (SAETrainer.log_feature_sparsity)
         save_file({"sparsity": torch.log10(fired_S + 1e-10).contiguous()}, folder / SPARSITY_FILENAME)

@@ -16,6 +16,8 @@ def score_text(pair: ModelWithSAE, text: str, feature: int, prefix: str = "") ->
     activations[i] is the latent's true activation (as sae-lens computes it) at token i;
     xent[i] is -log p(token i | tokens before it), None for the first token.
     """
+    if not text:
+        raise UserError("the text to score is empty")
     model = pair.model
     ids = model.encode(text, prefix)
     limit = model.cfg.max_positions

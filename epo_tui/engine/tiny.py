@@ -94,6 +94,22 @@ def write_config(path: Path, model_dir: str, sae_dir: str, feature: int = 0, **s
     return path
 
 
+def liveliest_feature(config_path: Path) -> int:
+    """The latent that fires on most tokens of the built-in paragraph: a lively default feature."""
+    import numpy as np
+
+    from epo_tui.config import load_config
+    from epo_tui.engine.pairing import as_batch, load_model_with_sae
+    from epo_tui.engine.sae import activations
+
+    pair = load_model_with_sae(load_config(str(config_path)))
+    fires_S = 0
+    for line in _CORPUS.splitlines():
+        _, sae_in_1xLxD = pair.forward(as_batch(pair.model.encode(line)), logits=False)
+        fires_S = fires_S + (np.asarray(activations(pair.sae, sae_in_1xLxD[0])) > 0).sum(axis=0)
+    return int(np.argmax(fires_S))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m epo_tui.engine.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path)
@@ -104,11 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     from epo_tui.engine.sae_writer import write_random_sae
 
     write_tiny_checkpoint(args.folder / "model", args.family, seed=args.seed)
+    # input_norm: the tiny model's residual norm (about 0.65), so a good share of latents fire on text
     write_random_sae(args.folder / "sae", d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_pre",
-                     architecture=args.architecture, seed=args.seed)
-    config = write_config(args.folder / "config.toml", "model", "sae", feature=3,
+                     architecture=args.architecture, seed=args.seed, input_norm=0.65)
+    config = write_config(args.folder / "config.toml", "model", "sae", feature=0,
                           iterations=20, elites=4, candidates=16, prompt_tokens=6, topk=32)
-    print(f"wrote {args.folder}/model, {args.folder}/sae and {config}")
+    feature = liveliest_feature(config)
+    write_config(config, "model", "sae", feature=feature,
+                 iterations=20, elites=4, candidates=16, prompt_tokens=6, topk=32)
+    print(f"wrote {args.folder}/model, {args.folder}/sae and {config}\n"
+          f"try: epo-tui score --config {config} \"The quick brown fox\"")
     return 0
 
 

@@ -1,0 +1,278 @@
+"""SAE loading, caching and JAX encoding, checked against sae-lens itself on random SAEs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from sae_lens import SAE
+
+from epo_tui.config import SAEConfig
+from epo_tui.engine import sae as sae_mod
+from epo_tui.engine.sae import (SAEParams, activations, check_feature_index, check_fits_model,
+                                feature_pre_and_act, load_sae, pre_activations)
+from epo_tui.engine.sae_writer import write_random_sae
+from epo_tui.errors import ConfigError, UserError
+
+D_IN, D_SAE, K = 32, 96, 8
+HOOK = "blocks.1.hook_resid_pre"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def local(folder: Path) -> SAEConfig:
+    return SAEConfig(release=None, id=None, path=str(folder))
+
+
+def sae_lens_outputs(folder: Path, x_BxLxD: torch.Tensor) -> tuple[np.ndarray, np.ndarray, SAE]:
+    """(acts, hidden_pre) as sae-lens computes them (hidden_pre from its hook_sae_acts_pre)."""
+    sae = SAE.load_from_disk(folder, device="cpu")
+    with torch.no_grad():
+        acts = sae.encode(x_BxLxD)
+        _, cache = sae.run_with_cache(x_BxLxD, names_filter="hook_sae_acts_pre")
+    return acts.numpy(), cache["hook_sae_acts_pre"].numpy(), sae
+
+
+def random_input(seed: int = 0) -> torch.Tensor:
+    return torch.randn(3, 7, D_IN, generator=torch.Generator().manual_seed(seed))  # norm ~ sqrt(D_IN)
+
+
+PARITY_CASES = [(arch, b_dec, "none") for arch in ("standard", "jumprelu", "topk") for b_dec in (True, False)]
+PARITY_CASES += [(arch, True, norm) for arch in ("standard", "jumprelu", "topk")
+                 for norm in ("constant_norm_rescale", "layer_norm")]
+PARITY_CASES += [("jumprelu", False, "layer_norm")]
+
+
+@pytest.mark.parametrize(("architecture", "apply_b_dec", "normalize"), PARITY_CASES)
+def test_parity_with_sae_lens(tmp_path, architecture, apply_b_dec, normalize):
+    folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, HOOK, architecture=architecture, seed=3, k=K,
+                              apply_b_dec_to_input=apply_b_dec, normalize_activations=normalize)
+    params = load_sae(local(folder), cache_root=tmp_path / "cache")
+    x = random_input()
+    acts_ref, pre_ref, _ = sae_lens_outputs(folder, x)
+    x_j = jnp.asarray(x.numpy())
+
+    acts = np.asarray(jax.jit(activations)(params, x_j))
+    pre = np.asarray(jax.jit(pre_activations)(params, x_j))
+    np.testing.assert_allclose(acts, acts_ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(pre, pre_ref, atol=1e-5, rtol=0)
+
+    # the random SAE really exercises the activation: some latents fire, most do not
+    fired = (acts_ref > 0).mean()
+    assert 0.05 < fired < 0.7
+    if architecture == "jumprelu":  # some pre-activations sit between 0 and the threshold
+        assert ((pre_ref > 0) & (acts_ref == 0)).any()
+    if architecture == "topk":
+        assert ((acts_ref > 0).sum(-1) <= K).all()
+
+    selected = np.array([0, 5, D_SAE - 1, int(np.argmax(acts_ref[0, 0]))])
+    pre_F, act_F = jax.jit(feature_pre_and_act)(params, x_j, jnp.asarray(selected))
+    np.testing.assert_allclose(np.asarray(act_F), acts_ref[..., selected], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(pre_F), pre_ref[..., selected], atol=1e-5, rtol=0)
+    one_pre, one_act = feature_pre_and_act(params, x_j, int(selected[-1]))
+    assert one_act.shape == (3, 7)
+    np.testing.assert_allclose(np.asarray(one_act), acts_ref[..., selected[-1]], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(one_pre), pre_ref[..., selected[-1]], atol=1e-5, rtol=0)
+
+
+def test_topk_decoder_norm_rescaling_is_folded(tmp_path):
+    folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, HOOK, architecture="topk", k=K, seed=4,
+                              rescale_acts_by_decoder_norm=True)
+    params = load_sae(local(folder), cache_root=tmp_path / "cache")
+    x = random_input(1)
+    acts_ref, pre_ref, sae = sae_lens_outputs(folder, x)
+    x_j = jnp.asarray(x.numpy())
+    np.testing.assert_allclose(np.asarray(activations(params, x_j)), acts_ref, atol=1e-5, rtol=0)
+    # our pre-activations are the ones TopK ranks: hidden_pre times the decoder norms
+    rescaled = pre_ref * sae.W_dec.norm(dim=-1).detach().numpy()
+    np.testing.assert_allclose(np.asarray(pre_activations(params, x_j)), rescaled, atol=1e-5, rtol=0)
+
+
+def test_static_fields(tmp_path):
+    folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, HOOK, architecture="jumprelu",
+                              model_from_pretrained_kwargs={"center_writing_weights": False})
+    params = load_sae(local(folder), cache_root=tmp_path / "cache")
+    assert (params.architecture, params.hook_name, params.d_in, params.d_sae) == ("jumprelu", HOOK, D_IN, D_SAE)
+    assert params.center_writes is False and params.path == str(folder) and params.dtype == "float32"
+    assert float(params.threshold_S.min()) > 0
+    plain = load_sae(local(write_random_sae(tmp_path / "plain", D_IN, D_SAE, HOOK)), cache_root=tmp_path / "cache")
+    assert plain.center_writes is None and plain.k == 0 and float(jnp.abs(plain.threshold_S).max()) == 0
+    assert jax.tree.leaves(plain)[0].shape == (D_IN, D_SAE)  # a pytree of its five arrays
+
+
+def _cache_entry(cache_root: Path) -> Path:
+    (entry,) = (cache_root / "saes").iterdir()
+    return entry
+
+
+def test_second_load_reads_only_the_cache(tmp_path):
+    folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, HOOK, architecture="topk", k=K)
+    first = load_sae(local(folder), cache_root=tmp_path / "cache")
+    entry = _cache_entry(tmp_path / "cache")
+    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "sae.safetensors"]
+    script = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        from epo_tui.config import SAEConfig
+        from epo_tui.engine.sae import load_sae
+        sae = load_sae(SAEConfig(release=None, id=None, path={str(folder)!r}),
+                       cache_root={str(tmp_path / "cache")!r})
+        np.save({str(tmp_path / "w.npy")!r}, np.asarray(sae.W_enc_DxS))
+        print(sae.architecture, sae.k, "sae_lens" in sys.modules, "torch" in sys.modules)
+    """)
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["topk", str(K), "False", "False"]
+    np.testing.assert_array_equal(np.load(tmp_path / "w.npy"), np.asarray(first.W_enc_DxS))
+
+
+def test_changed_folder_invalidates_the_cache(tmp_path):
+    folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, HOOK, seed=0)
+    before = load_sae(local(folder), cache_root=tmp_path / "cache")
+    weights = folder / "sae_weights.safetensors"
+    old = weights.stat()
+    write_random_sae(folder, D_IN, D_SAE, HOOK, seed=1)  # same shapes, so the same file size
+    new = weights.stat()
+    if new.st_mtime_ns == old.st_mtime_ns:  # coarse file-system clocks: make the rewrite visible
+        os.utime(weights, ns=(new.st_atime_ns, old.st_mtime_ns + 1_000_000))
+    after = load_sae(local(folder), cache_root=tmp_path / "cache")
+    _, _, sae = sae_lens_outputs(folder, random_input())
+    np.testing.assert_array_equal(np.asarray(after.W_enc_DxS), sae.W_enc.detach().numpy())
+    assert not np.array_equal(np.asarray(after.W_enc_DxS), np.asarray(before.W_enc_DxS))
+
+
+@pytest.mark.parametrize("damage", ["garbage_weights", "truncated_weights", "bad_meta", "missing_meta"])
+def test_corrupt_cache_entry_is_rebuilt(tmp_path, damage):
+    folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, HOOK, architecture="jumprelu")
+    first = load_sae(local(folder), cache_root=tmp_path / "cache")
+    entry = _cache_entry(tmp_path / "cache")
+    weights, meta = entry / "sae.safetensors", entry / "meta.json"
+    if damage == "garbage_weights":
+        weights.write_bytes(b"\x07" * weights.stat().st_size)
+    elif damage == "truncated_weights":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "bad_meta":
+        meta.write_text('{"format": ')
+    else:
+        meta.unlink()
+    again = load_sae(local(folder), cache_root=tmp_path / "cache")
+    for name in sae_mod.ARRAY_FIELDS:
+        np.testing.assert_array_equal(np.asarray(getattr(again, name)), np.asarray(getattr(first, name)))
+    assert json.loads(meta.read_text())["format"] == sae_mod.CACHE_FORMAT  # repaired on disk
+    assert sae_mod._read_cache(entry) is not None
+    assert not [p for p in entry.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_unknown_release_suggests_close_match(tmp_path):
+    with pytest.raises(ConfigError, match="sae.release") as info:
+        load_sae(SAEConfig(release="gpt2-smal-res-jb", id="blocks.8.hook_resid_pre"), cache_root=tmp_path)
+    assert "did you mean 'gpt2-small-res-jb'" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_id_suggests_close_match(tmp_path):
+    with pytest.raises(ConfigError, match="sae.id") as info:
+        load_sae(SAEConfig(release="gpt2-small-res-jb", id="blocks.8.hook_resid_pr"), cache_root=tmp_path,
+                 source="my.toml")
+    message = str(info.value)
+    assert message.startswith("my.toml: sae.id: ")
+    assert "did you mean 'blocks.8.hook_resid_pre'" in message
+
+
+def test_download_failure_is_a_user_error(tmp_path, monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
+
+    monkeypatch.setattr(SAE, "from_pretrained", offline)
+    with pytest.raises(UserError) as info:
+        load_sae(SAEConfig(release="gpt2-small-res-jb", id="blocks.8.hook_resid_pre"), cache_root=tmp_path)
+    message = str(info.value)
+    for part in ("gpt2-small-res-jb", "blocks.8.hook_resid_pre", "sae.path", "HF_TOKEN"):
+        assert part in message
+    assert "\n" not in message
+
+
+def test_local_path_that_is_not_an_sae_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="sae.path: .* is not a sae-lens SAE folder"):
+        load_sae(local(tmp_path / "empty"), cache_root=tmp_path / "cache")
+    with pytest.raises(ConfigError, match="sae.path: .* is not a folder"):
+        load_sae(local(tmp_path / "nowhere"), cache_root=tmp_path / "cache")
+
+
+def test_unsupported_normalization(tmp_path):
+    folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, HOOK,
+                              normalize_activations="expected_average_only_in")
+    with pytest.raises(UserError, match="normalize_activations='expected_average_only_in'"):
+        load_sae(local(folder), cache_root=tmp_path / "cache")
+
+
+def fake_sae(d_in: int, d_sae: int, hook_name: str = HOOK) -> SAEParams:
+    return SAEParams(W_enc_DxS=jnp.zeros((d_in, d_sae)), b_enc_S=jnp.zeros(d_sae),
+                     W_dec_SxD=jnp.zeros((d_sae, d_in)), b_dec_D=jnp.zeros(d_in), threshold_S=jnp.zeros(d_sae),
+                     architecture="standard", k=0,
+                     apply_b_dec_to_input=True, normalize_activations="none", hook_name=hook_name,
+                     d_in=d_in, d_sae=d_sae, dtype="float32")
+
+
+def test_feature_index_out_of_range():
+    sae = fake_sae(4, 24576)
+    assert check_feature_index(sae, 24575) == 24575
+    with pytest.raises(UserError) as info:
+        check_feature_index(sae, 99999)
+    assert str(info.value) == "feature.index: 99999 is out of range for this SAE (0..24575)"
+    with pytest.raises(ConfigError, match=r"^c.toml: feature.index: -1 is out of range"):
+        check_feature_index(sae, -1, source="c.toml")
+
+
+def test_hook_not_in_model():
+    with pytest.raises(UserError, match=r"^sae: hook 'blocks.8.hook_resid_pre' is not in the model"):
+        check_fits_model(fake_sae(32, 64, "blocks.8.hook_resid_pre"), n_layers=2, d_model=32)
+    with pytest.raises(UserError, match="unknown hook point"):
+        check_fits_model(fake_sae(32, 64, "blocks.0.attn.hook_z"), n_layers=2, d_model=32)
+    assert check_fits_model(fake_sae(32, 64, "blocks.1.hook_resid_post"), n_layers=2, d_model=32).layer == 1
+
+
+def test_width_mismatch():
+    with pytest.raises(UserError) as info:
+        check_fits_model(fake_sae(768, 64, "blocks.8.hook_resid_pre"), n_layers=12, d_model=512, model_name="x")
+    assert str(info.value) == "sae: the SAE reads 768-wide activations but model 'x' has d_model 512"
+    # MLP hooks are d_mlp wide
+    check_fits_model(fake_sae(128, 64, "blocks.0.mlp.hook_post"), n_layers=2, d_model=32, d_mlp=128)
+    with pytest.raises(UserError, match="has d_mlp 128"):
+        check_fits_model(fake_sae(32, 64, "blocks.0.mlp.hook_post"), n_layers=2, d_model=32, d_mlp=128)
+
+
+def test_registry_sae_takes_registry_metadata(tmp_path, monkeypatch):
+    """The from_pretrained path (its download replaced by a local random SAE): center_writes comes from
+    the release's model_from_pretrained_kwargs override, neuronpedia_id from the registry, and the
+    second load is served from the cache."""
+    folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, "blocks.8.hook_resid_pre")
+    calls = []
+
+    def fake_from_pretrained(release, sae_id, device="cpu", dtype="float32", **kwargs):
+        calls.append((release, sae_id))
+        return SAE.load_from_disk(folder, device=device, dtype=dtype)
+
+    monkeypatch.setattr(SAE, "from_pretrained", fake_from_pretrained)
+    cfg = SAEConfig(release="gpt2-small-res-jb", id="blocks.8.hook_resid_pre")
+    params = load_sae(cfg, cache_root=tmp_path / "cache")
+    assert (params.release, params.id, params.path) == ("gpt2-small-res-jb", "blocks.8.hook_resid_pre", None)
+    assert params.center_writes is True
+    assert params.neuronpedia_id == "gpt2-small/8-res-jb"
+    assert params.display_name == "gpt2-small-res-jb / blocks.8.hook_resid_pre"
+    again = load_sae(cfg, cache_root=tmp_path / "cache")
+    assert calls == [("gpt2-small-res-jb", "blocks.8.hook_resid_pre")]
+    assert again.center_writes is True and again.neuronpedia_id == "gpt2-small/8-res-jb"
