@@ -276,3 +276,8 @@ def test_registry_sae_takes_registry_metadata(tmp_path, monkeypatch):
     again = load_sae(cfg, cache_root=tmp_path / "cache")
     assert calls == [("gpt2-small-res-jb", "blocks.8.hook_resid_pre")]
     assert again.center_writes is True and again.neuronpedia_id == "gpt2-small/8-res-jb"
+
+
+def test_releases_stored_as_pickles_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="sae.release: 'gpt2-small-hook-z-kk' is stored as PyTorch pickles"):
+        load_sae(SAEConfig(release="gpt2-small-hook-z-kk", id="blocks.0.hook_z"), cache_root=tmp_path)

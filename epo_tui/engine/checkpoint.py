@@ -46,7 +46,8 @@ def resolve_checkpoint_dir(name: str | None, path: str | None) -> Path:
         reason = f"the download failed: {first_line(err)}"
     raise UserError(
         f"model.name: cannot load '{name}' from the Hugging Face hub or its local cache ({reason}). "
-        "Set model.path to a local checkpoint folder, or fill the cache where the hub is reachable"
+        "Set model.path to a local checkpoint folder, export HF_TOKEN if the model is gated, or fill the "
+        "cache where the hub is reachable"
     )
 
 

@@ -46,6 +46,10 @@ WEIGHTS_FILE = "sae.safetensors"
 META_FILE = "meta.json"
 SAE_LENS_CFG = "cfg.json"  # sae_lens.constants.SAE_CFG_FILENAME
 SAE_LENS_WEIGHTS = "sae_weights.safetensors"  # sae_lens.constants.SAE_WEIGHTS_FILENAME
+# sae-lens conversion loaders that torch.load pickles: refused, since nothing is unpickled here.
+# (The default loader reads safetensors; gemma_2 reads npz with pickles disabled.)
+PICKLE_LOADERS = frozenset({"connor_rob_hook_z", "goodfire", "deepseek_r1", "qwen_scope",
+                            "dictionary_learning_1"})
 PRETRAINED_LIST_URL = "https://decoderesearch.github.io/SAELens/latest/pretrained_saes/"
 
 
@@ -313,6 +317,9 @@ def _registry_lookup(release: str, sae_id: str, source: str):
         raise ConfigError(source, "sae.release", f"'{release}' is not a sae-lens release"
                           f"{did_you_mean(release, directory)} (the list: {PRETRAINED_LIST_URL})")
     lookup = directory[release]
+    if lookup.conversion_func in PICKLE_LOADERS:
+        raise ConfigError(source, "sae.release", f"'{release}' is stored as PyTorch pickles, which epo-tui "
+                          "never loads; convert it once to a sae-lens folder (SAE.save_model) and set sae.path")
     if sae_id not in lookup.saes_map:
         ids = list(lookup.saes_map)
         raise ConfigError(source, "sae.id", f"'{sae_id}' is not an SAE of release '{release}'"
