@@ -147,7 +147,7 @@ def test_gemma_hook_points_match_hf_modules(cases, family):
         assert _max_diff(acts[name], ref) < ATOL, name
 
 
-def _transformer_lens_model(case: Case):
+def _transformer_lens_model(case: Case, gemma_act_fn: str = "gelu_pytorch_tanh"):
     """A HookedTransformer built offline from the tiny HF model, processed as `from_pretrained` does
     (fold_ln, center_writing_weights, center_unembed; TL skips centring for RMSNorm models)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -175,7 +175,7 @@ def _transformer_lens_model(case: Case):
         cfg = HookedTransformerConfig(
             **common, **extra, d_model=c.hidden_size, d_head=c.head_dim, n_heads=c.num_attention_heads,
             n_key_value_heads=c.num_key_value_heads, d_mlp=c.intermediate_size, n_ctx=c.max_position_embeddings,
-            eps=c.rms_norm_eps, act_fn="gelu_pytorch_tanh", normalization_type="RMS", gated_mlp=True,
+            eps=c.rms_norm_eps, act_fn=gemma_act_fn, normalization_type="RMS", gated_mlp=True,
             final_rms=True, positional_embedding_type="rotary", rotary_dim=c.head_dim,
             rotary_base=c.rope_parameters["rope_theta"],
             original_architecture="Gemma2ForCausalLM" if case.family == "gemma2" else "GemmaForCausalLM")
@@ -201,6 +201,35 @@ def test_hook_points_match_transformer_lens(cases, family):
     _, acts = case.model.forward(ids, hooks=case.all_hooks(), center_writes=center)
     for name in case.all_hooks():
         assert _max_diff(acts[name], cache[name]) < ATOL, name
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("model_class, act_fn", [(None, "gelu"), ("HookedTransformer", "gelu"),
+                                                 ("AutoModelForCausalLM", "gelu_pytorch_tanh")])
+def test_gemma1_paired_with_a_transformer_lens_sae_runs_as_transformer_lens_does(cases, model_class, act_fn):
+    """TransformerLens's Gemma 1 uses exact GELU: SAEs trained on its activations (gemma-2b-res-jb)
+    are read with exact GELU; an SAE trained on the transformers model keeps the tanh approximation."""
+    import dataclasses
+
+    from epo_tui.engine.pairing import ModelWithSAE, TRANSFORMER_LENS_CLASSES
+
+    case = cases["gemma"]
+    ids = case.ids()
+    model = case.model
+    if model_class in TRANSFORMER_LENS_CLASSES:
+        model = dataclasses.replace(model, cfg=model.family.transformer_lens_config(model.cfg))
+    assert model.cfg.gelu_approximate == (act_fn != "gelu")
+    sae = type("SAE", (), {"model_class_name": model_class, "center_writes": None})()
+    assert ModelWithSAE(model=model, sae=sae).center_writes is False
+    tl = _transformer_lens_model(case, gemma_act_fn=act_fn)
+    with torch.no_grad():
+        _, cache = tl.run_with_cache(torch.from_numpy(ids).long())
+    _, acts = model.forward(ids, hooks=case.all_hooks())
+    for name in case.all_hooks():
+        assert _max_diff(acts[name], cache[name]) < ATOL, name
+    if act_fn == "gelu":  # and the difference is real: the transformers default would not match
+        _, tanh_acts = case.model.forward(ids, hooks=("blocks.1.hook_resid_post",))
+        assert _max_diff(tanh_acts["blocks.1.hook_resid_post"], cache["blocks.1.hook_resid_post"]) > 10 * ATOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -246,3 +275,16 @@ def test_onehot_input_matches_ids(cases, family):
     from_ids, _ = case.model.forward(ids)
     from_onehot, _ = case.model.forward(jax.nn.one_hot(ids, case.model.vocab_size))
     assert _max_diff(from_onehot, from_ids) < 1e-5
+
+
+@pytest.mark.parametrize("model_class, center_flag, expected", [
+    (None, None, True),  # sae-lens default: TransformerLens with centred writing weights
+    ("HookedTransformer", True, True),  # gpt2-small-res-jb's registry entry says so explicitly
+    ("HookedTransformer", False, False),  # trained with center_writing_weights=False
+    ("AutoModelForCausalLM", None, False),  # trained on the transformers model: raw residual
+])
+def test_gpt2_residual_centring_follows_the_sae(cases, model_class, center_flag, expected):
+    from epo_tui.engine.pairing import ModelWithSAE
+
+    sae = type("SAE", (), {"model_class_name": model_class, "center_writes": center_flag})()
+    assert ModelWithSAE(model=cases["gpt2"].model, sae=sae).center_writes is expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax.numpy as jnp
@@ -11,17 +12,26 @@ from epo_tui.engine.model import LanguageModel, load_model
 from epo_tui.engine.sae import SAEParams, check_feature_index, check_fits_model, load_sae
 
 
+# sae-lens trains on TransformerLens models unless its metadata names another model class.
+TRANSFORMER_LENS_CLASSES = (None, "HookedTransformer")
+
+
 @dataclass
 class ModelWithSAE:
+    """The model runs as the SAE's training run ran it (TransformerLens conventions when it used TL)."""
+
     model: LanguageModel
     sae: SAEParams
 
     @property
+    def trained_on_transformer_lens(self) -> bool:
+        return self.sae.model_class_name in TRANSFORMER_LENS_CLASSES
+
+    @property
     def center_writes(self) -> bool:
         """Whether the SAE saw TransformerLens's centred residual (GPT-2 res-jb) or the raw one."""
-        if self.sae.center_writes is not None:
-            return self.sae.center_writes and self.model.family.CENTERS_WRITES_BY_DEFAULT
-        return self.model.family.CENTERS_WRITES_BY_DEFAULT
+        family_default = self.model.family.CENTERS_WRITES_BY_DEFAULT and self.trained_on_transformer_lens
+        return family_default if self.sae.center_writes is None else self.sae.center_writes and family_default
 
     def forward(self, tokens_or_onehot, logits: bool = True):
         """(logits_BxLxV | None, sae_input_BxLxD): the model's logits and the SAE's hook activations."""
@@ -41,6 +51,8 @@ def load_model_with_sae(config: Config, feature: int | None = None,
         check_feature_index(sae, feature, source=feature_source or config.source)
     model = load_model(config.model)
     check_fits_model(sae, model.n_layers, model.d_model, model.name, d_mlp=model.cfg.d_mlp)
+    if sae.model_class_name in TRANSFORMER_LENS_CLASSES:
+        model = dataclasses.replace(model, cfg=model.family.transformer_lens_config(model.cfg))
     return ModelWithSAE(model=model, sae=sae)
 
 

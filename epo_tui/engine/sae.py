@@ -41,7 +41,7 @@ NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
 LAYER_NORM_EPS = 1e-5  # sae-lens run_time_activation_ln_in's default eps
 MLP_POINTS = ("mlp.hook_pre", "mlp.hook_post")
 
-CACHE_FORMAT = 1  # bump when the cached arrays or meta.json change meaning
+CACHE_FORMAT = 2  # bump when the cached arrays or meta.json change meaning
 WEIGHTS_FILE = "sae.safetensors"
 META_FILE = "meta.json"
 SAE_LENS_CFG = "cfg.json"  # sae_lens.constants.SAE_CFG_FILENAME
@@ -78,6 +78,9 @@ class SAEParams:
     neuronpedia_id: str | None = None
     model_name: str | None = None  # the model the SAE was trained on, as sae-lens names it
     cache_key: str | None = None  # names this SAE's converted arrays (and its feature catalog)
+    # the model class the SAE's activations came from (sae-lens metadata); None: unknown, which for
+    # sae-lens SAEs means TransformerLens's HookedTransformer
+    model_class_name: str | None = None
 
     @property
     def display_name(self) -> str:
@@ -408,6 +411,7 @@ def _convert(sae, sae_cfg: SAEConfig, lookup) -> tuple[dict[str, np.ndarray], di
         "path": str(sae_cfg.path) if sae_cfg.path is not None else None,
         "neuronpedia_id": neuronpedia_id or metadata.neuronpedia_id,
         "model_name": metadata.model_name,
+        "model_class_name": getattr(metadata, "model_class_name", None),
         "sae_lens_version": sae_lens.__version__,
     }
     return arrays, meta

@@ -5,6 +5,7 @@
 - `forward(params, cfg, x_BxLxD, recorder, logits) -> logits_BxLxV | None`,
 - `folded_unembedding_VxD(params)`: W_U with the final norm's gain folded in,
 - `CENTERS_WRITES_BY_DEFAULT`: TransformerLens's residual convention for the family,
+- `transformer_lens_config(cfg)`: the config as TransformerLens runs the model,
 - `Config.max_positions`: the longest sequence the model reads.
 """
 

@@ -10,6 +10,7 @@ per key-value head (H = G * R), K head dim, F MLP width, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -241,6 +242,12 @@ def forward(params: dict, cfg: GemmaConfig, x_BxLxD: jnp.ndarray, rec: HookRecor
     x_BxLxD = _rms_norm(x_BxLxD, params["lnf_w"], cfg.rms_norm_eps)
     logits_BxLxV = jnp.einsum("BLD,VD->BLV", x_BxLxD, unembedding_VxD(params)).astype(jnp.float32)
     return _softcap(logits_BxLxV, cfg.final_softcap)
+
+
+def transformer_lens_config(cfg: GemmaConfig) -> GemmaConfig:
+    """The config as TransformerLens runs it: its Gemma 1 uses exact GELU (transformers: the tanh
+    approximation), so SAEs trained on TransformerLens activations (gemma-2b-res-jb) saw exact GELU."""
+    return cfg if cfg.post_norms else dataclasses.replace(cfg, gelu_approximate=False)
 
 
 def unembedding_VxD(params: dict) -> jnp.ndarray:

@@ -139,6 +139,11 @@ def forward(params: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray, rec: HookRecord
     return jnp.einsum("BLD,VD->BLV", x_BxLxD, params["wte_VxD"]).astype(jnp.float32)
 
 
+def transformer_lens_config(cfg: GPT2Config) -> GPT2Config:
+    """The config as TransformerLens runs GPT-2: the same (gelu_new)."""
+    return cfg
+
+
 def folded_unembedding_VxD(params: dict) -> jnp.ndarray:
     """W_U with ln_f's gain folded in (as TransformerLens's fold_ln does), for reading directions."""
     return params["wte_VxD"] * params["lnf_g"]
