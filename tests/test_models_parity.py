@@ -288,3 +288,20 @@ def test_gpt2_residual_centring_follows_the_sae(cases, model_class, center_flag,
 
     sae = type("SAE", (), {"model_class_name": model_class, "center_writes": center_flag})()
     assert ModelWithSAE(model=cases["gpt2"].model, sae=sae).center_writes is expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_prefix_computed_once_gives_the_same_logits_and_hooks(cases, family):
+    """Keys/values of a fixed prefix (longer than Gemma 2's sliding window), reused for a batch of
+    continuations, give what the whole sequence gives in one pass."""
+    case = cases[family]
+    ids = case.ids(batch=3)
+    prefix, rest = ids[0, :7].tolist(), ids[:, 7:]
+    ids[:, :7] = prefix
+    hooks = case.all_hooks()
+    full_logits, full_acts = case.model.forward(ids, hooks=hooks)
+    _, _, prefix_kv = case.model.prefill(prefix)
+    logits, acts = case.model.forward(rest, hooks=hooks, prefix_kv=prefix_kv)
+    assert _max_diff(logits, full_logits[:, 7:]) < ATOL
+    for name in hooks:
+        assert _max_diff(acts[name], full_acts[name][:, 7:]) < ATOL, name

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -20,14 +19,22 @@ from epo_tui.errors import UserError, first_line
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-@functools.partial(jax.jit, static_argnames=("model_type", "cfg", "hooks", "logits", "center_writes"))
-def run_model(params: dict, tokens_or_onehot: jnp.ndarray, *, model_type: str, cfg: Any,
-              hooks: tuple[str, ...], logits: bool, center_writes: bool):
-    """(logits_BxLxV or None, {hook: activations}) for ids BxL or one-hot BxLxV."""
+def apply_model(params: dict, tokens_or_onehot: jnp.ndarray, prefix_kv=None, *, model_type: str, cfg: Any,
+                hooks: tuple[str, ...], logits: bool, center_writes: bool, keep_kv: bool = False):
+    """(logits_BxLxV or None, {hook: activations}, kv) for ids BxL or one-hot BxLxV (pure; jit it).
+
+    `prefix_kv` continues after a fixed prefix; `keep_kv` returns this pass's per-layer (k, v) so it
+    can serve as the prefix of later passes (else kv is None).
+    """
     family = family_module(model_type)
-    recorder = HookRecorder(hooks, cfg.n_layers, center_writes)
+    recorder = HookRecorder(hooks, cfg.n_layers, center_writes, keep_kv=keep_kv)
     x_BxLxD = family.embed(params, cfg, tokens_or_onehot)
-    return family.forward(params, cfg, x_BxLxD, recorder, logits), recorder.out
+    logits_out = family.forward(params, cfg, x_BxLxD, recorder, logits, prefix_kv)
+    return logits_out, recorder.out, (tuple(recorder.kv) if keep_kv else None)
+
+
+run_model = jax.jit(apply_model, static_argnames=("model_type", "cfg", "hooks", "logits", "center_writes",
+                                                  "keep_kv"))
 
 
 @dataclass
@@ -56,12 +63,23 @@ class LanguageModel:
         return self.cfg.vocab_size
 
     def forward(self, tokens_or_onehot, hooks: tuple[str, ...] = (), logits: bool = True,
-                center_writes: bool = False):
-        """(logits_BxLxV | None, {hook: BxLx...}); hooks use sae-lens names (blocks.L.hook_resid_pre)."""
+                center_writes: bool = False, prefix_kv=None):
+        """(logits_BxLxV | None, {hook: BxLx...}); hooks use sae-lens names (blocks.L.hook_resid_pre).
+
+        With `prefix_kv` (from `prefill`), the tokens continue after that prefix.
+        """
         for hook in hooks:
             parse_hook(hook, self.n_layers)  # a clear error before tracing
-        return run_model(self.params, jnp.asarray(tokens_or_onehot), model_type=self.model_type,
-                         cfg=self.cfg, hooks=tuple(hooks), logits=logits, center_writes=center_writes)
+        logits_out, acts, _ = run_model(self.params, jnp.asarray(tokens_or_onehot), prefix_kv,
+                                        model_type=self.model_type, cfg=self.cfg, hooks=tuple(hooks),
+                                        logits=logits, center_writes=center_writes)
+        return logits_out, acts
+
+    def prefill(self, token_ids, hooks: tuple[str, ...] = (), center_writes: bool = False):
+        """(logits_1xPxV, {hook: 1xPx...}, prefix_kv) for a fixed prefix, computed once."""
+        return run_model(self.params, jnp.asarray([token_ids], dtype=jnp.int32), None,
+                         model_type=self.model_type, cfg=self.cfg, hooks=tuple(hooks), logits=True,
+                         center_writes=center_writes, keep_kv=True)
 
     def folded_unembedding_VxD(self) -> jnp.ndarray:
         """The unembedding with the final norm's gain folded in: what a residual direction reads as."""

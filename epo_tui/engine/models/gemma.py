@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from epo_tui.engine.models.hooks import HookRecorder
+from epo_tui.engine.models.hooks import HookRecorder, causal_mask, prefix_length, with_past
 from epo_tui.errors import UserError
 
 FAMILY = "gemma"
@@ -170,28 +170,30 @@ def _rope(x_BxLxNxK: jnp.ndarray, cos_LxK: jnp.ndarray, sin_LxK: jnp.ndarray) ->
     return x_BxLxNxK * cos_LxK[:, None, :] + rotated * sin_LxK[:, None, :]
 
 
-def _rope_tables(cfg: GemmaConfig, L: int, dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos_LxK and sin_LxK computed in float32 and cast to the activations' dtype, as HF does."""
+def _rope_tables(cfg: GemmaConfig, L: int, dtype, start: int = 0) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos_LxK and sin_LxK for positions start..start+L-1, computed in float32 and cast to the
+    activations' dtype, as HF does."""
     K = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))
-    freqs_LxK = jnp.tile(jnp.arange(L, dtype=jnp.float32)[:, None] * inv_freq[None, :], (1, 2))
+    positions_L = jnp.arange(start, start + L, dtype=jnp.float32)
+    freqs_LxK = jnp.tile(positions_L[:, None] * inv_freq[None, :], (1, 2))
     return jnp.cos(freqs_LxK).astype(dtype), jnp.sin(freqs_LxK).astype(dtype)
 
 
 def _attention(block: dict, cfg: GemmaConfig, x_BxLxD: jnp.ndarray, sliding: bool,
-               rope: tuple[jnp.ndarray, jnp.ndarray]) -> jnp.ndarray:
+               rope: tuple[jnp.ndarray, jnp.ndarray], rec: HookRecorder, past_kv) -> jnp.ndarray:
+    """Causal (or sliding-window) attention; `past_kv` (k, v of a fixed prefix, 1xPxGxK) comes first."""
     B, L, _ = x_BxLxD.shape
     G, R = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
     q_BxLxHxK = _rope(jnp.einsum("BLD,HKD->BLHK", x_BxLxD, block["w_q_HxKxD"]), *rope)
-    k_BxSxGxK = _rope(jnp.einsum("BLD,GKD->BLGK", x_BxLxD, block["w_k_GxKxD"]), *rope)
-    v_BxSxGxK = jnp.einsum("BLD,GKD->BLGK", x_BxLxD, block["w_v_GxKxD"])
+    k_BxLxGxK = _rope(jnp.einsum("BLD,GKD->BLGK", x_BxLxD, block["w_k_GxKxD"]), *rope)
+    v_BxLxGxK = jnp.einsum("BLD,GKD->BLGK", x_BxLxD, block["w_v_GxKxD"])
+    rec.keep_kv(k_BxLxGxK, v_BxLxGxK)
+    k_BxSxGxK, v_BxSxGxK = with_past(past_kv, k_BxLxGxK, v_BxLxGxK)
     q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, R, cfg.head_dim)  # query head h uses kv head h // R
     scores_BxGxRxLxS = jnp.einsum("BLGRK,BSGK->BGRLS", q_BxLxGxRxK, k_BxSxGxK).astype(jnp.float32)
     scores_BxGxRxLxS = _softcap(scores_BxGxRxLxS * cfg.query_scale, cfg.attn_softcap)
-    q_L, k_S = jnp.arange(L)[:, None], jnp.arange(L)[None, :]
-    allowed_LxS = k_S <= q_L
-    if sliding:
-        allowed_LxS &= k_S > q_L - cfg.sliding_window
+    allowed_LxS = causal_mask(L, k_BxSxGxK.shape[1], cfg.sliding_window if sliding else None)
     scores_BxGxRxLxS = jnp.where(allowed_LxS, scores_BxGxRxLxS, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores_BxGxRxLxS, axis=-1).astype(x_BxLxD.dtype)
     z_BxLxGxRxK = jnp.einsum("BGRLS,BSGK->BLGRK", probs, v_BxSxGxK)
@@ -200,11 +202,11 @@ def _attention(block: dict, cfg: GemmaConfig, x_BxLxD: jnp.ndarray, sliding: boo
 
 
 def _block(block: dict, cfg: GemmaConfig, x_BxLxD: jnp.ndarray, layer: int, rec: HookRecorder,
-           rope: tuple[jnp.ndarray, jnp.ndarray]) -> jnp.ndarray:
+           rope: tuple[jnp.ndarray, jnp.ndarray], past_kv) -> jnp.ndarray:
     eps = cfg.rms_norm_eps
     rec.record(layer, "hook_resid_pre", x_BxLxD)
     attn_out = _attention(block, cfg, _rms_norm(x_BxLxD, block["ln_attn_w"], eps),
-                          cfg.sliding_layers[layer], rope)
+                          cfg.sliding_layers[layer], rope, rec, past_kv)
     if cfg.post_norms:
         attn_out = _rms_norm(attn_out, block["ln_attn_post_w"], eps)
     rec.record(layer, "hook_attn_out", attn_out)
@@ -227,16 +229,18 @@ def _block(block: dict, cfg: GemmaConfig, x_BxLxD: jnp.ndarray, layer: int, rec:
 
 
 def forward(params: dict, cfg: GemmaConfig, x_BxLxD: jnp.ndarray, rec: HookRecorder,
-            logits: bool = True) -> jnp.ndarray | None:
+            logits: bool = True, prefix_kv: tuple | None = None) -> jnp.ndarray | None:
     """Runs the blocks on token embeddings; returns logits_BxLxV (float32, soft-capped for Gemma 2)
     or None when not asked.
 
-    Without logits, stops after the deepest block a recorded hook needs.
+    Without logits, stops after the deepest block a recorded hook needs. With `prefix_kv` (per layer
+    (k, v), 1xPxGxK, kept by an earlier pass over a fixed prefix), x continues from position P.
     """
-    rope = _rope_tables(cfg, x_BxLxD.shape[1], x_BxLxD.dtype)
+    rope = _rope_tables(cfg, x_BxLxD.shape[1], x_BxLxD.dtype, start=prefix_length(prefix_kv))
     n_run = len(params["blocks"]) if logits else rec.last_layer + 1
     for layer in range(n_run):
-        x_BxLxD = _block(params["blocks"][layer], cfg, x_BxLxD, layer, rec, rope)
+        past = prefix_kv[layer] if prefix_kv is not None else None
+        x_BxLxD = _block(params["blocks"][layer], cfg, x_BxLxD, layer, rec, rope, past)
     if not logits:
         return None
     x_BxLxD = _rms_norm(x_BxLxD, params["lnf_w"], cfg.rms_norm_eps)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from epo_tui.engine.models.hooks import HookRecorder
+from epo_tui.engine.models.hooks import HookRecorder, causal_mask, prefix_length, with_past
 from epo_tui.errors import UserError
 
 FAMILY = "gpt2"
@@ -88,26 +88,29 @@ def _layer_norm(x: jnp.ndarray, g: jnp.ndarray, b: jnp.ndarray, eps: float) -> j
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype) * g + b
 
 
-def _attention(block: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray) -> jnp.ndarray:
+def _attention(block: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray, rec: HookRecorder,
+               past_kv: tuple[jnp.ndarray, jnp.ndarray] | None) -> jnp.ndarray:
+    """Causal self-attention; `past_kv` (k, v of a fixed prefix, 1xPxHxK) is attended to first."""
     B, L, _ = x_BxLxD.shape
     qkv = x_BxLxD @ block["w_qkv_Dx3HK"] + block["b_qkv"]
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
         t.reshape(B, L, cfg.n_heads, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1)
     )
-    scores_BxHxLxS = jnp.einsum("BLHK,BSHK->BHLS", q_BxLxHxK, k_BxLxHxK).astype(jnp.float32)
+    rec.keep_kv(k_BxLxHxK, v_BxLxHxK)
+    k_BxSxHxK, v_BxSxHxK = with_past(past_kv, k_BxLxHxK, v_BxLxHxK)
+    scores_BxHxLxS = jnp.einsum("BLHK,BSHK->BHLS", q_BxLxHxK, k_BxSxHxK).astype(jnp.float32)
     scores_BxHxLxS = scores_BxHxLxS / jnp.sqrt(jnp.float32(cfg.head_dim))
-    causal_LxS = jnp.tril(jnp.ones((L, L), dtype=bool))
-    scores_BxHxLxS = jnp.where(causal_LxS, scores_BxHxLxS, jnp.finfo(jnp.float32).min)
+    scores_BxHxLxS = jnp.where(causal_mask(L, k_BxSxHxK.shape[1]), scores_BxHxLxS, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores_BxHxLxS, axis=-1).astype(x_BxLxD.dtype)
-    z_BxLxHxK = jnp.einsum("BHLS,BSHK->BLHK", probs, v_BxLxHxK)
+    z_BxLxHxK = jnp.einsum("BHLS,BSHK->BLHK", probs, v_BxSxHxK)
     return z_BxLxHxK.reshape(B, L, cfg.d_model) @ block["w_o_HKxD"] + block["b_o"]
 
 
 def _block(block: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray, layer: int,
-           rec: HookRecorder) -> jnp.ndarray:
+           rec: HookRecorder, past_kv) -> jnp.ndarray:
     eps = cfg.layer_norm_eps
     rec.record(layer, "hook_resid_pre", x_BxLxD)
-    attn_out = _attention(block, cfg, _layer_norm(x_BxLxD, block["ln1_g"], block["ln1_b"], eps))
+    attn_out = _attention(block, cfg, _layer_norm(x_BxLxD, block["ln1_g"], block["ln1_b"], eps), rec, past_kv)
     rec.record(layer, "hook_attn_out", attn_out)
     x_BxLxD = x_BxLxD + attn_out
     rec.record(layer, "hook_resid_mid", x_BxLxD)
@@ -123,16 +126,18 @@ def _block(block: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray, layer: int,
 
 
 def forward(params: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray, rec: HookRecorder,
-            logits: bool = True) -> jnp.ndarray | None:
+            logits: bool = True, prefix_kv: tuple | None = None) -> jnp.ndarray | None:
     """Runs the blocks on token embeddings; returns logits_BxLxV (float32) or None when not asked.
 
-    Without logits, stops after the deepest block a recorded hook needs.
+    Without logits, stops after the deepest block a recorded hook needs. With `prefix_kv` (per layer
+    (k, v), 1xPxHxK, kept by an earlier pass over a fixed prefix), x continues from position P.
     """
-    L = x_BxLxD.shape[1]
-    x_BxLxD = x_BxLxD + params["wpe_PxD"][:L]
+    L, P = x_BxLxD.shape[1], prefix_length(prefix_kv)
+    x_BxLxD = x_BxLxD + params["wpe_PxD"][P:P + L]
     n_run = len(params["blocks"]) if logits else rec.last_layer + 1
     for layer in range(n_run):
-        x_BxLxD = _block(params["blocks"][layer], cfg, x_BxLxD, layer, rec)
+        past = prefix_kv[layer] if prefix_kv is not None else None
+        x_BxLxD = _block(params["blocks"][layer], cfg, x_BxLxD, layer, rec, past)
     if not logits:
         return None
     x_BxLxD = _layer_norm(x_BxLxD, params["lnf_g"], params["lnf_b"], cfg.layer_norm_eps)

@@ -59,10 +59,17 @@ class HookRecorder:
     of the forward pass is unchanged).
     """
 
-    def __init__(self, hooks: tuple[str, ...], n_layers: int, center_writes: bool = False):
+    def __init__(self, hooks: tuple[str, ...], n_layers: int, center_writes: bool = False,
+                 keep_kv: bool = False):
         self.points = {parse_hook(h, n_layers): h for h in hooks}
         self.center_writes = center_writes
         self.out: dict[str, jnp.ndarray] = {}
+        # keys/values per layer, kept when this pass computes a fixed prefix for later passes
+        self.kv: list[tuple[jnp.ndarray, jnp.ndarray]] | None = [] if keep_kv else None
+
+    def keep_kv(self, k: jnp.ndarray, v: jnp.ndarray) -> None:
+        if self.kv is not None:
+            self.kv.append((k, v))
 
     @property
     def last_layer(self) -> int:
@@ -76,3 +83,32 @@ class HookRecorder:
         if self.center_writes and point in RESIDUAL_POINTS:
             value_BxLxD = value_BxLxD - value_BxLxD.mean(axis=-1, keepdims=True)
         self.out[name] = value_BxLxD
+
+
+# ----------------------------------------------------------------------------------------------
+# A fixed prefix's keys and values, computed once and attended to by every later pass.
+
+
+def prefix_length(prefix_kv) -> int:
+    """P, the number of prefix positions in per-layer (k, v) pairs shaped 1xPx...; 0 for none."""
+    return 0 if prefix_kv is None else prefix_kv[0][0].shape[1]
+
+
+def with_past(past_kv, k_BxLxNxK: jnp.ndarray, v_BxLxNxK: jnp.ndarray):
+    """(k, v) over prefix + new positions: the prefix's (1xPxNxK) broadcast over the batch."""
+    if past_kv is None:
+        return k_BxLxNxK, v_BxLxNxK
+    B = k_BxLxNxK.shape[0]
+    past_k, past_v = (jnp.broadcast_to(t, (B,) + t.shape[1:]).astype(k_BxLxNxK.dtype) for t in past_kv)
+    return jnp.concatenate([past_k, k_BxLxNxK], axis=1), jnp.concatenate([past_v, v_BxLxNxK], axis=1)
+
+
+def causal_mask(L: int, S: int, window: int | None = None) -> jnp.ndarray:
+    """allowed_LxS for L new queries after S - L prefix positions (absolute query position S - L + l);
+    with `window`, keys further back than window - 1 positions are masked too (sliding attention)."""
+    q_L = jnp.arange(S - L, S)[:, None]
+    k_S = jnp.arange(S)[None, :]
+    allowed = k_S <= q_L
+    if window is not None:
+        allowed &= k_S > q_L - window
+    return allowed
