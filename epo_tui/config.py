@@ -41,9 +41,31 @@ class SAEConfig:
     path: str | None = None  # or a local sae-lens directory
 
 
+TARGET_KINDS = ("sae", "direction", "neuron", "logit", "vector")
+COMBINES = ("lp", "min", "sum", "contrast")
+READS = ("last", "max")
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
+    """What the search maximizes."""
+
     index: int = field(default=234, metadata=_limits(minimum=0))
+    # several at once (overrides index): combined by `combine`
+    indices: tuple[int, ...] = field(default=(), metadata=_limits(minimum=0))
+    # sae: the latent's pre-activation (true activation reported); direction: residual . unit decoder
+    # row; neuron: an MLP neuron at `hook`; logit: a token's logit; vector: residual at `hook` . vector
+    kind: str = field(default="sae", metadata=_limits(choices=TARGET_KINDS))
+    combine: str = field(default="lp", metadata=_limits(choices=COMBINES))
+    lp_p: float = field(default=0.1, metadata=_limits(minimum=0.001))  # the seed's L_0.1
+    lp_offset: float = 4.0  # relu(a + offset) gives negative activations a gradient
+    read: str = field(default="last", metadata=_limits(choices=READS))  # last optimized token, or max
+    hook: str = ""  # for neuron / vector: e.g. "blocks.5.mlp.hook_post"
+    vector: str = ""  # for vector: a .npy file of d_model floats
+
+    @property
+    def features(self) -> tuple[int, ...]:
+        return self.indices or (self.index,)
 
 
 @dataclass(frozen=True)
@@ -57,6 +79,14 @@ class SearchConfig:
     topk: int = field(default=128, metadata=_limits(minimum=1))
     seed: int = field(default=0, metadata=_limits(minimum=0))
     prefix: str = ""  # text placed after BOS, e.g. "<start_of_turn>user\n"
+    # proposal augmentations (DESIGN.md §3), each with its probability
+    extra_resample: float = field(default=1.5, metadata=_limits(minimum=0.0))  # expected extra positions
+    skip_gradient_mask: float = field(default=0.2, metadata=_limits(minimum=0.0, maximum=1.0))
+    swap: float = field(default=0.1, metadata=_limits(minimum=0.0, maximum=1.0))
+    temperature_max: float = field(default=2.0, metadata=_limits(minimum=0.01))
+    # with the gradient mask skipped, tokens come from the model's this many likeliest next tokens
+    unmasked_top: int = field(default=1024, metadata=_limits(minimum=1))
+    banned_tokens: tuple[str, ...] = ()  # token strings never proposed (special tokens never are)
 
 
 @dataclass(frozen=True)
@@ -141,6 +171,18 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
                             section="model", remote=("name",), local="path", base_dir=base_dir)
     sae = _resolve_choice(built["sae"], table=document.get("sae", {}), source=source,
                           section="sae", remote=("release", "id"), local="path", base_dir=base_dir)
+    feature = built["feature"]
+    if feature.kind in ("neuron", "vector") and not feature.hook:
+        raise ConfigError(source, "feature.hook", f"missing; feature.kind '{feature.kind}' reads a hook "
+                          "such as 'blocks.5.mlp.hook_post'")
+    if feature.kind == "vector":
+        if not feature.vector:
+            raise ConfigError(source, "feature.vector", "missing; feature.kind 'vector' needs a .npy file")
+        vector = Path(feature.vector).expanduser()
+        if not vector.is_absolute() and base_dir is not None:
+            feature = dataclasses.replace(feature, vector=str(base_dir / vector))
+    if feature.combine == "contrast" and len(feature.features) < 2:
+        raise ConfigError(source, "feature.combine", "'contrast' needs feature.indices = [raise, hold down, ...]")
     search = built["search"]
     if search.penalty_min > search.penalty_max:
         raise ConfigError(
@@ -150,7 +192,7 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
     if search.penalty_min <= 0:
         raise ConfigError(source, "search.penalty_min",
                           f"must be > 0 (penalties are log-spaced), found {search.penalty_min}")
-    return Config(model=model, sae=sae, feature=built["feature"], search=search, source=source)
+    return Config(model=model, sae=sae, feature=feature, search=search, source=source)
 
 
 def _build_section(cls: type, section: str, table: dict, source: str):
@@ -169,6 +211,11 @@ def _build_section(cls: type, section: str, table: dict, source: str):
 
 
 def _check_value(value: Any, hint: Any, limits: typing.Mapping, source: str, key: str) -> Any:
+    if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a TOML array of X
+        if not isinstance(value, list):
+            raise ConfigError(source, key, f"expected an array, found {_describe(value)}")
+        item = typing.get_args(hint)[0]
+        return tuple(_check_value(v, item, limits, source, f"{key}[{i}]") for i, v in enumerate(value))
     allowed = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
     allowed.discard(type(None))
     expected = allowed.pop()

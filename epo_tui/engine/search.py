@@ -1,0 +1,420 @@
+"""Evolutionary prompt optimization (DESIGN.md §3): K elites along the activation/fluency frontier.
+
+One iteration is three jitted functions with static shapes, then selection on the host:
+  1. `gradients`: d f_k / d one-hot tokens of elite k (KxNxV), and each position's next-token logits;
+  2. `propose`: C children per elite (resample positions from the parent's logits, masked to the
+     top-k tokens by gradient unless skipped; sometimes swap two positions);
+  3. `evaluate`: objective, reported activation and xent of all KxC children, sharded over the local
+     devices;
+then each elite k keeps the best f_k = objective - lambda_k * xent over itself, the other elites and
+the children whose text re-tokenizes to the same ids.
+
+Shapes: K elites, C children per elite, B = K*C, N optimized tokens, V vocabulary, F features,
+P prefix length (BOS + prefix).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from epo_tui.config import Config, SearchConfig
+from epo_tui.engine.frontier import Frontier
+from epo_tui.engine.model import apply_model
+from epo_tui.engine.objective import Target, TargetArrays, build_target, combine, per_position, read
+from epo_tui.engine.pairing import ModelWithSAE
+from epo_tui.errors import UserError
+
+EVAL_CHUNK = 64  # children per forward inside one device: bounds the BxNxV logits in memory
+
+
+@dataclass(frozen=True)
+class Statics:
+    """Everything the jitted steps specialize on (hashable): no array, no feature index."""
+
+    model_type: str
+    cfg: Any
+    center_writes: bool
+    target: Target
+    hooks: tuple[str, ...]
+    elites: int
+    children: int
+    prompt_tokens: int
+    topk: int
+    unmasked_top: int
+    extra_resample: float
+    skip_gradient_mask: float
+    swap: float
+    temperature_max: float
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Prefix:
+    """BOS + prefix, computed once per run."""
+
+    kv: tuple  # per layer (k, v), 1xPx...
+    next_logits_V: jax.Array  # the prediction for the first optimized token
+
+
+@dataclass
+class SearchState:
+    iteration: int
+    tokens_KxN: np.ndarray  # int32
+    objective_K: np.ndarray
+    act_K: np.ndarray
+    xent_K: np.ndarray
+    key: np.ndarray  # raw jax PRNG key data (uint32)
+    frontier: Frontier = field(default_factory=Frontier)
+    best_objective_history: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Timings:
+    gradients: float = 0.0
+    proposals: float = 0.0
+    evaluation: float = 0.0
+    selection: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.gradients + self.proposals + self.evaluation + self.selection
+
+
+def penalties(search: SearchConfig) -> np.ndarray:
+    """lambda_k, log-spaced over [penalty_min, penalty_max]."""
+    return np.geomspace(search.penalty_min, search.penalty_max, search.elites).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model + objective for a batch of optimized tokens after the fixed prefix
+
+
+def _score(params, sae, arrays: TargetArrays, prefix: Prefix, tokens_or_onehot, st: Statics):
+    """(objective_B, act_B, xent_B, next_logits_BxNxV) for optimized tokens after the prefix."""
+    logits_BxNxV, acts, _ = apply_model(params, tokens_or_onehot, prefix.kv, model_type=st.model_type,
+                                        cfg=st.cfg, hooks=st.hooks, logits=True,
+                                        center_writes=st.center_writes)
+    hook_acts = acts.get(st.target.hook)
+    optimized_BxNxF, reported_BxNxF = per_position(st.target, arrays, sae, hook_acts, logits_BxNxV)
+    objective_B, position_B = read(st.target, combine(st.target, optimized_BxNxF))
+    reported_BxN = combine(st.target, reported_BxNxF)
+    act_B = jnp.take_along_axis(reported_BxN, position_B[:, None], axis=-1)[:, 0]
+    # position j is predicted by the prefix (j = 0) or by position j - 1
+    B = logits_BxNxV.shape[0]
+    first_Bx1xV = jnp.broadcast_to(prefix.next_logits_V, (B, 1, prefix.next_logits_V.shape[-1]))
+    next_logits_BxNxV = jnp.concatenate([first_Bx1xV, logits_BxNxV[:, :-1]], axis=1)
+    logprobs_BxNxV = jax.nn.log_softmax(next_logits_BxNxV, axis=-1)
+    onehot_BxNxV = (tokens_or_onehot if tokens_or_onehot.ndim == 3
+                    else jax.nn.one_hot(tokens_or_onehot, logprobs_BxNxV.shape[-1], dtype=jnp.float32))
+    xent_B = -(onehot_BxNxV * logprobs_BxNxV).sum(-1).mean(-1)
+    return objective_B, act_B, xent_B, next_logits_BxNxV
+
+
+@functools.partial(jax.jit, static_argnames=("st",))
+def gradients(params, sae, arrays, prefix, tokens_KxN, lambdas_K, *, st: Statics):
+    """(grad_KxNxV of f_k w.r.t. elite k's one-hot tokens, next-token logits_KxNxV)."""
+
+    def total_fitness(onehot_KxNxV):
+        objective_K, _, xent_K, next_logits = _score(params, sae, arrays, prefix, onehot_KxNxV, st)
+        return (objective_K - lambdas_K * xent_K).sum(), next_logits
+
+    onehot = jax.nn.one_hot(tokens_KxN, st.cfg.vocab_size, dtype=jnp.float32)
+    grads, next_logits = jax.grad(total_fitness, has_aux=True)(onehot)
+    return grads, next_logits
+
+
+@functools.partial(jax.jit, static_argnames=("st",))
+def propose(key, tokens_KxN, grads_KxNxV, next_logits_KxNxV, banned_V, *, st: Statics):
+    """children_KxCxN: each resamples one uniform position plus each other with p = extra/N, from the
+    parent's next-token logits / T (T ~ U(0, T_max)), restricted to the top-k tokens by gradient except
+    with p = skip_gradient_mask (then the likeliest `unmasked_top`); with p = swap, two positions swap."""
+    K, N = tokens_KxN.shape
+    C = st.children
+    keys = jax.random.split(key, 8)
+    first_KxC = jax.random.randint(keys[0], (K, C), 0, N)
+    resample_KxCxN = (jax.random.uniform(keys[1], (K, C, N)) < st.extra_resample / N) | (
+        jnp.arange(N) == first_KxC[..., None])
+    temperature_KxCx1x1 = jax.random.uniform(keys[2], (K, C, 1, 1), minval=1e-3, maxval=st.temperature_max)
+    skip_mask_KxC = jax.random.uniform(keys[3], (K, C)) < st.skip_gradient_mask
+
+    logits = jnp.where(banned_V, -jnp.inf, next_logits_KxNxV)
+
+    def sample_from(choices_KxNxT, key):
+        """A token per child and position, drawn among `choices` by softmax(logits / T)."""
+        chosen_logits_KxNxT = jnp.take_along_axis(logits, choices_KxNxT, axis=-1)
+        gumbel = jax.random.gumbel(key, (K, C, N, choices_KxNxT.shape[-1]))
+        scores = chosen_logits_KxNxT[:, None] / temperature_KxCx1x1 + gumbel
+        picked_KxCxN = jnp.argmax(scores, axis=-1)
+        return jnp.take_along_axis(jnp.broadcast_to(choices_KxNxT[:, None], scores.shape),
+                                   picked_KxCxN[..., None], axis=-1)[..., 0]
+
+    _, by_gradient_KxNxT = jax.lax.top_k(jnp.where(banned_V, -jnp.inf, grads_KxNxV), st.topk)
+    _, by_logit_KxNxM = jax.lax.top_k(logits, st.unmasked_top)
+    masked_KxCxN = sample_from(by_gradient_KxNxT, keys[4])
+    unmasked_KxCxN = sample_from(by_logit_KxNxM, keys[5])
+    new_KxCxN = jnp.where(skip_mask_KxC[..., None], unmasked_KxCxN, masked_KxCxN)
+    children = jnp.where(resample_KxCxN, new_KxCxN, tokens_KxN[:, None, :]).astype(jnp.int32)
+
+    do_swap_KxC = (jax.random.uniform(keys[6], (K, C)) < st.swap) & (N > 1)
+    i_KxC, shift_KxC = jax.random.randint(keys[7], (2, K, C), 0, max(N - 1, 1))
+    j_KxC = (i_KxC + 1 + shift_KxC) % N  # a position other than i
+    at_i = jnp.take_along_axis(children, i_KxC[..., None], axis=-1)
+    at_j = jnp.take_along_axis(children, j_KxC[..., None], axis=-1)
+    positions = jnp.arange(N)
+    swapped = jnp.where(positions == i_KxC[..., None], at_j, jnp.where(positions == j_KxC[..., None], at_i, children))
+    return jnp.where(do_swap_KxC[..., None], swapped, children)
+
+
+def _evaluate_local(params, sae, arrays, prefix, children_BxN, st: Statics):
+    """(objective_B, act_B, xent_B) for this device's children, EVAL_CHUNK at a time."""
+    B, N = children_BxN.shape
+    chunk = min(EVAL_CHUNK, B)
+    pad = (-B) % chunk
+    padded = jnp.concatenate([children_BxN, jnp.broadcast_to(children_BxN[:1], (pad, N))]) if pad else children_BxN
+
+    def one_chunk(tokens_cxN):
+        objective, act, xent, _ = _score(params, sae, arrays, prefix, tokens_cxN, st)
+        return objective, act, xent
+
+    outs = jax.lax.map(one_chunk, padded.reshape(-1, chunk, N))
+    return tuple(o.reshape(-1)[:B] for o in outs)
+
+
+@functools.lru_cache(maxsize=None)
+def _evaluator(st: Statics, mesh: Mesh):
+    """The evaluation step for a mesh: children sharded along 'data', everything else replicated."""
+    replicated, sharded = PartitionSpec(), PartitionSpec("data")
+    body = jax.shard_map(functools.partial(_evaluate_local, st=st), mesh=mesh,
+                         in_specs=(replicated, replicated, replicated, replicated, sharded),
+                         out_specs=(sharded, sharded, sharded), check_vma=False)
+    return jax.jit(body)
+
+
+def local_mesh() -> Mesh:
+    """All of this process's devices along one data-parallel axis."""
+    return Mesh(np.array(jax.local_devices()), ("data",))
+
+
+# ----------------------------------------------------------------------------------------------
+# The search
+
+
+class Search:
+    """An EPO search for one target. `initial_state()`, then `step(state)` once per iteration."""
+
+    def __init__(self, pair: ModelWithSAE, config: Config, mesh: Mesh | None = None):
+        self.pair, self.config = pair, config
+        search = config.search
+        model = pair.model
+        self.target, self.arrays = build_target(pair, config.feature, config.source)
+        self.mesh = mesh or local_mesh()
+        hooks = () if self.target.kind == "logit" else (self.target.hook,)
+        self.st = Statics(model_type=model.model_type, cfg=model.cfg, center_writes=pair.center_writes,
+                          target=self.target, hooks=hooks, elites=search.elites, children=search.candidates,
+                          prompt_tokens=search.prompt_tokens, topk=min(search.topk, model.vocab_size),
+                          unmasked_top=min(search.unmasked_top, model.vocab_size),
+                          extra_resample=search.extra_resample, skip_gradient_mask=search.skip_gradient_mask,
+                          swap=search.swap, temperature_max=search.temperature_max)
+        self.lambdas_K = penalties(search)
+        self.prefix_ids = model.encode("", search.prefix)
+        if len(self.prefix_ids) + search.prompt_tokens > model.cfg.max_positions:
+            raise UserError(f"search.prompt_tokens: {search.prompt_tokens} tokens after a "
+                            f"{len(self.prefix_ids)}-token prefix exceed the model's {model.cfg.max_positions}")
+        self.banned_V = self._banned_tokens(search.banned_tokens)
+        replicate = NamedSharding(self.mesh, PartitionSpec())
+        self.params = jax.device_put(model.params, replicate)
+        self.sae = jax.device_put(pair.sae, replicate)
+        logits_1xPxV, _, kv = model.prefill(self.prefix_ids)
+        self.prefix = jax.device_put(Prefix(kv=kv, next_logits_V=logits_1xPxV[0, -1]), replicate)
+        self._evaluate = _evaluator(self.st, self.mesh)
+        self._valid_cache: dict[bytes, bool] = {}
+
+    # -- set-up
+
+    def _banned_tokens(self, banned: tuple[str, ...]) -> jax.Array:
+        model = self.pair.model
+        mask = np.zeros(model.vocab_size, bool)
+        mask[model.special_token_ids()] = True
+        tokenizer = model.tokenizer
+        for text in banned:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise UserError(f"search.banned_tokens: '{text}' is {len(ids)} tokens, not one")
+            mask[ids[0]] = True
+        # ids past the tokenizer's vocabulary (padding rows of the embedding) decode to nothing
+        mask[len(tokenizer):] = True
+        return jnp.asarray(mask)
+
+    def initial_state(self, seed_text: str | None = None) -> SearchState:
+        """Elites sampled from the model after the prefix (or continuing `seed_text`), all valid."""
+        search = self.config.search
+        K, N = search.elites, search.prompt_tokens
+        key = jax.random.key(search.seed)
+        start = np.zeros((K, N), np.int32)
+        n_start = 0
+        if seed_text:
+            seed_ids = self.pair.model.tokenizer(seed_text, add_special_tokens=False)["input_ids"][:N]
+            n_start = len(seed_ids)
+            start[:, :n_start] = seed_ids
+        tokens, valid = start.copy(), np.zeros(K, bool)
+        for attempt in range(50):
+            sampled = np.asarray(_sample_continuations(self.params, self.prefix, jax.random.fold_in(key, attempt),
+                                                       jnp.asarray(start), n_start, self.banned_V, st=self.st))
+            newly = ~valid & np.array([self.is_valid(row) for row in sampled])
+            tokens[newly], valid = sampled[newly], valid | newly
+            if valid.all():
+                break
+        else:
+            raise UserError("could not sample starting prompts that re-tokenize to themselves; "
+                            "try another search.seed or a seed prompt")
+        objective, act, xent = self.evaluate(tokens)
+        state = SearchState(iteration=0, tokens_KxN=tokens, objective_K=objective, act_K=act, xent_K=xent,
+                            key=np.asarray(jax.random.key_data(key)))
+        state.frontier = state.frontier.merged(xent, objective, act, tokens)
+        return state
+
+    # -- one iteration
+
+    def evaluate(self, tokens_BxN: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(objective, act, xent) of any batch of optimized tokens, sharded over the mesh."""
+        B = len(tokens_BxN)
+        n_dev = self.mesh.size
+        pad = (-B) % n_dev
+        tokens = np.concatenate([tokens_BxN, np.repeat(tokens_BxN[:1], pad, 0)]) if pad else tokens_BxN
+        sharded = jax.device_put(jnp.asarray(tokens, jnp.int32), NamedSharding(self.mesh, PartitionSpec("data")))
+        outs = self._evaluate(self.params, self.sae, self.arrays, self.prefix, sharded)
+        return tuple(np.asarray(o, np.float32)[:B] for o in outs)
+
+    def step(self, state: SearchState) -> tuple[SearchState, Timings]:
+        timings = Timings()
+        key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(state.key)), state.iteration)
+        tokens = jnp.asarray(state.tokens_KxN)
+
+        t0 = time.perf_counter()
+        grads, next_logits = gradients(self.params, self.sae, self.arrays, self.prefix, tokens,
+                                       jnp.asarray(self.lambdas_K), st=self.st)
+        jax.block_until_ready(grads)
+        t1 = time.perf_counter()
+        children = propose(key, tokens, grads, next_logits, self.banned_V, st=self.st)
+        children_BxN = np.asarray(children).reshape(-1, self.st.prompt_tokens)
+        t2 = time.perf_counter()
+        objective, act, xent = self.evaluate(children_BxN)
+        t3 = time.perf_counter()
+        state = self._select(state, children_BxN, objective, act, xent)
+        t4 = time.perf_counter()
+        timings.gradients, timings.proposals, timings.evaluation, timings.selection = t1 - t0, t2 - t1, t3 - t2, t4 - t3
+        return state, timings
+
+    def _select(self, state: SearchState, children_BxN, objective, act, xent) -> SearchState:
+        """Each elite keeps the best f_k among the elites and the valid children (elites win ties)."""
+        pool_tokens = np.concatenate([state.tokens_KxN, children_BxN])
+        pool_obj = np.concatenate([state.objective_K, objective])
+        pool_act = np.concatenate([state.act_K, act])
+        pool_xent = np.concatenate([state.xent_K, xent])
+        K = len(state.tokens_KxN)
+        chosen = []
+        for k, lam in enumerate(self.lambdas_K):
+            fitness = pool_obj - lam * pool_xent
+            for i in np.argsort(-fitness, kind="stable"):
+                if i < K or self.is_valid(pool_tokens[i]):
+                    chosen.append(i)
+                    break
+        chosen = np.array(chosen)
+        frontier = self._update_frontier(state.frontier, children_BxN, objective, act, xent)
+        return SearchState(iteration=state.iteration + 1, tokens_KxN=pool_tokens[chosen].copy(),
+                           objective_K=pool_obj[chosen], act_K=pool_act[chosen], xent_K=pool_xent[chosen],
+                           key=state.key, frontier=frontier,
+                           best_objective_history=[*state.best_objective_history, float(pool_obj[chosen].max())])
+
+    def _update_frontier(self, frontier: Frontier, tokens, objective, act, xent) -> Frontier:
+        """Children that enter the frontier, once their text re-tokenizes to their ids."""
+        alive = np.ones(len(tokens), bool)
+        while True:
+            idx = np.flatnonzero(alive)
+            entering = idx[frontier.candidates_that_enter(xent[idx], objective[idx])]
+            invalid = [i for i in entering if not self.is_valid(tokens[i])]
+            if not invalid:
+                break
+            alive[invalid] = False
+        if len(entering) == 0:
+            return frontier
+        return frontier.merged(xent[entering], objective[entering], act[entering], tokens[entering])
+
+    def is_valid(self, tokens_N: np.ndarray) -> bool:
+        """Whether the prompt's text re-tokenizes to exactly these ids (cached)."""
+        key = np.asarray(tokens_N, np.int32).tobytes()
+        if key not in self._valid_cache:
+            tokenizer = self.pair.model.tokenizer
+            text = tokenizer.decode(list(map(int, tokens_N)), clean_up_tokenization_spaces=False)
+            again = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(self._valid_cache) > 200_000:
+                self._valid_cache.clear()
+            self._valid_cache[key] = list(again) == list(map(int, tokens_N))
+        return self._valid_cache[key]
+
+
+@functools.partial(jax.jit, static_argnames=("st",))
+def _sample_continuations(params, prefix: Prefix, key, start_KxN, n_start, banned_V, *, st: Statics):
+    """Positions n_start.. sampled one by one from the model at temperature 1 (banned tokens never)."""
+    K, N = start_KxN.shape
+
+    def body(j, tokens):
+        logits_KxNxV, _, _ = apply_model(params, tokens, prefix.kv, model_type=st.model_type, cfg=st.cfg,
+                                         hooks=(), logits=True, center_writes=st.center_writes)
+        previous = jnp.where(j == 0, jnp.broadcast_to(prefix.next_logits_V, logits_KxNxV[:, 0].shape),
+                             logits_KxNxV[jnp.arange(K), jnp.maximum(j - 1, 0)])
+        sampled = jax.random.categorical(jax.random.fold_in(key, j), jnp.where(banned_V, -jnp.inf, previous))
+        return jnp.where(j >= n_start, tokens.at[:, j].set(sampled.astype(jnp.int32)), tokens)
+
+    return jax.lax.fori_loop(0, N, body, start_KxN)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting: what a reader needs of each elite
+
+
+@functools.partial(jax.jit, static_argnames=("st",))
+def _whole_prompt_activations(params, sae, arrays, full_tokens_KxL, *, st: Statics):
+    """(combined_KxL, per_feature_KxLxF) reported activations at every position of BOS+prefix+prompt."""
+    logits, acts, _ = apply_model(params, full_tokens_KxL, None, model_type=st.model_type, cfg=st.cfg,
+                                  hooks=st.hooks, logits=st.target.kind == "logit",
+                                  center_writes=st.center_writes)
+    _, reported_KxLxF = per_position(st.target, arrays, sae, acts.get(st.target.hook), logits)
+    return combine(st.target, reported_KxLxF), reported_KxLxF
+
+
+def elite_reports(search: Search, state: SearchState) -> list[dict]:
+    """Per elite: penalty, token ids/strings of the whole prompt (BOS and prefix included), the
+    reported activation at every position, act, xent, objective, and the prompt's text."""
+    model = search.pair.model
+    prefix = np.asarray(search.prefix_ids, np.int32)
+    full = np.concatenate([np.broadcast_to(prefix, (len(state.tokens_KxN), len(prefix))), state.tokens_KxN], axis=1)
+    combined_KxL, per_feature_KxLxF = (np.asarray(a) for a in _whole_prompt_activations(
+        search.params, search.sae, search.arrays, jnp.asarray(full), st=search.st))
+    features = [int(i) for i in np.asarray(search.arrays.indices_F)]
+    reports = []
+    for k in range(len(full)):
+        report = {
+            "penalty": float(search.lambdas_K[k]),
+            "token_ids": full[k].tolist(),
+            "tokens": model.token_strings(full[k]),
+            "activations": [float(a) for a in combined_KxL[k]],
+            "act": float(state.act_K[k]),
+            "xent": float(state.xent_K[k]),
+            "objective": float(state.objective_K[k]),
+            "prompt_start": len(prefix),
+            "text": model.tokenizer.decode(state.tokens_KxN[k].tolist(), clean_up_tokenization_spaces=False),
+        }
+        if len(features) > 1:
+            report["feature_activations"] = {str(f): [float(a) for a in per_feature_KxLxF[k, :, i]]
+                                             for i, f in enumerate(features)}
+        reports.append(report)
+    return reports
