@@ -8,16 +8,22 @@ and exit code 2; `--debug` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import time
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from epo_tui import __version__
-from epo_tui.config import Config, load_config
+from epo_tui.config import COMBINES, Config, load_config
 from epo_tui.errors import UserError
+from epo_tui.text import inert
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C: the results so far are written, and scripts can still tell
+RUNS_DIR = Path("epo-runs")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,7 +59,74 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--search", metavar="WORD", help="only features whose tokens or label match")
     features.add_argument("--limit", type=int, metavar="N", help="print at most N features")
     features.add_argument("--json", action="store_true", help="one JSON object per feature per line")
+
+    bench = commands.add_parser("bench", parents=[common],
+                                help="time the EPO loop: seconds per step, tokens/s, FLOP/s, MFU, warm start")
+    bench.add_argument("--model", choices=("gpt2-small", "tiny", "config"),
+                       help="gpt2-small: GPT-2 small's shapes with random weights; tiny: the tiny helper model; "
+                            "config: the model and SAE of --config (default: gpt2-small, then tiny and its "
+                            "warm start)")
+    bench.add_argument("--iterations", type=int, metavar="N",
+                       help="EPO iterations per setup, the first compiles (default: gpt2-small 3, tiny 20, "
+                            "config 5)")
+    bench.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="weights of the gpt2-small setup (default float32)")
+    bench.add_argument("--no-warm-start", action="store_true",
+                       help="skip timing fresh processes to their first iteration (tiny)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object with every figure")
+
+    run = commands.add_parser(
+        "run", parents=[common], help="one search; writes result.json and report.md",
+        description="Run one EPO search with a progress bar on stderr, then write DIR/result.json and "
+                    "DIR/report.md. Ctrl-C stops after the current iteration and still writes them "
+                    f"(exit code {EXIT_INTERRUPTED}).")
+    run.add_argument("--feature", type=int, action="append", metavar="N",
+                     help="SAE latent (default: the config's); repeat for several, combined by --combine")
+    run.add_argument("--combine", choices=COMBINES,
+                     help="how several features make one objective (default: feature.combine)")
+    _search_options(run, "./epo-runs/<time>-f<features>")
+
+    batch = commands.add_parser(
+        "batch", parents=[common], help="one search per feature, with an index sorted by activation",
+        description="One search per feature, each in DIR/feature-N/ (result.json, report.md), then "
+                    "DIR/index.md and DIR/index.json sorted by best activation. The model and SAE load once. "
+                    "Several processes (hosts) split the features between them: see README, 'Run a search'. "
+                    f"Ctrl-C writes what finished and the index (exit code {EXIT_INTERRUPTED}).")
+    which = batch.add_mutually_exclusive_group(required=True)
+    which.add_argument("--features", type=_feature_list, metavar="N,N,...", help="the features, e.g. 3,17,42")
+    which.add_argument("--random", type=int, metavar="N",
+                       help="N distinct features drawn uniformly from 0..d_sae-1 by numpy's RNG seeded with "
+                            "--seed (default search.seed): the same seed draws the same features")
+    _search_options(batch, "./epo-runs/<time>-batch-<count>")
+    hosts = batch.add_argument_group("several processes (all three flags, the same on every process but "
+                                     "--process-id; or set by the environment: see README)")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="where process 0 listens")
+    hosts.add_argument("--num-processes", type=int, metavar="P", help="how many processes in all")
+    hosts.add_argument("--process-id", type=int, metavar="I", help="this process, 0..P-1")
+    hosts.add_argument("--distributed", action="store_true",
+                       help="let jax.distributed detect the cluster (Cloud TPU pod, Slurm, Open MPI, Kubernetes)")
     return parser
+
+
+def _search_options(parser: argparse.ArgumentParser, default_out: str) -> None:
+    parser.add_argument("--iterations", type=int, metavar="I", help="iterations (default: search.iterations)")
+    parser.add_argument("--seed", type=int, metavar="S", help="random seed (default: search.seed)")
+    parser.add_argument("--out", metavar="DIR", help=f"output folder (default: {default_out})")
+
+
+def _feature_list(text: str) -> list[int]:
+    """argparse type for --features: comma-separated, distinct, non-negative integers."""
+    try:
+        values = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected feature indices like 1,2,3, found '{text}'") from None
+    negative = [v for v in values if v < 0]
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if negative:
+        raise argparse.ArgumentTypeError(f"feature indices must be >= 0, found {negative[0]}")
+    if repeated:
+        raise argparse.ArgumentTypeError(f"feature {repeated[0]} is listed twice")
+    return values
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,4 +199,228 @@ def cmd_features(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-COMMANDS = {"score": cmd_score, "features": cmd_features}
+# ----------------------------------------------------------------------------------------------
+# run and batch
+
+
+def _search_overrides(args: argparse.Namespace, config: Config) -> Config:
+    """--iterations and --seed over the config's [search]."""
+    search = config.search
+    if args.iterations is not None:
+        if args.iterations < 1:
+            raise UserError(f"--iterations: must be >= 1, found {args.iterations}")
+        search = dataclasses.replace(search, iterations=args.iterations)
+    if args.seed is not None:
+        if args.seed < 0:
+            raise UserError(f"--seed: must be >= 0, found {args.seed}")
+        search = dataclasses.replace(search, seed=args.seed)
+    return dataclasses.replace(config, search=search)
+
+
+def _feature_overrides(args: argparse.Namespace, config: Config) -> Config:
+    """--feature (repeatable) and --combine over the config's [feature]."""
+    feature = config.feature
+    if args.feature:
+        for index in args.feature:
+            if index < 0:
+                raise UserError(f"--feature: must be >= 0, found {index}")
+            if args.feature.count(index) > 1:
+                raise UserError(f"--feature: {index} is given twice")
+        several = tuple(args.feature) if len(args.feature) > 1 else ()
+        feature = dataclasses.replace(feature, index=args.feature[0], indices=several)
+    if args.combine is not None:
+        if args.combine == "contrast" and len(feature.features) < 2:
+            raise UserError("--combine contrast: needs two or more features (--feature A --feature B: "
+                            "raise A, hold B down)")
+        feature = dataclasses.replace(feature, combine=args.combine)
+    return dataclasses.replace(config, feature=feature)
+
+
+def _default_out(name: str) -> Path:
+    """./epo-runs/<time>-<name>, with -2, -3... if that folder exists already."""
+    base = RUNS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def _load_pair(config: Config, features: Sequence[int], source: str):
+    """Model and SAE, with every SAE feature index checked before the model loads."""
+    from epo_tui.engine.pairing import load_model_with_sae
+
+    checks_sae = config.feature.kind in ("sae", "direction")
+    return load_model_with_sae(config, max(features) if checks_sae else None, source)
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    config = _feature_overrides(args, _search_overrides(args, config))
+    features = config.feature.features
+    out = Path(args.out) if args.out else _default_out("f" + "+".join(map(str, features)))
+    pair = _load_pair(config, features, "--feature" if args.feature else config.source)
+    from epo_tui.engine.runner import StopFlag, run_one
+
+    with StopFlag() as stop, _progress_reporter() as reporter:
+        result = run_one(pair, config, out, reporter, stop)
+    timings, best = result["timings"], max(result["elites"], key=lambda e: e["act"])
+    ran = f"{timings['iterations_run']}/{timings['iterations_requested']} iterations"
+    head = f"interrupted after {ran}" if timings["interrupted"] else f"ran {ran}"
+    print(f"{head} in {timings['total_s']:.1f} s; best act {best['act']:.3f} (xent {best['xent']:.3f}); "
+          f"results in {inert(str(out))}/ (result.json, report.md)")
+    return EXIT_INTERRUPTED if timings["interrupted"] else 0
+
+
+def cmd_batch(args: argparse.Namespace, config: Config) -> int:
+    from epo_tui.engine import distributed
+
+    config = _search_overrides(args, config)
+    if config.feature.kind == "vector":
+        raise UserError(f"{config.source}: feature.kind 'vector' has no feature indices to run a batch over")
+    if args.random is not None and args.random < 1:
+        raise UserError(f"--random: must be >= 1, found {args.random}")
+    spec = distributed.launch_spec(args.coordinator, args.num_processes, args.process_id, args.distributed)
+    if spec is not None and args.out is None:
+        raise UserError("--out: required with several processes (they all write into one folder)")
+    cluster = distributed.connect(spec)  # before anything else touches jax
+    from epo_tui.engine.runner import StopFlag, random_features, run_batch
+
+    started = time.perf_counter()
+    pair = _load_pair(config, args.features or [0], "--features")
+    if args.random is not None and args.random > pair.sae.d_sae:
+        raise UserError(f"--random: {args.random} features asked, the SAE has {pair.sae.d_sae}")
+    seed = config.search.seed
+    features = args.features or random_features(args.random, pair.sae.d_sae, seed)
+    out = Path(args.out) if args.out else _default_out(f"batch-{len(features)}")
+    with StopFlag() as stop, _progress_reporter() as reporter:
+        index = run_batch(pair, config, features, out, reporter, stop, cluster)
+    _print_batch_line(index, cluster, out, time.perf_counter() - started)
+    return EXIT_INTERRUPTED if index["interrupted"] else 0
+
+
+def _print_batch_line(index: dict, cluster, out: Path, seconds: float) -> None:
+    where = inert(str(out))
+    if not cluster.is_leader:
+        mine = [e["feature"] for e in index["features"] if e["process_id"] == cluster.process_id]
+        print(f"process {cluster.process_id}/{cluster.num_processes}: ran features "
+              f"{', '.join(map(str, sorted(mine))) or 'none'} in {where}/; process 0 writes the index")
+        return
+    done, asked = len(index["features"]), len(index["features_requested"])
+    head = f"interrupted: {done}/{asked} features" if index["interrupted"] else f"ran {done}/{asked} features"
+    best = index["features"][0] if index["features"] else None
+    top = f"; best feature {best['feature']} (act {best['act']:.3f})" if best else ""
+    print(f"{head} in {seconds:.1f} s{top}; index in {where}/index.md")
+
+
+def _progress_reporter():
+    """Live bars when stderr is a terminal, else a line now and then (logs stay readable)."""
+    return _ProgressBars() if sys.stderr.isatty() else _ProgressLines()
+
+
+class _Progress:
+    """What both progress displays track (implements epo_tui.engine.runner.Reporter)."""
+
+    def __init__(self):
+        self.label, self.total, self.seconds = "", 0, []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def batch_started(self, features: list[int]) -> None:
+        pass
+
+    def search_started(self, label: str, iterations: int) -> None:
+        self.label, self.total, self.seconds = label, iterations, []
+
+    def iteration_done(self, state, seconds: float) -> None:
+        self.seconds.append(seconds)
+
+    def search_finished(self, result: dict, folder: Path) -> None:
+        pass
+
+    def status(self, state) -> str:
+        later = self.seconds[1:] or self.seconds  # the first iteration compiles
+        rate = len(later) / sum(later) if sum(later) > 0 else 0.0
+        return f"{rate:.1f} it/s · best act {state.act_K.max():.3f} · best xent {state.xent_K.min():.3f}"
+
+
+class _ProgressLines(_Progress):
+    """Progress on stderr that is not a terminal: the first iteration, every tenth of the run, the last."""
+
+    def batch_started(self, features: list[int]) -> None:
+        print(f"epo-tui: batch: {len(features)} features here: {', '.join(map(str, features))}",
+              file=sys.stderr, flush=True)
+
+    def search_started(self, label: str, iterations: int) -> None:
+        super().search_started(label, iterations)
+        print(f"epo-tui: {label}: starting, {iterations} iterations", file=sys.stderr, flush=True)
+
+    def iteration_done(self, state, seconds: float) -> None:
+        super().iteration_done(state, seconds)
+        i, every = state.iteration, max(1, self.total // 10)
+        if i == 1 or i % every == 0 or i == self.total:
+            print(f"epo-tui: {self.label}: iteration {i}/{self.total} · {self.status(state)}",
+                  file=sys.stderr, flush=True)
+
+
+class _ProgressBars(_Progress):
+    """rich bars on stderr: features of a batch, and iterations of the current search."""
+
+    def __init__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        super().__init__()
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                             console=Console(file=sys.stderr), transient=True)
+        self.batch_task = self.task = None
+
+    def __enter__(self):
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bars.stop()
+
+    def batch_started(self, features: list[int]) -> None:
+        self.batch_task = self.bars.add_task("features", total=len(features), status="")
+
+    def search_started(self, label: str, iterations: int) -> None:
+        super().search_started(label, iterations)
+        if self.task is not None:
+            self.bars.remove_task(self.task)
+        self.task = self.bars.add_task(label, total=iterations, status="compiling…")
+
+    def iteration_done(self, state, seconds: float) -> None:
+        super().iteration_done(state, seconds)
+        self.bars.update(self.task, completed=state.iteration, status=self.status(state))
+
+    def search_finished(self, result: dict, folder: Path) -> None:
+        if self.batch_task is not None:
+            self.bars.advance(self.batch_task)
+
+
+def cmd_bench(args: argparse.Namespace, config: Config) -> int:
+    from epo_tui.engine.bench import print_report, run_bench
+
+    if args.iterations is not None and args.iterations < 1:
+        raise UserError(f"--iterations: must be >= 1, found {args.iterations}")
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    report = run_bench(model=args.model, config=config if args.model == "config" else None,
+                       iterations=args.iterations, dtype=args.dtype, warm=not args.no_warm_start,
+                       progress=progress)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_report(report)
+    return 0
+
+
+COMMANDS = {"score": cmd_score, "features": cmd_features, "run": cmd_run, "batch": cmd_batch, "bench": cmd_bench}

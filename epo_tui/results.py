@@ -1,0 +1,269 @@
+"""What a search leaves on disk: `result.json` (plain data) and `report.md` (readable on GitHub); for a
+batch, `index.json` and `index.md` over the features' folders.
+
+Plain Python (no jax), so the UI and other tools can read and write these files. Every piece of text
+that came from a tokenizer, a path or a model name goes through `md_text` before it enters markdown:
+`inert` first, then escapes, so a token can never add markup, links or HTML to a report.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from epo_tui.atomic import write_json_atomic, write_text_atomic
+from epo_tui.text import inert
+
+RESULT_VERSION = 1
+INDEX_VERSION = 1
+ELITE_KEYS = ("penalty", "token_ids", "tokens", "activations", "act", "xent")
+FEATURE_KEYS = ("kind", "indices", "combine", "lp_p", "lp_offset", "read", "hook")
+
+
+@dataclass
+class RunTimings:
+    """Wall-clock seconds of one search: set-up (Search + starting elites), then each iteration."""
+
+    iterations_requested: int
+    setup_s: float = 0.0
+    iteration_s: list[float] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def iterations_run(self) -> int:
+        return len(self.iteration_s)
+
+    def to_json(self) -> dict[str, Any]:
+        rest = self.iteration_s[1:]
+        return {
+            "total_s": self.setup_s + sum(self.iteration_s),
+            "setup_s": self.setup_s,
+            "first_iteration_s": self.iteration_s[0] if self.iteration_s else None,  # with compilation
+            "per_iteration_s": sum(rest) / len(rest) if rest else None,
+            "iterations_run": self.iterations_run,
+            "iterations_requested": self.iterations_requested,
+            "interrupted": self.interrupted,
+        }
+
+
+def build_result(*, config: dict, feature: dict, model: str, sae: dict, timings: RunTimings,
+                 frontier: list[dict], best_objective_history: list[float], elites: list[dict],
+                 process: dict | None = None) -> dict[str, Any]:
+    """The content of result.json (version 1)."""
+    missing = [k for k in FEATURE_KEYS if k not in feature] + [
+        f"elites[{i}].{k}" for i, elite in enumerate(elites) for k in ELITE_KEYS if k not in elite]
+    if missing:
+        raise ValueError(f"result is missing {', '.join(missing)}")
+    return {
+        "version": RESULT_VERSION,
+        "config": config,
+        "feature": {k: feature[k] for k in FEATURE_KEYS},
+        "model": model,
+        "sae": sae,
+        "timings": timings.to_json(),
+        "process": process or {"id": 0, "count": 1},
+        "frontier": frontier,
+        "best_objective_history": list(best_objective_history),
+        "elites": elites,
+    }
+
+
+def write_result(folder: Path, result: dict) -> None:
+    """result.json and report.md in `folder` (created), each written atomically."""
+    folder = Path(folder)
+    write_json_atomic(folder / "result.json", result)
+    write_text_atomic(folder / "report.md", render_report(result))
+
+
+def best_elite(result: dict) -> dict:
+    """The elite with the highest activation (first among ties)."""
+    return max(result["elites"], key=lambda elite: elite["act"])
+
+
+def summary(result: dict, folder: str) -> dict[str, Any]:
+    """One feature's line in a batch index: its best elite and where its files are."""
+    best = best_elite(result)
+    start = best.get("prompt_start", 0)
+    return {
+        "feature": result["feature"]["indices"][0],
+        "act": best["act"],
+        "xent": best["xent"],
+        "prompt": best.get("text", "".join(best["tokens"][start:])),
+        "token_ids": best["token_ids"][start:],
+        "iterations_run": result["timings"]["iterations_run"],
+        "interrupted": result["timings"]["interrupted"],
+        "process_id": result["process"]["id"],
+        "folder": folder,
+    }
+
+
+def build_index(summaries: list[dict], *, model: str, sae: dict, features_requested: list[int],
+                interrupted: bool, process: dict) -> dict[str, Any]:
+    """The content of index.json: one entry per feature that ran, best activation first."""
+    entries = sorted(summaries, key=lambda s: (-s["act"], s["feature"]))
+    done = {s["feature"] for s in summaries}
+    return {
+        "version": INDEX_VERSION,
+        "model": model,
+        "sae": sae,
+        "features_requested": list(features_requested),
+        "features_missing": [f for f in features_requested if f not in done],
+        "interrupted": interrupted,
+        "written_by": process,
+        "features": entries,
+    }
+
+
+def write_index(folder: Path, index: dict) -> None:
+    folder = Path(folder)
+    write_json_atomic(folder / "index.json", index)
+    write_text_atomic(folder / "index.md", render_index(index))
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
+
+
+_HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
+def md_text(text: str) -> str:
+    """Text shown literally in GitHub markdown (paragraphs and table cells): control characters as
+    visible escapes (`inert`), `& < >` as entities, every other ASCII punctuation backslash-escaped
+    (CommonMark allows that for all of them, and GFM tables honour `\\|`)."""
+    out = []
+    for char in inert(text):
+        if char in _HTML_ENTITIES:
+            out.append(_HTML_ENTITIES[char])
+        elif char in string.punctuation:
+            out.append("\\" + char)
+        else:
+            out.append(char)
+    # HTML collapses runs of spaces; keep them with no-break spaces after the first
+    return "".join(out).replace("  ", " \u00a0")
+
+
+def md_token(token: str) -> str:
+    """A token in a table cell: spaces shown as '␣' (a cell's edges are trimmed), empty as '∅'."""
+    return md_text(token).replace(" ", "␣").replace("\u00a0", "␣") or "∅"
+
+
+def marked_prompt(tokens: list[str], activations: list[float]) -> str:
+    """The tokens run together; each with activation > 0 in bold, followed by its value as a superscript.
+    HTML tags rather than `**`: emphasis delimiters next to punctuation do not always render."""
+    parts = []
+    for token, act in zip(tokens, activations):
+        text = md_text(token)
+        parts.append(f"<b>{text}</b><sup>{act:.2f}</sup>" if act > 0 and token.strip() else text)
+    return "".join(parts)
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _features_label(feature: dict) -> str:
+    indices = ", ".join(str(i) for i in feature["indices"])
+    if len(feature["indices"]) == 1:
+        return f"feature {indices}"
+    detail = f" (p={feature['lp_p']}, offset {feature['lp_offset']})" if feature["combine"] == "lp" else ""
+    return f"features {indices} combined by {feature['combine']}{detail}"
+
+
+def _timing_line(result: dict) -> str:
+    t = result["timings"]
+    search = result["config"]["search"]
+    ran = f"{t['iterations_run']} of {t['iterations_requested']} iterations"
+    head = f"Interrupted after {ran}" if t["interrupted"] else f"{ran.capitalize()}"
+    detail = f" in {t['total_s']:.1f} s"
+    if t["first_iteration_s"] is not None:
+        detail += f" (first iteration {t['first_iteration_s']:.2f} s with compilation"
+        detail += f", then {t['per_iteration_s']:.3f} s each)" if t["per_iteration_s"] is not None else ")"
+    return (f"{head}{detail}. Seed {search['seed']}; {search['elites']} elites × {search['candidates']} "
+            f"candidates; {search['prompt_tokens']} optimized tokens.")
+
+
+def render_report(result: dict) -> str:
+    """report.md: title, elites table, each elite's prompt marked by activation, the frontier."""
+    feature, sae = result["feature"], result["sae"]
+    lines = [
+        f"# EPO: {_features_label(feature)}",  # numbers and config choices only
+        "",
+        f"Model `{_code(result['model'])}` · SAE `{_code(sae['name'])}` at `{_code(sae['hook'])}` · "
+        f"target {md_text(feature['kind'])}, read at the {md_text(feature['read'])} token.",
+        "",
+        _timing_line(result),
+        "",
+        "## Elites",
+        "",
+        "| # | λ | act | xent | prompt |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for k, elite in enumerate(result["elites"], 1):
+        text = elite.get("text", "".join(elite["tokens"][elite.get("prompt_start", 0):]))
+        lines.append(f"| {k} | {elite['penalty']:.2f} | {_num(elite['act'])} | {_num(elite['xent'])} | "
+                     f"{md_text(text)} |")
+    for k, elite in enumerate(result["elites"], 1):
+        lines += _elite_section(k, elite)
+    lines += _frontier_section(result["frontier"])
+    return "\n".join(lines) + "\n"
+
+
+def _code(text: str) -> str:
+    """Text for inside a `code span`: no backticks can close it, nothing else is interpreted."""
+    return inert(str(text)).replace("`", "'")
+
+
+def _elite_section(k: int, elite: dict) -> list[str]:
+    start = elite.get("prompt_start", 0)
+    tokens, acts = elite["tokens"], elite["activations"]
+    lines = ["", f"### Elite {k}: λ = {elite['penalty']:.2f}, act {_num(elite['act'])}, "
+                 f"xent {_num(elite['xent'])}", "",
+             marked_prompt(tokens[start:], acts[start:]), "",
+             "<details><summary>Activation per token</summary>", ""]
+    per_feature = elite.get("feature_activations", {})
+    extra = "".join(f" act[{md_text(f)}] |" for f in per_feature)
+    lines += [f"| pos | token | id | act |{extra}", "|---:|---|---:|---:|" + "---:|" * len(per_feature)]
+    for pos, (token, token_id, act) in enumerate(zip(tokens, elite["token_ids"], acts)):
+        cells = "".join(f" {_num(values[pos])} |" for values in per_feature.values())
+        where = "" if pos >= start else " (prefix)"
+        lines.append(f"| {pos}{where} | {md_token(token)} | {token_id} | {_num(act)} |{cells}")
+    lines += ["", "</details>"]
+    return lines
+
+
+def _frontier_section(frontier: list[dict]) -> list[str]:
+    lines = ["", "## Frontier", "",
+             "Every distinct prompt seen that no other beats on both fluency (lower xent) and objective.", "",
+             "| xent | objective | act | prompt |", "|---:|---:|---:|---|"]
+    for point in frontier:
+        lines.append(f"| {_num(point['xent'])} | {_num(point['objective'])} | {_num(point['act'])} | "
+                     f"{md_text(point.get('text', ''))} |")
+    return lines
+
+
+def render_index(index: dict) -> str:
+    """index.md: one row per feature, best activation first, linking to its report."""
+    sae = index["sae"]
+    lines = [f"# EPO batch: {len(index['features'])} features",
+             "",
+             f"Model `{_code(index['model'])}` · SAE `{_code(sae['name'])}` at `{_code(sae['hook'])}`.",
+             ""]
+    if index["interrupted"] or index["features_missing"]:
+        missing = ", ".join(str(f) for f in index["features_missing"]) or "none"
+        lines += [f"Interrupted: features not run: {missing}.", ""]
+    lines += ["| feature | best act | xent | prompt | report |", "|---:|---:|---:|---|---|"]
+    for entry in index["features"]:
+        note = f" (stopped after {entry['iterations_run']} iterations)" if entry["interrupted"] else ""
+        link = f"[{md_text(entry['folder'])}]({_link(entry['folder'])}/report.md)"
+        lines.append(f"| {entry['feature']} | {_num(entry['act'])} | {_num(entry['xent'])} | "
+                     f"{md_text(entry['prompt'])}{md_text(note)} | {link} |")
+    return "\n".join(lines) + "\n"
+
+
+def _link(folder: str) -> str:
+    """A relative link target: our own folder names (feature-N), percent-encoded to be safe."""
+    return quote(folder)
