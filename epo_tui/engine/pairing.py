@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from epo_tui.config import Config
 from epo_tui.engine.model import LanguageModel, load_model
@@ -22,6 +24,14 @@ class ModelWithSAE:
 
     model: LanguageModel
     sae: SAEParams
+    _replicas: dict = field(default_factory=dict, repr=False)
+
+    def replicated(self, mesh: Mesh) -> tuple[dict, SAEParams]:
+        """(params, sae) copied once to every device of `mesh` (a batch reuses them per feature)."""
+        if mesh not in self._replicas:
+            everywhere = NamedSharding(mesh, PartitionSpec())
+            self._replicas[mesh] = jax.device_put((self.model.params, self.sae), everywhere)
+        return self._replicas[mesh]
 
     @property
     def trained_on_transformer_lens(self) -> bool:

@@ -164,8 +164,9 @@ def propose(key, tokens_KxN, grads_KxNxV, next_logits_KxNxV, banned_V, *, st: St
     children = jnp.where(resample_KxCxN, new_KxCxN, tokens_KxN[:, None, :]).astype(jnp.int32)
 
     do_swap_KxC = (jax.random.uniform(keys[6], (K, C)) < st.swap) & (N > 1)
-    i_KxC, shift_KxC = jax.random.randint(keys[7], (2, K, C), 0, max(N - 1, 1))
-    j_KxC = (i_KxC + 1 + shift_KxC) % N  # a position other than i
+    i_KxC = jax.random.randint(keys[7], (K, C), 0, N)
+    shift_KxC = jax.random.randint(jax.random.fold_in(keys[7], 1), (K, C), 0, max(N - 1, 1))
+    j_KxC = (i_KxC + 1 + shift_KxC) % N  # a uniform position other than i
     at_i = jnp.take_along_axis(children, i_KxC[..., None], axis=-1)
     at_j = jnp.take_along_axis(children, j_KxC[..., None], axis=-1)
     positions = jnp.arange(N)
@@ -230,8 +231,7 @@ class Search:
                             f"{len(self.prefix_ids)}-token prefix exceed the model's {model.cfg.max_positions}")
         self.banned_V = self._banned_tokens(search.banned_tokens)
         replicate = NamedSharding(self.mesh, PartitionSpec())
-        self.params = jax.device_put(model.params, replicate)
-        self.sae = jax.device_put(pair.sae, replicate)
+        self.params, self.sae = pair.replicated(self.mesh)
         logits_1xPxV, _, kv = model.prefill(self.prefix_ids)
         self.prefix = jax.device_put(Prefix(kv=kv, next_logits_V=logits_1xPxV[0, -1]), replicate)
         self._evaluate = _evaluator(self.st, self.mesh)
@@ -258,6 +258,7 @@ class Search:
         search = self.config.search
         K, N = search.elites, search.prompt_tokens
         key = jax.random.key(search.seed)
+        setup_key, steps_key = jax.random.split(key)  # set-up sampling never reuses a step's key
         start = np.zeros((K, N), np.int32)
         n_start = 0
         if seed_text:
@@ -266,7 +267,7 @@ class Search:
             start[:, :n_start] = seed_ids
         tokens, valid = start.copy(), np.zeros(K, bool)
         for attempt in range(50):
-            sampled = np.asarray(_sample_continuations(self.params, self.prefix, jax.random.fold_in(key, attempt),
+            sampled = np.asarray(_sample_continuations(self.params, self.prefix, jax.random.fold_in(setup_key, attempt),
                                                        jnp.asarray(start), n_start, self.banned_V, st=self.st))
             newly = ~valid & np.array([self.is_valid(row) for row in sampled])
             tokens[newly], valid = sampled[newly], valid | newly
@@ -277,7 +278,7 @@ class Search:
                             "try another search.seed or a seed prompt")
         objective, act, xent = self.evaluate(tokens)
         state = SearchState(iteration=0, tokens_KxN=tokens, objective_K=objective, act_K=act, xent_K=xent,
-                            key=np.asarray(jax.random.key_data(key)))
+                            key=np.asarray(jax.random.key_data(steps_key)))
         state.frontier = state.frontier.merged(xent, objective, act, tokens)
         return state
 
