@@ -1,0 +1,755 @@
+"""How fast the EPO loop runs, and how close to the machine's matmul peak (`epo-tui bench`).
+
+Setups: `gpt2-small` (GPT-2 small's shapes, 12x768, V=50257, with random weights built here, the tiny
+helper's tokenizer with every embedding row past its vocabulary banned, and a random sae-lens SAE of
+24576 latents on blocks.8.hook_resid_pre; default search sizes), `tiny` (the tiny helper model with its
+own config), or `config` (the model and SAE of --config). Nothing is downloaded; what is built is kept
+under `<cache>/bench/`.
+
+Per setup: seconds per iteration in each step (Search.step's Timings), the first iteration (which
+compiles) apart, candidates/s and tokens/s; FLOPs per iteration from XLA's cost analysis of the
+compiled steps and from an analytic count; achieved FLOP/s and MFU against a matmul peak measured in
+the same run on the same devices; two structural checks (the fixed prefix is not recomputed by the
+evaluation; the gradient pass computes no weight gradients). For the tiny model, the time from a
+fresh process to its first finished iteration, with an empty and with a filled compilation cache.
+
+    python -m epo_tui.engine.bench first-iteration CONFIG SPAWN_TIME   (internal: the warm-start child)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+MODELS = ("gpt2-small", "tiny", "config")
+DEFAULT_ITERATIONS = {"gpt2-small": 3, "tiny": 20, "config": 5}
+GPT2_SMALL = dict(n_layers=12, d_model=768, n_heads=12, d_mlp=3072, vocab_size=50257, max_positions=1024,
+                  layer_norm_eps=1e-5)
+GPT2_SMALL_SAE = dict(d_sae=24576, hook_name="blocks.8.hook_resid_pre")
+# starting prompts for models with random weights (sampling them rarely re-tokenizes to itself)
+SEED_TEXT = ("The quick brown fox jumps over the lazy dog. Hello world, this is a tiny model. "
+             "Legalization of cannabis was debated; officials refused to comment on the new law.")
+GOALS = {"mfu": 0.5, "warm_start_s": 3.0}
+PEAK_SIZES = (1024, 2048, 4096)
+WARM_RUNS = 2  # warm processes after the cold one; the best counts
+PREFIX_CHECK_EXTRA = 32  # prefix positions added to see what the evaluation's cost grows by
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Setups
+
+
+@dataclass
+class Setup:
+    name: str
+    description: str
+    pair: Any  # ModelWithSAE
+    config: Any  # Config
+    seed_text: str | None  # start the elites from this text instead of sampling them
+    load_s: float
+
+
+def bench_folder() -> Path:
+    from epo_tui import paths
+
+    return paths.cache_dir() / "bench"
+
+
+def tiny_config_path(folder: Path | None = None) -> Path:
+    """The tiny helper's model, SAE and config.toml, written once under `<cache>/bench/tiny`."""
+    from epo_tui.engine.tiny import main as write_tiny
+
+    folder = folder or bench_folder() / "tiny"
+    config = folder / "config.toml"
+    if not config.is_file():  # quietly: --json prints only the report, progress goes to stderr
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            write_tiny([str(folder)])
+    return config
+
+
+def gpt2_small_setup(dtype: str = "float32", seed: int = 0) -> tuple[Any, str]:
+    """(ModelWithSAE, description): GPT-2 small's shapes, random weights, a random 24576-latent SAE."""
+    import jax
+    from transformers import AutoTokenizer
+
+    from epo_tui.config import SAEConfig
+    from epo_tui.engine.model import DTYPES, LanguageModel
+    from epo_tui.engine.models.gpt2 import GPT2Config
+    from epo_tui.engine.pairing import ModelWithSAE
+    from epo_tui.engine.sae import load_sae
+    from epo_tui.engine.sae_writer import write_random_sae
+    from epo_tui.engine.tiny import write_tokenizer
+
+    folder = bench_folder() / "gpt2-small-shapes"
+    tokenizer_dir, sae_dir = folder / "tokenizer", folder / "sae"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        write_tokenizer(tokenizer_dir, "gpt2")
+    if not (sae_dir / "cfg.json").is_file():  # written aside, then renamed: never half an SAE
+        staging = Path(tempfile.mkdtemp(dir=folder, prefix=".sae-"))
+        write_random_sae(staging, d_in=GPT2_SMALL["d_model"], seed=seed, model_name="gpt2-small-shapes",
+                         **GPT2_SMALL_SAE)
+        try:
+            os.replace(staging, sae_dir)
+        except OSError:  # another bench wrote it meanwhile
+            shutil.rmtree(staging, ignore_errors=True)
+    cfg = GPT2Config(**GPT2_SMALL)
+    params = jax.tree.map(lambda a: a.astype(DTYPES[dtype]), random_gpt2_params(cfg, seed))
+    jax.block_until_ready(params)
+    model = LanguageModel(name="gpt2-small shapes (random weights)", model_type="gpt2", cfg=cfg, params=params,
+                          tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir), dtype=dtype)
+    sae = load_sae(SAEConfig(release=None, id=None, path=str(sae_dir)))
+    description = (f"GPT-2 small shapes, random weights ({dtype}): {cfg.n_layers} layers, d_model "
+                   f"{cfg.d_model}, V {cfg.vocab_size} ({len(model.tokenizer)} proposable); random SAE "
+                   f"{sae.d_sae} latents on {sae.hook_name}")
+    return ModelWithSAE(model=model, sae=sae), description
+
+
+def random_gpt2_params(cfg, seed: int = 0) -> dict:
+    """Our GPT-2 pytree (as gpt2.params_from_checkpoint builds it) with GPT-2's initialization
+    (normal, std 0.02), drawn with numpy (quicker than compiling JAX's PRNG for 124M numbers)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    D, F, V = cfg.d_model, cfg.d_mlp, cfg.vocab_size
+
+    def normal(*shape, std=0.02):
+        return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
+
+    def ones(n):
+        return jnp.ones(n, jnp.float32)
+
+    def zeros(n):
+        return jnp.zeros(n, jnp.float32)
+
+    blocks = [{
+        "ln1_g": ones(D), "ln1_b": zeros(D),
+        "w_qkv_Dx3HK": normal(D, 3 * D), "b_qkv": zeros(3 * D),
+        "w_o_HKxD": normal(D, D), "b_o": zeros(D),
+        "ln2_g": ones(D), "ln2_b": zeros(D),
+        "w_in_DxF": normal(D, F), "b_in": zeros(F),
+        "w_out_FxD": normal(F, D), "b_out": zeros(D),
+    } for _ in range(cfg.n_layers)]
+    return {"wte_VxD": normal(V, D), "wpe_PxD": normal(cfg.max_positions, D, std=0.01),
+            "lnf_g": ones(D), "lnf_b": zeros(D), "blocks": blocks}
+
+
+def make_setup(model: str, config=None, dtype: str = "float32") -> Setup:
+    """The model, SAE and search sizes a setup benchmarks."""
+    from epo_tui.config import Config, SearchConfig, load_config
+    from epo_tui.engine.pairing import load_model_with_sae
+
+    t0 = time.perf_counter()
+    if model == "gpt2-small":
+        pair, description = gpt2_small_setup(dtype)
+        config = Config(search=SearchConfig(), source="bench")  # default sizes, feature 234
+        return Setup(model, description, pair, config, SEED_TEXT, time.perf_counter() - t0)
+    if model == "tiny":
+        config = load_config(str(tiny_config_path()))
+        pair = load_model_with_sae(config)
+        return Setup(model, f"the tiny helper model ({config.source})", pair, config, None, time.perf_counter() - t0)
+    if config is None:
+        config = load_config(None)
+    pair = load_model_with_sae(config)
+    return Setup(model, f"{pair.model.name} with {pair.sae.display_name} ({config.source})", pair, config, None,
+                 time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The matmul peak of this machine's devices
+
+
+def _best_matmul(mesh, n: int, dtype, repeats: int) -> tuple[float, float]:
+    """(seconds, CPU-seconds), each the best of `repeats`, of (devices*n x n) @ (n x n) on the mesh;
+    float32 accumulation and output whatever the input dtype."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    a = jax.device_put(jax.random.normal(jax.random.key(0), (mesh.size * n, n), dtype),
+                       NamedSharding(mesh, PartitionSpec("data")))
+    b = jax.device_put(jax.random.normal(jax.random.key(1), (n, n), dtype), NamedSharding(mesh, PartitionSpec()))
+    matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    matmul(a, b).block_until_ready()
+    best, best_cpu = math.inf, math.inf
+    for _ in range(repeats):
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        matmul(a, b).block_until_ready()
+        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - cpu0)
+    return best, best_cpu
+
+
+def measure_peak(sizes: tuple[int, ...] = PEAK_SIZES, repeats: int = 5, max_single_s: float = 2.0) -> dict:
+    """Best float32 FLOP/s of an n x n @ n x n matmul on every local device at once (after a warm-up,
+    best of `repeats`), over `sizes` (stopping early when one product takes over `max_single_s`);
+    and, at the best size, a bfloat16 one with float32 accumulation (the peak of bfloat16 models).
+
+    Also FLOPs per CPU-second of this process (all its threads): on a machine shared with other
+    work, wall-clock rates drop with the neighbours' load while per-CPU-second rates barely move, so
+    `mfu.*_cpu_time` compares the loop and the matmul by the CPU time each was actually given.
+    """
+    import jax.numpy as jnp
+
+    from epo_tui.engine.search import local_mesh
+
+    mesh = local_mesh()
+    per_size, per_cpu = {}, {}
+    for n in sizes:
+        best, best_cpu = _best_matmul(mesh, n, jnp.float32, repeats)
+        flops = 2 * mesh.size * n**3
+        per_size[n], per_cpu[n] = flops / best, flops / best_cpu
+        if best > max_single_s:
+            break
+    size = max(per_size, key=per_size.get)
+    bf16, bf16_cpu = _best_matmul(mesh, size, jnp.bfloat16, repeats)
+    return {"flops_per_s": per_size[size], "size": size, "dtype": "float32", "devices": mesh.size,
+            "repeats": repeats, "per_size_flops_per_s": {str(k): v for k, v in per_size.items()},
+            "flops_per_cpu_s": max(per_cpu.values()),
+            "bfloat16_flops_per_s": 2 * mesh.size * size**3 / bf16,
+            "bfloat16_flops_per_cpu_s": 2 * mesh.size * size**3 / bf16_cpu}
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs: XLA's count and ours
+
+
+def _xla_flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per module
+        return float(sum(a.get("flops", 0.0) for a in analysis))
+    return float(analysis.get("flops", 0.0)) if analysis else 0.0
+
+
+def _step_inputs(search, state):
+    """The arguments Search.step passes to the jitted steps (same shapes and shardings)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    K, N = state.tokens_KxN.shape
+    tokens = jnp.asarray(state.tokens_KxN)
+    key = jax.random.wrap_key_data(jnp.asarray(state.key))
+    B = K * search.st.children
+    B_padded = B + (-B) % search.mesh.size
+    children = jax.device_put(jnp.asarray(np.resize(state.tokens_KxN, (B_padded, N)), jnp.int32),
+                              NamedSharding(search.mesh, PartitionSpec("data")))
+    return tokens, key, children
+
+
+def _one_chunk_scorer(st):
+    import jax
+
+    from epo_tui.engine import search as search_module
+
+    return jax.jit(lambda params, sae, arrays, prefix, tokens: search_module._score(
+        params, sae, arrays, prefix, tokens, st)[:3])
+
+
+def xla_flops(search, state) -> dict:
+    """FLOPs per iteration by XLA's cost analysis of the compiled steps (already compiled by the first
+    iteration, so this only looks them up).
+
+    XLA counts a while loop's body once: the evaluation's lax.map over EVAL_CHUNK-sized chunks is
+    therefore counted as one chunk (`evaluation_loop_body_once`); `evaluation` is one chunk's compiled
+    cost times the chunks per device times the devices.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    from epo_tui.engine import search as search_module
+
+    st = search.st
+    tokens, key, children = _step_inputs(search, state)
+    lambdas = jnp.asarray(search.lambdas_K)
+    grads_compiled = search_module.gradients.lower(search.params, search.sae, search.arrays, search.prefix, tokens,
+                                                   lambdas, st=st).compile()
+    grads, next_logits = search_module.gradients(search.params, search.sae, search.arrays, search.prefix, tokens,
+                                                 lambdas, st=st)
+    propose_compiled = search_module.propose.lower(key, tokens, grads, next_logits, search.banned_V, st=st).compile()
+    evaluate_compiled = search._evaluate.lower(search.params, search.sae, search.arrays, search.prefix,
+                                               children).compile()
+    n_dev = search.mesh.size
+    b_local = children.shape[0] // n_dev
+    chunk = min(search_module.EVAL_CHUNK, b_local)
+    n_chunks = math.ceil(b_local / chunk)
+    chunk_tokens = jnp.asarray(np.resize(state.tokens_KxN, (chunk, st.prompt_tokens)), jnp.int32)  # one device
+    one_chunk = _one_chunk_scorer(st).lower(search.params, search.sae, search.arrays, search.prefix,
+                                            chunk_tokens).compile()
+    per_chunk = _xla_flops(one_chunk)
+    out = {
+        "gradients": _xla_flops(grads_compiled),
+        "proposals": _xla_flops(propose_compiled),
+        "evaluation": per_chunk * n_chunks * n_dev,
+        "evaluation_loop_body_once": _xla_flops(evaluate_compiled),
+        "evaluation_chunk": chunk,
+        "evaluation_chunks_per_device": n_chunks,
+        "devices": n_dev,
+    }
+    out["total"] = out["gradients"] + out["proposals"] + out["evaluation"]
+    return out
+
+
+def _matmul_params_per_layer(block: dict) -> int:
+    return sum(int(math.prod(a.shape)) for a in block.values() if getattr(a, "ndim", 0) >= 2)
+
+
+def analytic_flops(search) -> dict:
+    """FLOPs per iteration counted from the shapes (multiply-adds x 2), as the code computes them:
+
+    forward per row of N optimized tokens after P prefix positions:
+      2 N * (matmul weights of all blocks)                       -- the linear layers
+      + layers * 2 * 2 N (P + N) * heads * head_dim              -- scores and mixing, full N x (P + N)
+      + 2 N D V                                                  -- the unembedding (all N positions)
+      + 2 N D * SAE columns                                      -- the target (1 column, all for TopK)
+      + 2 N V D for a one-hot input                              -- the gradient pass's embedding
+    gradient pass = forward + activation gradients (the same matmuls again, attention twice):
+    no weight gradients. `gradients_if_weight_grads` adds them, for comparison.
+    """
+    st, model, sae = search.st, search.pair.model, search.pair.sae
+    cfg = model.cfg
+    K, C, N = st.elites, st.children, st.prompt_tokens
+    P = len(search.prefix_ids)
+    D, V = cfg.d_model, cfg.vocab_size
+    width = cfg.n_heads * getattr(cfg, "head_dim", D // cfg.n_heads)
+    blocks = model.params["blocks"]
+    linear = 2 * N * sum(_matmul_params_per_layer(b) for b in blocks)
+    attention = len(blocks) * 2 * 2 * N * (P + N) * width
+    unembed = 2 * N * D * V
+    sae_columns = sae.d_sae if (st.target.kind == "sae" and sae.architecture == "topk") else st.target.n_features
+    target = 2 * N * D * sae_columns if st.target.kind in ("sae", "direction", "vector") else 0
+    onehot = 2 * N * V * D
+    forward_ids = linear + attention + unembed + target
+    forward_onehot = forward_ids + onehot
+    backward = linear + 2 * attention + unembed + target + onehot
+    weight_grads = linear + unembed + onehot
+    out = {
+        "gradients": K * (forward_onehot + backward),
+        "gradients_if_weight_grads": K * (forward_onehot + backward + weight_grads),
+        "proposals": 0.0,
+        "evaluation": K * C * forward_ids,
+        "per_row": {"linear": linear, "attention": attention, "unembedding": unembed, "target": target,
+                    "onehot_embedding": onehot},
+        "gradient_rows": K,
+        "evaluation_rows": K * C,
+        "model_params": int(sum(int(math.prod(a.shape)) for a in _leaves(model.params))),
+    }
+    out["total"] = out["gradients"] + out["evaluation"]
+    return out
+
+
+def _leaves(tree) -> list:
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# Structural checks
+
+
+def prefix_check(search) -> dict:
+    """The evaluation attends to the fixed prefix's cached keys/values instead of recomputing it.
+
+    One evaluation chunk is costed (XLA, lowered) after the real prefix and after a prefix longer by
+    PREFIX_CHECK_EXTRA positions. Recomputing the prefix would add about extra x (the cost of one
+    token) per row; attending to cached keys/values adds only the attention terms.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    from epo_tui.engine import search as search_module
+
+    model, st = search.pair.model, search.st
+    ids = list(search.prefix_ids)
+    extra = min(PREFIX_CHECK_EXTRA, model.cfg.max_positions - len(ids) - st.prompt_tokens)
+    if extra <= 0:
+        return {"checked": False, "reason": "no room for a longer prefix"}
+    filler = int(np.flatnonzero(~np.asarray(search.banned_V))[0])
+    longer_ids = ids + [filler] * extra
+    logits, _, kv = model.prefill(longer_ids)
+    longer = search_module.Prefix(kv=kv, next_logits_V=logits[0, -1])
+    chunk = min(search_module.EVAL_CHUNK, st.elites * st.children)
+    tokens = jnp.zeros((chunk, st.prompt_tokens), jnp.int32) + filler
+    scorer = _one_chunk_scorer(st)
+
+    def cost(prefix) -> float:
+        analysis = scorer.lower(search.params, search.sae, search.arrays, prefix, tokens).cost_analysis()
+        return float(analysis["flops"]) if analysis else float("nan")
+
+    base, grown = cost(search.prefix), cost(longer)
+    per_token = base / (chunk * st.prompt_tokens)
+    cfg = model.cfg
+    width = cfg.n_heads * getattr(cfg, "head_dim", cfg.d_model // cfg.n_heads)
+    attention_only = cfg.n_layers * 2 * 2 * st.prompt_tokens * extra * width * chunk
+    if_recomputed = chunk * extra * per_token
+    added = grown - base
+    return {
+        "checked": True,
+        "prefix_tokens": len(ids),
+        "extra_prefix_tokens": extra,
+        "added_flops": added,
+        "added_if_attention_only": attention_only,
+        "added_if_prefix_recomputed": if_recomputed,
+        "added_over_recomputed": added / if_recomputed,
+        "prefix_computed_once": bool(added < 0.25 * if_recomputed),
+    }
+
+
+def gradient_check(xla: dict, analytic: dict) -> dict:
+    """The gradient pass's XLA count against the activation-gradient-only count and the one with
+    weight gradients: closer to the first means no weight gradients are computed."""
+    measured = xla["gradients"]
+    lean, wasteful = analytic["gradients"], analytic["gradients_if_weight_grads"]
+    return {
+        "xla_flops": measured,
+        "analytic_activation_grads_only": lean,
+        "analytic_with_weight_grads": wasteful,
+        "xla_over_activation_only": measured / lean if lean else float("nan"),
+        "no_weight_gradients": bool(abs(measured - lean) < abs(measured - wasteful)),
+        # the one-hot embedding matmul, forward and backward: the forward one is a gather's job
+        "onehot_embedding_share": 2 * analytic["gradient_rows"] * analytic["per_row"]["onehot_embedding"] / lean
+        if lean else float("nan"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# One setup
+
+
+def bench_setup(setup: Setup, iterations: int, progress: Progress = _quiet) -> dict:
+    """Runs `iterations` EPO iterations (the first compiles) and measures everything per iteration.
+    Rates against the peak are added by `with_rates`."""
+    import jax
+
+    from epo_tui.engine.search import Search
+
+    config = replace(setup.config, search=replace(setup.config.search, iterations=iterations))
+    t0 = time.perf_counter()
+    search = Search(setup.pair, config)
+    t1 = time.perf_counter()
+    progress(f"[{setup.name}] starting prompts")
+    state = search.initial_state(setup.seed_text)
+    t2 = time.perf_counter()
+    st = search.st
+    K, C, N = st.elites, st.children, st.prompt_tokens
+
+    per_iteration, last_print = [], 0.0
+    for i in range(iterations):
+        start, cpu = time.perf_counter(), time.process_time()
+        state, timings = search.step(state)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        per_iteration.append({"gradients": timings.gradients, "proposals": timings.proposals,
+                              "evaluation": timings.evaluation, "selection": timings.selection,
+                              "total": timings.total, "wall": wall, "cpu": cpu})
+        if i in (0, iterations - 1) or time.perf_counter() - last_print > 2.0:  # not one line per ms
+            last_print = time.perf_counter()
+            progress(f"[{setup.name}] iteration {i + 1}/{iterations}: {wall:.2f} s (gradients "
+                     f"{timings.gradients:.2f}, proposals {timings.proposals:.2f}, evaluation "
+                     f"{timings.evaluation:.2f}, selection {timings.selection:.2f})"
+                     + (" (compiles)" if i == 0 else ""))
+
+    progress(f"[{setup.name}] FLOP counts")
+    xla = xla_flops(search, state)
+    analytic = analytic_flops(search)
+    steady = per_iteration[1:] or per_iteration
+    mean = {k: statistics.fmean(r[k] for r in steady) for k in per_iteration[0]}
+    model, sae = setup.pair.model, setup.pair.sae
+    return {
+        "name": setup.name,
+        "description": setup.description,
+        "model": {"type": model.model_type, "layers": model.cfg.n_layers, "d_model": model.cfg.d_model,
+                  "vocab": model.vocab_size, "proposable_tokens": int((~_np(search.banned_V)).sum()),
+                  "params": analytic["model_params"], "dtype": model.dtype},
+        "sae": {"d_sae": sae.d_sae, "hook": sae.hook_name, "architecture": sae.architecture},
+        "search": {"elites": K, "candidates": C, "prompt_tokens": N, "topk": st.topk,
+                   "prefix_tokens": len(search.prefix_ids), "batch": K * C, "devices": search.mesh.size,
+                   "eval_chunk": xla["evaluation_chunk"]},
+        "iterations": iterations,
+        "load_s": setup.load_s,
+        "search_init_s": t1 - t0,
+        "initial_state_s": t2 - t1,
+        "first_iteration_s": per_iteration[0]["total"],
+        "time_to_first_iteration_s": setup.load_s + (t2 - t0) + per_iteration[0]["wall"],
+        "per_iteration": per_iteration,
+        "steady_iterations": len(steady),
+        "mean_s": mean,
+        "best_total_s": min(r["total"] for r in steady),
+        "median_total_s": statistics.median(r["total"] for r in steady),
+        "candidates_per_s": K * C / mean["total"],
+        "tokens_per_s": K * C * N / mean["total"],
+        "flops_per_iteration": {"xla": xla, "analytic": analytic},
+        "checks": {"prefix": prefix_check(search), "gradients": gradient_check(xla, analytic)},
+        "jax": {"version": jax.__version__, "backend": jax.default_backend()},
+    }
+
+
+def with_rates(result: dict, peak: dict) -> dict:
+    """Adds achieved FLOP/s (mean over the steady iterations) and MFU = FLOP/s / measured peak (the
+    float32 one, or the bfloat16 one for bfloat16 weights); and the same by CPU time (iteration FLOPs
+    per CPU-second / matmul FLOPs per CPU-second)."""
+    xla, analytic = result["flops_per_iteration"]["xla"], result["flops_per_iteration"]["analytic"]
+    mean = result["mean_s"]
+
+    def rate(flops: float, seconds: float) -> float:
+        return flops / seconds if seconds > 0 else 0.0
+
+    achieved = {
+        "iteration_xla": rate(xla["total"], mean["total"]),
+        "iteration_analytic": rate(analytic["total"], mean["total"]),
+        "iteration_xla_best": rate(xla["total"], result["best_total_s"]),
+        "gradients_xla": rate(xla["gradients"], mean["gradients"]),
+        "evaluation_xla": rate(xla["evaluation"], mean["evaluation"]),
+        "evaluation_analytic": rate(analytic["evaluation"], mean["evaluation"]),
+    }
+    prefix = "bfloat16_" if result["model"]["dtype"] == "bfloat16" else ""  # bfloat16 weights: its peak
+    peak_flops, peak_per_cpu = peak[f"{prefix}flops_per_s"], peak[f"{prefix}flops_per_cpu_s"]
+    mfu = {name: value / peak_flops for name, value in achieved.items()}
+    mfu["iteration_xla_cpu_time"] = rate(xla["total"], mean["cpu"]) / peak_per_cpu
+    return {**result, "peak_flops_per_s": peak_flops, "flops_per_s": achieved, "mfu": mfu}
+
+
+def _np(array):
+    import numpy as np
+
+    return np.asarray(array)
+
+
+# ----------------------------------------------------------------------------------------------
+# Warm start: a fresh process to its first finished iteration, cold and warm compilation cache
+
+
+def first_iteration_child(config_path: str, spawn_time: float) -> dict:
+    """What a run does up to its first iteration, timed from the parent's spawn (wall clock)."""
+    marks = {"interpreter": time.time()}
+    import jax  # noqa: F401 - timed on its own
+
+    marks["import_jax"] = time.time()
+    from epo_tui.config import load_config
+    from epo_tui.engine.compile_cache import enable_compile_cache
+    from epo_tui.engine.pairing import load_model_with_sae
+    from epo_tui.engine.search import Search
+
+    marks["import_engine"] = time.time()
+    cache = enable_compile_cache()
+    config = load_config(config_path)
+    pair = load_model_with_sae(config)
+    marks["load_model_and_sae"] = time.time()
+    search = Search(pair, config)
+    marks["search_init"] = time.time()
+    state = search.initial_state()
+    marks["initial_state"] = time.time()
+    search.step(state)
+    marks["first_iteration"] = time.time()
+    phases, previous = {}, spawn_time
+    for name, at in marks.items():
+        phases[name] = at - previous
+        previous = at
+    return {"to_first_iteration_s": marks["first_iteration"] - spawn_time, "phases_s": phases,
+            "compile_cache": str(cache) if cache else None}
+
+
+def _spawn_first_iteration(config_path: Path, cache: str) -> dict:
+    env = {**os.environ, "EPO_TUI_JAX_CACHE": cache}
+    spawn = time.time()
+    done = subprocess.run([sys.executable, "-m", "epo_tui.engine.bench", "first-iteration", str(config_path),
+                           repr(spawn)], env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"the warm-start child failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def warm_start(config_path: Path, warm_runs: int = 2, progress: Progress = _quiet) -> dict:
+    """Fresh process -> first finished iteration: once with an empty compilation cache folder (cold),
+    then `warm_runs` times with it filled (warm, best reported)."""
+    with tempfile.TemporaryDirectory(prefix="epo-bench-jax-") as cache:
+        progress("[warm start] cold process (empty compilation cache)")
+        cold = _spawn_first_iteration(config_path, cache)
+        warm = []
+        for i in range(warm_runs):
+            progress(f"[warm start] warm process {i + 1}/{warm_runs}")
+            warm.append(_spawn_first_iteration(config_path, cache))
+    best = min(warm, key=lambda r: r["to_first_iteration_s"])
+    return {"model": "tiny", "config": str(config_path), "cold_s": cold["to_first_iteration_s"],
+            "warm_s": best["to_first_iteration_s"], "warm_runs_s": [r["to_first_iteration_s"] for r in warm],
+            "cold_phases_s": cold["phases_s"], "warm_phases_s": best["phases_s"],
+            "goal_s": GOALS["warm_start_s"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole benchmark
+
+
+def machine() -> dict:
+    import jax
+
+    devices = jax.local_devices()
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "backend": jax.default_backend(), "devices": len(devices),
+            "device_kind": devices[0].device_kind, "jax": jax.__version__,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "compile_cache": jax.config.values.get("jax_compilation_cache_dir")}
+
+
+def goals(report: dict) -> list[dict]:
+    """The targets the loop is measured against (reported, not asserted)."""
+    out = []
+    for setup in report["setups"]:
+        if setup["name"] == "gpt2-small":
+            mfu = setup["mfu"]["iteration_xla"]
+            out.append({"goal": "search loop >= 50% MFU on GPT-2 small shapes, default sizes",
+                        "target": GOALS["mfu"], "measured": mfu, "met": mfu >= GOALS["mfu"]})
+        prefix = setup["checks"]["prefix"]
+        if prefix.get("checked"):
+            out.append({"goal": f"[{setup['name']}] fixed prefix computed once (evaluation cost grows by "
+                                "attention only)", "target": "< 0.25", "measured": prefix["added_over_recomputed"],
+                        "met": prefix["prefix_computed_once"]})
+        grads = setup["checks"]["gradients"]
+        out.append({"goal": f"[{setup['name']}] gradient pass computes no weight gradients",
+                    "target": "xla/activation-only ~ 1", "measured": grads["xla_over_activation_only"],
+                    "met": grads["no_weight_gradients"]})
+    if report.get("warm_start"):
+        ws = report["warm_start"]
+        out.append({"goal": "warm start to first finished iteration (tiny)", "target": ws["goal_s"],
+                    "measured": ws["warm_s"], "met": ws["warm_s"] <= ws["goal_s"]})
+    return out
+
+
+def run_bench(model: str | None = None, config=None, iterations: int | None = None, dtype: str = "float32",
+              warm: bool = True, progress: Progress = _quiet) -> dict:
+    """The benchmark as one JSON-able dict. `model` None: gpt2-small then tiny (and the warm start).
+
+    The matmul peak is measured before and after the setups and the larger is used: on a shared
+    machine a neighbour's load lowers one of them.
+    """
+    models = [model] if model else ["gpt2-small", "tiny"]
+    report: dict[str, Any] = {"machine": machine()}
+    progress(f"measuring the matmul peak ({report['machine']['devices']} device(s))")
+    before = measure_peak(PEAK_SIZES)
+    progress(f"peak {before['flops_per_s'] / 1e9:.0f} GFLOP/s (float32, n={before['size']})")
+    setups = []
+    for name in models:
+        progress(f"[{name}] loading")
+        setup = make_setup(name, config=config, dtype=dtype)
+        setups.append(bench_setup(setup, max(iterations or DEFAULT_ITERATIONS[name], 1), progress))
+    progress("measuring the matmul peak again")
+    after = measure_peak(PEAK_SIZES)
+    report["peak"] = {**max(before, after, key=lambda p: p["flops_per_s"]),
+                      "before_flops_per_s": before["flops_per_s"], "after_flops_per_s": after["flops_per_s"]}
+    for key in ("flops_per_cpu_s", "bfloat16_flops_per_s", "bfloat16_flops_per_cpu_s"):
+        report["peak"][key] = max(before[key], after[key])
+    report["setups"] = [with_rates(s, report["peak"]) for s in setups]
+    report["warm_start"] = None
+    if warm and "tiny" in models:
+        report["warm_start"] = warm_start(tiny_config_path(), WARM_RUNS, progress=progress)
+    report["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    report["goals"] = goals(report)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Human output
+
+
+def _si(value: float, unit: str = "") -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {prefix}{unit}"
+    return f"{value:.2f} {unit}".rstrip()
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    m, peak = report["machine"], report["peak"]
+    load = ""
+    if m.get("load_average") and m.get("load_average_end"):  # other work on the machine skews wall clocks
+        load = f"; load average {m['load_average'][0]:.1f} at start, {m['load_average_end'][0]:.1f} at end"
+    console.print(f"{m['backend']} x{m['devices']} ({m['processor']}, {m['cpu_count']} cores), jax {m['jax']}; "
+                  f"measured matmul peak {_si(peak['flops_per_s'], 'FLOP/s')} float32, "
+                  f"{_si(peak['bfloat16_flops_per_s'], 'FLOP/s')} bfloat16 ({peak['size']}^3, best of "
+                  f"{peak['repeats']}){load}")
+    setups = report["setups"]
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("")
+    for setup in setups:
+        table.add_column(setup["name"], justify="right")
+
+    def row(label: str, cell: Callable[[dict], str]) -> None:
+        table.add_row(label, *(cell(s) for s in setups))
+
+    row("model", lambda s: f"{s['model']['layers']}x{s['model']['d_model']}, V {s['model']['vocab']}")
+    row("elites x candidates x tokens", lambda s: f"{s['search']['elites']} x {s['search']['candidates']} x "
+        f"{s['search']['prompt_tokens']}")
+    row("iterations (steady)", lambda s: f"{s['iterations']} ({s['steady_iterations']})")
+    row("first iteration (compiles)", lambda s: f"{s['first_iteration_s']:.2f} s")
+    row("load + start + first iteration", lambda s: f"{s['time_to_first_iteration_s']:.2f} s")
+    for step in ("gradients", "proposals", "evaluation", "selection", "total"):
+        row(f"  {step}", lambda s, step=step: f"{s['mean_s'][step]:.3f} s")
+    row("candidates/s", lambda s: _si(s["candidates_per_s"]))
+    row("tokens/s", lambda s: _si(s["tokens_per_s"]))
+    row("FLOPs/iteration (XLA)", lambda s: _si(s["flops_per_iteration"]["xla"]["total"]))
+    row("FLOPs/iteration (analytic)", lambda s: _si(s["flops_per_iteration"]["analytic"]["total"]))
+    row("FLOP/s iteration (XLA)", lambda s: _si(s["flops_per_s"]["iteration_xla"]))
+    row("MFU iteration (XLA | analytic)", lambda s: f"{s['mfu']['iteration_xla']:.1%} | "
+        f"{s['mfu']['iteration_analytic']:.1%}")
+    row("MFU iteration by CPU time", lambda s: f"{s['mfu']['iteration_xla_cpu_time']:.1%}")
+    row("MFU gradients | evaluation", lambda s: f"{s['mfu']['gradients_xla']:.1%} | {s['mfu']['evaluation_xla']:.1%}")
+    row("prefix computed once", lambda s: "-" if not s["checks"]["prefix"].get("checked") else
+        f"{s['checks']['prefix']['prefix_computed_once']} ({s['checks']['prefix']['added_over_recomputed']:.3f})")
+    row("no weight gradients", lambda s: f"{s['checks']['gradients']['no_weight_gradients']} "
+        f"({s['checks']['gradients']['xla_over_activation_only']:.2f})")
+    console.print(table)
+    ws = report.get("warm_start")
+    if ws:
+        console.print(f"fresh process -> first finished iteration (tiny): cold {ws['cold_s']:.2f} s, "
+                      f"warm {ws['warm_s']:.2f} s; warm phases: " +
+                      ", ".join(f"{k} {v:.2f}" for k, v in ws["warm_phases_s"].items()))
+    goal_table = Table(box=None, pad_edge=False, header_style="bold")
+    for name in ("goal", "target", "measured", "met"):
+        goal_table.add_column(name)
+    for goal in report["goals"]:
+        measured = goal["measured"]
+        goal_table.add_row(Text(goal["goal"]), Text(str(goal["target"])), f"{measured:.3g}",
+                           "[green]yes[/]" if goal["met"] else "[red]no[/]")
+    console.print(goal_table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 3 and argv[0] == "first-iteration":
+        print(json.dumps(first_iteration_child(argv[1], float(argv[2]))))
+        return 0
+    print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
