@@ -258,6 +258,9 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     config = _feature_overrides(args, _search_overrides(args, config))
     features = config.feature.features
     out = Path(args.out) if args.out else _default_out("f" + "+".join(map(str, features)))
+    from epo_tui.engine.compile_cache import enable_compile_cache
+
+    enable_compile_cache()  # a second run of the same shapes skips XLA compilation
     pair = _load_pair(config, features, "--feature" if args.feature else config.source)
     from epo_tui.engine.runner import StopFlag, run_one
 
@@ -283,7 +286,10 @@ def cmd_batch(args: argparse.Namespace, config: Config) -> int:
     if spec is not None and args.out is None:
         raise UserError("--out: required with several processes (they all write into one folder)")
     cluster = distributed.connect(spec)  # before anything else touches jax
+    from epo_tui.engine.compile_cache import enable_compile_cache
     from epo_tui.engine.runner import StopFlag, random_features, run_batch
+
+    enable_compile_cache()
 
     started = time.perf_counter()
     pair = _load_pair(config, args.features or [0], "--features")

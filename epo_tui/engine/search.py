@@ -111,10 +111,12 @@ def _score(params, sae, arrays: TargetArrays, prefix: Prefix, tokens_or_onehot, 
     B = logits_BxNxV.shape[0]
     first_Bx1xV = jnp.broadcast_to(prefix.next_logits_V, (B, 1, prefix.next_logits_V.shape[-1]))
     next_logits_BxNxV = jnp.concatenate([first_Bx1xV, logits_BxNxV[:, :-1]], axis=1)
-    logprobs_BxNxV = jax.nn.log_softmax(next_logits_BxNxV, axis=-1)
-    onehot_BxNxV = (tokens_or_onehot if tokens_or_onehot.ndim == 3
-                    else jax.nn.one_hot(tokens_or_onehot, logprobs_BxNxV.shape[-1], dtype=jnp.float32))
-    xent_B = -(onehot_BxNxV * logprobs_BxNxV).sum(-1).mean(-1)
+    if tokens_or_onehot.ndim == 3:  # the gradient pass: d xent / d one-hot includes -log p itself
+        logprobs_BxNxV = jax.nn.log_softmax(next_logits_BxNxV, axis=-1)
+        xent_B = -(tokens_or_onehot * logprobs_BxNxV).sum(-1).mean(-1)
+    else:  # logsumexp and one gather: no BxNxV one-hot or log-probabilities in memory
+        picked_BxN = jnp.take_along_axis(next_logits_BxNxV, tokens_or_onehot[..., None], axis=-1)[..., 0]
+        xent_B = (jax.nn.logsumexp(next_logits_BxNxV, axis=-1) - picked_BxN).mean(-1)
     return objective_B, act_B, xent_B, next_logits_BxNxV
 
 
