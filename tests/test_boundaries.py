@@ -13,8 +13,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "epo_tui"
 HEAVY = ("jax", "jaxlib", "torch", "transformers", "sae_lens", "transformer_lens")
 # Modules the UI and the CLI's front door use; each must start without any heavy library.
-PLAIN_MODULES = ["epo_tui.config", "epo_tui.paths", "epo_tui.features", "epo_tui.themes",
-                 "epo_tui.text", "epo_tui.atomic", "epo_tui.errors", "epo_tui.terminal", "epo_tui.cli"]
+PLAIN_MODULES = ["epo_tui.config", "epo_tui.paths", "epo_tui.features", "epo_tui.themes", "epo_tui.text",
+                 "epo_tui.atomic", "epo_tui.errors", "epo_tui.terminal", "epo_tui.progress", "epo_tui.results",
+                 "epo_tui.cli"]
 
 
 @pytest.mark.parametrize("module", PLAIN_MODULES)
