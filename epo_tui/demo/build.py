@@ -1,0 +1,80 @@
+"""Builds the offline demo pack, stage by stage.
+
+    python -m epo_tui.demo.build [--out DIR] [--stage corpus|lm|eval-lm|all]
+
+corpus   English prose from Debian documentation packages -> DIR/corpus/{train,heldout}.jsonl
+lm       byte-level BPE tokenizer + a small GPT-2 trained in JAX -> DIR/model (needs the corpus)
+eval-lm  held-out cross-entropy of DIR/model vs a unigram baseline, and logit parity with transformers
+all      corpus then lm (lm ends with eval-lm)
+
+Seeds are fixed; see epo_tui/demo/README.md for run times and the numbers to expect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_OUT = Path("/tmp/epo_tui_demo_build")
+STAGES = ("corpus", "lm", "eval-lm", "all")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m epo_tui.demo.build", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"build folder (default {DEFAULT_OUT})")
+    parser.add_argument("--stage", choices=STAGES, default="all")
+    parser.add_argument("--steps", type=int, default=None, help="LM training steps (default: the spec's)")
+    parser.add_argument("--no-install", action="store_true", help="do not apt-get install missing sources")
+    args = parser.parse_args(argv)
+
+    from epo_tui.demo.corpus import CorpusError, build_corpus
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    try:
+        if args.stage in ("corpus", "all"):
+            t = time.perf_counter()
+            manifest = build_corpus(out / "corpus", install=not args.no_install)
+            timings["corpus"] = time.perf_counter() - t
+            for split in ("train", "heldout"):
+                s = manifest[split]
+                print(f"corpus {split}: {s['documents']} documents, {s['paragraphs']} paragraphs, "
+                      f"{s['bytes']:,} bytes, {s['words']:,} words")
+        if args.stage in ("lm", "all", "eval-lm"):
+            for name in ("train.jsonl", "heldout.jsonl"):
+                if not (out / "corpus" / name).is_file():
+                    raise CorpusError(f"{out / 'corpus' / name} is missing: run --stage corpus first")
+        if args.stage in ("lm", "all"):
+            from dataclasses import replace
+
+            from epo_tui.demo.train_lm import LMSpec, build_lm
+
+            spec = LMSpec() if args.steps is None else replace(LMSpec(), steps=args.steps)
+            t = time.perf_counter()
+            build_lm(out / "corpus", out, spec)
+            timings["lm"] = time.perf_counter() - t
+        if args.stage == "eval-lm":
+            from epo_tui.demo.train_lm import eval_lm
+
+            if not (out / "model" / "model.safetensors").is_file():
+                raise CorpusError(f"{out / 'model'} holds no model: run --stage lm first")
+            t = time.perf_counter()
+            eval_lm(out)
+            timings["eval-lm"] = time.perf_counter() - t
+    except CorpusError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for stage, seconds in timings.items():
+        print(f"stage {stage}: {seconds:.0f}s")
+    log = out / "build_times.json"
+    previous = json.loads(log.read_text()) if log.is_file() else {}
+    log.write_text(json.dumps({**previous, **{k: round(v, 1) for k, v in timings.items()}}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
