@@ -32,6 +32,7 @@ from epo_tui.engine.objective import Target, TargetArrays, build_target, combine
 from epo_tui.engine.pairing import ModelWithSAE
 from epo_tui.errors import UserError
 
+SAMPLING_ATTEMPTS = 20  # model samples tried per elite before falling back to copies of valid ones
 EVAL_CHUNK = 64  # children per forward inside one device: bounds the BxNxV logits in memory
 
 
@@ -268,21 +269,37 @@ class Search:
             n_start = len(seed_ids)
             start[:, :n_start] = seed_ids
         tokens, valid = start.copy(), np.zeros(K, bool)
-        for attempt in range(50):
+        for attempt in range(SAMPLING_ATTEMPTS):
             sampled = np.asarray(_sample_continuations(self.params, self.prefix, jax.random.fold_in(setup_key, attempt),
                                                        jnp.asarray(start), n_start, self.banned_V, st=self.st))
             newly = ~valid & np.array([self.is_valid(row) for row in sampled])
             tokens[newly], valid = sampled[newly], valid | newly
             if valid.all():
                 break
-        else:
-            raise UserError("could not sample starting prompts that re-tokenize to themselves; "
-                            "try another search.seed or a seed prompt")
+        if not valid.any():  # a model whose samples rarely re-tokenize (e.g. untrained): build one
+            tokens[0], valid[0] = self._round_tripping_prompt(start[0], n_start, np.random.default_rng(search.seed)), True
+        tokens[~valid] = tokens[np.flatnonzero(valid)[np.arange((~valid).sum()) % valid.sum()]]
         objective, act, xent = self.evaluate(tokens)
         state = SearchState(iteration=0, tokens_KxN=tokens, objective_K=objective, act_K=act, xent_K=xent,
                             key=np.asarray(jax.random.key_data(steps_key)))
         state.frontier = state.frontier.merged(xent, objective, act, tokens)
         return state
+
+    def _round_tripping_prompt(self, start_N: np.ndarray, n_start: int, rng: np.random.Generator) -> np.ndarray:
+        """Keeps `start_N[:n_start]` and appends random allowed tokens, each kept only if the prompt so
+        far still re-tokenizes to itself."""
+        allowed = np.flatnonzero(~np.asarray(self.banned_V))
+        tokens = list(start_N[:n_start])
+        if tokens and not self.is_valid(np.array(tokens)):
+            raise UserError("the seed prompt's text does not re-tokenize to its own tokens")
+        for candidate in rng.permutation(allowed):
+            if len(tokens) == len(start_N):
+                break
+            if self.is_valid(np.array(tokens + [candidate])):
+                tokens.append(int(candidate))
+        if len(tokens) < len(start_N):
+            raise UserError("could not build a starting prompt that re-tokenizes to itself")
+        return np.array(tokens, np.int32)
 
     # -- one iteration
 
