@@ -1,11 +1,13 @@
 """Builds the offline demo pack, stage by stage.
 
-    python -m epo_tui.demo.build [--out DIR] [--stage corpus|lm|eval-lm|all]
+    python -m epo_tui.demo.build [--out DIR] [--stage corpus|lm|eval-lm|sae|eval-sae|all]
 
 corpus   English prose from Debian documentation packages -> DIR/corpus/{train,heldout}.jsonl
 lm       byte-level BPE tokenizer + a small GPT-2 trained in JAX -> DIR/model (needs the corpus)
 eval-lm  held-out cross-entropy of DIR/model vs a unigram baseline, and logit parity with transformers
-all      corpus then lm (lm ends with eval-lm)
+sae      activations of blocks.2.hook_resid_pre over train -> a standard ReLU SAE -> DIR/sae (needs the lm)
+eval-sae held-out FVE, L0 and alive fraction of DIR/sae (as the search loads and runs it)
+all      corpus, lm, sae (lm ends with eval-lm, sae with eval-sae)
 
 Seeds are fixed; see epo_tui/demo/README.md for run times and the numbers to expect.
 """
@@ -19,7 +21,7 @@ import time
 from pathlib import Path
 
 DEFAULT_OUT = Path("/tmp/epo_tui_demo_build")
-STAGES = ("corpus", "lm", "eval-lm", "all")
+STAGES = ("corpus", "lm", "eval-lm", "sae", "eval-sae", "all")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"build folder (default {DEFAULT_OUT})")
     parser.add_argument("--stage", choices=STAGES, default="all")
     parser.add_argument("--steps", type=int, default=None, help="LM training steps (default: the spec's)")
+    parser.add_argument("--sae-steps", type=int, default=None, help="SAE training steps (default: the spec's)")
+    parser.add_argument("--l1", type=float, default=None, help="SAE l1 coefficient (default: the spec's)")
     parser.add_argument("--no-install", action="store_true", help="do not apt-get install missing sources")
     args = parser.parse_args(argv)
 
@@ -44,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                 s = manifest[split]
                 print(f"corpus {split}: {s['documents']} documents, {s['paragraphs']} paragraphs, "
                       f"{s['bytes']:,} bytes, {s['words']:,} words")
-        if args.stage in ("lm", "all", "eval-lm"):
+        if args.stage in ("lm", "all", "eval-lm", "sae", "eval-sae"):
             for name in ("train.jsonl", "heldout.jsonl"):
                 if not (out / "corpus" / name).is_file():
                     raise CorpusError(f"{out / 'corpus' / name} is missing: run --stage corpus first")
@@ -65,6 +69,29 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             eval_lm(out)
             timings["eval-lm"] = time.perf_counter() - t
+        if args.stage in ("sae", "all"):
+            from dataclasses import replace
+
+            from epo_tui.demo.train_sae import SAESpec, build_sae
+
+            if not (out / "model" / "model.safetensors").is_file():
+                raise CorpusError(f"{out / 'model'} holds no model: run --stage lm first")
+            spec = SAESpec()
+            if args.sae_steps is not None:
+                spec = replace(spec, steps=args.sae_steps)
+            if args.l1 is not None:
+                spec = replace(spec, l1_coefficient=args.l1)
+            t = time.perf_counter()
+            build_sae(out, spec)
+            timings["sae"] = time.perf_counter() - t
+        if args.stage == "eval-sae":
+            from epo_tui.demo.train_sae import eval_sae
+
+            if not (out / "sae" / "sae_weights.safetensors").is_file():
+                raise CorpusError(f"{out / 'sae'} holds no SAE: run --stage sae first")
+            t = time.perf_counter()
+            eval_sae(out)
+            timings["eval-sae"] = time.perf_counter() - t
     except CorpusError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
