@@ -10,8 +10,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-pytest.importorskip("optax")
-
 HOOK = "blocks.1.hook_resid_pre"
 WORDS = ("the quick brown fox jumps over lazy dog hello world this is a tiny model cannabis law "
          "officials refused to comment animals shelter need homes left right up down hot cold").split()
