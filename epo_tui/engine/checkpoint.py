@@ -32,7 +32,7 @@ def resolve_checkpoint_dir(name: str | None, path: str | None) -> Path:
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    offline = hub_offline()
     try:
         return Path(snapshot_download(name, allow_patterns=CHECKPOINT_FILES))
     except GatedRepoError:
@@ -49,6 +49,11 @@ def resolve_checkpoint_dir(name: str | None, path: str | None) -> Path:
         "Set model.path to a local checkpoint folder, export HF_TOKEN if the model is gated, or fill the "
         "cache where the hub is reachable"
     )
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE asks huggingface_hub to use its cache only."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
 def read_safetensors(folder: Path, max_layer: int | None = None) -> dict[str, jnp.ndarray]:

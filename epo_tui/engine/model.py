@@ -102,9 +102,13 @@ class LanguageModel:
                 ids += self.tokenizer(part, add_special_tokens=False)["input_ids"]
         return ids
 
+    def decode(self, ids) -> str:
+        """The text of token ids exactly as tokenized (no clean-up of spaces before punctuation)."""
+        return self.tokenizer.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
+
     def token_strings(self, ids) -> list[str]:
         """Each id decoded on its own (spaces kept), as a reader expects to see it."""
-        return [self.tokenizer.decode([int(i)]) for i in ids]
+        return [self.decode([i]) for i in ids]
 
 
 def load_model(model_cfg: ModelConfig) -> LanguageModel:

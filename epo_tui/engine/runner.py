@@ -101,16 +101,13 @@ def result_of(search: Search, state: SearchState, timings: results.RunTimings, c
     """The result.json content of a search in the state it reached."""
     model, sae, feature = search.pair.model, search.pair.sae, search.config.feature
 
-    def decode(ids) -> str:
-        return model.tokenizer.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
-
     feature_record = {"kind": feature.kind, "indices": [int(i) for i in np.asarray(search.arrays.indices_F)],
                       "combine": feature.combine, "lp_p": feature.lp_p, "lp_offset": feature.lp_offset,
                       "read": feature.read, "hook": search.target.hook}
     return results.build_result(
         config=search.config.to_dict(), feature=feature_record, model=model.name,
         sae={"name": sae.display_name, "hook": sae.hook_name}, timings=timings,
-        frontier=state.frontier.to_json(decode), best_objective_history=state.best_objective_history,
+        frontier=state.frontier.to_json(model.decode), best_objective_history=state.best_objective_history,
         elites=elite_reports(search, state), process=cluster.to_json())
 
 
@@ -171,9 +168,8 @@ def run_batch(pair: ModelWithSAE, config: Config, features: list[int], out: Path
 
 def _index(pair: ModelWithSAE, gathered: list[dict], features: list[int], interrupted: bool,
            cluster: Cluster) -> dict:
-    tokenizer = pair.model.tokenizer
     for entry in gathered:  # prompts travel as ids between processes; the text is decoded here
-        entry["prompt"] = tokenizer.decode(entry["token_ids"], clean_up_tokenization_spaces=False)
+        entry["prompt"] = pair.model.decode(entry["token_ids"])
         entry["folder"] = feature_folder(entry["feature"])
     return results.build_index(gathered, model=pair.model.name,
                                sae={"name": pair.sae.display_name, "hook": pair.sae.hook_name},

@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import numpy as np
 from epo_tui import paths
 from epo_tui.atomic import write_bytes_atomic, write_json_atomic
 from epo_tui.config import SAEConfig
+from epo_tui.engine.checkpoint import hub_offline
 from epo_tui.engine.models.hooks import parse_hook
 from epo_tui.errors import ConfigError, UserError, did_you_mean, first_line
 
@@ -334,7 +334,7 @@ def _download_error(release: str, sae_id: str, err: Exception) -> UserError:
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    offline = hub_offline()
     if isinstance(err, GatedRepoError):
         reason = "it is gated: accept its licence on huggingface.co and set HF_TOKEN"
     elif isinstance(err, RepositoryNotFoundError):

@@ -372,9 +372,8 @@ class Search:
         """Whether the prompt's text re-tokenizes to exactly these ids (cached)."""
         key = np.asarray(tokens_N, np.int32).tobytes()
         if key not in self._valid_cache:
-            tokenizer = self.pair.model.tokenizer
-            text = tokenizer.decode(list(map(int, tokens_N)), clean_up_tokenization_spaces=False)
-            again = tokenizer(text, add_special_tokens=False)["input_ids"]
+            model = self.pair.model
+            again = model.tokenizer(model.decode(tokens_N), add_special_tokens=False)["input_ids"]
             if len(self._valid_cache) > 200_000:
                 self._valid_cache.clear()
             self._valid_cache[key] = list(again) == list(map(int, tokens_N))
@@ -431,7 +430,7 @@ def elite_reports(search: Search, state: SearchState) -> list[dict]:
             "xent": float(state.xent_K[k]),
             "objective": float(state.objective_K[k]),
             "prompt_start": len(prefix),
-            "text": model.tokenizer.decode(state.tokens_KxN[k].tolist(), clean_up_tokenization_spaces=False),
+            "text": model.decode(state.tokens_KxN[k]),
         }
         if len(features) > 1:
             report["feature_activations"] = {str(f): [float(a) for a in per_feature_KxLxF[k, :, i]]
