@@ -122,3 +122,18 @@ def test_resample_reinitialises_only_dead_latents(built):
                                       else np.asarray(params[name])[keep])
     assert np.all(np.asarray(new["b_enc"])[dead] == 0) and np.all(np.asarray(new["b_enc"])[keep] != 0)
     assert not np.allclose(np.asarray(new["W_dec"])[dead], np.asarray(params["W_dec"])[dead])
+
+
+def test_saved_decoder_rows_are_unit_norm_and_the_fold_keeps_reconstructions():
+    from epo_tui.demo.train_sae import unit_norm_decoder
+
+    rng = np.random.default_rng(0)
+    W_enc, b_enc, W_dec = rng.normal(size=(8, 5)), rng.normal(size=5), 3 * rng.normal(size=(5, 8))
+    x = rng.normal(size=(50, 8))
+    f = np.maximum(x @ W_enc + b_enc, 0)
+    W_enc2, b_enc2, W_dec2 = unit_norm_decoder(W_enc, b_enc, W_dec)
+    f2 = np.maximum(x @ W_enc2 + b_enc2, 0)
+    np.testing.assert_allclose(np.linalg.norm(W_dec2, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(f2 @ W_dec2, f @ W_dec, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(f2 > 0, f > 0)
+    np.testing.assert_allclose(f2, f * np.linalg.norm(W_dec, axis=1), rtol=1e-6, atol=1e-9)

@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from epo_tui.engine import text_rows
 from epo_tui.engine.model import apply_model
+from epo_tui.engine.text_rows import pack_rows
 from epo_tui.engine.models.gpt2 import GPT2Config
 
 EOT = "<|endoftext|>"
@@ -64,22 +66,7 @@ def train_tokenizer(texts: list[str], folder: Path, vocab_size: int):
 
 def token_stream(tokenizer, texts: list[str]) -> np.ndarray:
     """Every text's ids, each followed by `<|endoftext|>`, as one int32 stream."""
-    eot = tokenizer.convert_tokens_to_ids(EOT)
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return np.fromiter((t for doc in ids for t in (*doc, eot)), dtype=np.int32)
-
-
-def pack(stream: np.ndarray, context: int, bos: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens NxC, mask NxC): rows are BOS + the next C-1 stream tokens (last row padded, masked)."""
-    body = context - 1
-    n = math.ceil(len(stream) / body)
-    padded = np.full(n * body, bos, dtype=np.int32)
-    padded[:len(stream)] = stream
-    valid = np.zeros(n * body, dtype=bool)
-    valid[:len(stream)] = True
-    tokens = np.concatenate([np.full((n, 1), bos, np.int32), padded.reshape(n, body)], axis=1)
-    mask = np.concatenate([np.zeros((n, 1), bool), valid.reshape(n, body)], axis=1)
-    return tokens, mask
+    return text_rows.token_stream(tokenizer, texts, tokenizer.convert_tokens_to_ids(EOT))
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -247,8 +234,8 @@ def build_lm(corpus_dir: Path, out: Path, spec: LMSpec = LMSpec(), log=print) ->
     tok_seconds = time.perf_counter() - t0
     log(f"tokenizer: vocab {vocab}, train {len(train_stream):,} tokens, held-out {len(heldout_stream):,} "
         f"tokens ({tok_seconds:.0f}s)")
-    train_tokens, train_mask = pack(train_stream, spec.context, bos)
-    heldout_tokens, heldout_mask = pack(heldout_stream, spec.context, bos)
+    train_tokens, train_mask = pack_rows(train_stream, spec.context, bos)
+    heldout_tokens, heldout_mask = pack_rows(heldout_stream, spec.context, bos)
 
     cfg = model_config(spec, vocab)
     params = init_params(cfg, spec.seed)
@@ -284,7 +271,7 @@ def eval_lm(out: Path, log=print, check_parity: bool = True) -> dict:
     context = lm.cfg.max_positions
     train_stream = token_stream(tokenizer, read_split(out / "corpus" / "train.jsonl"))
     heldout_stream = token_stream(tokenizer, read_split(out / "corpus" / "heldout.jsonl"))
-    tokens, mask = pack(heldout_stream, context, tokenizer.bos_token_id)
+    tokens, mask = pack_rows(heldout_stream, context, tokenizer.bos_token_id)
     xent = evaluate(lm.params, lm.cfg, tokens, mask)
     uni = unigram_xent(train_stream, tokens, mask, lm.vocab_size)
     result = {"heldout_targets": int(mask[:, 1:].sum()), "heldout_xent_nats": round(xent, 4),

@@ -7,7 +7,8 @@ collected with `center_writes=True` to match (`pairing_activations` checks it). 
 outlier in norm) and padding are skipped.
 
 Training (sae-lens's standard recipe): inputs scaled by one constant so E||x||^2 = d_in (folded back
-into the weights when saving, so the saved SAE reads raw hook values); loss = sum_D (x - x_hat)^2 +
+into the weights when saving, so the saved SAE reads raw hook values, and decoder rows then scaled to
+unit norm with the encoder scaled to match); loss = sum_D (x - x_hat)^2 +
 l1 * sum_S |f| * ||W_dec row|| (mean over the batch); W_dec rows initialised at norm 0.1, W_enc =
 W_dec^T, b_dec at the activations' mean, b_enc 0; Adam (b1 0.9, b2 0.999); l1 linearly warmed up;
 learning rate decayed linearly to 0 over the last 20% of steps; latents that fired on none of the
@@ -87,10 +88,11 @@ def hook_activations(lm, tokens_NxC: np.ndarray, mask_NxC: np.ndarray, hook_name
 def collect(lm, texts: list[str], hook_name: str, max_tokens: int | None, seed: int = 0) -> np.ndarray:
     """Activations of rows (BOS + 127 stream tokens) of `texts`, BOS position dropped; a seeded
     random subset of rows when max_tokens is given."""
-    from epo_tui.demo.train_lm import pack, token_stream
+    from epo_tui.demo.train_lm import token_stream
+    from epo_tui.engine.text_rows import pack_rows
 
     stream = token_stream(lm.tokenizer, texts)
-    tokens, mask = pack(stream, lm.cfg.max_positions, lm.tokenizer.bos_token_id)
+    tokens, mask = pack_rows(stream, lm.cfg.max_positions, lm.tokenizer.bos_token_id)
     if max_tokens is not None:
         rows = math.ceil(max_tokens / (tokens.shape[1] - 1))
         if rows < len(tokens):
@@ -187,9 +189,19 @@ def train_sae(acts_NxD: np.ndarray, spec: SAESpec, log=print, log_every: int = 2
             log(f"step {entry['step']:5d}  mse {mse_m:.3f}  fve~{entry['fve_train_batches']:.3f}  "
                 f"l0 {l0_m:.1f}  {entry['seconds']:.0f}s")
     p = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
-    # fold the input scale back: f is unchanged, x_hat is in raw units
-    return SAEResult(W_enc_DxS=p["W_enc"] * scale, b_enc_S=p["b_enc"], W_dec_SxD=p["W_dec"] / scale,
-                     b_dec_D=p["b_dec"] / scale, scale=scale, history=history, resampled=resampled)
+    W_enc, b_enc, W_dec = unit_norm_decoder(p["W_enc"] * scale, p["b_enc"], p["W_dec"] / scale)
+    return SAEResult(W_enc_DxS=W_enc, b_enc_S=b_enc, W_dec_SxD=W_dec, b_dec_D=p["b_dec"] / scale, scale=scale,
+                     history=history, resampled=resampled)
+
+
+def unit_norm_decoder(W_enc_DxS: np.ndarray, b_enc_S: np.ndarray, W_dec_SxD: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The same SAE (same reconstructions, same L0) with unit-norm decoder rows, as sae-lens's standard
+    SAEs have: each activation is then the latent's magnitude along its decoder direction, in the
+    residual's own units (for the demo about 3x the training units), closer to the scale the search's
+    default fluency penalties were set for."""
+    norms_S = np.linalg.norm(W_dec_SxD, axis=1).astype(np.float32)
+    return W_enc_DxS * norms_S, b_enc_S * norms_S, W_dec_SxD / norms_S[:, None]
 
 
 def _fresh_adam_state(optimizer, params, opt_state):
@@ -365,14 +377,15 @@ def pairing_activations(out: Path, expect_NxD: np.ndarray) -> float:
     model (the search's path) and as collected here: 0 when the centring conventions agree."""
     from epo_tui.config import Config, ModelConfig, SAEConfig
     from epo_tui.demo.corpus import read_split
-    from epo_tui.demo.train_lm import pack, token_stream
+    from epo_tui.demo.train_lm import token_stream
+    from epo_tui.engine.text_rows import pack_rows
     from epo_tui.engine.pairing import load_model_with_sae
 
     config = dataclasses.replace(Config(), model=ModelConfig(name=None, path=str(out / "model")),
                                  sae=SAEConfig(path=str(out / "sae")))
     pair = load_model_with_sae(config)
     stream = token_stream(pair.model.tokenizer, read_split(out / "corpus" / "heldout.jsonl"))
-    tokens, _ = pack(stream, pair.model.cfg.max_positions, pair.model.tokenizer.bos_token_id)
+    tokens, _ = pack_rows(stream, pair.model.cfg.max_positions, pair.model.tokenizer.bos_token_id)
     _, acts = pair.forward(jnp.asarray(tokens[:1]), logits=False)
     got = np.asarray(acts[0, 1:1 + len(expect_NxD)])
     return float(np.abs(got - expect_NxD).max())

@@ -1,0 +1,279 @@
+"""Feature labels: the Neuronpedia-export reader/writer (epo_tui.labels) and the demo pack's automatic
+labeller (epo_tui.demo.labels) on a tiny random GPT-2 + SAE, checked against an independent numpy
+computation and against `score_text`, the search's own scoring path."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from epo_tui.errors import UserError
+from epo_tui.labels import EXPORT_KEYS, read_explanations, write_explanations
+
+# ---------------------------------------------------------------------------------------------- reader/writer
+
+
+def test_write_then_read_round_trip_keeps_text_as_is(tmp_path):
+    records = [{"description": "files — “quoted” \x1b[31m", "index": "3", "modelId": "m", "extra": 1},
+               {"index": 0, "description": ""}]
+    path = tmp_path / "explanations.jsonl"
+    write_explanations(path, records)
+    assert read_explanations(path) == {3: "files — “quoted” \x1b[31m", 0: ""}
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert "—" in first  # ensure_ascii=False
+    assert list(json.loads(first)) == ["modelId", "index", "description", "extra"]  # fixed order
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temp file
+
+
+def test_gzipped_export_is_read_and_written(tmp_path):
+    downloaded = tmp_path / "a.jsonl.gz"
+    downloaded.write_bytes(gzip.compress(b'{"index": "7", "description": "seven"}\n\n'
+                                         b'{"index": 8, "description": "eight"}\n'))
+    assert read_explanations(downloaded) == {7: "seven", 8: "eight"}
+    written = tmp_path / "b.jsonl.gz"
+    write_explanations(written, [{"index": "1", "description": "one"}])
+    assert written.read_bytes()[:2] == b"\x1f\x8b"
+    assert read_explanations(written) == {1: "one"}
+
+
+def test_first_explanation_of_an_index_wins_and_string_indices_are_read(tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_text('{"index": "5", "description": "first"}\n'
+                    '{"index": 5, "description": "second"}\n'
+                    '   \n'
+                    '{"index": "12", "description": "twelve", "typeName": "oai_token-act-pair"}\n')
+    assert read_explanations(path) == {5: "first", 12: "twelve"}
+
+
+@pytest.mark.parametrize("bad_line, reason", [
+    ('{"index": 1, "description": "x"', "not valid JSON"),
+    ('{"index": 1}', "no 'description'"),
+    ('{"description": "x"}', "no 'index'"),
+    ('{"index": "-2", "description": "x"}', "must not be negative"),
+    ('{"index": -2, "description": "x"}', "must not be negative"),
+    ('{"index": "2.5", "description": "x"}', "integer"),
+    ('{"index": "--5", "description": "x"}', "integer"),
+    ('{"index": "", "description": "x"}', "integer"),
+    ('{"index": true, "description": "x"}', "integer"),
+    ('{"index": 2, "description": 3}', "must be a string"),
+    ('["index", 2]', "JSON object"),
+])
+def test_bad_line_is_a_user_error_naming_file_and_line(tmp_path, bad_line, reason):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"index": 0, "description": "ok"}\n\n' + bad_line + "\n")
+    with pytest.raises(UserError) as err:
+        read_explanations(path)
+    message = str(err.value)
+    assert f"{path}, line 3" in message and reason in message and "\n" not in message
+
+
+def test_unreadable_files_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="cannot read"):
+        read_explanations(tmp_path / "missing.jsonl")
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress(b'{"index": 0, "description": "x"}\n' * 50)[:-20])
+    with pytest.raises(UserError, match="gzip"):
+        read_explanations(broken)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"index": 0, "description": "ok"}\n{"index": 1, "description": "caf\xe9"}\n')
+    with pytest.raises(UserError, match="line 2: not UTF-8"):
+        read_explanations(latin)
+
+
+# ---------------------------------------------------------------------------------------------- descriptions
+
+
+def test_description_format_boundaries_and_length():
+    from epo_tui.demo.labels import MAX_CHARS, NEVER_FIRES, Vocabulary, describe
+
+    words = {0: "<|endoftext|>", 1: " the", 2: " file", 3: " must", 4: " be", 5: "file", 6: " closed",
+             7: " " + "x" * 70, 8: "\n"}
+    vocabulary = Vocabulary(strings=[words[i] for i in range(len(words))],
+                            decode=lambda ids: "".join(words[int(i)] for i in ids),
+                            boundary_ids=frozenset({0, 8}))  # end of document, end of paragraph
+    rows = np.array([[0, 1, 2, 3, 4, 6, 0, 5],
+                     [0, 4, 0, 2, 3, 8, 7, 1]], np.int32)
+    positions = np.array([2, 11, 13, 5, 0], np.int64)  # " file", " file", "\n", " closed", BOS (unused)
+    values = np.array([3.0, 2.0, 1.5, 1.0, 0.0], np.float32)
+    text = describe(values, positions, rows, vocabulary)
+    assert text == '"file", "\\n", "closed" — e.g. "the [file] must be closed"'
+    # the snippet stops at a document or paragraph boundary on either side
+    text = describe(values[[1, 0]], positions[[1, 0]], rows, vocabulary)
+    assert text == '"file" — e.g. "[file] must"'
+    # a long context token: the snippet narrows until the description fits
+    text = describe(np.array([5.0, 1.0], np.float32), np.array([13, 2]), rows, vocabulary)
+    assert text == '"\\n", "file" — e.g. "must[\\n]"'
+    # a long firing token: cut to fit
+    text = describe(np.array([5.0, 1.0], np.float32), np.array([14, 2]), rows, vocabulary)
+    assert len(text) == MAX_CHARS and text.endswith("…")
+    never = describe(np.full(3, -1.0, np.float32), np.zeros(3, np.int64), rows, vocabulary)
+    assert never == NEVER_FIRES
+
+
+def test_snippet_shows_whole_words():
+    from epo_tui.demo.labels import Vocabulary, marked_snippet
+
+    words = ["<|endoftext|>", " Rep", "eated", " calls", " are", " equal", " to", " a", " sin", "gle"]
+    vocabulary = Vocabulary(strings=words, decode=lambda ids: "".join(words[int(i)] for i in ids),
+                            boundary_ids=frozenset({0}))
+    row = np.arange(10)
+    assert marked_snippet(row, 6, 4, 2, vocabulary) == "calls are equal [to] a"  # not "eated ... sin"
+    assert marked_snippet(row, 6, 5, 3, vocabulary) == "Repeated calls are equal [to] a single"
+    assert marked_snippet(row, 2, 0, 0, vocabulary) == "[eated]"
+
+
+# ---------------------------------------------------------------------------------------------- the builder
+
+HOOK = "blocks.1.hook_resid_pre"
+D_SAE = 48
+DEAD = (5, 17)
+TRAIN_WORDS = "the quick brown fox over lazy dog hello world this is a tiny model animals shelter need homes".split()
+MARKER = "QXZJ"  # only in the held-out split
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(TRAIN_WORDS, size=rng.integers(6, 30))) + "." for _ in range(n)]
+
+
+def _write_split(path: Path, texts: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"name": f"doc{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+
+
+def _parse(description: str) -> tuple[list[str], str]:
+    tokens, snippet = description.rsplit(" — e.g. ", 1)
+    return json.loads(f"[{tokens}]"), json.loads(snippet)
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    """A tiny pack: random GPT-2, a random standard SAE (two latents that never fire), a corpus whose
+    held-out split is all MARKER; then the labels stage."""
+    from epo_tui.config import ModelConfig
+    from epo_tui.demo.labels import build_labels
+    from epo_tui.demo.train_sae import SAEResult, SAESpec, collect, save_sae
+    from epo_tui.engine.model import load_model
+    from epo_tui.engine.tiny import write_tiny_checkpoint
+
+    out = tmp_path_factory.mktemp("labels_pack")
+    write_tiny_checkpoint(out / "model")
+    _write_split(out / "corpus" / "train.jsonl", _texts(80, seed=0))
+    _write_split(out / "corpus" / "heldout.jsonl", [" ".join([MARKER] * 40) + "."] * 30)
+    # centred on the activations and scaled so pre-activations have unit spread: latents are selective
+    lm = load_model(ModelConfig(name=None, path=str(out / "model")))
+    acts = collect(lm, _texts(80, seed=0), HOOK, max_tokens=None)
+    rng = np.random.default_rng(0)
+    W_enc = (rng.normal(size=(32, D_SAE)) / np.linalg.norm(acts.std(0))).astype(np.float32)
+    b_enc = np.full(D_SAE, -1.0, np.float32)
+    b_enc[list(DEAD)] = -1e4
+    result = SAEResult(W_enc_DxS=W_enc, b_enc_S=b_enc, W_dec_SxD=W_enc.T.copy(), b_dec_D=acts.mean(0),
+                       scale=1.0, history=[], resampled=[])
+    save_sae(out / "sae", result, replace(SAESpec(), hook_name=HOOK, d_sae=D_SAE), np.full(D_SAE, 0.1),
+             model_name="tiny-demo")
+    stats = build_labels(out, log=lambda *_: None)
+    return out, stats
+
+
+def _records(out: Path) -> list[dict]:
+    lines = (out / "labels" / "explanations.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_one_explanation_per_latent_in_neuronpedia_layout(pack):
+    from epo_tui.demo.labels import EXPLAINER, MAX_CHARS, NEVER_FIRES, TYPE_NAME
+
+    out, stats = pack
+    records = _records(out)
+    assert len(records) == D_SAE == stats["latents"]
+    assert stats["never_fired"] == len(DEAD) and stats["rows"] > 5
+    for index, record in enumerate(records):
+        assert tuple(record) == EXPORT_KEYS
+        assert record["modelId"] == "tiny-demo" and record["layer"] == "1-res-demo"
+        assert record["index"] == str(index)
+        assert record["typeName"] == TYPE_NAME and record["explanationModelName"] == EXPLAINER
+        assert record["automatic"] is True
+        assert isinstance(record["description"], str) and 0 < len(record["description"]) <= MAX_CHARS
+        assert (record["description"] == NEVER_FIRES) == (index in DEAD)
+    assert read_explanations(out / "labels" / "explanations.jsonl") == {
+        i: r["description"] for i, r in enumerate(records)}
+
+
+def test_descriptions_name_the_tokens_at_each_latents_top_activations(pack):
+    """Recomputed independently: SAE encoding and top-k in numpy, tokens decoded one by one."""
+    from epo_tui.demo.corpus import read_split
+    from epo_tui.demo.labels import TOP_K, display_token, load_pair, top_activations, train_rows
+    from epo_tui.demo.train_sae import load_saved_arrays
+
+    out, _ = pack
+    pair = load_pair(out)
+    tokens, valid = train_rows(pair, read_split(out / "corpus" / "train.jsonl"))
+    _, sae_in = pair.forward(tokens, logits=False)
+    w = load_saved_arrays(out / "sae")
+    x_PxD = np.asarray(sae_in, np.float64)[valid]
+    acts_PxS = np.maximum((x_PxD - w["b_dec_D"]) @ w["W_enc_DxS"] + w["b_enc_S"], 0.0)
+    token_at = np.array(pair.model.token_strings(tokens[valid]), dtype=object)
+    engine_top = top_activations(pair, tokens, valid, batch_rows=3)  # several batches, a padded last one
+    for index, record in enumerate(_records(out)):
+        if index in DEAD:
+            continue
+        order = np.argsort(-acts_PxS[:, index], kind="stable")[:TOP_K]
+        order = order[acts_PxS[order, index] > 0]
+        np.testing.assert_allclose(engine_top.values_SxK[index, :len(order)], acts_PxS[order, index], rtol=1e-4,
+                                   atol=1e-4)
+        assert np.all(engine_top.values_SxK[index, len(order):] <= 0)
+        shown = [display_token(t) for t in token_at[order]]
+        quoted, snippet = _parse(record["description"])
+        counts = Counter(shown)
+        assert quoted and set(quoted) <= set(shown)
+        assert min(counts[q] for q in quoted) >= max([c for t, c in counts.items() if t not in quoted], default=0)
+        assert f"[{shown[0]}]" in snippet  # the snippet marks the single strongest activation
+
+
+def test_activations_match_the_searchs_score_text(pack):
+    from epo_tui.demo.corpus import read_split
+    from epo_tui.demo.labels import load_pair, top_activations, train_rows
+    from epo_tui.engine.scoring import score_text
+
+    out, _ = pack
+    pair = load_pair(out)
+    tokens, valid = train_rows(pair, read_split(out / "corpus" / "train.jsonl"))
+    top = top_activations(pair, tokens, valid)
+    for index in (0, 1, 2):
+        row, column = divmod(int(top.positions_SxK[index, 0]), tokens.shape[1])
+        text = pair.model.decode(tokens[row, 1:column + 1])
+        scored = score_text(pair, text, index)
+        assert scored["token_ids"] == tokens[row, :column + 1].tolist()
+        assert scored["activations"][-1] == pytest.approx(float(top.values_SxK[index, 0]), abs=1e-4)
+
+
+def test_labels_come_from_train_text_only(pack):
+    from epo_tui.demo.corpus import read_split
+    from epo_tui.demo.labels import explanation_records, load_pair, top_activations, train_rows
+
+    out, _ = pack
+    assert not any(letter in r["description"] for r in _records(out) for letter in MARKER)
+    # control: labelled from the held-out split, the marker would show
+    pair = load_pair(out)
+    tokens, valid = train_rows(pair, read_split(out / "corpus" / "heldout.jsonl"))
+    heldout_records = explanation_records(pair, top_activations(pair, tokens, valid), tokens)
+    assert any(MARKER in r["description"] for r in heldout_records)
+
+
+def test_a_second_build_writes_identical_bytes(pack, tmp_path):
+    import shutil
+
+    from epo_tui.demo.labels import build_labels
+
+    out, _ = pack
+    copy = tmp_path / "pack"
+    for part in ("model", "sae", "corpus"):
+        shutil.copytree(out / part, copy / part)
+    build_labels(copy, log=lambda *_: None)
+    assert (copy / "labels" / "explanations.jsonl").read_bytes() == (out / "labels" / "explanations.jsonl").read_bytes()
