@@ -430,6 +430,25 @@ def test_gradient_mask_and_its_skipping(stats_statics):
     _within(unmasked_child.mean(), 0.2, np.sqrt(0.16 / unmasked_child.size))
 
 
+@pytest.mark.parametrize("children, skip", [(3, 0.2), (5, 0.5), (7, 0.05)])
+def test_each_child_skips_the_mask_with_the_exact_probability_for_any_children_count(stats_statics, children, skip):
+    """The unmasked draw runs for ceil(p C) slots per elite; the marginal per child must stay p."""
+    base, V = stats_statics
+    parents, banned, grads, logits = _propose_stats_inputs(V)
+    by_logit = np.argsort(-np.where(banned, -np.inf, logits), axis=-1)[..., :2]
+    np.put_along_axis(grads, by_logit, -10.0, axis=-1)  # the two sources disjoint again
+    st = replace(base, swap=0.0, extra_resample=float(N5), topk=8, unmasked_top=2, children=children,
+                 skip_gradient_mask=skip)
+    draws = 3000
+    skipped = 0
+    for seed in range(draws // children + 1):
+        out = _run_propose(st, parents, grads, logits, banned, seed=seed)
+        new_from_logits = (out[..., None] == by_logit[:, None]).any(-1)  # K x C x N
+        skipped += new_from_logits.all(-1).sum()  # every position resampled: a skipping child is all top-m
+    total = (draws // children + 1) * children * K5
+    _within(skipped / total, skip, np.sqrt(skip * (1 - skip) / total))
+
+
 
 def _expected_probabilities(logits_V: np.ndarray, t_max: float, t_min: float = 1e-3) -> np.ndarray:
     """E over T ~ U(0, t_max) of softmax(logits / T) (numerically integrated)."""

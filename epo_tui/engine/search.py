@@ -16,6 +16,7 @@ P prefix length (BOS + prefix).
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -138,7 +139,11 @@ def gradients(params, sae, arrays, prefix, tokens_KxN, lambdas_K, *, st: Statics
 def propose(key, tokens_KxN, grads_KxNxV, next_logits_KxNxV, banned_V, *, st: Statics):
     """children_KxCxN: each resamples one uniform position plus each other with p = extra/N, from the
     parent's next-token logits / T (T ~ U(0, T_max)), restricted to the top-k tokens by gradient except
-    with p = skip_gradient_mask (then the likeliest `unmasked_top`); with p = swap, two positions swap."""
+    with p = skip_gradient_mask (then the likeliest `unmasked_top`); with p = swap, two positions swap.
+
+    Drawing among `unmasked_top` tokens costs that many Gumbel numbers per child and position, so it is
+    done only for S = ceil(p C) random children of each elite ("slots"), each of which then skips the
+    mask with probability pC/S: every child still skips with probability exactly p, at S/C the cost."""
     K, N = tokens_KxN.shape
     C = st.children
     keys = jax.random.split(key, 8)
@@ -146,24 +151,32 @@ def propose(key, tokens_KxN, grads_KxNxV, next_logits_KxNxV, banned_V, *, st: St
     resample_KxCxN = (jax.random.uniform(keys[1], (K, C, N)) < st.extra_resample / N) | (
         jnp.arange(N) == first_KxC[..., None])
     temperature_KxCx1x1 = jax.random.uniform(keys[2], (K, C, 1, 1), minval=1e-3, maxval=st.temperature_max)
-    skip_mask_KxC = jax.random.uniform(keys[3], (K, C)) < st.skip_gradient_mask
 
     logits = jnp.where(banned_V, -jnp.inf, next_logits_KxNxV)
 
-    def sample_from(choices_KxNxT, key):
+    def sample_from(choices_KxNxT, temperature_KxXx1x1, key):
         """A token per child and position, drawn among `choices` by softmax(logits / T)."""
         chosen_logits_KxNxT = jnp.take_along_axis(logits, choices_KxNxT, axis=-1)
-        gumbel = jax.random.gumbel(key, (K, C, N, choices_KxNxT.shape[-1]))
-        scores = chosen_logits_KxNxT[:, None] / temperature_KxCx1x1 + gumbel
-        picked_KxCxN = jnp.argmax(scores, axis=-1)
+        X = temperature_KxXx1x1.shape[1]
+        gumbel = jax.random.gumbel(key, (K, X, N, choices_KxNxT.shape[-1]))
+        scores = chosen_logits_KxNxT[:, None] / temperature_KxXx1x1 + gumbel
+        picked_KxXxN = jnp.argmax(scores, axis=-1)
         return jnp.take_along_axis(jnp.broadcast_to(choices_KxNxT[:, None], scores.shape),
-                                   picked_KxCxN[..., None], axis=-1)[..., 0]
+                                   picked_KxXxN[..., None], axis=-1)[..., 0]
 
     _, by_gradient_KxNxT = jax.lax.top_k(jnp.where(banned_V, -jnp.inf, grads_KxNxV), st.topk)
-    _, by_logit_KxNxM = jax.lax.top_k(logits, st.unmasked_top)
-    masked_KxCxN = sample_from(by_gradient_KxNxT, keys[4])
-    unmasked_KxCxN = sample_from(by_logit_KxNxM, keys[5])
-    new_KxCxN = jnp.where(skip_mask_KxC[..., None], unmasked_KxCxN, masked_KxCxN)
+    new_KxCxN = sample_from(by_gradient_KxNxT, temperature_KxCx1x1, keys[4])
+    slots = math.ceil(st.skip_gradient_mask * C)
+    if slots:
+        _, by_logit_KxNxM = jax.lax.top_k(logits, st.unmasked_top)
+        slot_KxS = jnp.argsort(jax.random.uniform(keys[3], (K, C)), axis=1)[:, :slots]  # distinct children
+        skips_KxS = jax.random.uniform(jax.random.fold_in(keys[3], 1), (K, slots)) < st.skip_gradient_mask * C / slots
+        slot_KxSxN = jnp.broadcast_to(slot_KxS[..., None], (K, slots, N))
+        unmasked_KxSxN = sample_from(by_logit_KxNxM, jnp.take_along_axis(temperature_KxCx1x1, slot_KxS[..., None, None],
+                                                                         axis=1), keys[5])
+        kept_KxSxN = jnp.take_along_axis(new_KxCxN, slot_KxSxN, axis=1)
+        new_KxCxN = jnp.put_along_axis(new_KxCxN, slot_KxSxN, jnp.where(skips_KxS[..., None], unmasked_KxSxN, kept_KxSxN),
+                                       axis=1, inplace=False)
     children = jnp.where(resample_KxCxN, new_KxCxN, tokens_KxN[:, None, :]).astype(jnp.int32)
 
     do_swap_KxC = (jax.random.uniform(keys[6], (K, C)) < st.swap) & (N > 1)
