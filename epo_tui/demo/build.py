@@ -1,13 +1,15 @@
 """Builds the offline demo pack, stage by stage.
 
-    python -m epo_tui.demo.build [--out DIR] [--stage corpus|lm|eval-lm|sae|eval-sae|all]
+    python -m epo_tui.demo.build [--out DIR] [--stage corpus|lm|eval-lm|sae|eval-sae|labels|pack|all]
 
 corpus   English prose from Debian documentation packages -> DIR/corpus/{train,heldout}.jsonl
 lm       byte-level BPE tokenizer + a small GPT-2 trained in JAX -> DIR/model (needs the corpus)
 eval-lm  held-out cross-entropy of DIR/model vs a unigram baseline, and logit parity with transformers
 sae      activations of blocks.2.hook_resid_pre over train -> a standard ReLU SAE -> DIR/sae (needs the lm)
 eval-sae held-out FVE, L0 and alive fraction of DIR/sae (as the search loads and runs it)
-all      corpus, lm, sae (lm ends with eval-lm, sae with eval-sae)
+labels   a label per latent of DIR/sae from its top-activating train snippets -> DIR/labels (needs the sae)
+pack     DIR's model, SAE, labels and held-out sample + config.toml + NOTICE.md -> epo_tui/demo/pack
+all      corpus, lm, sae, labels, pack (lm ends with eval-lm, sae with eval-sae)
 
 Seeds are fixed; see epo_tui/demo/README.md for run times and the numbers to expect.
 """
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 DEFAULT_OUT = Path("/tmp/epo_tui_demo_build")
-STAGES = ("corpus", "lm", "eval-lm", "sae", "eval-sae", "all")
+STAGES = ("corpus", "lm", "eval-lm", "sae", "eval-sae", "labels", "pack", "all")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sae-steps", type=int, default=None, help="SAE training steps (default: the spec's)")
     parser.add_argument("--l1", type=float, default=None, help="SAE l1 coefficient (default: the spec's)")
     parser.add_argument("--no-install", action="store_true", help="do not apt-get install missing sources")
+    parser.add_argument("--pack-dir", type=Path, default=None,
+                        help="where the pack stage writes (default: epo_tui/demo/pack in this package)")
     args = parser.parse_args(argv)
 
     from epo_tui.demo.corpus import CorpusError, build_corpus
+    from epo_tui.demo.pack import PackError
+    from epo_tui.errors import UserError
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -48,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 s = manifest[split]
                 print(f"corpus {split}: {s['documents']} documents, {s['paragraphs']} paragraphs, "
                       f"{s['bytes']:,} bytes, {s['words']:,} words")
-        if args.stage in ("lm", "all", "eval-lm", "sae", "eval-sae"):
+        if args.stage in ("lm", "all", "eval-lm", "sae", "eval-sae", "labels"):
             for name in ("train.jsonl", "heldout.jsonl"):
                 if not (out / "corpus" / name).is_file():
                     raise CorpusError(f"{out / 'corpus' / name} is missing: run --stage corpus first")
@@ -92,7 +98,22 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             eval_sae(out)
             timings["eval-sae"] = time.perf_counter() - t
-    except CorpusError as err:
+        if args.stage in ("labels", "all"):
+            from epo_tui.demo.labels import build_labels
+
+            if not (out / "sae" / "sae_weights.safetensors").is_file():
+                raise CorpusError(f"{out / 'sae'} holds no SAE: run --stage sae first")
+            t = time.perf_counter()
+            build_labels(out)
+            timings["labels"] = time.perf_counter() - t
+        if args.stage in ("pack", "all"):
+            from epo_tui import paths
+            from epo_tui.demo.pack import build_pack
+
+            t = time.perf_counter()
+            build_pack(out, args.pack_dir or paths.demo_pack())
+            timings["pack"] = time.perf_counter() - t
+    except (CorpusError, PackError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     for stage, seconds in timings.items():
