@@ -10,21 +10,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from epo_tui import __version__
+from epo_tui import __version__, paths
 from epo_tui.config import COMBINES, Config, load_config
 from epo_tui.errors import UserError
+from epo_tui.features import with_labels
 from epo_tui.progress import progress_reporter
 from epo_tui.text import inert
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C: the results so far are written, and scripts can still tell
 RUNS_DIR = Path("epo-runs")
+QUALITY_LATENTS = 20
+QUALITY_ITERATIONS = 50  # per latent: 20 latents of the demo in about 11 minutes on 2 CPU cores
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,19 +38,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _common_options() -> argparse.ArgumentParser:
+def _common_options(top_level: bool) -> argparse.ArgumentParser:
+    """--config, --demo, --debug: accepted before and after the command. The command's copies default
+    to SUPPRESS, or argparse would overwrite `epo-tui --demo score` back to the default."""
+    def default(value):
+        return value if top_level else argparse.SUPPRESS
+
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH",
+    common.add_argument("--config", metavar="PATH", default=default(None),
                         help="config file, or sample:NAME for a shipped sample (default: the user's "
                              "config.toml, else built-in defaults)")
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--demo", action="store_true", default=default(False),
+                        help="use the bundled demo pack (a small GPT-2 and its SAE; offline) instead of a config")
+    common.add_argument("--debug", action="store_true", default=default(False), help="show tracebacks")
     return common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _common_options()
-    parser = _Parser(prog="epo-tui", parents=[common],
-                     description="Evolutionary prompt optimization for sparse-autoencoder features.")
+    common = _common_options(top_level=False)
+    parser = _Parser(prog="epo-tui", parents=[_common_options(top_level=True)],
+                     description="Evolutionary prompt optimization for sparse-autoencoder features. "
+                                 "`epo-tui --demo` alone runs a search on the bundled demo pack.")
     parser.add_argument("--version", action="version", version=f"epo-tui {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -65,16 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="time the EPO loop: seconds per step, tokens/s, FLOP/s, MFU, warm start")
     bench.add_argument("--model", choices=("gpt2-small", "tiny", "config"),
                        help="gpt2-small: GPT-2 small's shapes with random weights; tiny: the tiny helper model; "
-                            "config: the model and SAE of --config (default: gpt2-small, then tiny and its "
-                            "warm start)")
+                            "config: the model and SAE of --config or --demo (default: config with --demo, "
+                            "else gpt2-small, then tiny and its warm start)")
     bench.add_argument("--iterations", type=int, metavar="N",
                        help="EPO iterations per setup, the first compiles (default: gpt2-small 3, tiny 20, "
-                            "config 5)")
+                            f"config 5; --quality {QUALITY_ITERATIONS} per latent)")
     bench.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                        help="weights of the gpt2-small setup (default float32)")
     bench.add_argument("--no-warm-start", action="store_true",
                        help="skip timing fresh processes to their first iteration (tiny)")
     bench.add_argument("--json", action="store_true", help="print one JSON object with every figure")
+    quality = bench.add_argument_group(
+        "search quality (--quality): N random alive latents; each one's maximum activation over a held-out "
+        "text against the best activation the search finds at an xent <= the text's median + 1 nat")
+    quality.add_argument("--quality", action="store_true", help="measure search quality instead of speed")
+    quality.add_argument("--latents", type=int, metavar="N", default=QUALITY_LATENTS,
+                         help=f"latents to search (default {QUALITY_LATENTS})")
+    quality.add_argument("--heldout", metavar="PATH",
+                         help="held-out text: .jsonl of {\"text\": ...} or a plain text file (default with "
+                              "--demo: the pack's held-out sample)")
+    quality.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the latent draw (default 0)")
 
     run = commands.add_parser(
         "run", parents=[common], help="one search; writes result.json and report.md",
@@ -86,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--combine", choices=COMBINES,
                      help="how several features make one objective (default: feature.combine)")
     _search_options(run, "./epo-runs/<time>-f<features>")
+    run.add_argument("--resume", metavar="ID",
+                     help="continue a stopped session exactly where it stopped (its own config; see "
+                          "`epo-tui sessions`); --iterations then sets the new total")
 
     batch = commands.add_parser(
         "batch", parents=[common], help="one search per feature, with an index sorted by activation",
@@ -106,6 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument("--process-id", type=int, metavar="I", help="this process, 0..P-1")
     hosts.add_argument("--distributed", action="store_true",
                        help="let jax.distributed detect the cluster (Cloud TPU pod, Slurm, Open MPI, Kubernetes)")
+
+    commands.add_parser("worker", parents=[common], help="serve the engine over stdin/stdout (the UI's back end)",
+                        description="Serve the engine over stdin/stdout: newline-delimited JSON commands in, "
+                                    "events out (epo_tui/PROTOCOL.md). The UI starts it; `ssh host epo-tui "
+                                    "worker` runs it on another machine.")
+
+    sessions = commands.add_parser("sessions", parents=[common], help="list, show, export or delete saved sessions",
+                                   description="Every search is a session in the cache folder, checkpointed at "
+                                               "most 30 s apart and when it stops; `epo-tui run --resume ID` "
+                                               "continues one.")
+    actions = sessions.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    actions.add_parser("list", parents=[common], help="every session, newest first (the default)")
+    show = actions.add_parser("show", parents=[common], help="one session's status and elites")
+    show.add_argument("id", metavar="ID", help="a session id or a unique prefix of one")
+    export = actions.add_parser("export", parents=[common], help="one session as markdown on stdout, or one elite to favorites")
+    export.add_argument("id", metavar="ID", help="a session id or a unique prefix of one")
+    export.add_argument("--favorite", type=int, metavar="K",
+                        help="append elite K (0 = the lowest fluency penalty) to the favorites file instead")
+    delete = actions.add_parser("delete", parents=[common], help="remove a session folder")
+    delete.add_argument("id", metavar="ID", help="a session id (the full id)")
+    delete.add_argument("--force", action="store_true",
+                        help="delete even a session marked running (its worker was killed)")
     return parser
 
 
@@ -134,10 +181,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.demo and args.config:
+            raise UserError("--demo and --config: give one of them")
+        config = load_config(str(paths.demo_config_file()) if args.demo else args.config)
         if args.command is None:
-            parser.print_help()
-            return 0
-        config = load_config(args.config)
+            if not args.demo:
+                parser.print_help()
+                return 0
+            # until the interactive UI lands, the demo is the default search with a progress bar
+            print("epo-tui: running the demo search (epo-tui run --demo)", file=sys.stderr)
+            return cmd_run(parser.parse_args(["run", "--demo"]), config)
         return COMMANDS[args.command](args, config)
     except UserError as err:
         if args.debug:
@@ -188,7 +241,7 @@ def cmd_features(args: argparse.Namespace, config: Config) -> int:
 
     if args.limit is not None and args.limit < 0:
         raise UserError(f"--limit: must be >= 0, found {args.limit}")
-    entries = feature_catalog(load_model_with_sae(config))
+    entries = with_labels(feature_catalog(load_model_with_sae(config)), config.sae.labels)
     if args.search is not None:
         entries = search_features(entries, args.search)
     entries = entries[: args.limit] if args.limit is not None else entries
@@ -256,6 +309,8 @@ def _load_pair(config: Config, features: Sequence[int], source: str):
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    if args.resume:
+        return _resume_run(args)
     config = _feature_overrides(args, _search_overrides(args, config))
     features = config.feature.features
     out = Path(args.out) if args.out else _default_out("f" + "+".join(map(str, features)))
@@ -267,12 +322,39 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
     with StopFlag() as stop, progress_reporter() as reporter:
         result = run_one(pair, config, out, reporter, stop)
+    return _print_run_line(result, out)
+
+
+def _print_run_line(result: dict, out: Path) -> int:
     timings, best = result["timings"], max(result["elites"], key=lambda e: e["act"])
     ran = f"{timings['iterations_run']}/{timings['iterations_requested']} iterations"
     head = f"interrupted after {ran}" if timings["interrupted"] else f"ran {ran}"
     print(f"{head} in {timings['total_s']:.1f} s; best act {best['act']:.3f} (xent {best['xent']:.3f}); "
-          f"results in {inert(str(out))}/ (result.json, report.md)")
+          f"results in {inert(str(out))}/ (result.json, report.md); session {result['session']}")
     return EXIT_INTERRUPTED if timings["interrupted"] else 0
+
+
+def _resume_run(args: argparse.Namespace) -> int:
+    from epo_tui import sessions
+
+    given = [flag for flag, value in (("--config", args.config), ("--demo", args.demo), ("--feature", args.feature),
+                                      ("--combine", args.combine), ("--seed", args.seed)) if value]
+    if given:
+        raise UserError(f"--resume: the session keeps its own config; drop {', '.join(given)}")
+    if args.iterations is not None and args.iterations < 1:
+        raise UserError(f"--iterations: must be >= 1, found {args.iterations}")
+    session = sessions.find_session(args.resume)
+    from epo_tui.engine.compile_cache import enable_compile_cache
+    from epo_tui.engine.runner import StopFlag, resume_one
+    from epo_tui.engine.session_search import session_config
+
+    enable_compile_cache()
+    config = session_config(session)
+    pair = _load_pair(config, config.feature.features, f"session {session.id}")
+    out = Path(args.out) if args.out else _default_out(f"resume-{session.id}")
+    with StopFlag() as stop, progress_reporter() as reporter:
+        result = resume_one(pair, session, out, reporter, stop, iterations_total=args.iterations)
+    return _print_run_line(result, out)
 
 
 def cmd_batch(args: argparse.Namespace, config: Config) -> int:
@@ -319,18 +401,21 @@ def _print_batch_line(index: dict, cluster, out: Path, seconds: float) -> None:
     print(f"{head} in {seconds:.1f} s{top}; index in {where}/index.md")
 
 
-def cmd_bench(args: argparse.Namespace, config: Config) -> int:
-    from epo_tui.engine.bench import print_report, run_bench
+def _progress_line(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
+
+def cmd_bench(args: argparse.Namespace, config: Config) -> int:
     if args.iterations is not None and args.iterations < 1:
         raise UserError(f"--iterations: must be >= 1, found {args.iterations}")
+    if args.quality:
+        return _bench_quality(args, config)
+    from epo_tui.engine.bench import print_report, run_bench
 
-    def progress(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    report = run_bench(model=args.model, config=config if args.model == "config" else None,
+    model = args.model or ("config" if args.demo else None)
+    report = run_bench(model=model, config=config if model == "config" else None,
                        iterations=args.iterations, dtype=args.dtype, warm=not args.no_warm_start,
-                       progress=progress)
+                       progress=_progress_line)
     if args.json:
         print(json.dumps(report))
     else:
@@ -338,4 +423,90 @@ def cmd_bench(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-COMMANDS = {"score": cmd_score, "features": cmd_features, "run": cmd_run, "batch": cmd_batch, "bench": cmd_bench}
+def _bench_quality(args: argparse.Namespace, config: Config) -> int:
+    from epo_tui.labels import read_explanations
+
+    if args.model not in (None, "config"):
+        raise UserError(f"--quality: measures the model and SAE of --config or --demo, not --model {args.model}")
+    if args.latents < 1:
+        raise UserError(f"--latents: must be >= 1, found {args.latents}")
+    if args.seed < 0:
+        raise UserError(f"--seed: must be >= 0, found {args.seed}")
+    if args.heldout:
+        heldout = Path(args.heldout).expanduser()
+    elif args.demo:
+        heldout = paths.demo_pack() / "heldout.jsonl"
+    else:
+        raise UserError("--quality: needs a held-out text: --heldout PATH, or --demo for the pack's sample")
+    from epo_tui.engine import quality
+
+    texts = quality.read_heldout(heldout)
+    labels = read_explanations(Path(config.sae.labels)) if config.sae.labels else None
+    pair = _load_pair(config, [0], config.source)
+    from epo_tui.engine.runner import StopFlag
+
+    with StopFlag() as stop:
+        report = quality.run_quality(pair, config, texts, latents=args.latents,
+                                     iterations=args.iterations or QUALITY_ITERATIONS, seed=args.seed,
+                                     labels=labels, progress=_progress_line, stop=stop)
+    if args.json:
+        print(quality.report_json(report))
+    else:
+        quality.print_quality(report)
+    return EXIT_INTERRUPTED if report["interrupted"] else 0
+
+
+def cmd_worker(args: argparse.Namespace, config: Config) -> int:
+    from epo_tui.engine.worker import serve
+
+    code = serve()
+    # The command reader thread may sit in a blocking read of stdin; a normal interpreter exit would
+    # then abort (stdin's buffer lock is held). Everything is written and flushed by now: leave.
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def cmd_sessions(args: argparse.Namespace, config: Config) -> int:
+    from epo_tui import favorites, sessions
+
+    action = args.action or "list"
+    if action == "list":
+        found, problems = sessions.list_sessions()
+        for problem in problems:
+            print(f"epo-tui: skipped a damaged session: {inert(problem)}", file=sys.stderr)
+        if not found:
+            print("no sessions yet (every `epo-tui run` and every search in the UI makes one)")
+        for entry in found:
+            print(_session_line(entry))
+        return 0
+    if action == "delete":
+        sessions.delete_session(args.id, force=args.force)
+        print(f"deleted session {inert(args.id)}")
+        return 0
+    session = sessions.find_session(args.id)
+    if action == "show":
+        print(sessions.export_markdown(session), end="")
+        return 0
+    if args.favorite is None:  # export
+        sys.stdout.write(sessions.export_markdown(session))
+        return 0
+    elites = session.read_elites()
+    if not 0 <= args.favorite < len(elites):
+        raise UserError(f"--favorite: session {session.id} has elites 0..{len(elites) - 1}, found {args.favorite}")
+    path = favorites.append_favorite(favorites.favorites_path(config),
+                                     favorites.favorite_from_elite(session.read_meta(), elites[args.favorite]))
+    print(f"saved elite {args.favorite} of session {session.id} to {inert(str(path))}")
+    return 0
+
+
+def _session_line(entry) -> str:
+    """id, status, iterations, features and label, model: one line per session."""
+    done = f"{entry.checkpoint_iteration if entry.checkpoint_iteration is not None else entry.iteration}"
+    features = "+".join(map(str, entry.features)) or "?"
+    label = f" {entry.label}" if entry.label else ""
+    return inert(f"{entry.id}  {entry.status:<8}  {done:>5}/{entry.iterations_total:<5}  feature {features}{label}"
+                 f"  ({entry.model})")
+
+
+COMMANDS = {"score": cmd_score, "features": cmd_features, "run": cmd_run, "batch": cmd_batch, "bench": cmd_bench,
+            "worker": cmd_worker, "sessions": cmd_sessions}

@@ -39,6 +39,8 @@ class SAEConfig:
     release: str | None = "gpt2-small-res-jb"  # sae-lens registry release
     id: str | None = "blocks.8.hook_resid_pre"  # SAE id within the release
     path: str | None = None  # or a local sae-lens directory
+    # a Neuronpedia explanations export (.jsonl or .jsonl.gz) whose descriptions label the features
+    labels: str | None = None
 
 
 TARGET_KINDS = ("sae", "direction", "neuron", "logit", "vector")
@@ -90,11 +92,18 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class FavoritesConfig:
+    # the markdown file saved prompts are appended to; empty: favorites.md in the data folder
+    path: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     sae: SAEConfig = SAEConfig()
     feature: FeatureConfig = FeatureConfig()
     search: SearchConfig = SearchConfig()
+    favorites: FavoritesConfig = FavoritesConfig()
     source: str = field(default=BUILTIN_SOURCE, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,6 +118,7 @@ SECTIONS: dict[str, type] = {
     "sae": SAEConfig,
     "feature": FeatureConfig,
     "search": SearchConfig,
+    "favorites": FavoritesConfig,
 }
 
 
@@ -153,7 +163,16 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
         where = f"line {err.lineno}, column {err.colno}" if getattr(err, "lineno", None) else "?"
         reason = getattr(err, "msg", str(err))
         raise ConfigError(source, "", f"invalid TOML at {where}: {reason}") from None
+    return config_from_data(document, source, base_dir)
 
+
+def config_from_data(document: dict, source: str = "<data>", base_dir: Path | None = None) -> Config:
+    """Validate plain data (parsed TOML, or `Config.to_dict()` sent by a client or kept in a session)
+    into a Config. Keys whose value is None are left at their defaults (TOML has no null)."""
+    if not isinstance(document, dict):
+        raise ConfigError(source, "", f"expected a table of sections, found {_describe(document)}")
+    document = {name: ({k: v for k, v in table.items() if v is not None} if isinstance(table, dict) else table)
+                for name, table in document.items()}
     for name in document:
         if name not in SECTIONS:
             raise ConfigError(
@@ -171,6 +190,8 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
                             section="model", remote=("name",), local="path", base_dir=base_dir)
     sae = _resolve_choice(built["sae"], table=document.get("sae", {}), source=source,
                           section="sae", remote=("release", "id"), local="path", base_dir=base_dir)
+    if sae.labels:
+        sae = dataclasses.replace(sae, labels=str(_relative_to(sae.labels, base_dir)))
     feature = built["feature"]
     if feature.kind in ("neuron", "vector") and not feature.hook:
         raise ConfigError(source, "feature.hook", f"missing; feature.kind '{feature.kind}' reads a hook "
@@ -178,9 +199,7 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
     if feature.kind == "vector":
         if not feature.vector:
             raise ConfigError(source, "feature.vector", "missing; feature.kind 'vector' needs a .npy file")
-        vector = Path(feature.vector).expanduser()
-        if not vector.is_absolute() and base_dir is not None:
-            feature = dataclasses.replace(feature, vector=str(base_dir / vector))
+        feature = dataclasses.replace(feature, vector=str(_relative_to(feature.vector, base_dir)))
     if feature.combine == "contrast" and len(feature.features) < 2:
         raise ConfigError(source, "feature.combine", "'contrast' needs feature.indices = [raise, hold down, ...]")
     search = built["search"]
@@ -192,7 +211,10 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
     if search.penalty_min <= 0:
         raise ConfigError(source, "search.penalty_min",
                           f"must be > 0 (penalties are log-spaced), found {search.penalty_min}")
-    return Config(model=model, sae=sae, feature=feature, search=search, source=source)
+    favorites = built["favorites"]
+    if favorites.path:
+        favorites = dataclasses.replace(favorites, path=str(_relative_to(favorites.path, base_dir)))
+    return Config(model=model, sae=sae, feature=feature, search=search, favorites=favorites, source=source)
 
 
 def _build_section(cls: type, section: str, table: dict, source: str):
@@ -212,7 +234,7 @@ def _build_section(cls: type, section: str, table: dict, source: str):
 
 def _check_value(value: Any, hint: Any, limits: typing.Mapping, source: str, key: str) -> Any:
     if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a TOML array of X
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):
             raise ConfigError(source, key, f"expected an array, found {_describe(value)}")
         item = typing.get_args(hint)[0]
         return tuple(_check_value(v, item, limits, source, f"{key}[{i}]") for i, v in enumerate(value))
@@ -245,15 +267,19 @@ def _resolve_choice(built, *, table: dict, source: str, section: str, remote: tu
                 source, f"{section}.{given_remote[0]}",
                 f"give either {section}.{local} or {' + '.join(f'{section}.{k}' for k in remote)}, not both",
             )
-        path = Path(table[local]).expanduser()
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
+        path = _relative_to(table[local], base_dir)
         return dataclasses.replace(built, **{k: None for k in remote}, **{local: str(path)})
     if given_remote and len(given_remote) < len(remote):
         missing = next(k for k in remote if k not in table)
         raise ConfigError(source, f"{section}.{missing}",
                           f"missing; {section}.{given_remote[0]} needs {section}.{missing} too")
     return built
+
+
+def _relative_to(text: str, base_dir: Path | None) -> Path:
+    """A path from the config: `~` expanded, relative ones resolved against the config's folder."""
+    path = Path(text).expanduser()
+    return base_dir / path if not path.is_absolute() and base_dir is not None else path
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}

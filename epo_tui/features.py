@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from epo_tui import paths
@@ -52,6 +52,16 @@ def load_catalog(path: Path, sae_key: str) -> list[FeatureEntry] | None:
                 for f in data["features"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def with_labels(entries: list[FeatureEntry], labels_file: str | None) -> list[FeatureEntry]:
+    """The entries labelled from a Neuronpedia explanations export (`sae.labels`), when one is set."""
+    if not labels_file:
+        return entries
+    from epo_tui.labels import read_explanations
+
+    labels = read_explanations(Path(labels_file))
+    return [replace(e, label=labels[e.index]) if e.index in labels else e for e in entries]
 
 
 def search_features(entries: list[FeatureEntry], query: str) -> list[FeatureEntry]:

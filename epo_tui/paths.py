@@ -45,3 +45,16 @@ def shipped_dir(name: str) -> Path:
 def sample_configs() -> dict[str, Path]:
     """Shipped sample configs by name (file name without .toml)."""
     return {p.stem: p for p in sorted(shipped_dir("sample_configs").glob("*.toml"))}
+
+
+def demo_pack() -> Path:
+    """The bundled demo pack (model, SAE, labels, held-out sample, config.toml), inside the package."""
+    return Path(__file__).resolve().parent / "demo" / "pack"
+
+
+def demo_config_file() -> Path:
+    config = demo_pack() / "config.toml"
+    if not config.is_file():
+        raise UserError(f"the demo pack is missing from this installation ({config.parent}); build it with "
+                        "`python -m epo_tui.demo.build --stage all` (see epo_tui/demo/README.md)")
+    return config

@@ -161,11 +161,11 @@ def marked_prompt(tokens: list[str], activations: list[float]) -> str:
     return "".join(parts)
 
 
-def _num(value: float | None, digits: int = 3) -> str:
+def number(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _features_label(feature: dict) -> str:
+def features_title(feature: dict) -> str:
     indices = ", ".join(str(i) for i in feature["indices"])
     if len(feature["indices"]) == 1:
         return f"feature {indices}"
@@ -190,57 +190,62 @@ def render_report(result: dict) -> str:
     """report.md: title, elites table, each elite's prompt marked by activation, the frontier."""
     feature, sae = result["feature"], result["sae"]
     lines = [
-        f"# EPO: {_features_label(feature)}",  # numbers and config choices only
+        f"# EPO: {features_title(feature)}",  # numbers and config choices only
         "",
-        f"Model `{_code(result['model'])}` · SAE `{_code(sae['name'])}` at `{_code(sae['hook'])}` · "
+        f"Model `{code_span(result['model'])}` · SAE `{code_span(sae['name'])}` at `{code_span(sae['hook'])}` · "
         f"target {md_text(feature['kind'])}, read at the {md_text(feature['read'])} token.",
         "",
         _timing_line(result),
         "",
         "## Elites",
         "",
-        "| # | λ | act | xent | prompt |",
-        "|---:|---:|---:|---:|---|",
+        *elites_table(result["elites"]),
     ]
     for k, elite in enumerate(result["elites"], 1):
-        text = elite.get("text", "".join(elite["tokens"][elite.get("prompt_start", 0):]))
-        lines.append(f"| {k} | {elite['penalty']:.2f} | {_num(elite['act'])} | {_num(elite['xent'])} | "
-                     f"{md_text(text)} |")
-    for k, elite in enumerate(result["elites"], 1):
-        lines += _elite_section(k, elite)
-    lines += _frontier_section(result["frontier"])
+        lines += elite_section(k, elite)
+    lines += frontier_section(result["frontier"])
     return "\n".join(lines) + "\n"
 
 
-def _code(text: str) -> str:
+def elites_table(elites: list[dict]) -> list[str]:
+    """One row per elite: λ, act, xent, the prompt's text (shared with the session export)."""
+    lines = ["| # | λ | act | xent | prompt |", "|---:|---:|---:|---:|---|"]
+    for k, elite in enumerate(elites, 1):
+        text = elite.get("text", "".join(elite["tokens"][elite.get("prompt_start", 0):]))
+        lines.append(f"| {k} | {elite['penalty']:.2f} | {number(elite['act'])} | {number(elite['xent'])} | "
+                     f"{md_text(text)} |")
+    return lines
+
+
+def code_span(text: str) -> str:
     """Text for inside a `code span`: no backticks can close it, nothing else is interpreted."""
     return inert(str(text)).replace("`", "'")
 
 
-def _elite_section(k: int, elite: dict) -> list[str]:
+def elite_section(k: int, elite: dict) -> list[str]:
     start = elite.get("prompt_start", 0)
     tokens, acts = elite["tokens"], elite["activations"]
-    lines = ["", f"### Elite {k}: λ = {elite['penalty']:.2f}, act {_num(elite['act'])}, "
-                 f"xent {_num(elite['xent'])}", "",
+    lines = ["", f"### Elite {k}: λ = {elite['penalty']:.2f}, act {number(elite['act'])}, "
+                 f"xent {number(elite['xent'])}", "",
              marked_prompt(tokens[start:], acts[start:]), "",
              "<details><summary>Activation per token</summary>", ""]
     per_feature = elite.get("feature_activations", {})
     extra = "".join(f" act[{md_text(f)}] |" for f in per_feature)
     lines += [f"| pos | token | id | act |{extra}", "|---:|---|---:|---:|" + "---:|" * len(per_feature)]
     for pos, (token, token_id, act) in enumerate(zip(tokens, elite["token_ids"], acts)):
-        cells = "".join(f" {_num(values[pos])} |" for values in per_feature.values())
+        cells = "".join(f" {number(values[pos])} |" for values in per_feature.values())
         where = "" if pos >= start else " (prefix)"
-        lines.append(f"| {pos}{where} | {md_token(token)} | {token_id} | {_num(act)} |{cells}")
+        lines.append(f"| {pos}{where} | {md_token(token)} | {token_id} | {number(act)} |{cells}")
     lines += ["", "</details>"]
     return lines
 
 
-def _frontier_section(frontier: list[dict]) -> list[str]:
+def frontier_section(frontier: list[dict]) -> list[str]:
     lines = ["", "## Frontier", "",
              "Every distinct prompt seen that no other beats on both fluency (lower xent) and objective.", "",
              "| xent | objective | act | prompt |", "|---:|---:|---:|---|"]
     for point in frontier:
-        lines.append(f"| {_num(point['xent'])} | {_num(point['objective'])} | {_num(point['act'])} | "
+        lines.append(f"| {number(point['xent'])} | {number(point['objective'])} | {number(point['act'])} | "
                      f"{md_text(point.get('text', ''))} |")
     return lines
 
@@ -250,7 +255,7 @@ def render_index(index: dict) -> str:
     sae = index["sae"]
     lines = [f"# EPO batch: {len(index['features'])} features",
              "",
-             f"Model `{_code(index['model'])}` · SAE `{_code(sae['name'])}` at `{_code(sae['hook'])}`.",
+             f"Model `{code_span(index['model'])}` · SAE `{code_span(sae['name'])}` at `{code_span(sae['hook'])}`.",
              ""]
     if index["interrupted"] or index["features_missing"]:
         missing = ", ".join(str(f) for f in index["features_missing"]) or "none"
@@ -259,7 +264,7 @@ def render_index(index: dict) -> str:
     for entry in index["features"]:
         note = f" (stopped after {entry['iterations_run']} iterations)" if entry["interrupted"] else ""
         link = f"[{md_text(entry['folder'])}]({_link(entry['folder'])}/report.md)"
-        lines.append(f"| {entry['feature']} | {_num(entry['act'])} | {_num(entry['xent'])} | "
+        lines.append(f"| {entry['feature']} | {number(entry['act'])} | {number(entry['xent'])} | "
                      f"{md_text(entry['prompt'])}{md_text(note)} | {link} |")
     return "\n".join(lines) + "\n"
 

@@ -1,4 +1,4 @@
-"""themes/ and sample_configs/ reach users who install the wheel (not editable)."""
+"""themes/, sample_configs/ and the demo pack reach users who install the wheel (not editable)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ def test_wheel_ships_themes_and_samples_and_finds_them_at_run_time(tmp_path):
     for shipped in ["themes/dark.toml", "themes/light.toml", "sample_configs/gpt2-small-res-jb.toml",
                     "sample_configs/gemma-2b-it-res-jb.toml", "sample_configs/gemma-2-2b-gemma-scope.toml"]:
         assert f"epo_tui/{shipped}" in names
+    for shipped in ["config.toml", "NOTICE.md", "heldout.jsonl", "explanations.jsonl", "model/model.safetensors",
+                    "model/tokenizer.json", "sae/cfg.json", "sae/sae_weights.safetensors"]:
+        assert f"epo_tui/demo/pack/{shipped}" in names
     assert any(n.endswith("entry_points.txt") for n in names)
 
     target = tmp_path / "site"
@@ -29,7 +32,8 @@ def test_wheel_ships_themes_and_samples_and_finds_them_at_run_time(tmp_path):
                     str(wheel)], check=True, capture_output=True, timeout=600)
     code = ("import epo_tui.paths as p, epo_tui.themes as t, epo_tui.config as c;"
             "print(p.__file__); print(sorted(p.sample_configs())); print(sorted(t.available_themes()));"
-            "print(c.load_config('sample:gpt2-small-res-jb').feature.index)")
+            "print(c.load_config('sample:gpt2-small-res-jb').feature.index);"
+            "print(c.load_config(str(p.demo_config_file())).sae.path)")
     env = {**os.environ, "PYTHONPATH": str(target)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120, check=True)
@@ -38,3 +42,4 @@ def test_wheel_ships_themes_and_samples_and_finds_them_at_run_time(tmp_path):
     assert lines[1] == "['gemma-2-2b-gemma-scope', 'gemma-2b-it-res-jb', 'gpt2-small-res-jb']"
     assert lines[2] == "['epo-dark', 'epo-light']"
     assert lines[3] == "234"
+    assert lines[4] == str(target / "epo_tui" / "demo" / "pack" / "sae")

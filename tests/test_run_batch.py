@@ -3,8 +3,6 @@ with `epo-tui score`, Ctrl-C, bad input, markdown safety, and a batch split over
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -18,22 +16,11 @@ import numpy as np
 import pytest
 
 from epo_tui import results
-from epo_tui.cli import main
 from epo_tui.engine import distributed
 from epo_tui.errors import UserError
+from cli_run import run_cli
 
 ITERATIONS = 8
-
-
-def _run(*argv) -> tuple[int, str, str]:
-    """main(argv) with its output captured; argparse's exits become exit codes."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as exit_:
-            code = exit_.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def _feature(tiny_dir: Path) -> int:
@@ -53,7 +40,7 @@ def _load(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def run_dir(tiny_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "out"
-    code, stdout, stderr = _run("run", "--config", _config(tiny_dir), "--iterations", ITERATIONS, "--out", out)
+    code, stdout, stderr = run_cli("run", "--config", _config(tiny_dir), "--iterations", ITERATIONS, "--out", out)
     assert code == 0, stderr
     assert stdout.startswith(f"ran {ITERATIONS}/{ITERATIONS} iterations") and f"results in {out}/" in stdout
     return out
@@ -102,7 +89,7 @@ def test_elites_agree_with_score(run_dir, tiny_dir):
     result = _load(run_dir)
     feature = result["feature"]["indices"][0]
     for elite in result["elites"]:
-        code, out, err = _run("score", "--config", _config(tiny_dir), "--feature", feature, "--json", elite["text"])
+        code, out, err = run_cli("score", "--config", _config(tiny_dir), "--feature", feature, "--json", elite["text"])
         assert code == 0, err
         scored = json.loads(out)
         assert scored["token_ids"] == elite["token_ids"]
@@ -116,7 +103,7 @@ def test_two_features_combined_by_lp(tiny_dir, tmp_path):
     first = _feature(tiny_dir)
     second = 0 if first else 1
     out = tmp_path / "two"
-    code, stdout, err = _run("run", "--config", _config(tiny_dir), "--feature", first, "--feature", second,
+    code, stdout, err = run_cli("run", "--config", _config(tiny_dir), "--feature", first, "--feature", second,
                              "--combine", "lp", "--iterations", 3, "--out", out)
     assert code == 0, err
     result = _load(out)
@@ -144,7 +131,7 @@ def _interrupt_step_at(monkeypatch, iteration: int, feature: int | None = None) 
 def test_ctrl_c_stops_between_iterations_and_still_writes_results(tiny_dir, tmp_path, monkeypatch):
     _interrupt_step_at(monkeypatch, 3)
     out = tmp_path / "stopped"
-    code, stdout, _ = _run("run", "--config", _config(tiny_dir), "--iterations", ITERATIONS, "--out", out)
+    code, stdout, _ = run_cli("run", "--config", _config(tiny_dir), "--iterations", ITERATIONS, "--out", out)
     assert code == 130  # interrupted, results saved: documented in README and --help
     assert stdout.startswith(f"interrupted after 3/{ITERATIONS} iterations") and str(out) in stdout
     timings = _load(out)["timings"]
@@ -192,7 +179,7 @@ def test_sigint_on_a_running_search_writes_results(tiny_dir, tmp_path):
      "epo-tui: error: --coordinator: expected HOST:PORT, found 'x'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_dir, tmp_path, argv, message):
-    code, out, err = _run(*argv[:1], "--config", _config(tiny_dir), *argv[1:], "--out", tmp_path / "never")
+    code, out, err = run_cli(*argv[:1], "--config", _config(tiny_dir), *argv[1:], "--out", tmp_path / "never")
     assert code == 2 and out == ""
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "never").exists()
@@ -294,10 +281,10 @@ def test_batch_writes_folders_and_an_index_sorted_by_activation(tiny_dir, tmp_pa
     real_load = pairing.load_model_with_sae
     monkeypatch.setattr(pairing, "load_model_with_sae", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     features = [_feature(tiny_dir), 2, 11, 3]
-    _run("run", "--config", _config(tiny_dir), "--iterations", 1, "--out", tmp_path / "warm")  # compile once
+    run_cli("run", "--config", _config(tiny_dir), "--iterations", 1, "--out", tmp_path / "warm")  # compile once
     before = _compiled_counts()
     out = tmp_path / "batch"
-    code, stdout, err = _run("batch", "--config", _config(tiny_dir), "--features", ",".join(map(str, features)),
+    code, stdout, err = run_cli("batch", "--config", _config(tiny_dir), "--features", ",".join(map(str, features)),
                              "--iterations", 3, "--out", out)
     assert code == 0, err
     assert _compiled_counts() == before, "a feature recompiled the search steps"
@@ -327,7 +314,7 @@ def test_batch_random_draws_distinct_features_deterministically(tiny_dir, tmp_pa
     assert drawn == random_features(3, 64, seed=5) and len(set(drawn)) == 3 and all(0 <= f < 64 for f in drawn)
     assert any(random_features(3, 64, seed=s) != drawn for s in range(6, 10))
     out = tmp_path / "random"
-    code, _, err = _run("batch", "--config", _config(tiny_dir), "--random", 3, "--seed", 5, "--iterations", 2,
+    code, _, err = run_cli("batch", "--config", _config(tiny_dir), "--random", 3, "--seed", 5, "--iterations", 2,
                         "--out", out)
     assert code == 0, err
     index = json.loads((out / "index.json").read_text())
@@ -340,7 +327,7 @@ def test_batch_ctrl_c_writes_what_finished_and_the_index(tiny_dir, tmp_path, mon
     features = [1, 2, 3]
     _interrupt_step_at(monkeypatch, 2, feature=2)
     out = tmp_path / "stopped"
-    code, stdout, _ = _run("batch", "--config", _config(tiny_dir), "--features", "1,2,3", "--iterations", 4,
+    code, stdout, _ = run_cli("batch", "--config", _config(tiny_dir), "--features", "1,2,3", "--iterations", 4,
                            "--out", out)
     assert code == 130 and stdout.startswith("interrupted: 2/3 features")
     index = json.loads((out / "index.json").read_text())

@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 from jax.sharding import Mesh
 
-from epo_tui import results
+from epo_tui import results, sessions
 from epo_tui.config import Config
 from epo_tui.engine.distributed import Cluster, gather_summaries, rows_per_process
 from epo_tui.engine.pairing import ModelWithSAE
-from epo_tui.engine.search import Search, SearchState, elite_reports, local_mesh
+from epo_tui.engine.reporting import features_label, result_of
+from epo_tui.engine.search import Search, SearchState, local_mesh
+from epo_tui.engine.session_search import RecordedSearch
 
 
 class Reporter:
@@ -78,51 +80,69 @@ class StopFlag:
 # One search
 
 
-def run_search(search: Search, iterations: int, reporter: Reporter, stop: StopFlag
-               ) -> tuple[SearchState, results.RunTimings]:
-    """Starting elites, then up to `iterations` steps; stops early (interrupted) on Ctrl-C."""
-    timings = results.RunTimings(iterations_requested=iterations)
-    start = time.perf_counter()
-    state = search.initial_state()
-    timings.setup_s = time.perf_counter() - start
+class PlainSearch:
+    """A search without a session (benchmarks): the same stepping interface as RecordedSearch."""
+
+    def __init__(self, search: Search, iterations: int):
+        self.search, self.iterations_total = search, iterations
+        self.state = search.initial_state()
+
+    @property
+    def done(self) -> bool:
+        return self.state.iteration >= self.iterations_total
+
+    def step(self) -> None:
+        self.state, _ = self.search.step(self.state)
+
+
+def run_search(stepper, reporter: Reporter, stop: StopFlag) -> results.RunTimings:
+    """Steps until done; stops early (interrupted) on Ctrl-C. `stepper` is a PlainSearch or a
+    RecordedSearch (already set up: its set-up time is the caller's to record)."""
+    start_iteration = stepper.state.iteration
+    timings = results.RunTimings(iterations_requested=stepper.iterations_total - start_iteration)
     try:
-        while timings.iterations_run < iterations and not stop.requested:
+        while not stepper.done and not stop.requested:
             t0 = time.perf_counter()
-            state, _ = search.step(state)
+            stepper.step()
             timings.iteration_s.append(time.perf_counter() - t0)
-            reporter.iteration_done(state, timings.iteration_s[-1])
+            reporter.iteration_done(stepper.state, timings.iteration_s[-1])
     except KeyboardInterrupt:  # mid-iteration: the state before it is complete, so keep that
         stop.request()
-    timings.interrupted = timings.iterations_run < iterations
-    return state, timings
-
-
-def result_of(search: Search, state: SearchState, timings: results.RunTimings, cluster: Cluster) -> dict:
-    """The result.json content of a search in the state it reached."""
-    model, sae, feature = search.pair.model, search.pair.sae, search.config.feature
-
-    feature_record = {"kind": feature.kind, "indices": [int(i) for i in np.asarray(search.arrays.indices_F)],
-                      "combine": feature.combine, "lp_p": feature.lp_p, "lp_offset": feature.lp_offset,
-                      "read": feature.read, "hook": search.target.hook}
-    return results.build_result(
-        config=search.config.to_dict(), feature=feature_record, model=model.name,
-        sae={"name": sae.display_name, "hook": sae.hook_name}, timings=timings,
-        frontier=state.frontier.to_json(model.decode), best_objective_history=state.best_objective_history,
-        elites=elite_reports(search, state), process=cluster.to_json())
-
-
-def features_label(config: Config) -> str:
-    features = config.feature.features
-    return f"feature {features[0]}" if len(features) == 1 else f"features {'+'.join(map(str, features))}"
+    timings.interrupted = not stepper.done
+    return timings
 
 
 def run_one(pair: ModelWithSAE, config: Config, folder: Path, reporter: Reporter, stop: StopFlag,
-            mesh: Mesh | None = None, cluster: Cluster = Cluster()) -> dict:
-    """One search for config.feature: runs it, writes folder/result.json and report.md, returns the result."""
-    search = Search(pair, config, mesh=mesh or local_mesh())
+            mesh: Mesh | None = None, cluster: Cluster = Cluster(), sessions_root: Path | None = None) -> dict:
+    """One search for config.feature, recorded as a session: runs it, writes folder/result.json and
+    report.md (and the same in the session folder), returns the result."""
     reporter.search_started(features_label(config), config.search.iterations)
-    state, timings = run_search(search, config.search.iterations, reporter, stop)
-    result = result_of(search, state, timings, cluster)
+    t0 = time.perf_counter()
+    recorded = RecordedSearch.start(pair, config, mesh=mesh or local_mesh(), root=sessions_root)
+    return _run_recorded(recorded, time.perf_counter() - t0, folder, reporter, stop, cluster)
+
+
+def resume_one(pair: ModelWithSAE, session: sessions.Session, folder: Path, reporter: Reporter, stop: StopFlag,
+               iterations_total: int | None = None, mesh: Mesh | None = None) -> dict:
+    """A stopped session continued exactly where its last checkpoint left it."""
+    t0 = time.perf_counter()
+    recorded = RecordedSearch.resume(pair, session, mesh=mesh or local_mesh(), iterations_total=iterations_total)
+    reporter.search_started(features_label(recorded.search.config), recorded.iterations_total)
+    return _run_recorded(recorded, time.perf_counter() - t0, folder, reporter, stop, Cluster())
+
+
+def _run_recorded(recorded: RecordedSearch, setup_s: float, folder: Path, reporter: Reporter, stop: StopFlag,
+                  cluster: Cluster) -> dict:
+    try:
+        timings = run_search(recorded, reporter, stop)
+    except BaseException as err:  # a crash still leaves the last iterations checkpointed
+        with contextlib.suppress(Exception):
+            recorded.checkpoint("crashed", error=f"{type(err).__name__}: {err}")
+        raise
+    timings.setup_s = setup_s
+    recorded.finish("finished" if recorded.done else "stopped")
+    result = result_of(recorded.search, recorded.state, timings, cluster)
+    result["session"] = recorded.session.id
     results.write_result(folder, result)
     reporter.search_finished(result, Path(folder))
     return result

@@ -1,0 +1,258 @@
+"""`epo-tui bench --quality`: does the search find prompts that beat the dataset, fluently?
+
+The seed's headline: EPO finds prompts that activate a feature more than any dataset example. Here,
+for N random alive latents (seeded): the latent's maximum activation over every position of a
+held-out text, against the best activation the search reaches at a cross-entropy no worse than the
+held-out text's own (median over 20-token windows, each scored exactly as the search scores a prompt)
+plus a margin of one nat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from epo_tui.config import Config
+from epo_tui.engine.pairing import ModelWithSAE
+from epo_tui.engine.runner import PlainSearch, Reporter, StopFlag, run_search
+from epo_tui.engine.sae import activations
+from epo_tui.engine.search import Search, local_mesh
+from epo_tui.engine.text_rows import pack_rows, token_stream
+from epo_tui.errors import UserError
+
+XENT_MARGIN = 1.0  # nats over the held-out median window xent a winning prompt may have
+GOAL_FRACTION = 0.8
+ROW_TOKENS = 128  # held-out rows: BOS + 127 tokens of the document stream
+ROWS_PER_BATCH = 32
+
+Progress = Callable[[str], None]
+
+
+def read_heldout(path: Path) -> list[str]:
+    """Documents of a held-out sample: `.jsonl` (one {"text": ...} per line) or plain text (one document)."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"--heldout: cannot read {path}: {err}") from None
+    if path.suffix != ".jsonl":
+        return [raw] if raw.strip() else []
+    texts = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            texts.append(str(json.loads(line)["text"]))
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}:{number}: expected a JSON object with a 'text' field") from None
+    return texts
+
+
+def heldout_rows(pair: ModelWithSAE, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens RxL, mask RxL): the documents joined by EOS in rows of BOS + L-1 tokens (`text_rows`)."""
+    tokenizer = pair.model.tokenizer
+    bos = pair.model.encode("")[0]
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
+    stream = token_stream(tokenizer, texts, eos)
+    return pack_rows(stream, min(ROW_TOKENS, pair.model.cfg.max_positions), bos)
+
+
+def dataset_maxima(pair: ModelWithSAE, tokens_RxL: np.ndarray, mask_RxL: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(max activation S, flat position of that max S) of every latent over the unmasked positions."""
+
+    best_S = np.full(pair.sae.d_sae, -np.inf, np.float32)
+    where_S = np.zeros(pair.sae.d_sae, np.int64)
+    for start in range(0, len(tokens_RxL), ROWS_PER_BATCH):
+        t, m = _padded(tokens_RxL[start:start + ROWS_PER_BATCH], ROWS_PER_BATCH), \
+            _padded(mask_RxL[start:start + ROWS_PER_BATCH], ROWS_PER_BATCH)
+        _, sae_in_BxLxD = pair.forward(jnp.asarray(t), logits=False)
+        value_S, arg_S = (np.asarray(a) for a in _masked_max(pair.sae, sae_in_BxLxD, jnp.asarray(m)))
+        better = value_S > best_S
+        best_S[better] = value_S[better]
+        where_S[better] = arg_S[better] + start * tokens_RxL.shape[1]
+    return best_S, where_S
+
+
+@jax.jit
+def _masked_max(sae, sae_in_BxLxD: jax.Array, mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    acts_BLxS = activations(sae, sae_in_BxLxD).reshape(-1, sae.W_enc_DxS.shape[1])
+    acts_BLxS = jnp.where(mask_BxL.reshape(-1, 1), acts_BLxS, -jnp.inf)
+    return acts_BLxS.max(0), acts_BLxS.argmax(0)
+
+
+def _padded(array: np.ndarray, rows: int) -> np.ndarray:
+    """`array` with zero rows appended up to `rows` (one shape, one compilation)."""
+    missing = rows - len(array)
+    return np.concatenate([array, np.zeros((missing, *array.shape[1:]), array.dtype)]) if missing else array
+
+
+def heldout_windows(tokens_RxL: np.ndarray, mask_RxL: np.ndarray, width: int, special_ids) -> np.ndarray:
+    """Non-overlapping `width`-token windows of each row's text (never across rows, never holding a
+    special token such as a document boundary), as WxN."""
+    special = np.isin(tokens_RxL, np.asarray(list(special_ids), np.int64)) | ~mask_RxL
+    windows = []
+    for row, bad in zip(tokens_RxL, special, strict=True):
+        for start in range(1, len(row) - width + 1, width):
+            if not bad[start:start + width].any():
+                windows.append(row[start:start + width])
+    return np.asarray(windows, np.int32).reshape(-1, width)
+
+
+def window_xents(search: Search, windows_WxN: np.ndarray) -> np.ndarray:
+    """Each window's xent, as the search computes a prompt's (after BOS and the prefix), in batches
+    of the search's own children count so nothing recompiles."""
+    batch = search.st.elites * search.st.children
+    out = []
+    for start in range(0, len(windows_WxN), batch):
+        chunk = windows_WxN[start:start + batch]
+        _, _, xent = search.evaluate(_padded(chunk, batch))
+        out.append(xent[:len(chunk)])
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def context_snippet(pair: ModelWithSAE, tokens_RxL: np.ndarray, flat: int, before: int = 12, after: int = 3) -> str:
+    """The held-out text around a flat position, the token there in [brackets]."""
+    row, pos = divmod(int(flat), tokens_RxL.shape[1])
+    ids = tokens_RxL[row]
+    decode = pair.model.decode
+    return (decode(ids[max(1, pos - before):pos]) + "[" + decode(ids[pos:pos + 1]) + "]"
+            + decode(ids[pos + 1:pos + 1 + after]))
+
+
+def best_prompts(search: Search, state, xent_limit: float) -> dict:
+    """The best activation of everything kept (frontier and elites), unconstrained and at xent <= limit."""
+    frontier = state.frontier
+    xent = np.concatenate([frontier.xent, state.xent_K])
+    act = np.concatenate([frontier.act, state.act_K])
+    tokens = np.concatenate([frontier.tokens, state.tokens_KxN])
+    decode = search.pair.model.decode
+    top = int(np.argmax(act))
+    out = {"best_act": float(act[top]), "best_xent": float(xent[top]), "best_prompt": decode(tokens[top])}
+    fluent = np.flatnonzero(xent <= xent_limit)
+    if len(fluent):
+        pick = int(fluent[np.argmax(act[fluent])])
+        out.update(fluent_act=float(act[pick]), fluent_xent=float(xent[pick]), fluent_prompt=decode(tokens[pick]))
+    else:
+        out.update(fluent_act=None, fluent_xent=None, fluent_prompt=None)
+    return out
+
+
+class _IterationLines(Reporter):
+    def __init__(self, progress: Progress, label: str, every: int = 10):
+        self.progress, self.label, self.every = progress, label, every
+
+    def iteration_done(self, state, seconds: float) -> None:
+        if state.iteration % self.every == 0:
+            self.progress(f"{self.label}: iteration {state.iteration}, best act {float(state.act_K.max()):.3f}")
+
+
+def run_quality(pair: ModelWithSAE, config: Config, heldout: list[str], latents: int, iterations: int,
+                seed: int = 0, labels: dict[int, str] | None = None,
+                progress: Progress = lambda _: None, stop: StopFlag | None = None) -> dict:
+    """The quality benchmark as one JSON-able dict (see the module docstring)."""
+    if config.feature.kind != "sae":
+        raise UserError("bench --quality: needs feature.kind = 'sae' (it measures SAE latents)")
+    started = time.perf_counter()
+    stop = stop or StopFlag()
+    tokens, mask = heldout_rows(pair, heldout)
+    if not mask.any():
+        raise UserError("bench --quality: the held-out sample holds no text")
+    progress(f"held-out sample: {len(heldout)} documents, {int(mask.sum()):,} tokens; computing every "
+             f"latent's maximum")
+    maxima_S, where_S = dataset_maxima(pair, tokens, mask)
+    alive = np.flatnonzero(maxima_S > 0)
+    if len(alive) < latents:
+        raise UserError(f"bench --quality: {latents} latents asked, {len(alive)} fire on the held-out sample")
+    chosen = sorted(int(i) for i in np.random.default_rng(seed).choice(alive, size=latents, replace=False))
+    search_config = dataclasses.replace(config, search=dataclasses.replace(config.search, iterations=iterations))
+    mesh = local_mesh()
+
+    def search_for(latent: int) -> Search:
+        feature = dataclasses.replace(config.feature, index=latent, indices=())
+        return Search(pair, dataclasses.replace(search_config, feature=feature), mesh=mesh)
+
+    windows = heldout_windows(tokens, mask, config.search.prompt_tokens, pair.model.special_token_ids())
+    if not len(windows):
+        raise UserError(f"bench --quality: the held-out sample has no {config.search.prompt_tokens}-token window")
+    xents = window_xents(search_for(chosen[0]), windows)
+    median = float(np.median(xents))
+    limit = median + XENT_MARGIN
+    progress(f"held-out median xent over {len(windows):,} windows of {config.search.prompt_tokens} tokens: "
+             f"{median:.3f}; a prompt counts at xent <= {limit:.3f}")
+    rows, search_seconds = [], []
+    for n, latent in enumerate(chosen, 1):
+        if stop.requested:
+            break
+        label = f"[{n}/{latents}] latent {latent}"
+        progress(f"{label}: dataset max {maxima_S[latent]:.3f}; searching {iterations} iterations")
+        search = search_for(latent)
+        t0 = time.perf_counter()
+        stepper = PlainSearch(search, iterations)
+        timings = run_search(stepper, _IterationLines(progress, label), stop)
+        state = stepper.state
+        search_seconds.append(time.perf_counter() - t0)
+        best = best_prompts(search, state, limit)
+        beat = best["fluent_act"] is not None and best["fluent_act"] > float(maxima_S[latent])
+        rows.append({"latent": latent, "label": (labels or {}).get(latent),
+                     "dataset_max": float(maxima_S[latent]),
+                     "dataset_context": context_snippet(pair, tokens, where_S[latent]),
+                     **best, "iterations_run": timings.iterations_run, "beat": bool(beat)})
+        fluent = "none" if best["fluent_act"] is None else f"{best['fluent_act']:.3f}"
+        progress(f"{label}: best act {best['best_act']:.3f} (xent {best['best_xent']:.3f}); at xent <= "
+                 f"{limit:.2f}: {fluent}; {'beats' if beat else 'does not beat'} the dataset")
+    beaten = sum(r["beat"] for r in rows)
+    return {
+        "model": pair.model.name, "sae": pair.sae.display_name, "hook": pair.sae.hook_name,
+        "heldout": {"documents": len(heldout), "tokens": int(mask.sum()), "windows": int(len(windows)),
+                    "window_tokens": config.search.prompt_tokens, "median_window_xent": median,
+                    "alive_latents": int(len(alive)), "latents": int(pair.sae.d_sae)},
+        "search": {"iterations": iterations, "elites": config.search.elites,
+                   "candidates": config.search.candidates, "prompt_tokens": config.search.prompt_tokens,
+                   "penalty_min": config.search.penalty_min, "penalty_max": config.search.penalty_max,
+                   "seed": config.search.seed},
+        "latent_seed": seed, "xent_margin": XENT_MARGIN, "xent_limit": limit,
+        "latents": rows, "beaten": beaten, "fraction": beaten / len(rows) if rows else 0.0,
+        "goal_fraction": GOAL_FRACTION, "interrupted": len(rows) < latents,
+        "seconds": {"total": time.perf_counter() - started,
+                    "per_search_mean": float(np.mean(search_seconds)) if search_seconds else None},
+    }
+
+
+def print_quality(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from epo_tui.text import inert
+
+    console = Console(highlight=False, soft_wrap=True)
+    h, s = report["heldout"], report["search"]
+    console.print(f"{inert(report['model'])} + {inert(report['sae'])} at {report['hook']}; held-out "
+                  f"{h['tokens']:,} tokens, median xent {h['median_window_xent']:.3f} over {h['windows']:,} "
+                  f"windows of {h['window_tokens']} tokens; {s['iterations']} iterations of {s['elites']} x "
+                  f"{s['candidates']} per latent")
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column, justify in (("latent", "right"), ("label", "left"), ("dataset max", "right"),
+                            ("best act", "right"), ("its xent", "right"),
+                            (f"act at xent <= {report['xent_limit']:.2f}", "right"), ("beat", "left")):
+        table.add_column(column, justify=justify)
+    for row in report["latents"]:
+        fluent = "-" if row["fluent_act"] is None else f"{row['fluent_act']:.3f}"
+        table.add_row(str(row["latent"]), inert(row["label"] or ""), f"{row['dataset_max']:.3f}",
+                      f"{row['best_act']:.3f}", f"{row['best_xent']:.3f}", fluent, "yes" if row["beat"] else "no")
+    console.print(table)
+    verdict = "meets" if report["fraction"] >= report["goal_fraction"] else "misses"
+    console.print(f"beat the dataset max at xent <= median + {report['xent_margin']:g}: {report['beaten']}/"
+                  f"{len(report['latents'])} = {report['fraction']:.0%} ({verdict} the goal of "
+                  f"{report['goal_fraction']:.0%}); {report['seconds']['total']:.0f} s")
+
+
+def report_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, ensure_ascii=False)

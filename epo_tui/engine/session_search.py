@@ -1,0 +1,160 @@
+"""A search that is also a session: checkpoints at most `checkpoint_seconds` apart and whenever it
+stops, the frontier history, the status; and a session resumed exactly where it stopped.
+
+Shared by the worker (`epo-tui worker`) and the headless `epo-tui run` (and `run --resume ID`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from epo_tui import results, sessions
+from epo_tui.config import Config, config_from_data
+from epo_tui.engine.checkpoints import new_frontier_points, state_arrays, state_from_arrays
+from epo_tui.engine.distributed import Cluster
+from epo_tui.engine.pairing import ModelWithSAE
+from epo_tui.engine.reporting import feature_record, features_label, result_of
+from epo_tui.engine.search import Search, SearchState, elite_reports
+from epo_tui.errors import UserError
+
+CHECKPOINT_SECONDS = 30.0
+
+
+def session_config(session: sessions.Session) -> Config:
+    """The config a session ran with (validated again: the file may have been edited or damaged)."""
+    meta = session.read_meta()
+    return config_from_data(meta["config"], source=f"session {session.id}")
+
+
+class RecordedSearch:
+    """One search and its session. `step()` runs an iteration and checkpoints when due."""
+
+    def __init__(self, search: Search, state: SearchState, session: sessions.Session, iterations_total: int,
+                 checkpoint_seconds: float = CHECKPOINT_SECONDS):
+        self.search, self.state, self.session = search, state, session
+        self.iterations_total = iterations_total
+        self.checkpoint_seconds = checkpoint_seconds
+        self.last_checkpoint = time.monotonic()
+        self.pending_history: list[dict] = []  # frontier points since the last checkpoint
+        self.seconds: list[float] = []
+
+    # -- creation
+
+    @classmethod
+    def start(cls, pair: ModelWithSAE, config: Config, mesh=None, seed_prompt: str | None = None,
+              label: str | None = None, root: Path | None = None,
+              checkpoint_seconds: float = CHECKPOINT_SECONDS) -> RecordedSearch:
+        search = Search(pair, config, mesh=mesh)
+        state = search.initial_state(seed_prompt)
+        session = sessions.create_session({
+            "config": config.to_dict(), "feature": feature_record(search), "lambdas": search.lambdas_K.tolist(),
+            "model": pair.model.name, "sae": {"name": pair.sae.display_name, "hook": pair.sae.hook_name},
+            "label": label, "iteration": 0, "iterations_total": config.search.iterations,
+            "seed_prompt": seed_prompt}, root=root)
+        recorded = cls(search, state, session, config.search.iterations, checkpoint_seconds)
+        recorded.pending_history = recorded._points(state.frontier, np.arange(len(state.frontier)))
+        recorded.checkpoint("running")
+        return recorded
+
+    @classmethod
+    def resume(cls, pair: ModelWithSAE, session: sessions.Session, mesh=None, iterations_total: int | None = None,
+               checkpoint_seconds: float = CHECKPOINT_SECONDS) -> RecordedSearch:
+        config = session_config(session)
+        meta = session.read_meta()
+        arrays, _ = session.read_checkpoint()
+        search = Search(pair, config, mesh=mesh)
+        try:
+            state = state_from_arrays(arrays, config.search.elites, config.search.prompt_tokens)
+        except ValueError as err:
+            raise UserError(f"session {session.id}: {err}") from None
+        total = iterations_total or int(meta.get("iterations_total") or config.search.iterations)
+        recorded = cls(search, state, session, total, checkpoint_seconds)
+        session.update_meta(status="running", iterations_total=total, error=None)
+        return recorded
+
+    # -- running
+
+    @property
+    def done(self) -> bool:
+        return self.state.iteration >= self.iterations_total
+
+    def step(self) -> dict:
+        """One iteration; returns what changed (for a progress event): the new frontier points."""
+        before = self.state.frontier
+        t0 = time.perf_counter()
+        self.state, _ = self.search.step(self.state)
+        self.seconds.append(time.perf_counter() - t0)
+        new = self._points(self.state.frontier, new_frontier_points(before, self.state.frontier))
+        self.pending_history.extend(new)
+        due = time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds
+        if due:
+            self.checkpoint("running")
+        return {"frontier_new": new, "checkpointed": due}
+
+    def iterations_per_second(self, window: int = 10) -> float | None:
+        recent = self.seconds[-window:]
+        return len(recent) / sum(recent) if recent and sum(recent) > 0 else None
+
+    def elites(self) -> list[dict]:
+        return elite_reports(self.search, self.state)
+
+    def checkpoint(self, status: str, error: str | None = None) -> None:
+        """The state, the elites and the history so far, then the status: in that order, so the
+        session never claims more than its checkpoint holds."""
+        self.session.write_checkpoint(state_arrays(self.state), self.state.iteration, self.elites())
+        if self.pending_history:
+            self.session.append_history(self.pending_history)
+            self.pending_history = []
+        self.session.update_meta(status=status, iteration=self.state.iteration, error=error)
+        self.last_checkpoint = time.monotonic()
+
+    def finish(self, status: str, error: str | None = None) -> dict:
+        """A last checkpoint, and result.json + report.md in the session folder; returns the result."""
+        self.checkpoint(status, error)
+        timings = results.RunTimings(iterations_requested=self.iterations_total, iteration_s=list(self.seconds),
+                                     interrupted=not self.done)
+        result = result_of(self.search, self.state, timings, Cluster())
+        results.write_result(self.session.folder, result)
+        return result
+
+    def inject(self, text: str) -> tuple[int, dict]:
+        """Puts a prompt from `text` into the population (cut to the prompt length, or continued by the
+        model when shorter): it replaces the elite k whose fitness f_k it lowers least (or raises
+        most), and enters the frontier. Returns (k, that elite's report)."""
+        if not text:
+            raise UserError("inject: the text is empty")
+        candidate = self.search.initial_state(text)  # K continuations of the text, all valid
+        tokens, objective = candidate.tokens_KxN[0], float(candidate.objective_K[0])
+        act, xent = float(candidate.act_K[0]), float(candidate.xent_K[0])
+        state, lambdas = self.state, self.search.lambdas_K
+        gain_K = (objective - lambdas * xent) - (state.objective_K - lambdas * state.xent_K)
+        k = int(np.argmax(gain_K))
+        state.tokens_KxN[k], state.objective_K[k], state.act_K[k], state.xent_K[k] = tokens, objective, act, xent
+        before = state.frontier
+        state.frontier = before.merged([xent], [objective], [act], tokens[None])
+        self.pending_history.extend(self._points(state.frontier, new_frontier_points(before, state.frontier)))
+        return k, self.elites()[k]
+
+    def label(self) -> str:
+        return features_label(self.search.config)
+
+    def _points(self, frontier, indices) -> list[dict]:
+        decode = self.search.pair.model.decode
+        return [{"iteration": self.state.iteration, "xent": float(frontier.xent[i]),
+                 "objective": float(frontier.objective[i]), "act": float(frontier.act[i]),
+                 "token_ids": frontier.tokens[i].tolist(), "text": decode(frontier.tokens[i])} for i in indices]
+
+
+def with_overrides(config: Config, feature: dict | None = None, search: dict | None = None) -> Config:
+    """The config with some [feature] / [search] keys replaced, validated as a config file would be."""
+    data = config.to_dict()
+    for section, changes in (("feature", feature), ("search", search)):
+        if changes:
+            data[section] = {**data[section], **changes}
+            if section == "feature" and "index" in changes and "indices" not in changes:
+                data["feature"]["indices"] = []
+    return dataclasses.replace(config_from_data(data, source="the start command"), source=config.source)

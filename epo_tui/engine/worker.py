@@ -1,0 +1,343 @@
+"""`epo-tui worker`: the engine served over stdin/stdout (protocol.py; PROTOCOL.md describes it).
+
+One thread reads commands (a bounded queue); the main thread runs the search and, between two
+iterations, every command that arrived, so `pause` and `score` take effect within one iteration.
+Events go out through one lock-guarded writer. Stdout carries only protocol lines: the real stdout is
+kept for them and file descriptor 1 is pointed at stderr, so a library's print can never corrupt the
+stream. Stdin closing (the client died, the SSH link dropped), SIGTERM and SIGHUP checkpoint the
+running search and exit; the session stays resumable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from epo_tui import __version__, paths, protocol, sessions
+from epo_tui.config import Config, config_from_data, load_config
+from epo_tui.errors import ConfigError, UserError
+
+COMMAND_QUEUE = 256  # commands waiting; a client that floods the worker waits on its pipe instead
+IDLE_POLL_S = 0.5
+_EOF = object()
+
+
+class Output:
+    """Protocol lines to the client, one writer at a time; a closed pipe turns sends into no-ops."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream, self.lock, self.closed = stream, threading.Lock(), False
+
+    def send(self, line: bytes) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            try:
+                self.stream.write(line)
+                self.stream.flush()
+            except (BrokenPipeError, OSError):
+                self.closed = True
+
+    def event(self, type_: str, id: Any = None, **fields: Any) -> None:
+        self.send(protocol.event(type_, id=id, **fields))
+
+    def error(self, kind: str, message: str, id: Any = None, trace: str | None = None) -> None:
+        self.send(protocol.error_event(kind, message, id=id, traceback=trace))
+
+
+class LogEvents(logging.Handler):
+    """Warnings and errors that libraries log (and Python warnings) become `log` events, one line each,
+    instead of going unseen on the worker's stderr."""
+
+    def __init__(self, out: Output):
+        super().__init__(level=logging.WARNING)
+        self.out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad log call must not stop the worker
+            message = str(record.msg)
+        lines = message.strip().splitlines() or [""]
+        self.out.event("log", level=record.levelname.lower(), message=f"{record.name}: {lines[0]}")
+
+
+def read_commands(stdin: BinaryIO, commands: queue.Queue, out: Output) -> None:
+    """The reader thread: every line becomes a Command in the queue or an error event; EOF ends it."""
+    limit = protocol.MAX_LINE_BYTES
+    while True:
+        try:
+            line = stdin.readline(limit + 1)
+        except (OSError, ValueError):
+            line = b""
+        if not line:
+            commands.put(_EOF)
+            return
+        if len(line) > limit and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):  # skip the rest of the huge line, bounded reads
+                line = stdin.readline(limit)
+            out.error("protocol", f"line longer than {limit:,} bytes: skipped")
+            continue
+        if not line.strip():
+            continue
+        try:
+            commands.put(protocol.parse_command(line))
+        except protocol.ProtocolError as err:
+            out.error("protocol", str(err), id=err.id)
+
+
+class Worker:
+    def __init__(self, out: Output, commands: queue.Queue, sessions_root: Path | None = None):
+        self.out, self.commands, self.sessions_root = out, commands, sessions_root
+        self.config: Config | None = None
+        self.pair = None
+        self.active = None  # RecordedSearch
+        self.paused = False
+        self.running = True
+
+    # -- the loop
+
+    def serve(self) -> int:
+        self.out.event("hello", worker=__version__, protocol=protocol.VERSION, pid=os.getpid())
+        self.set_state("idle")
+        while self.running:
+            searching = self.active is not None and not self.paused
+            self.handle_pending(block=not searching)
+            if self.running and self.active is not None and not self.paused:
+                self.guarded(None, self.iterate)
+        return 0
+
+    def handle_pending(self, block: bool) -> None:
+        try:
+            item = self.commands.get(timeout=IDLE_POLL_S) if block else self.commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if item is _EOF:
+                self.shutdown("the client closed the worker's input")
+                return
+            self.guarded(item.id, self.dispatch, item)
+            if not self.running:
+                return
+            try:
+                item = self.commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def guarded(self, id_: Any, fn, *args) -> None:
+        """Runs fn; a user's mistake becomes an `input` error, anything else an `internal` one."""
+        try:
+            fn(*args)
+        except ConfigError as err:
+            self.out.error("config", str(err), id=id_)
+        except UserError as err:
+            self.out.error("input", str(err), id=id_)
+        except Exception as err:  # noqa: BLE001 - the worker keeps serving
+            self.out.error("internal", f"{type(err).__name__}: {err}", id=id_, trace=traceback.format_exc())
+            if self.active is not None and fn == self.iterate:
+                self.stop_active("crashed", error=f"{type(err).__name__}: {err}")
+
+    def dispatch(self, cmd: protocol.Command) -> None:
+        getattr(self, "cmd_" + cmd.type)(cmd)
+
+    def set_state(self, state: str, detail: str | None = None, id_: Any = None) -> None:
+        self.out.event("state", id=id_, state=state, detail=detail)
+
+    # -- commands
+
+    def cmd_hello(self, cmd) -> None:
+        self.out.event("hello", id=cmd.id, worker=__version__, protocol=protocol.VERSION, pid=os.getpid())
+
+    def cmd_load(self, cmd) -> None:
+        given = [k for k in ("config", "config_path", "demo") if cmd.get(k) not in (None, False)]
+        if len(given) > 1:
+            raise UserError(f"load: give one of config, config_path, demo (got {', '.join(given)})")
+        if self.active is not None:
+            raise UserError("load: a search is running; stop it first")
+        if cmd.get("config") is not None:
+            config = config_from_data(cmd.get("config"), source="the load command")
+        elif cmd.get("demo"):
+            config = load_config(str(paths.demo_config_file()))
+        else:
+            config = load_config(cmd.get("config_path"))
+        self.load(config, cmd.id)
+
+    def load(self, config: Config, id_: Any = None) -> None:
+        import jax
+
+        from epo_tui.engine.compile_cache import enable_compile_cache
+        from epo_tui.engine.pairing import load_model_with_sae
+
+        self.set_state("loading", "model and SAE")
+        enable_compile_cache()
+        try:
+            self.pair = load_model_with_sae(config)
+        finally:
+            self.set_state("idle")
+        self.config = config
+        devices = jax.local_devices()
+        self.out.event("ready", id=id_, model=self.pair.model.name, sae=self.pair.sae.display_name,
+                       hook=self.pair.sae.hook_name, d_sae=self.pair.sae.d_sae, dtype=config.model.dtype,
+                       devices=[str(d) for d in devices], device_kind=devices[0].device_kind,
+                       config=config.to_dict(), labels=config.sae.labels)
+
+    def _need_pair(self, what: str) -> None:
+        if self.pair is None:
+            raise UserError(f"{what}: no model loaded (send 'load' first)")
+
+    def cmd_features(self, cmd) -> None:
+        from epo_tui.engine.logit_lens import feature_catalog
+        from epo_tui.features import with_labels
+
+        self._need_pair("features")
+        entries = with_labels(feature_catalog(self.pair), self.config.sae.labels)
+        self.out.event("features", id=cmd.id, features=[e.to_json() for e in entries])
+
+    def cmd_start(self, cmd) -> None:
+        from epo_tui.engine.sae import check_feature_index
+        from epo_tui.engine.session_search import CHECKPOINT_SECONDS, RecordedSearch, with_overrides
+
+        self._need_pair("start")
+        if self.active is not None:
+            raise UserError("start: a search is running; stop it first")
+        every = float(cmd.get("checkpoint_seconds", CHECKPOINT_SECONDS))
+        if not 0 <= every <= CHECKPOINT_SECONDS:
+            raise UserError(f"start: checkpoint_seconds must be between 0 and {CHECKPOINT_SECONDS:g}")
+        self.set_state("compiling", "starting prompts")
+        try:
+            if cmd.get("resume"):
+                session = sessions.find_session(cmd.get("resume"), root=self.sessions_root)
+                self.active = RecordedSearch.resume(self.pair, session, checkpoint_seconds=every)
+            else:
+                config = with_overrides(self.config, cmd.get("feature"), cmd.get("search"))
+                if config.feature.kind in ("sae", "direction"):
+                    for index in config.feature.features:
+                        check_feature_index(self.pair.sae, index, source="start: feature")
+                self.active = RecordedSearch.start(self.pair, config, seed_prompt=cmd.get("seed_prompt"),
+                                                   label=self._label(config), root=self.sessions_root,
+                                                   checkpoint_seconds=every)
+        except BaseException:
+            self.set_state("idle")
+            raise
+        self.paused = False
+        active = self.active
+        self.out.event("started", id=cmd.id, session=active.session.id, label=active.label(),
+                       iteration=active.state.iteration, iterations_total=active.iterations_total,
+                       lambdas=active.search.lambdas_K.tolist(), elites=active.elites())
+        self.set_state("running")
+
+    def _label(self, config: Config) -> str | None:
+        if not config.sae.labels or config.feature.kind not in ("sae", "direction"):
+            return None
+        from epo_tui.labels import read_explanations
+
+        labels = read_explanations(Path(config.sae.labels))
+        return " + ".join(labels.get(i, f"#{i}") for i in config.feature.features)
+
+    def iterate(self) -> None:
+        active = self.active
+        changed = active.step()
+        self.out.event("progress", session=active.session.id, iteration=active.state.iteration,
+                       iterations_total=active.iterations_total, it_per_s=active.iterations_per_second(),
+                       elites=active.elites(), frontier_new=changed["frontier_new"],
+                       best_objective=active.state.best_objective_history[-1])
+        if changed["checkpointed"]:
+            self.out.event("checkpointed", session=active.session.id, iteration=active.state.iteration)
+        if active.done:
+            self.stop_active("finished")
+
+    def stop_active(self, status: str, error: str | None = None, id_: Any = None) -> None:
+        active, self.active, self.paused = self.active, None, False
+        if active is None:
+            return
+        active.finish(status, error)
+        self.out.event("checkpointed", session=active.session.id, iteration=active.state.iteration)
+        self.out.event("finished", id=id_, session=active.session.id, status=status,
+                       iteration=active.state.iteration, iterations_total=active.iterations_total,
+                       folder=str(active.session.folder))
+        self.set_state("idle")
+
+    def cmd_pause(self, cmd) -> None:
+        if self.active is None:
+            raise UserError("pause: no search is running")
+        if not self.paused:
+            self.paused = True
+            self.active.checkpoint("paused")
+            self.out.event("checkpointed", session=self.active.session.id, iteration=self.active.state.iteration)
+        self.set_state("paused", id_=cmd.id)
+
+    def cmd_resume(self, cmd) -> None:
+        if self.active is None:
+            raise UserError("resume: no search is paused (to continue a stopped session: start with resume)")
+        self.paused = False
+        self.active.session.update_meta(status="running")
+        self.set_state("running", id_=cmd.id)
+
+    def cmd_stop(self, cmd) -> None:
+        if self.active is None:
+            raise UserError("stop: no search is running")
+        self.set_state("stopping")
+        self.stop_active("stopped", id_=cmd.id)
+
+    def cmd_score(self, cmd) -> None:
+        from epo_tui.engine.scoring import score_text
+        from epo_tui.engine.sae import check_feature_index
+
+        self._need_pair("score")
+        feature = cmd.get("feature")
+        if feature is None:
+            feature = self.active.search.config.feature.features[0] if self.active else self.config.feature.index
+        check_feature_index(self.pair.sae, feature, source="score: feature")
+        prefix = self.active.search.config.search.prefix if self.active else self.config.search.prefix
+        scored = score_text(self.pair, cmd.get("text"), feature, prefix=prefix)
+        self.out.event("scored", id=cmd.id, feature=feature, **scored)
+
+    def cmd_inject(self, cmd) -> None:
+        if self.active is None:
+            raise UserError("inject: no search is running")
+        k, report = self.active.inject(cmd.get("text"))
+        self.out.event("injected", id=cmd.id, elite=k, act=report["act"], xent=report["xent"], text=report["text"])
+
+    def cmd_shutdown(self, cmd) -> None:
+        self.shutdown(None, cmd.id)
+
+    def shutdown(self, reason: str | None, id_: Any = None) -> None:
+        """Checkpoints a running search as stopped (resumable), says bye, ends the loop."""
+        if self.active is not None:
+            with contextlib.suppress(Exception):
+                self.stop_active("stopped", error=reason)
+        self.out.event("bye", id=id_, reason=reason)
+        self.running = False
+
+
+def serve(stdin: BinaryIO | None = None, stdout: BinaryIO | None = None, sessions_root: Path | None = None) -> int:
+    """Runs the worker until `shutdown` or end of input; stdout/stdin default to the process's."""
+    if stdout is None:
+        stdout = os.fdopen(os.dup(1), "wb", buffering=0)  # the protocol's own copy of stdout
+        os.dup2(2, 1)  # and fd 1 (print, C libraries) goes to stderr from here on
+        sys.stdout = sys.stderr
+    stdin = stdin or sys.stdin.buffer
+    out = Output(stdout)
+    commands: queue.Queue = queue.Queue(maxsize=COMMAND_QUEUE)
+    threading.Thread(target=read_commands, args=(stdin, commands, out), daemon=True, name="commands").start()
+    worker = Worker(out, commands, sessions_root)
+    logging.captureWarnings(True)
+    logging.getLogger().addHandler(LogEvents(out))
+
+    def stop_soon(signum, frame):  # SIGTERM / SIGHUP: finish this iteration, checkpoint, exit
+        with contextlib.suppress(queue.Full):
+            commands.put_nowait(_EOF)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop_soon)
+        signal.signal(signal.SIGHUP, stop_soon)
+        signal.signal(signal.SIGINT, stop_soon)
+    return worker.serve()

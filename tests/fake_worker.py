@@ -1,0 +1,201 @@
+"""A stand-in worker for tests/test_client.py: speaks the protocol, runs no engine, starts in a blink.
+
+Usage: python tests/fake_worker.py MODE [ARG] [--record FILE]
+
+Modes (each starts with the worker's unsolicited `hello`):
+  echo              answers hello, load, features, start, pause, resume, stop, score, inject, shutdown by id;
+                    `score` with text "__die__" exits with code 5 instead (a crash on demand), with a
+                    negative feature answers an `error` of kind input
+  flood N           started, N progress events as fast as possible (a log every N/10, a frontier point
+                    every 100), finished, bye
+  die-after K       waits for one command, emits K log events, writes 30 lines to stderr, exits with 3
+  sigkill-self      waits for one command, then SIGKILLs itself
+  garbage           non-JSON, non-UTF-8, non-object, unknown-type, wrong-version and over-long lines
+                    among valid ones, then a log "after garbage" and bye
+  sleep             reads commands and never answers; exits at end of input
+  hang-on-shutdown  ignores commands, end of input, SIGTERM and SIGHUP (only SIGKILL ends it)
+
+--record FILE appends every command line received to FILE (the tests read it back).
+Every mode ends itself after 60 s (SIGALRM), so a failing test leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's epo_tui, installed or not
+
+from epo_tui import protocol  # noqa: E402
+
+OUT = sys.stdout.buffer
+SESSION = "fake-session-1"
+
+
+def emit(type_: str, id=None, flush: bool = True, **fields) -> None:
+    OUT.write(protocol.event(type_, id=id, **fields))
+    if flush:
+        OUT.flush()
+
+
+def raw(line: bytes) -> None:
+    OUT.write(line)
+    OUT.flush()
+
+
+class Commands:
+    """Command lines from stdin, each recorded first (when --record is given) and parsed."""
+
+    def __init__(self, record: str | None):
+        self.record = open(record, "a", encoding="utf-8") if record else None
+
+    def __iter__(self):
+        for line in sys.stdin.buffer:
+            if self.record:
+                self.record.write(line.decode("utf-8", "replace").rstrip("\n") + "\n")
+                self.record.flush()
+            try:
+                yield protocol.parse_command(line)
+            except protocol.ProtocolError as err:
+                emit("error", id=err.id, kind="protocol", message=str(err), traceback=None)
+
+    def one(self) -> None:
+        """Waits for one command (so the test has a request pending), ignoring it."""
+        next(iter(self), None)
+
+
+def echo(commands: Commands) -> int:
+    for cmd in commands:
+        t, id_ = cmd.type, cmd.id
+        if t == "hello":
+            emit("hello", id=id_, worker="fake", protocol=protocol.VERSION, pid=os.getpid())
+        elif t == "load":
+            emit("state", state="loading", detail="model and SAE")
+            emit("state", state="idle", detail=None)
+            emit("ready", id=id_, model="fake-model", sae="fake-sae", hook="blocks.0.hook_resid_pre", d_sae=16,
+                 dtype="float32", devices=["cpu"], device_kind="cpu", config={}, labels=None)
+        elif t == "features":
+            emit("features", id=id_, features=[])
+        elif t == "start":
+            session = cmd.get("resume") or SESSION
+            emit("state", state="compiling", detail=None)
+            emit("started", id=id_, session=session, label=None, iteration=7 if cmd.get("resume") else 0,
+                 iterations_total=100, lambdas=[1.0], elites=[])
+            emit("state", state="running", detail=None)
+        elif t in ("pause", "resume", "stop"):
+            emit("state", id=id_, state={"pause": "paused", "resume": "running", "stop": "idle"}[t], detail=None)
+        elif t == "score":
+            if cmd.get("text") == "__die__":
+                sys.stderr.write("fake worker: crashing on request\n")
+                sys.stderr.flush()
+                os._exit(5)
+            if cmd.get("feature", 0) < 0:
+                emit("error", id=id_, kind="input", message=f"feature {cmd.get('feature')} is out of range",
+                     traceback=None)
+                continue
+            words = cmd.get("text").split()
+            emit("scored", id=id_, feature=cmd.get("feature", 0), tokens=words, token_ids=list(range(len(words))),
+                 activations=[0.5] * len(words), xent=1.0)
+        elif t == "inject":
+            emit("injected", id=id_, elite=0, act=1.0, xent=1.0, text=cmd.get("text"))
+        elif t == "shutdown":
+            emit("bye", id=id_, reason="shutdown")
+            return 0
+    emit("bye", reason="end of input")
+    return 0
+
+
+def flood(n: int) -> int:
+    emit("started", session="flood", label=None, iteration=0, iterations_total=n, lambdas=[1.0], elites=[])
+    every = max(1, n // 10)
+    for i in range(1, n + 1):  # no flush: as fast as the pipe takes it
+        frontier = [{"iteration": i}] if i % 100 == 0 else []
+        emit("progress", flush=False, session="flood", iteration=i, iterations_total=n, it_per_s=None, elites=[],
+             frontier_new=frontier, best_objective=float(i))
+        if i % every == 0:
+            emit("log", flush=False, level="info", message=f"at {i}")
+    emit("finished", session="flood", status="finished", iteration=n, iterations_total=n, folder="/nowhere")
+    emit("bye", reason="done")
+    return 0
+
+
+def die_after(k: int, commands: Commands) -> int:
+    commands.one()
+    for i in range(k):
+        emit("log", level="info", message=f"event {i}")
+    for i in range(30):
+        sys.stderr.write(f"fake stderr line {i}\n")
+    sys.stderr.flush()
+    os._exit(3)
+
+
+def sigkill_self(commands: Commands) -> int:
+    commands.one()
+    sys.stderr.write("fake worker: about to SIGKILL myself\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+    return 1
+
+
+def garbage() -> int:
+    raw(b"this is not json\n")
+    raw(b"\xff\xfe not utf-8\n")
+    raw(b"[1, 2, 3]\n")
+    raw(b'{"v": 1, "type": "nope"}\n')
+    raw(b'{"v": 99, "type": "log", "level": "info", "message": "from the future"}\n')
+    emit("log", level="info", message="between garbage")
+    raw(b'{"x": "' + b"a" * (protocol.MAX_LINE_BYTES + 100) + b'"}\n')  # within the stream's margin
+    raw(b'{"x": "' + b"b" * (3 * protocol.MAX_LINE_BYTES) + b'"}\n')  # far beyond it
+    emit("log", level="info", message="after garbage")
+    emit("bye", reason="done")
+    return 0
+
+
+def sleep(commands: Commands) -> int:
+    for _ in commands:
+        pass
+    return 0
+
+
+def hang_on_shutdown(commands: Commands) -> int:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for _ in commands:
+        pass
+    while True:
+        time.sleep(1)
+
+
+def main(argv: list[str]) -> int:
+    signal.alarm(60)
+    record = None
+    if "--record" in argv:
+        i = argv.index("--record")
+        record = argv[i + 1]
+        argv = argv[:i] + argv[i + 2:]
+    mode, args = argv[0], argv[1:]
+    emit("hello", worker="fake", protocol=protocol.VERSION, pid=os.getpid())
+    commands = Commands(record)
+    if mode == "echo":
+        return echo(commands)
+    if mode == "flood":
+        return flood(int(args[0]))
+    if mode == "die-after":
+        return die_after(int(args[0]), commands)
+    if mode == "sigkill-self":
+        return sigkill_self(commands)
+    if mode == "garbage":
+        return garbage()
+    if mode == "sleep":
+        return sleep(commands)
+    if mode == "hang-on-shutdown":
+        return hang_on_shutdown(commands)
+    sys.stderr.write(f"fake worker: unknown mode {mode!r}\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,173 @@
+"""`epo-tui bench --quality`: held-out rows, windows and maxima equal independent recomputations
+through `score`; the verdict follows the rule; the command's errors and output."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from epo_tui.config import load_config
+from epo_tui.engine import quality
+from epo_tui.engine.pairing import load_model_with_sae
+from epo_tui.engine.scoring import score_text
+from epo_tui.engine.search import Search
+from epo_tui.errors import UserError
+from cli_run import run_cli
+
+TEXTS = ["The quick brown fox jumps over the lazy dog. " * 6,
+         "A second document, shorter than a row.",
+         "Numbers 1 2 3 4 5 6 7 8 9 and words go on and on until the row is full of them. " * 4]
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tiny_dir):
+    return load_config(str(tiny_dir / "config.toml"))
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_config):
+    return load_model_with_sae(tiny_config)
+
+
+def test_rows_hold_the_documents_joined_by_eos_after_bos(pair):
+    tokens, mask = quality.heldout_rows(pair, TEXTS)
+    tokenizer = pair.model.tokenizer
+    bos, eos = pair.model.encode("")[0], tokenizer.eos_token_id
+    stream = [t for text in TEXTS for t in (*tokenizer(text, add_special_tokens=False)["input_ids"], eos)]
+    assert (tokens[:, 0] == bos).all() and not mask[:, 0].any()
+    assert tokens[:, 1:][mask[:, 1:]].tolist() == stream
+    assert mask.sum() == len(stream)
+
+
+def test_dataset_maxima_equal_the_max_of_score_over_every_position(pair):
+    tokens, mask = quality.heldout_rows(pair, TEXTS)
+    maxima, where = quality.dataset_maxima(pair, tokens, mask)
+    # independent: each row scored on its own through `score` (which tokenizes text, so use ids directly)
+    from epo_tui.engine.pairing import as_batch
+    from epo_tui.engine.sae import activations
+
+    per_row = []
+    for row, m in zip(tokens, mask, strict=True):
+        _, sae_in = pair.forward(as_batch(row.tolist()), logits=False)
+        per_row.append(np.asarray(activations(pair.sae, sae_in[0]))[m])
+    every = np.concatenate(per_row)
+    np.testing.assert_allclose(maxima, every.max(0), rtol=1e-5, atol=1e-5)
+    flat_acts = np.full((tokens.size, pair.sae.d_sae), -np.inf, np.float32)
+    flat_acts[mask.reshape(-1)] = every
+    np.testing.assert_allclose(flat_acts[where, np.arange(pair.sae.d_sae)], maxima, rtol=1e-5, atol=1e-5)
+
+
+def test_windows_never_cross_rows_or_hold_special_tokens(pair):
+    tokens, mask = quality.heldout_rows(pair, TEXTS)
+    special = pair.model.special_token_ids()
+    windows = quality.heldout_windows(tokens, mask, 5, special)
+    assert len(windows) > 0 and windows.shape[1] == 5
+    assert not np.isin(windows, special).any()
+    rows = {tuple(r) for r in tokens.tolist()}
+    for window in windows.tolist():  # each window is a slice of one row, at a multiple of 5 after BOS
+        assert any(tuple(row[s:s + 5]) == tuple(window) for row in rows for s in range(1, len(row) - 4, 5))
+
+
+def test_window_xent_is_the_mean_xent_that_score_reports(pair, tiny_config):
+    search = Search(pair, replace(tiny_config, search=replace(tiny_config.search, prompt_tokens=6)))
+    tokens, mask = quality.heldout_rows(pair, TEXTS)
+    windows = quality.heldout_windows(tokens, mask, 6, pair.model.special_token_ids())[:3]
+    xents = quality.window_xents(search, windows)
+    compared = 0
+    for window, xent in zip(windows, xents, strict=True):
+        scored = score_text(pair, pair.model.decode(window), tiny_config.feature.index)
+        if scored["token_ids"][1:] != window.tolist():
+            continue  # this window's text tokenizes differently on its own: not comparable
+        assert xent == pytest.approx(np.mean(scored["xent"][1:]), abs=1e-4)
+        compared += 1
+    assert compared >= 2
+
+
+def test_best_prompts_respect_the_xent_limit(pair, tiny_config):
+    search = Search(pair, tiny_config)
+    state = search.initial_state()
+    for _ in range(2):
+        state, _ = search.step(state)
+    xent = np.concatenate([state.frontier.xent, state.xent_K])
+    act = np.concatenate([state.frontier.act, state.act_K])
+    limit = float(np.median(xent))
+    best = quality.best_prompts(search, state, limit)
+    assert best["best_act"] == pytest.approx(act.max())
+    assert best["fluent_act"] == pytest.approx(act[xent <= limit].max())
+    assert best["fluent_xent"] <= limit
+    assert quality.best_prompts(search, state, float(xent.min()) - 1)["fluent_act"] is None
+
+
+def test_run_quality_reports_each_latent_and_the_verdict_rule(pair, tiny_config):
+    lines = []
+    report = quality.run_quality(pair, tiny_config, TEXTS, latents=2, iterations=2, seed=3,
+                                 labels={}, progress=lines.append)
+    assert len(report["latents"]) == 2 and not report["interrupted"]
+    assert report["xent_limit"] == pytest.approx(report["heldout"]["median_window_xent"] + 1.0)
+    tokens, mask = quality.heldout_rows(pair, TEXTS)
+    maxima, _ = quality.dataset_maxima(pair, tokens, mask)
+    for row in report["latents"]:
+        assert maxima[row["latent"]] > 0  # only alive latents are drawn
+        assert row["dataset_max"] == pytest.approx(float(maxima[row["latent"]]))
+        fluent = row["fluent_act"]
+        assert row["beat"] == (fluent is not None and fluent > row["dataset_max"])
+        assert "[" in row["dataset_context"]
+    assert report["beaten"] == sum(r["beat"] for r in report["latents"])
+    again = quality.run_quality(pair, tiny_config, TEXTS, latents=2, iterations=2, seed=3)
+    assert [r["latent"] for r in again["latents"]] == [r["latent"] for r in report["latents"]]
+    assert any("latent" in line for line in lines)
+
+
+def test_read_heldout_reads_jsonl_and_text_and_names_bad_lines(tmp_path):
+    jsonl = tmp_path / "h.jsonl"
+    jsonl.write_text('{"name": "a", "text": "one"}\n\n{"text": "two"}\n')
+    assert quality.read_heldout(jsonl) == ["one", "two"]
+    plain = tmp_path / "h.txt"
+    plain.write_text("just text\n")
+    assert quality.read_heldout(plain) == ["just text\n"]
+    jsonl.write_text('{"text": "one"}\n{"nope": 1}\n')
+    with pytest.raises(UserError, match=r"h\.jsonl:2: expected a JSON object with a 'text' field"):
+        quality.read_heldout(jsonl)
+
+
+def test_bench_quality_command_prints_json_and_refuses_bad_input(tiny_dir, tmp_path):
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    config = tiny_dir / "config.toml"
+    code, out, err = run_cli("bench", "--quality", "--config", config, "--heldout", heldout, "--latents", 1,
+                          "--iterations", 1, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert len(report["latents"]) == 1 and report["search"]["iterations"] == 1
+    for argv, message in (
+        (("--latents", 0), "--latents: must be >= 1, found 0"),
+        (("--model", "tiny"), "--quality: measures the model and SAE of --config or --demo, not --model tiny"),
+        ((), None),
+    ):
+        extra = ("--heldout", heldout) if argv else ()
+        code, out, err = run_cli("bench", "--quality", "--config", config, *extra, *argv)
+        assert code == 2 and out == "" and err.count("\n") == 1
+        assert (message or "--quality: needs a held-out text") in err
+    code, _, err = run_cli("bench", "--quality", "--config", config, "--heldout", tmp_path / "missing.jsonl")
+    assert code == 2 and "cannot read" in err
+
+
+def test_demo_and_config_together_are_refused(tiny_dir):
+    code, out, err = run_cli("score", "--demo", "--config", tiny_dir / "config.toml", "hello")
+    assert code == 2 and err.strip() == "epo-tui: error: --demo and --config: give one of them"
+
+
+def test_common_options_work_before_and_after_the_command():
+    from epo_tui.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["--demo", "--debug", "score", "x"], ["score", "--demo", "--debug", "x"]):
+        args = parser.parse_args(argv)
+        assert (args.demo, args.debug, args.config) == (True, True, None)
+    assert parser.parse_args(["--config", "a.toml", "run"]).config == "a.toml"
+    assert parser.parse_args(["run", "--config", "a.toml"]).config == "a.toml"
+    assert (parser.parse_args(["run"]).demo, parser.parse_args(["run"]).config) == (False, None)

@@ -1,0 +1,299 @@
+"""`epo-tui worker` on the tiny model: the protocol round trip, pause/score/resume/stop, garbage on
+stdin, and sessions that survive SIGKILL and a client's SIGHUP, resumed exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from epo_tui import protocol, sessions
+
+TIMEOUT = 120
+
+
+class WorkerProcess:
+    """A worker subprocess; events parsed by a reader thread into a queue."""
+
+    def __init__(self, cwd: Path):
+        self.proc = subprocess.Popen([sys.executable, "-m", "epo_tui", "worker"], cwd=cwd, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        self.events: queue.Queue = queue.Queue()
+        self.seen: list[dict] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # never let stderr fill
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.events.put(json.loads(line))  # every stdout line must be protocol JSON
+        self.events.put(None)
+
+    def send(self, type_: str, id=None, **fields) -> None:
+        self.send_raw(protocol.command(type_, id=id, **fields))
+
+    def send_raw(self, data: bytes) -> None:
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def expect(self, type_: str, timeout: float = TIMEOUT, **match) -> dict:
+        """The next event of this type (and fields), skipping others; fails on an unexpected error."""
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.events.get(timeout=max(0.01, deadline - time.monotonic()))
+            assert event is not None, f"the worker exited waiting for {type_}; seen: {self.seen[-5:]}"
+            self.seen.append(event)
+            if event["type"] == "error" and type_ != "error":
+                raise AssertionError(f"unexpected error while waiting for {type_}: {event}")
+            if event["type"] == type_ and all(event.get(k) == v for k, v in match.items()):
+                return event
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def worker_factory(tmp_path):
+    started = []
+
+    def make() -> WorkerProcess:
+        w = WorkerProcess(tmp_path)
+        w.expect("hello")
+        started.append(w)
+        return w
+
+    yield make
+    for w in started:
+        w.close()
+
+
+def _load_and_start(w: WorkerProcess, tiny_dir: Path, iterations: int, **start_fields) -> dict:
+    w.send("load", id="l", config_path=str(tiny_dir / "config.toml"))
+    ready = w.expect("ready", id="l")
+    assert ready["hook"] == "blocks.1.hook_resid_pre" and ready["d_sae"] > 0 and ready["devices"]
+    w.send("start", id="s", search={"iterations": iterations}, checkpoint_seconds=0, **start_fields)
+    return w.expect("started", id="s")
+
+
+def test_round_trip_pause_score_resume_stop(worker_factory, tiny_dir):
+    w = worker_factory()
+    w.send("hello", id=1, client="test")
+    assert w.expect("hello", id=1)["protocol"] == protocol.VERSION
+    started = _load_and_start(w, tiny_dir, 400, feature={"index": 3})
+    session = started["session"]
+    assert started["iterations_total"] == 400 and len(started["elites"]) == len(started["lambdas"])
+    first = w.expect("progress")
+    assert first["session"] == session and first["elites"][0]["tokens"][0] == "<|endoftext|>"
+    w.send("pause", id="p")
+    w.expect("checkpointed")
+    w.expect("state", state="paused", id="p")
+    w.send("score", id="sc", text="hello world")
+    scored = w.expect("scored", id="sc")
+    assert scored["feature"] == 3 and len(scored["activations"]) == len(scored["tokens"])
+    time.sleep(0.5)
+    assert all(e["type"] != "progress" for e in _drain(w)), "progress while paused"
+    w.send("resume", id="r")
+    w.expect("state", state="running")
+    later = w.expect("progress")
+    w.send("stop", id="x")
+    finished = w.expect("finished", id="x")
+    assert finished["status"] == "stopped" and finished["iteration"] >= later["iteration"]
+    folder = Path(finished["folder"])
+    result = json.loads((folder / "result.json").read_text())
+    assert result["feature"]["indices"] == [3]
+    meta = json.loads((folder / "session.json").read_text())
+    assert meta["status"] == "stopped" and meta["checkpoint_iteration"] == finished["iteration"]
+    w.send("shutdown", id="bye")
+    w.expect("bye", id="bye")
+    assert w.proc.wait(timeout=30) == 0
+
+
+def _drain(w: WorkerProcess) -> list[dict]:
+    out = []
+    while True:
+        try:
+            event = w.events.get_nowait()
+        except queue.Empty:
+            return out
+        if event is not None:
+            w.seen.append(event)
+            out.append(event)
+
+
+def test_garbage_on_stdin_gets_errors_and_the_worker_keeps_serving(worker_factory):
+    w = worker_factory()
+    bad_lines = [
+        b"\x00\xff\xfe garbage\n",
+        b'{"v": 1, "type": "load", "demo": tru\n',  # truncated JSON
+        b"[1, 2, 3]\n",
+        b'{"v": 2, "type": "hello", "id": 7}\n',
+        b'{"v": 1, "type": "rm -rf /", "id": 8}\n',
+        b'{"v": 1, "type": "score", "id": 9}\n',  # missing text
+        b'{"v": 1, "type": "score", "id": 10, "text": 5}\n',
+        b'{"v": 1, "type": "hello", "id": 11, "exec": "import os"}\n',
+        b"x" * (protocol.MAX_LINE_BYTES + 100) + b"\n",
+        protocol.command("score", id=12, text="no model yet"),
+    ]
+    for line in bad_lines:
+        w.send_raw(line)
+    errors = [w.expect("error") for _ in bad_lines]
+    kinds = [e["kind"] for e in errors]
+    assert kinds == ["protocol"] * 9 + ["input"], errors
+    assert errors[3]["id"] == 7 and "version 2" in errors[3]["message"]
+    assert errors[4]["id"] == 8 and "unknown command" in errors[4]["message"]
+    assert "longer than" in errors[8]["message"]
+    assert "no model loaded" in errors[9]["message"] and errors[9]["id"] == 12
+    w.send("hello", id="still")
+    assert w.expect("hello", id="still")["pid"] == w.proc.pid
+
+
+def test_sigkill_then_resume_loses_only_the_iterations_since_the_last_checkpoint(worker_factory, tiny_dir):
+    reference = worker_factory()
+    _load_and_start(reference, tiny_dir, 30, feature={"index": 3})
+    straight = reference.expect("finished")
+    straight_elites = sessions.Session(Path(straight["folder"])).read_elites()
+
+    w = worker_factory()
+    session = _load_and_start(w, tiny_dir, 30, feature={"index": 3})["session"]
+    last = None
+    while last is None or last["iteration"] < 8:
+        last = w.expect("checkpointed")
+    os.kill(w.proc.pid, signal.SIGKILL)
+    w.proc.wait(timeout=30)
+    found = sessions.find_session(session)
+    assert found.read_meta()["checkpoint_iteration"] >= last["iteration"]
+
+    again = worker_factory()
+    again.send("load", id="l", config_path=str(tiny_dir / "config.toml"))
+    again.expect("ready")
+    again.send("start", id="s", resume=session[-6:], checkpoint_seconds=0)  # the hex tail is enough
+    resumed = again.expect("started", id="s")
+    assert resumed["session"] == session and resumed["iteration"] >= last["iteration"]
+    done = again.expect("finished")
+    assert done["status"] == "finished" and done["iteration"] == 30
+    elites = sessions.Session(Path(done["folder"])).read_elites()
+    # an exact resume: the same prompts as the run that was never interrupted
+    assert [e["token_ids"] for e in elites] == [e["token_ids"] for e in straight_elites]
+
+
+CLIENT = """
+import subprocess, sys, time
+from epo_tui import protocol
+w = subprocess.Popen([sys.executable, "-m", "epo_tui", "worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                     start_new_session=True)
+w.stdin.write(protocol.command("load", config_path=sys.argv[1]))
+w.stdin.write(protocol.command("start", search={"iterations": 100000}, checkpoint_seconds=0))
+w.stdin.flush()
+for line in w.stdout:
+    if b'"checkpointed"' in line and b'"iteration":5' in line:
+        print(w.pid, flush=True)
+    if b'"iteration":6' in line:
+        break
+time.sleep(600)
+"""
+
+
+def test_sighup_to_the_client_leaves_a_resumable_session(tmp_path, tiny_dir):
+    client = subprocess.Popen([sys.executable, "-c", CLIENT, str(tiny_dir / "config.toml")], cwd=tmp_path,
+                              stdout=subprocess.PIPE, text=True)
+    worker_pid = int(client.stdout.readline())
+    client.send_signal(signal.SIGHUP)  # the SSH link dropped: the client dies, the worker's stdin closes
+    client.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the worker outlived its client")
+    found, problems = sessions.list_sessions()
+    newest = found[0]
+    assert not problems and newest.status == "stopped" and newest.checkpoint_iteration >= 5
+
+
+def test_bad_config_inject_and_features(worker_factory, tiny_dir):
+    w = worker_factory()
+    w.send("load", id="bad", config={"search": {"elites": 0}})
+    error = w.expect("error", id="bad")
+    assert error["kind"] == "config" and "search.elites" in error["message"]
+    w.send("load", id="l", config_path=str(tiny_dir / "config.toml"))
+    ready = w.expect("ready", id="l")
+    w.send("features", id="f")
+    features = w.expect("features", id="f")["features"]
+    assert len(features) == ready["d_sae"] and features[0]["index"] == 0 and features[0]["top_tokens"]
+    w.send("start", id="s", search={"iterations": 100000}, feature={"index": 99999})
+    assert "out of range" in w.expect("error", id="s")["message"]
+    w.send("start", id="s2", search={"iterations": 100000})
+    w.expect("started", id="s2")
+    w.send("inject", id="i", text="hello")
+    injected = w.expect("injected", id="i")
+    assert injected["text"].startswith("hello") and 0 <= injected["elite"] < 4
+    progress = w.expect("progress")
+    assert any(e["text"] == injected["text"] for e in progress["elites"]) or progress["iteration"] > 1
+    w.send("shutdown", id="q")
+    w.expect("finished")
+    assert w.expect("bye", id="q")["id"] == "q"
+
+
+def test_library_warnings_become_log_events():
+    import io
+    import logging
+
+    from epo_tui.engine.worker import LogEvents, Output
+
+    stream = io.BytesIO()
+    handler = LogEvents(Output(stream))
+    logger = logging.getLogger("some.library")
+    logger.addHandler(handler)
+    try:
+        logger.warning("disk %s is slow\nsecond line", "sda")
+        logger.info("not sent")
+    finally:
+        logger.removeHandler(handler)
+    events = [protocol.parse_event(line) for line in stream.getvalue().splitlines()]
+    assert [(e["type"], e["level"], e["message"]) for e in events] == [
+        ("log", "warning", "some.library: disk sda is slow")]
+
+
+def test_client_restarts_a_killed_worker_and_resumes_its_session(tiny_dir, tmp_path, monkeypatch):
+    """The UI's path: the client sees the worker die (with its stderr), restarts it, resumes."""
+    import asyncio
+
+    from epo_tui.client import WorkerClient
+
+    monkeypatch.chdir(tmp_path)
+
+    async def scenario():
+        async with WorkerClient() as client:
+            events = client.bus.subscribe({"checkpointed", "error", "started"})
+            await client.request("load", config_path=str(tiny_dir / "config.toml"), timeout=TIMEOUT)
+            started = await client.request("start", search={"iterations": 100000}, checkpoint_seconds=0,
+                                           timeout=TIMEOUT)
+            checkpointed = None
+            while checkpointed is None or checkpointed["iteration"] < 5:
+                event = await asyncio.wait_for(events.get(), TIMEOUT)
+                checkpointed = event if event["type"] == "checkpointed" else checkpointed
+            os.kill(client.pid, signal.SIGKILL)
+            while True:
+                event = await asyncio.wait_for(events.get(), TIMEOUT)
+                if event["type"] == "error":
+                    break
+            assert event["kind"] == "worker_died" and "SIGKILL" in event["message"]
+            assert isinstance(event["stderr_tail"], list)
+            resumed = await client.restart(resume=True, timeout=TIMEOUT)
+            assert resumed["type"] == "started" and resumed["session"] == started["session"]
+            assert resumed["iteration"] >= checkpointed["iteration"]
+            await client.request("stop", timeout=TIMEOUT)
+
+    asyncio.run(scenario())
