@@ -501,10 +501,13 @@ def cmd_sessions(args: argparse.Namespace, config: Config) -> int:
 
 def _session_line(entry) -> str:
     """id, status, iterations, features and label, model: one line per session."""
+    status = entry.status
+    if status in ("running", "paused") and not entry.session.is_running_elsewhere():
+        status = "interrupted"  # its process died without a last checkpoint: resumable from the one before
     done = f"{entry.checkpoint_iteration if entry.checkpoint_iteration is not None else entry.iteration}"
     features = "+".join(map(str, entry.features)) or "?"
     label = f" {entry.label}" if entry.label else ""
-    return inert(f"{entry.id}  {entry.status:<8}  {done:>5}/{entry.iterations_total:<5}  feature {features}{label}"
+    return inert(f"{entry.id}  {status:<11}  {done:>5}/{entry.iterations_total:<5}  feature {features}{label}"
                  f"  ({entry.model})")
 
 

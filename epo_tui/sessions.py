@@ -39,6 +39,9 @@ ELITES_FILE = "elites.json"
 HISTORY_FILE = "history.jsonl"
 LOCK_FILE = ".session.lock"  # serialises read-modify-write of session.json (worker and UI both update it)
 LOCK_TIMEOUT_S = 10.0
+# held by the process that runs the search for as long as it runs it: the OS drops it when that
+# process dies, so a session marked running whose lock is free was interrupted (SIGKILL, power loss)
+RUNNER_LOCK_FILE = ".runner.lock"
 REQUIRED_META = ("config", "feature", "lambdas", "model", "sae", "iterations_total")
 FIXED_META = ("version", "id", "created")  # set once by create_session
 ID_PATTERN = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
@@ -214,6 +217,27 @@ class Session:
                 continue
             points.append(point)
         return points, problems
+
+    # -- who runs it ----------------------------------------------------------------------------
+
+    def claim(self) -> filelock.FileLock:
+        """The runner's lock, held until released; SessionError if another process runs this session."""
+        if not self.folder.is_dir():
+            raise SessionError(self.folder, "the session folder is gone")
+        lock = filelock.FileLock(str(self.folder / RUNNER_LOCK_FILE), timeout=0)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            raise SessionError(self.folder, "another process is running this session") from None
+        return lock
+
+    def is_running_elsewhere(self) -> bool:
+        """Whether a live process holds this session's runner lock."""
+        try:
+            self.claim().release()
+        except SessionError:
+            return self.folder.is_dir()
+        return False
 
     # -- helpers --------------------------------------------------------------------------------
 

@@ -158,12 +158,12 @@ def test_garbage_on_stdin_gets_errors_and_the_worker_keeps_serving(worker_factor
 
 def test_sigkill_then_resume_loses_only_the_iterations_since_the_last_checkpoint(worker_factory, tiny_dir):
     reference = worker_factory()
-    _load_and_start(reference, tiny_dir, 30, feature={"index": 3})
+    _load_and_start(reference, tiny_dir, 40, feature={"index": 3})
     straight = reference.expect("finished")
     straight_elites = sessions.Session(Path(straight["folder"])).read_elites()
 
-    w = worker_factory()
-    session = _load_and_start(w, tiny_dir, 30, feature={"index": 3})["session"]
+    w = worker_factory()  # the same search, but far from done when it is killed
+    session = _load_and_start(w, tiny_dir, 100_000, feature={"index": 3})["session"]
     last = None
     while last is None or last["iteration"] < 8:
         last = w.expect("checkpointed")
@@ -171,15 +171,16 @@ def test_sigkill_then_resume_loses_only_the_iterations_since_the_last_checkpoint
     w.proc.wait(timeout=30)
     found = sessions.find_session(session)
     assert found.read_meta()["checkpoint_iteration"] >= last["iteration"]
+    assert found.read_meta()["status"] == "running" and not found.is_running_elsewhere()  # interrupted
 
     again = worker_factory()
     again.send("load", id="l", config_path=str(tiny_dir / "config.toml"))
     again.expect("ready")
-    again.send("start", id="s", resume=session[-6:], checkpoint_seconds=0)  # the hex tail is enough
+    again.send("start", id="s", resume=session[-6:], search={"iterations": 40}, checkpoint_seconds=0)
     resumed = again.expect("started", id="s")
     assert resumed["session"] == session and resumed["iteration"] >= last["iteration"]
     done = again.expect("finished")
-    assert done["status"] == "finished" and done["iteration"] == 30
+    assert done["status"] == "finished" and done["iteration"] == 40
     elites = sessions.Session(Path(done["folder"])).read_elites()
     # an exact resume: the same prompts as the run that was never interrupted
     assert [e["token_ids"] for e in elites] == [e["token_ids"] for e in straight_elites]
@@ -297,3 +298,21 @@ def test_client_restarts_a_killed_worker_and_resumes_its_session(tiny_dir, tmp_p
             await client.request("stop", timeout=TIMEOUT)
 
     asyncio.run(scenario())
+
+
+def test_a_session_runs_in_one_worker_at_a_time(worker_factory, tiny_dir):
+    w = worker_factory()
+    session = _load_and_start(w, tiny_dir, 100_000)["session"]
+    w.send("pause", id="p")
+    w.expect("state", state="paused", id="p")
+    assert sessions.find_session(session).is_running_elsewhere()  # paused still belongs to its worker
+    rival = worker_factory()
+    rival.send("load", id="l", config_path=str(tiny_dir / "config.toml"))
+    rival.expect("ready")
+    rival.send("start", id="s", resume=session, checkpoint_seconds=0)
+    assert "another process is running this session" in rival.expect("error", id="s")["message"]
+    w.send("stop", id="x")
+    w.expect("finished", id="x")
+    assert not sessions.find_session(session).is_running_elsewhere()
+    rival.send("start", id="s2", resume=session, search={"iterations": 3})  # now it may
+    assert rival.expect("finished")["status"] == "finished"

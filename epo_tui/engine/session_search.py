@@ -36,6 +36,7 @@ class RecordedSearch:
     def __init__(self, search: Search, state: SearchState, session: sessions.Session, iterations_total: int,
                  checkpoint_seconds: float = CHECKPOINT_SECONDS):
         self.search, self.state, self.session = search, state, session
+        self.runner_lock = session.claim()  # released in finish(); the OS drops it if this process dies
         self.iterations_total = iterations_total
         self.checkpoint_seconds = checkpoint_seconds
         self.last_checkpoint = time.monotonic()
@@ -114,7 +115,10 @@ class RecordedSearch:
 
     def finish(self, status: str, error: str | None = None) -> dict:
         """A last checkpoint, and result.json + report.md in the session folder; returns the result."""
-        self.checkpoint(status, error)
+        try:
+            self.checkpoint(status, error)
+        finally:
+            self.runner_lock.release()
         timings = results.RunTimings(iterations_requested=self.iterations_total, iteration_s=list(self.seconds),
                                      interrupted=not self.done)
         result = result_of(self.search, self.state, timings, Cluster())

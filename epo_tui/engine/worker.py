@@ -214,8 +214,13 @@ class Worker:
         self.set_state("compiling", "starting prompts")
         try:
             if cmd.get("resume"):
+                search = cmd.get("search") or {}
+                if cmd.get("feature") or cmd.get("seed_prompt") or set(search) - {"iterations"}:
+                    raise UserError("start: a resumed session keeps its config; only search.iterations (the new "
+                                    "total) may be given")
                 session = sessions.find_session(cmd.get("resume"), root=self.sessions_root)
-                self.active = RecordedSearch.resume(self.pair, session, checkpoint_seconds=every)
+                self.active = RecordedSearch.resume(self.pair, session, iterations_total=search.get("iterations"),
+                                                    checkpoint_seconds=every)
             else:
                 config = with_overrides(self.config, cmd.get("feature"), cmd.get("search"))
                 if config.feature.kind in ("sae", "direction"):
