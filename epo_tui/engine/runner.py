@@ -136,13 +136,10 @@ def _run_recorded(recorded: RecordedSearch, setup_s: float, folder: Path, report
     try:
         timings = run_search(recorded, reporter, stop)
     except BaseException as err:  # a crash still leaves the last iterations checkpointed
-        with contextlib.suppress(Exception):
-            recorded.checkpoint("crashed", error=f"{type(err).__name__}: {err}")
+        recorded.abandon(f"{type(err).__name__}: {err}")
         raise
     timings.setup_s = setup_s
-    recorded.finish("finished" if recorded.done else "stopped")
-    result = result_of(recorded.search, recorded.state, timings, cluster)
-    result["session"] = recorded.session.id
+    result = recorded.finish("finished" if recorded.done else "stopped", timings=timings, cluster=cluster)
     results.write_result(folder, result)
     reporter.search_finished(result, Path(folder))
     return result

@@ -6,6 +6,7 @@ Shared by the worker (`epo-tui worker`) and the headless `epo-tui run` (and `run
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -113,17 +114,29 @@ class RecordedSearch:
         self.session.update_meta(status=status, iteration=self.state.iteration, error=error)
         self.last_checkpoint = time.monotonic()
 
-    def finish(self, status: str, error: str | None = None) -> dict:
-        """A last checkpoint, and result.json + report.md in the session folder; returns the result."""
+    def finish(self, status: str, error: str | None = None, timings: results.RunTimings | None = None,
+               cluster: Cluster = Cluster()) -> dict:
+        """A last checkpoint, and result.json + report.md in the session folder; returns the result.
+        Releases the session for other processes."""
         try:
             self.checkpoint(status, error)
         finally:
             self.runner_lock.release()
-        timings = results.RunTimings(iterations_requested=self.iterations_total, iteration_s=list(self.seconds),
-                                     interrupted=not self.done)
-        result = result_of(self.search, self.state, timings, Cluster())
+        if timings is None:
+            timings = results.RunTimings(iterations_requested=self.iterations_total, iteration_s=list(self.seconds),
+                                         interrupted=not self.done)
+        result = result_of(self.search, self.state, timings, cluster)
+        result["session"] = self.session.id
         results.write_result(self.session.folder, result)
         return result
+
+    def abandon(self, error: str) -> None:
+        """After a crash in this process: checkpoint what is complete, mark it crashed, let it go."""
+        try:
+            with contextlib.suppress(Exception):
+                self.checkpoint("crashed", error=error)
+        finally:
+            self.runner_lock.release()
 
     def inject(self, text: str) -> tuple[int, dict]:
         """Puts a prompt from `text` into the population (cut to the prompt length, or continued by the

@@ -202,6 +202,7 @@ class Worker:
         self.out.event("features", id=cmd.id, features=[e.to_json() for e in entries])
 
     def cmd_start(self, cmd) -> None:
+        from epo_tui.engine.reporting import feature_record
         from epo_tui.engine.sae import check_feature_index
         from epo_tui.engine.session_search import CHECKPOINT_SECONDS, RecordedSearch, with_overrides
 
@@ -235,6 +236,7 @@ class Worker:
         self.paused = False
         active = self.active
         self.out.event("started", id=cmd.id, session=active.session.id, label=active.label(),
+                       feature=feature_record(active.search),
                        iteration=active.state.iteration, iterations_total=active.iterations_total,
                        lambdas=active.search.lambdas_K.tolist(), elites=active.elites())
         self.set_state("running")
