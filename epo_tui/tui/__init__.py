@@ -1,0 +1,1 @@
+"""The Textual UI: it never imports the engine (DESIGN.md §2)."""

@@ -1,0 +1,1 @@
+"""Widgets of the Textual UI, one pane per module."""

@@ -1,0 +1,213 @@
+"""The trade-off chart: the (xent, act) frontier of every prompt seen, and the best act over iterations.
+
+Progress events can arrive far faster than a terminal can draw a plot, so `add_progress` only merges
+data (cheap, bounded) and marks the pane dirty; a timer redraws at most `REDRAWS_PER_S` times a second.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Any, NamedTuple
+
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual_plotext import PlotextPlot
+
+from epo_tui.themes import Theme
+
+REDRAWS_PER_S = 4
+FRONTIER_MAX_POINTS = 2000
+HISTORY_MAX_POINTS = 5000
+
+Colour = str | tuple[int, int, int]  # a plotext colour: a name or RGB
+
+
+class FrontierPoint(NamedTuple):
+    xent: float
+    act: float
+    iteration: int
+    text: str
+
+
+class ParetoFrontier:
+    """The non-dominated set of (xent, act) points: lower xent (more fluent) and higher act are better.
+
+    Kept sorted by xent; along a frontier act then strictly increases with xent, so a new point is
+    dominated iff its left neighbour already has act >= its act, and the points it dominates are a
+    contiguous run to its right. Beyond `max_points`, the set is thinned evenly along xent (ends kept):
+    the chart needs the shape, not every point.
+    """
+
+    def __init__(self, max_points: int = FRONTIER_MAX_POINTS) -> None:
+        self.max_points = max_points
+        self._xents: list[float] = []  # sorted; parallel to _points, for bisect
+        self._points: list[FrontierPoint] = []
+
+    def __len__(self) -> int:
+        return len(self._points)
+
+    @property
+    def points(self) -> list[FrontierPoint]:
+        return list(self._points)
+
+    def clear(self) -> None:
+        self._xents.clear()
+        self._points.clear()
+
+    def add(self, point: FrontierPoint) -> bool:
+        """Adds `point` unless it is dominated (or equal to a kept point); True if it was added."""
+        if not (math.isfinite(point.xent) and math.isfinite(point.act)):
+            return False
+        right = bisect.bisect_right(self._xents, point.xent)
+        if right > 0 and self._points[right - 1].act >= point.act:
+            return False
+        i = end = bisect.bisect_left(self._xents, point.xent)  # a kept point at the same xent goes too
+        while end < len(self._points) and self._points[end].act <= point.act:
+            end += 1
+        self._xents[i:end] = [point.xent]
+        self._points[i:end] = [point]
+        if len(self._points) > self.max_points:
+            self._thin()
+        return True
+
+    def _thin(self) -> None:
+        """Keeps 3/4 of `max_points`, evenly spaced by rank, so thinning happens rarely."""
+        n, keep = len(self._points), max(2, self.max_points * 3 // 4)
+        chosen = sorted({round(j * (n - 1) / (keep - 1)) for j in range(keep)})
+        self._points = [self._points[j] for j in chosen]
+        self._xents = [p.xent for p in self._points]
+
+
+class BestHistory:
+    """The best act per progress event, bounded: past `max_points`, neighbouring pairs merge (later
+    iteration, max act) and later values are bucketed likewise, so peaks survive the decimation."""
+
+    def __init__(self, max_points: int = HISTORY_MAX_POINTS) -> None:
+        self.max_points = max_points
+        self.clear()
+
+    def clear(self) -> None:
+        self.iterations: list[int] = []
+        self.values: list[float] = []
+        self._stride = 1  # progress events per kept point
+        self._bucket: list[tuple[int, float]] = []
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def add(self, iteration: int, value: float) -> None:
+        if not math.isfinite(value):
+            return
+        self._bucket.append((iteration, value))
+        if len(self._bucket) < self._stride:
+            return
+        self.iterations.append(self._bucket[-1][0])
+        self.values.append(max(v for _, v in self._bucket))
+        self._bucket.clear()
+        if len(self.values) > self.max_points:
+            self.iterations = self.iterations[1::2]
+            self.values = [max(pair) for pair in zip(self.values[0::2], self.values[1::2])]
+            self._stride *= 2
+
+    def series(self) -> tuple[list[int], list[float]]:
+        """(iterations, values) to plot, including the partly filled bucket."""
+        if not self._bucket:
+            return self.iterations, self.values
+        return (self.iterations + [self._bucket[-1][0]], self.values + [max(v for _, v in self._bucket)])
+
+
+def _rgb(hex_colour: str) -> tuple[int, int, int]:
+    return int(hex_colour[1:3], 16), int(hex_colour[3:5], 16), int(hex_colour[5:7], 16)
+
+
+def best_act(event: dict[str, Any]) -> float:
+    """The best act in a progress event: the elites' max act, else `best_objective`."""
+    acts = [e["act"] for e in event.get("elites") or [] if isinstance(e.get("act"), (int, float))]
+    if acts:
+        return float(max(acts))
+    best = event.get("best_objective")
+    return float(best) if isinstance(best, (int, float)) else math.nan
+
+
+class FrontierPane(Vertical):
+    """Two plots: the frontier scatter (current elites marked) above the best act per iteration."""
+
+    DEFAULT_CSS = """
+    FrontierPane { height: 1fr; }
+    FrontierPane > #frontier-plot { height: 2fr; }
+    FrontierPane > #history-plot { height: 1fr; min-height: 5; }
+    """
+
+    def __init__(self, theme: Theme | None = None, *, name: str | None = None, id: str | None = None,  # noqa: A002
+                 classes: str | None = None) -> None:
+        super().__init__(name=name, id=id, classes=classes)
+        self.frontier = ParetoFrontier()
+        self.history = BestHistory()
+        self.elite_points: list[tuple[float, float]] = []  # (xent, act) of the current elites
+        self.redraws = 0  # how many times the plots were rebuilt (tests check the throttle)
+        self._dirty = True
+        colours = theme.colours if theme else {}
+        self._frontier_colour: Colour = _rgb(colours["primary"]) if "primary" in colours else "cyan"
+        self._elite_colour: Colour = _rgb(colours["accent"]) if "accent" in colours else "orange"
+
+    def compose(self) -> ComposeResult:
+        yield PlotextPlot(id="frontier-plot")
+        yield PlotextPlot(id="history-plot")
+
+    def on_mount(self) -> None:
+        self.set_interval(1 / REDRAWS_PER_S, self._redraw_if_dirty)
+        self._redraw_if_dirty()
+
+    def reset(self) -> None:
+        """Forgets everything (a new search starts)."""
+        self.frontier.clear()
+        self.history.clear()
+        self.elite_points = []
+        self._dirty = True
+
+    def add_progress(self, event: dict[str, Any]) -> None:
+        """Merges a `progress` event (or a coalesced one): its new frontier points, elites and best act."""
+        iteration = int(event.get("iteration") or 0)
+        for p in event.get("frontier_new") or []:
+            self.frontier.add(FrontierPoint(float(p["xent"]), float(p["act"]), int(p.get("iteration", iteration)),
+                                            str(p.get("text", ""))))
+        elites = event.get("elites") or []
+        for e in elites:  # elites were seen too, and their act (not objective) is what is plotted
+            self.frontier.add(FrontierPoint(float(e["xent"]), float(e["act"]), iteration, str(e.get("text", ""))))
+        self.elite_points = [(float(e["xent"]), float(e["act"])) for e in elites]
+        self.history.add(iteration, best_act(event))
+        self._dirty = True
+
+    def _redraw_if_dirty(self) -> None:
+        if self._dirty:
+            self._dirty = False
+            self.redraw()
+
+    def redraw(self) -> None:
+        """Rebuilds both plots from the kept data (called by the timer, not per event)."""
+        self.redraws += 1
+        scatter = self.query_one("#frontier-plot", PlotextPlot)
+        plt = scatter.plt
+        plt.clear_data()
+        plt.title(f"frontier ({len(self.frontier)} points)" if len(self.frontier) else "frontier: no search yet")
+        plt.xlabel("xent (lower: more fluent)")
+        plt.ylabel("act")
+        points = self.frontier.points
+        if points:
+            plt.scatter([p.xent for p in points], [p.act for p in points], marker="dot",
+                        color=self._frontier_colour, label="frontier")
+        if self.elite_points:
+            plt.scatter([x for x, _ in self.elite_points], [y for _, y in self.elite_points], marker="x",
+                        color=self._elite_colour, label="elites")
+        scatter.refresh()
+
+        history = self.query_one("#history-plot", PlotextPlot)
+        plt = history.plt
+        plt.clear_data()
+        plt.xlabel("iteration")
+        plt.ylabel("best act")
+        iterations, values = self.history.series()
+        if values:
+            plt.plot(iterations, values, marker="braille", color=self._elite_colour)
+        history.refresh()
