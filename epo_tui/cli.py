@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Evolutionary prompt optimization for sparse-autoencoder features. "
                                  "`epo-tui --demo` alone runs a search on the bundled demo pack.")
     parser.add_argument("--version", action="version", version=f"epo-tui {__version__}")
+    parser.add_argument("--worker", metavar="COMMAND",
+                        help="the UI's worker command, run exactly as typed (no shell), e.g. \"ssh host epo-tui "
+                             "worker\" (default: a local worker)")
+    parser.add_argument("--theme", metavar="NAME", help="the UI's theme (default epo-dark; see themes/)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     score = commands.add_parser("score", parents=[common], help="per-token activation and fluency of a text")
@@ -185,12 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError("--demo and --config: give one of them")
         config = load_config(str(paths.demo_config_file()) if args.demo else args.config)
         if args.command is None:
-            if not args.demo:
-                parser.print_help()
-                return 0
-            # until the interactive UI lands, the demo is the default search with a progress bar
-            print("epo-tui: running the demo search (epo-tui run --demo)", file=sys.stderr)
-            return cmd_run(parser.parse_args(["run", "--demo"]), config)
+            return cmd_ui(args, config)
+        if args.worker or args.theme:
+            raise UserError("--worker and --theme: options of the UI (epo-tui without a command)")
         return COMMANDS[args.command](args, config)
     except UserError as err:
         if args.debug:
@@ -454,6 +455,18 @@ def _bench_quality(args: argparse.Namespace, config: Config) -> int:
     else:
         quality.print_quality(report)
     return EXIT_INTERRUPTED if report["interrupted"] else 0
+
+
+def cmd_ui(args: argparse.Namespace, config: Config) -> int:
+    """The Textual app; its worker loads the same config (or its own demo pack, with --demo)."""
+    from epo_tui.client import worker_command
+    from epo_tui.themes import load_theme
+    from epo_tui.tui.app import EpoApp, LoadSpec
+
+    command = worker_command(args.worker) if args.worker else None
+    theme = load_theme(args.theme) if args.theme else load_theme()
+    EpoApp(config, LoadSpec.of(config, args.demo), command, theme).run()
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:

@@ -5,8 +5,6 @@ as the reference libraries, and `--demo` on every command."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -107,28 +105,6 @@ def test_run_and_batch_with_demo(tmp_path):
     assert code == 0, err
     assert [e["feature"] for e in json.loads((tmp_path / "b" / "index.json").read_text())["features"]] \
         in ([3, 4], [4, 3])
-
-
-@pytest.mark.slow
-def test_bare_demo_runs_the_default_search(tmp_path):
-    """`epo-tui --demo` alone runs the pack's default search (here stopped by Ctrl-C after it starts)."""
-    import signal
-    import time
-
-    proc = subprocess.Popen([sys.executable, "-m", "epo_tui", "--demo"], cwd=tmp_path, stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    seen = ""
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        seen += line
-        if "iteration 1/" in line or not line:
-            break
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert "running the demo search" in seen and "iteration 1/" in seen, seen + err
-    assert proc.returncode == 130
-    assert list((tmp_path / "epo-runs").glob("*/result.json"))
 
 
 @pytest.mark.slow

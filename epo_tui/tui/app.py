@@ -1,0 +1,265 @@
+"""The Textual app: features on the left, the live elites and the frontier on the right.
+
+The screen is up before the worker is: the app starts the worker (`epo_tui.client`) in the background
+and shows its loading state; every pane is fed from the client's bus, where progress arrives
+coalesced, so a slow terminal never slows the search. The app never imports the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from textual import work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Footer, Static
+
+from epo_tui import favorites
+from epo_tui.client import WorkerClient, WorkerError
+from epo_tui.config import Config
+from epo_tui.features import FeatureEntry
+from epo_tui.stars import Stars
+from epo_tui.text import inert
+from epo_tui.themes import Theme, load_theme
+from epo_tui.tui.components.elites import ElitesPane
+from epo_tui.tui.components.features import FeaturePane
+from epo_tui.tui.components.frontier import FrontierPane
+from epo_tui.tui.status import StatusBar
+from epo_tui.tui.themes import textual_theme
+
+LOAD_TIMEOUT_S = 600.0  # a large model from the hub cache can take minutes to load
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """How the worker loads its model and SAE: the fields of the `load` command."""
+
+    fields: dict[str, Any]
+
+    @classmethod
+    def of(cls, config: Config, demo: bool) -> LoadSpec:
+        return cls({"demo": True} if demo else {"config": config.to_dict()})
+
+
+class EpoApp(App):
+    AUTO_FOCUS = "#feature-list"  # the app's keys work at once; `/` moves to the search box
+    CSS = """
+    #body { height: 1fr; }
+    #features { width: 40%; min-width: 30; }
+    #right { width: 1fr; }
+    #elites { height: 1fr; }
+    #frontier { height: 1fr; min-height: 8; }
+    """
+    BINDINGS = [
+        Binding("/", "focus_search", "Search"),
+        Binding("s", "start", "Start"),
+        Binding("p", "pause", "Pause/resume"),
+        Binding("x", "stop", "Stop"),
+        Binding("f", "favorite", "Favorite"),
+        Binding("c", "copy", "Copy"),
+        Binding("R", "restart", "Restart worker", show=False),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(self, config: Config, load: LoadSpec, worker_command: list[str] | None = None,
+                 theme: Theme | None = None):
+        super().__init__()
+        self.config, self.load = config, load
+        self.client = WorkerClient(worker_command)
+        self.epo_theme = theme or load_theme()
+        self.chosen: FeatureEntry | None = None
+        self.combined: list[int] | None = None  # two features picked to combine, else None
+        self.state = "starting"
+        self.ready: dict[str, Any] | None = None
+        self.session: dict[str, Any] | None = None  # the `started` event of the current search
+        self.worker_dead = False
+
+    # -- layout
+
+    def compose(self) -> ComposeResult:
+        yield StatusBar(id="status")
+        with Horizontal(id="body"):
+            yield FeaturePane(id="features")
+            with Vertical(id="right"):
+                yield ElitesPane(self.epo_theme, id="elites")
+                yield FrontierPane(id="frontier")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.title = "epo-tui"
+        self.register_theme(textual_theme(self.epo_theme))
+        self.theme = self.epo_theme.name
+        self.query_one(StatusBar).show(state="starting the worker")
+        self.serve_worker()
+
+    # -- the worker
+
+    @work(exclusive=True, group="worker")
+    async def serve_worker(self) -> None:
+        """Starts the worker, loads the model, then applies every event to the panes until the end."""
+        events = self.client.bus.subscribe()
+        try:
+            await self.client.start()
+            self.status(state="loading the model and SAE")
+            await self.client.request("load", timeout=LOAD_TIMEOUT_S, **self.load.fields)
+            await self.client.send("features")
+        except WorkerError as err:
+            self.notify(inert(err.message), title="the worker failed", severity="error", timeout=30)
+        async for event in events:
+            self.apply(event)
+
+    def apply(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == "ready":
+            self.ready = event
+            self.worker_dead = False
+            self.status(state="ready", model=event["model"], sae=event["sae"], hook=event["hook"],
+                        devices=f"{len(event['devices'])}x {event['device_kind']}")
+        elif kind == "features":
+            entries = [FeatureEntry(index=f["index"], top_tokens=tuple(f["top_tokens"]),
+                                    top_token_ids=tuple(f["top_token_ids"]), label=f.get("label"))
+                       for f in event["features"]]
+            pane = self.query_one(FeaturePane)
+            pane.set_features(entries, Stars.load(self._sae_key()))
+            self.chosen = next((e for e in entries if e.index == self.config.feature.index), None)
+        elif kind == "state":
+            self.state = event["state"]
+            self.status(state=event["state"] + (f": {event['detail']}" if event.get("detail") else ""))
+        elif kind == "started":
+            self.session = event
+            self.query_one(FrontierPane).reset()
+            self.query_one(ElitesPane).update_elites(event["elites"])
+            self.status(session=event["session"], label=event.get("label"),
+                        iteration=event["iteration"], total=event["iterations_total"])
+        elif kind == "progress":
+            self.query_one(ElitesPane).update_elites(event["elites"])
+            self.query_one(FrontierPane).add_progress(event)
+            self.status(iteration=event["iteration"], total=event["iterations_total"], rate=event["it_per_s"])
+        elif kind == "finished":
+            self.notify(f"search {event['status']} at iteration {event['iteration']}; results in "
+                        f"{inert(event['folder'])}", title="finished")
+        elif kind == "error":
+            self._show_error(event)
+        elif kind == "log":
+            self.notify(inert(event["message"]), title=f"worker {event['level']}", severity="warning")
+
+    def _show_error(self, event: dict[str, Any]) -> None:
+        if event.get("kind") == "worker_died":
+            self.worker_dead = True
+            tail = "\n".join(inert(line) for line in event.get("stderr_tail", [])[-5:])
+            self.status(state="worker died: press R to restart and resume")
+            self.notify(f"{inert(event['message'])}\n{tail}", title="the worker died", severity="error",
+                        timeout=60)
+        else:
+            self.notify(inert(event.get("message", "")), title=f"error ({event.get('kind')})", severity="error",
+                        timeout=15)
+
+    def status(self, **fields: Any) -> None:
+        self.query_one(StatusBar).show(**fields)
+
+    def _sae_key(self) -> str:
+        ready = self.ready or {}
+        return f"{ready.get('model')}|{ready.get('sae')}"
+
+    # -- choosing features
+
+    def on_feature_pane_combine(self, message: FeaturePane.Combine) -> None:
+        self.combined = [e.index for e in message.entries]
+        self.status(label="features " + " + ".join(map(str, self.combined)))
+        self.notify(f"features {' and '.join(map(str, self.combined))} combined ({self.config.feature.combine}): "
+                    "press s to start", timeout=4)
+
+    def on_feature_pane_chosen(self, message: FeaturePane.Chosen) -> None:
+        self.combined = None
+        self.chosen = message.entry
+        label = f": {message.entry.label}" if message.entry.label else ""
+        self.status(label=f"feature {message.entry.index}{label}")
+        self.notify(f"feature {message.entry.index} chosen: press s to start", timeout=4)
+
+    # -- actions
+
+    def action_focus_search(self) -> None:
+        self.query_one(FeaturePane).focus_search()
+
+    async def _send(self, type_: str, **fields: Any) -> None:
+        try:
+            await self.client.send(type_, **fields)
+        except WorkerError as err:
+            self.notify(inert(err.message), title=f"cannot {type_}", severity="error")
+
+    async def action_start(self) -> None:
+        if self.ready is None:
+            self.notify("the worker is not ready yet", severity="warning")
+            return
+        if self.state in ("running", "paused", "compiling"):
+            self.notify("a search is running: press x to stop it first", severity="warning")
+            return
+        if self.combined:
+            await self._send("start", feature={"indices": self.combined})
+            return
+        index = self.chosen.index if self.chosen else self.config.feature.index
+        await self._send("start", feature={"index": index})
+
+    async def action_pause(self) -> None:
+        if self.state == "running":
+            await self._send("pause")
+        elif self.state == "paused":
+            await self._send("resume")
+
+    async def action_stop(self) -> None:
+        if self.state in ("running", "paused"):
+            await self._send("stop")
+
+    def _selected(self) -> dict[str, Any] | None:
+        elite = self.query_one(ElitesPane).selected_elite
+        if elite is None:
+            self.notify("no elite selected yet", severity="warning")
+        return elite
+
+    async def action_favorite(self) -> None:
+        elite = self._selected()
+        if elite is None or self.session is None or self.ready is None:
+            return
+        meta = {"id": self.session["session"], "label": self.session.get("label"), "model": self.ready["model"],
+                "sae": {"name": self.ready["sae"], "hook": self.ready["hook"]},
+                "feature": {"indices": self._session_features()}}
+        path = favorites.favorites_path(self.config)
+        try:
+            saved = await asyncio.to_thread(favorites.append_favorite, path, favorites.favorite_from_elite(meta, elite))
+        except Exception as err:  # noqa: BLE001 - a failed save is told, never fatal
+            self.notify(inert(str(err)), title="favorite not saved", severity="error", timeout=15)
+            return
+        self.notify(f"saved to {inert(str(saved))}", title="favorite")
+
+    def _session_features(self) -> list[int]:
+        return list(((self.session or {}).get("feature") or {}).get("indices") or [])
+
+    def action_copy(self) -> None:
+        elite = self._selected()
+        if elite is not None:
+            self.copy_to_clipboard(elite["text"])
+            self.notify("prompt copied (OSC 52: your terminal must allow it)")
+
+    async def action_restart(self) -> None:
+        if not self.worker_dead:
+            return
+        self.status(state="restarting the worker")
+        try:
+            await self.client.restart(resume=self.session is not None, timeout=LOAD_TIMEOUT_S)
+        except WorkerError as err:
+            self.notify(inert(err.message), title="restart failed", severity="error")
+
+    async def action_quit(self) -> None:
+        """Stops the worker cleanly: a running search is checkpointed and stays resumable."""
+        self.status(state="stopping the worker (the session stays resumable)")
+        await self.client.close()
+        self.exit()
+
+    def get_system_commands(self, screen):
+        yield from super().get_system_commands(screen)
+        for binding in self.BINDINGS:
+            yield SystemCommand(binding.description, f"key {binding.key}",
+                                lambda action=binding.action: self.run_action(action))

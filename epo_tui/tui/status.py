@@ -1,0 +1,61 @@
+"""The status bar: what runs where, and how far it is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.widgets import Static
+
+from epo_tui.text import inert
+
+
+def eta_text(iteration: int | None, total: int | None, rate: float | None) -> str:
+    """`ETA 3m12s` from iterations left and iterations per second; empty when unknown."""
+    if not iteration or not total or not rate or rate <= 0 or iteration >= total:
+        return ""
+    seconds = round((total - iteration) / rate)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return "ETA " + (f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s")
+
+
+class StatusBar(Static):
+    """One line: state · devices · model / SAE @ hook · feature · iteration i/N · it/s · ETA.
+
+    `show(**fields)` updates any of: state, devices, model, sae, hook, label, session, iteration, total,
+    rate; the rest keep their values."""
+
+    DEFAULT_CSS = "StatusBar { height: 1; background: $panel; color: $foreground; padding: 0 1; }"
+
+    def __init__(self, **kwargs: Any):
+        super().__init__("", **kwargs)
+        self.fields: dict[str, Any] = {}
+
+    def show(self, **fields: Any) -> None:
+        self.fields.update(fields)
+        self.update(self.line_text())
+
+    def line_text(self) -> Text:
+        f = self.fields
+        parts = [f.get("state", "")]
+        if f.get("devices"):
+            parts.append(f["devices"])
+        if f.get("model"):
+            parts.append(f"{_short(f['model'])} / {_short(f.get('sae', ''))} @ {f.get('hook', '')}")
+        if f.get("label"):
+            parts.append(f["label"])
+        if f.get("total"):
+            parts.append(f"iteration {f.get('iteration') or 0}/{f['total']}")
+        if f.get("rate"):
+            parts.append(f"{f['rate']:.2f} it/s")
+        eta = eta_text(f.get("iteration"), f.get("total"), f.get("rate"))
+        if eta:
+            parts.append(eta)
+        return Text(inert(" · ".join(p for p in parts if p)), no_wrap=True, overflow="ellipsis")
+
+
+def _short(path_or_name: str) -> str:
+    """The last two parts of a path (a hub id stays whole)."""
+    parts = [p for p in str(path_or_name).split("/") if p]
+    return "/".join(parts[-2:]) if parts else ""
