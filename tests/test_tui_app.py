@@ -5,17 +5,20 @@ favorite, `q` quits and leaves the session resumable; a killed worker is reporte
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
 
 import pytest
+from textual.widgets import Input
 
 from epo_tui import favorites, sessions
 from epo_tui.config import load_config
 from epo_tui.tui.app import EpoApp, LoadSpec
 from epo_tui.tui.components.elites import ElitesPane
 from epo_tui.tui.components.features import FeaturePane
+from epo_tui.tui.screens import PromptEditor, Scratchpad
 from epo_tui.tui.status import StatusBar, eta_text
 
 TIMEOUT = 120.0
@@ -30,7 +33,9 @@ async def _until(pilot, condition, timeout: float = TIMEOUT, what: str = "") -> 
 
 
 def _app(tiny_dir) -> EpoApp:
+    """The app on the tiny model, with a search long enough never to end during a test."""
     config = load_config(str(tiny_dir / "config.toml"))
+    config = dataclasses.replace(config, search=dataclasses.replace(config.search, iterations=100_000))
     return EpoApp(config, LoadSpec.of(config, demo=False))
 
 
@@ -57,6 +62,19 @@ def test_start_pause_favorite_quit(tiny_dir, tmp_path, monkeypatch):
                          and (status.fields.get("iteration") or 0) >= 2, what="elites")
             await pilot.press("p")
             await _until(pilot, lambda: app.state == "paused", what="pause")
+            await pilot.press("t")  # the scratchpad scores as you type
+            await _until(pilot, lambda: isinstance(app.screen, Scratchpad), what="the scratchpad")
+            await pilot.press("h", "e", "l", "l", "o")
+            await _until(pilot, lambda: app.screen.last_scored is not None, what="the scratchpad's score")
+            assert "".join(app.screen.last_scored["tokens"][1:]) == "hello"
+            await pilot.press("escape")
+            await pilot.press("e")  # edit the selected elite and inject it
+            await _until(pilot, lambda: isinstance(app.screen, PromptEditor), what="the editor")
+            editor = app.screen.query_one(Input)
+            editor.value = "hello world"
+            await pilot.press("enter")
+            await _until(pilot, lambda: app.client.bus.latest("injected") is not None, what="the injection")
+            assert app.client.bus.latest("injected")["text"].startswith("hello")
             await pilot.press("f")
             path = favorites.favorites_path(app.config)
             await _until(pilot, lambda: path.exists() and favorites.read_favorites(path), what="the favorite")

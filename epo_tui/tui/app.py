@@ -27,6 +27,7 @@ from epo_tui.themes import Theme, load_theme
 from epo_tui.tui.components.elites import ElitesPane
 from epo_tui.tui.components.features import FeaturePane
 from epo_tui.tui.components.frontier import FrontierPane
+from epo_tui.tui.screens import PromptEditor, Scratchpad
 from epo_tui.tui.status import StatusBar
 from epo_tui.tui.themes import textual_theme
 
@@ -60,6 +61,8 @@ class EpoApp(App):
         Binding("x", "stop", "Stop"),
         Binding("f", "favorite", "Favorite"),
         Binding("c", "copy", "Copy"),
+        Binding("e", "edit", "Edit & inject"),
+        Binding("t", "scratchpad", "Scratchpad"),
         Binding("R", "restart", "Restart worker", show=False),
         Binding("q", "quit", "Quit"),
     ]
@@ -242,6 +245,36 @@ class EpoApp(App):
         if elite is not None:
             self.copy_to_clipboard(elite["text"])
             self.notify("prompt copied (OSC 52: your terminal must allow it)")
+
+    def action_edit(self) -> None:
+        elite = self._selected()
+        if elite is None or self.state not in ("running", "paused"):
+            return
+
+        async def inject(text: str | None) -> None:
+            if not text:
+                return
+            try:
+                answer = await self.client.request("inject", text=text, timeout=LOAD_TIMEOUT_S)
+            except WorkerError as err:
+                self.notify(inert(err.message), title="not injected", severity="error")
+                return
+            self.notify(f"now elite {answer['elite'] + 1}: act {answer['act']:.3f}, xent {answer['xent']:.3f}",
+                        title="injected")
+
+        self.push_screen(PromptEditor("edit the prompt; enter puts it into the population", elite["text"]),
+                         inject)
+
+    def action_scratchpad(self) -> None:
+        if self.ready is None:
+            self.notify("the worker is not ready yet", severity="warning")
+            return
+        features = self._session_features() or [self.chosen.index if self.chosen else self.config.feature.index]
+
+        async def score(text: str, feature: int) -> dict[str, Any]:
+            return await self.client.request("score", text=text, feature=feature, timeout=60)
+
+        self.push_screen(Scratchpad(self.epo_theme, features[0], score))
 
     async def action_restart(self) -> None:
         if not self.worker_dead:

@@ -1,0 +1,100 @@
+"""Modal screens: edit a prompt and inject it (`e`), and the scratchpad (`t`)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Input, Label, Static
+
+from epo_tui.client import WorkerError
+from epo_tui.text import inert
+from epo_tui.themes import Theme
+from epo_tui.tui.tokens import activation_text
+
+SCORE_DEBOUNCE_S = 0.25  # typing pauses this long before the text is scored
+
+
+class PromptEditor(ModalScreen[str | None]):
+    """One line of text to edit; enter returns it, escape returns None."""
+
+    DEFAULT_CSS = """
+    PromptEditor { align: center middle; }
+    PromptEditor > Vertical { width: 90%; height: auto; border: round $primary; background: $surface; padding: 0 1; }
+    """
+    AUTO_FOCUS = "Input"  # the app's own AUTO_FOCUS names the feature list, which is not on this screen
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, title: str, text: str):
+        super().__init__()
+        self.title_text, self.text = title, text
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(self.title_text)
+            yield Input(self.text, id="prompt-editor")
+
+    @on(Input.Submitted)
+    def submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class Scratchpad(ModalScreen[None]):
+    """Type a text, see each token's activation of the current feature as you type."""
+
+    DEFAULT_CSS = """
+    Scratchpad { align: center middle; }
+    Scratchpad > Vertical { width: 90%; height: auto; border: round $primary; background: $surface; padding: 0 1; }
+    Scratchpad #scratch-result { height: auto; min-height: 3; }
+    """
+    AUTO_FOCUS = "Input"
+    BINDINGS = [Binding("escape", "close", "Close")]
+
+    def __init__(self, theme: Theme, feature: int, score: Callable[[str, int], Awaitable[dict[str, Any]]]):
+        super().__init__()
+        self.theme, self.feature, self.score = theme, feature, score
+        self.last_scored: dict[str, Any] | None = None  # the newest answer shown
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(f"scratchpad: feature {self.feature} (escape closes)")
+            yield Input(placeholder="type a text", id="scratch-input")
+            yield Static("", id="scratch-result")
+
+    @on(Input.Changed)
+    def changed(self, event: Input.Changed) -> None:
+        self.score_later(event.value)
+
+    @work(exclusive=True, group="scratch")
+    async def score_later(self, text: str) -> None:
+        """Scores the text once typing pauses; a newer keystroke cancels this one (exclusive)."""
+        import asyncio
+
+        await asyncio.sleep(SCORE_DEBOUNCE_S)
+        result = self.query_one("#scratch-result", Static)
+        if not text:
+            result.update("")
+            return
+        try:
+            scored = await self.score(text, self.feature)
+        except WorkerError as err:
+            result.update(inert(err.message))
+            return
+        self.last_scored = scored
+        peak = max(scored["activations"][1:], default=0.0)
+        line = activation_text(scored["tokens"], scored["activations"], 1, self.theme)
+        mean_xent = [x for x in scored["xent"][1:] if x is not None]
+        xent = sum(mean_xent) / len(mean_xent) if mean_xent else 0.0
+        line.append(f"\nmax act {peak:.3f} · mean xent {xent:.3f}")
+        result.update(line)
+
+    def action_close(self) -> None:
+        self.dismiss(None)
