@@ -29,6 +29,12 @@ class FeatureEntry:
         data["top_tokens"], data["top_token_ids"] = list(self.top_tokens), list(self.top_token_ids)
         return data
 
+    @classmethod
+    def from_json(cls, data: dict) -> FeatureEntry:
+        """An entry back from `to_json` (the catalog file, the worker's `features` event)."""
+        return cls(index=data["index"], top_tokens=tuple(data["top_tokens"]),
+                   top_token_ids=tuple(data["top_token_ids"]), label=data.get("label"))
+
 
 def catalog_path(sae_key: str, cache_root: Path | None = None) -> Path:
     """Where the catalog of the SAE identified by `sae_key` (release/id or folder + stamp) lives."""
@@ -47,9 +53,7 @@ def load_catalog(path: Path, sae_key: str) -> list[FeatureEntry] | None:
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("version") != CATALOG_VERSION or data.get("sae") != sae_key:
             return None
-        return [FeatureEntry(index=f["index"], top_tokens=tuple(f["top_tokens"]),
-                             top_token_ids=tuple(f["top_token_ids"]), label=f.get("label"))
-                for f in data["features"]]
+        return [FeatureEntry.from_json(f) for f in data["features"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -138,12 +138,7 @@ class Session:
     def read_checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """(arrays, metadata) exactly as saved. Only safetensors are parsed; nothing is unpickled."""
         path = self.folder / CHECKPOINT_FILE
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise SessionError(path, "missing (no checkpoint saved yet)") from None
-        except OSError as err:
-            raise SessionError(path, f"cannot read: {err.strerror or err}") from None
+        data = _read_bytes(path, missing="missing (no checkpoint saved yet)")
         metadata = _safetensors_metadata(path, data)
         if metadata.get("format") != CHECKPOINT_FORMAT:
             raise SessionError(path, f"checkpoint format {metadata.get('format')!r} is not the one this "
@@ -279,13 +274,17 @@ def _ends_with_newline(path: Path) -> bool:
         return handle.read(1) == b"\n"
 
 
-def _read_json(path: Path) -> Any:
+def _read_bytes(path: Path, missing: str = "missing") -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
-        raise SessionError(path, "missing") from None
+        raise SessionError(path, missing) from None
     except OSError as err:
         raise SessionError(path, f"cannot read: {err.strerror or err}") from None
+
+
+def _read_json(path: Path) -> Any:
+    data = _read_bytes(path)
     try:
         return json.loads(data.decode("utf-8"))
     except ValueError as err:

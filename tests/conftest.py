@@ -29,3 +29,18 @@ def tiny_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny")
     assert write_tiny([str(folder)]) == 0
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_dir):
+    from epo_tui.config import load_config
+
+    return load_config(str(tiny_dir / "config.toml"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_config):
+    """The tiny model and SAE, loaded once per session (read-only in every test)."""
+    from epo_tui.engine.pairing import load_model_with_sae
+
+    return load_model_with_sae(tiny_config)

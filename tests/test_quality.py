@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from epo_tui.config import load_config
 from epo_tui.engine import quality
-from epo_tui.engine.pairing import load_model_with_sae
 from epo_tui.engine.scoring import score_text
 from epo_tui.engine.search import Search
 from epo_tui.errors import UserError
@@ -23,47 +20,37 @@ TEXTS = ["The quick brown fox jumps over the lazy dog. " * 6,
          "Numbers 1 2 3 4 5 6 7 8 9 and words go on and on until the row is full of them. " * 4]
 
 
-@pytest.fixture(scope="module")
-def tiny_config(tiny_dir):
-    return load_config(str(tiny_dir / "config.toml"))
-
-
-@pytest.fixture(scope="module")
-def pair(tiny_config):
-    return load_model_with_sae(tiny_config)
-
-
-def test_rows_hold_the_documents_joined_by_eos_after_bos(pair):
-    tokens, mask = quality.heldout_rows(pair, TEXTS)
-    tokenizer = pair.model.tokenizer
-    bos, eos = pair.model.encode("")[0], tokenizer.eos_token_id
+def test_rows_hold_the_documents_joined_by_eos_after_bos(tiny_pair):
+    tokens, mask = quality.heldout_rows(tiny_pair, TEXTS)
+    tokenizer = tiny_pair.model.tokenizer
+    bos, eos = tiny_pair.model.encode("")[0], tokenizer.eos_token_id
     stream = [t for text in TEXTS for t in (*tokenizer(text, add_special_tokens=False)["input_ids"], eos)]
     assert (tokens[:, 0] == bos).all() and not mask[:, 0].any()
     assert tokens[:, 1:][mask[:, 1:]].tolist() == stream
     assert mask.sum() == len(stream)
 
 
-def test_dataset_maxima_equal_the_max_of_score_over_every_position(pair):
-    tokens, mask = quality.heldout_rows(pair, TEXTS)
-    maxima, where = quality.dataset_maxima(pair, tokens, mask)
+def test_dataset_maxima_equal_the_max_of_score_over_every_position(tiny_pair):
+    tokens, mask = quality.heldout_rows(tiny_pair, TEXTS)
+    maxima, where = quality.dataset_maxima(tiny_pair, tokens, mask)
     # independent: each row scored on its own through `score` (which tokenizes text, so use ids directly)
     from epo_tui.engine.pairing import as_batch
     from epo_tui.engine.sae import activations
 
     per_row = []
     for row, m in zip(tokens, mask, strict=True):
-        _, sae_in = pair.forward(as_batch(row.tolist()), logits=False)
-        per_row.append(np.asarray(activations(pair.sae, sae_in[0]))[m])
+        _, sae_in = tiny_pair.forward(as_batch(row.tolist()), logits=False)
+        per_row.append(np.asarray(activations(tiny_pair.sae, sae_in[0]))[m])
     every = np.concatenate(per_row)
     np.testing.assert_allclose(maxima, every.max(0), rtol=1e-5, atol=1e-5)
-    flat_acts = np.full((tokens.size, pair.sae.d_sae), -np.inf, np.float32)
+    flat_acts = np.full((tokens.size, tiny_pair.sae.d_sae), -np.inf, np.float32)
     flat_acts[mask.reshape(-1)] = every
-    np.testing.assert_allclose(flat_acts[where, np.arange(pair.sae.d_sae)], maxima, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(flat_acts[where, np.arange(tiny_pair.sae.d_sae)], maxima, rtol=1e-5, atol=1e-5)
 
 
-def test_windows_never_cross_rows_or_hold_special_tokens(pair):
-    tokens, mask = quality.heldout_rows(pair, TEXTS)
-    special = pair.model.special_token_ids()
+def test_windows_never_cross_rows_or_hold_special_tokens(tiny_pair):
+    tokens, mask = quality.heldout_rows(tiny_pair, TEXTS)
+    special = tiny_pair.model.special_token_ids()
     windows = quality.heldout_windows(tokens, mask, 5, special)
     assert len(windows) > 0 and windows.shape[1] == 5
     assert not np.isin(windows, special).any()
@@ -72,14 +59,14 @@ def test_windows_never_cross_rows_or_hold_special_tokens(pair):
         assert any(tuple(row[s:s + 5]) == tuple(window) for row in rows for s in range(1, len(row) - 4, 5))
 
 
-def test_window_xent_is_the_mean_xent_that_score_reports(pair, tiny_config):
-    search = Search(pair, replace(tiny_config, search=replace(tiny_config.search, prompt_tokens=6)))
-    tokens, mask = quality.heldout_rows(pair, TEXTS)
-    windows = quality.heldout_windows(tokens, mask, 6, pair.model.special_token_ids())[:3]
+def test_window_xent_is_the_mean_xent_that_score_reports(tiny_pair, tiny_config):
+    search = Search(tiny_pair, replace(tiny_config, search=replace(tiny_config.search, prompt_tokens=6)))
+    tokens, mask = quality.heldout_rows(tiny_pair, TEXTS)
+    windows = quality.heldout_windows(tokens, mask, 6, tiny_pair.model.special_token_ids())[:3]
     xents = quality.window_xents(search, windows)
     compared = 0
     for window, xent in zip(windows, xents, strict=True):
-        scored = score_text(pair, pair.model.decode(window), tiny_config.feature.index)
+        scored = score_text(tiny_pair, tiny_pair.model.decode(window), tiny_config.feature.index)
         if scored["token_ids"][1:] != window.tolist():
             continue  # this window's text tokenizes differently on its own: not comparable
         assert xent == pytest.approx(np.mean(scored["xent"][1:]), abs=1e-4)
@@ -87,8 +74,8 @@ def test_window_xent_is_the_mean_xent_that_score_reports(pair, tiny_config):
     assert compared >= 2
 
 
-def test_best_prompts_respect_the_xent_limit(pair, tiny_config):
-    search = Search(pair, tiny_config)
+def test_best_prompts_respect_the_xent_limit(tiny_pair, tiny_config):
+    search = Search(tiny_pair, tiny_config)
     state = search.initial_state()
     for _ in range(2):
         state, _ = search.step(state)
@@ -102,14 +89,14 @@ def test_best_prompts_respect_the_xent_limit(pair, tiny_config):
     assert quality.best_prompts(search, state, float(xent.min()) - 1)["fluent_act"] is None
 
 
-def test_run_quality_reports_each_latent_and_the_verdict_rule(pair, tiny_config):
+def test_run_quality_reports_each_latent_and_the_verdict_rule(tiny_pair, tiny_config):
     lines = []
-    report = quality.run_quality(pair, tiny_config, TEXTS, latents=2, iterations=2, seed=3,
+    report = quality.run_quality(tiny_pair, tiny_config, TEXTS, latents=2, iterations=2, seed=3,
                                  labels={}, progress=lines.append)
     assert len(report["latents"]) == 2 and not report["interrupted"]
     assert report["xent_limit"] == pytest.approx(report["heldout"]["median_window_xent"] + 1.0)
-    tokens, mask = quality.heldout_rows(pair, TEXTS)
-    maxima, _ = quality.dataset_maxima(pair, tokens, mask)
+    tokens, mask = quality.heldout_rows(tiny_pair, TEXTS)
+    maxima, _ = quality.dataset_maxima(tiny_pair, tokens, mask)
     for row in report["latents"]:
         assert maxima[row["latent"]] > 0  # only alive latents are drawn
         assert row["dataset_max"] == pytest.approx(float(maxima[row["latent"]]))
@@ -117,7 +104,7 @@ def test_run_quality_reports_each_latent_and_the_verdict_rule(pair, tiny_config)
         assert row["beat"] == (fluent is not None and fluent > row["dataset_max"])
         assert "[" in row["dataset_context"]
     assert report["beaten"] == sum(r["beat"] for r in report["latents"])
-    again = quality.run_quality(pair, tiny_config, TEXTS, latents=2, iterations=2, seed=3)
+    again = quality.run_quality(tiny_pair, tiny_config, TEXTS, latents=2, iterations=2, seed=3)
     assert [r["latent"] for r in again["latents"]] == [r["latent"] for r in report["latents"]]
     assert any("latent" in line for line in lines)
 

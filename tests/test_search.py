@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 import search_fixtures as fx
-from epo_tui.config import load_config
 from epo_tui.engine.pairing import load_model_with_sae
 from epo_tui.engine.sae import activations, pre_activations
 from epo_tui.engine.search import Search, elite_reports, gradients, propose
@@ -59,16 +58,6 @@ def spy_on_evaluate(search: Search) -> list:
 
 # ----------------------------------------------------------------------------------------------
 # Fixtures
-
-
-@pytest.fixture(scope="module")
-def tiny_config(tiny_dir):
-    return load_config(str(tiny_dir / "config.toml"))
-
-
-@pytest.fixture(scope="module")
-def tiny_pair(tiny_config):
-    return load_model_with_sae(tiny_config)
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,16 @@ def feature_record(search: Search) -> dict:
             "read": feature.read, "hook": search.target.hook}
 
 
-def result_of(search: Search, state: SearchState, timings: results.RunTimings, cluster: Cluster = Cluster()) -> dict:
-    """The result.json content of a search in the state it reached."""
+def result_of(search: Search, state: SearchState, timings: results.RunTimings, cluster: Cluster = Cluster(),
+              elites: list[dict] | None = None) -> dict:
+    """The result.json content of a search in the state it reached (`elites`: its elite_reports, when
+    the caller has them already)."""
     model, sae = search.pair.model, search.pair.sae
     return results.build_result(
         config=search.config.to_dict(), feature=feature_record(search), model=model.name,
         sae={"name": sae.display_name, "hook": sae.hook_name}, timings=timings,
         frontier=state.frontier.to_json(model.decode), best_objective_history=state.best_objective_history,
-        elites=elite_reports(search, state), process=cluster.to_json())
+        elites=elites if elites is not None else elite_reports(search, state), process=cluster.to_json())
 
 
 def features_label(config: Config) -> str:

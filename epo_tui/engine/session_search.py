@@ -25,9 +25,9 @@ from epo_tui.errors import UserError
 CHECKPOINT_SECONDS = 30.0
 
 
-def session_config(session: sessions.Session) -> Config:
+def session_config(session: sessions.Session, meta: dict | None = None) -> Config:
     """The config a session ran with (validated again: the file may have been edited or damaged)."""
-    meta = session.read_meta()
+    meta = meta if meta is not None else session.read_meta()
     return config_from_data(meta["config"], source=f"session {session.id}")
 
 
@@ -43,6 +43,7 @@ class RecordedSearch:
         self.last_checkpoint = time.monotonic()
         self.pending_history: list[dict] = []  # frontier points since the last checkpoint
         self.seconds: list[float] = []
+        self._elites: tuple[int, list[dict]] | None = None  # (iteration, reports): progress, checkpoint, result
 
     # -- creation
 
@@ -65,8 +66,8 @@ class RecordedSearch:
     @classmethod
     def resume(cls, pair: ModelWithSAE, session: sessions.Session, mesh=None, iterations_total: int | None = None,
                checkpoint_seconds: float = CHECKPOINT_SECONDS) -> RecordedSearch:
-        config = session_config(session)
         meta = session.read_meta()
+        config = session_config(session, meta)
         arrays, _ = session.read_checkpoint()
         search = Search(pair, config, mesh=mesh)
         try:
@@ -102,7 +103,10 @@ class RecordedSearch:
         return len(recent) / sum(recent) if recent and sum(recent) > 0 else None
 
     def elites(self) -> list[dict]:
-        return elite_reports(self.search, self.state)
+        """The elites' reports (one forward pass), computed once per iteration."""
+        if self._elites is None or self._elites[0] != self.state.iteration:
+            self._elites = (self.state.iteration, elite_reports(self.search, self.state))
+        return self._elites[1]
 
     def checkpoint(self, status: str, error: str | None = None) -> None:
         """The state, the elites and the history so far, then the status: in that order, so the
@@ -125,7 +129,7 @@ class RecordedSearch:
         if timings is None:
             timings = results.RunTimings(iterations_requested=self.iterations_total, iteration_s=list(self.seconds),
                                          interrupted=not self.done)
-        result = result_of(self.search, self.state, timings, cluster)
+        result = result_of(self.search, self.state, timings, cluster, elites=self.elites())
         result["session"] = self.session.id
         results.write_result(self.session.folder, result)
         return result
@@ -151,6 +155,7 @@ class RecordedSearch:
         gain_K = (objective - lambdas * xent) - (state.objective_K - lambdas * state.xent_K)
         k = int(np.argmax(gain_K))
         state.tokens_KxN[k], state.objective_K[k], state.act_K[k], state.xent_K[k] = tokens, objective, act, xent
+        self._elites = None  # same iteration, other elites
         before = state.frontier
         state.frontier = before.merged([xent], [objective], [act], tokens[None])
         self.pending_history.extend(self._points(state.frontier, new_frontier_points(before, state.frontier)))

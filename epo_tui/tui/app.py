@@ -122,9 +122,7 @@ class EpoApp(App):
             self.status(state="ready", model=event["model"], sae=event["sae"], hook=event["hook"],
                         devices=f"{len(event['devices'])}x {event['device_kind']}")
         elif kind == "features":
-            entries = [FeatureEntry(index=f["index"], top_tokens=tuple(f["top_tokens"]),
-                                    top_token_ids=tuple(f["top_token_ids"]), label=f.get("label"))
-                       for f in event["features"]]
+            entries = [FeatureEntry.from_json(f) for f in event["features"]]
             pane = self.query_one(FeaturePane)
             pane.set_features(entries, Stars.load(self._sae_key()))
             self.chosen = next((e for e in entries if e.index == self.config.feature.index), None)
