@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from epo_tui import __version__, paths
-from epo_tui.config import COMBINES, Config, load_config
-from epo_tui.errors import UserError
+from epo_tui.config import COMBINES, INT_MAX, Config, load_config
+from epo_tui.errors import UserError, first_line
 from epo_tui.features import with_labels
 from epo_tui.progress import progress_reporter
-from epo_tui.text import inert
+from epo_tui.text import inert, json_line
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C: the results so far are written, and scripts can still tell
@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (no usage dump), exit code 2."""
 
     def error(self, message: str):  # noqa: D102 - argparse hook
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {inert(message)} (see {self.prog} --help)\n")
 
 
 def _common_options(top_level: bool) -> argparse.ArgumentParser:
@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         if args.debug:
             traceback.print_exc()
-        print(f"epo-tui: error: {err}", file=sys.stderr)
+        print(f"epo-tui: error: {inert(str(err))}", file=sys.stderr)  # one line, whatever the input held
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("epo-tui: interrupted", file=sys.stderr)
@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         else:
-            print(f"epo-tui: internal error: {type(err).__name__}: {err} (rerun with --debug for the "
+            print(f"epo-tui: internal error: {inert(first_line(err))} (rerun with --debug for the "
                   "traceback)", file=sys.stderr)
         return 1
 
@@ -228,7 +228,7 @@ def cmd_score(args: argparse.Namespace, config: Config) -> int:
     pair = load_model_with_sae(config, feature, feature_source)
     scored = score_text(pair, args.text, feature, prefix=config.search.prefix)
     if args.json:
-        print(json.dumps(scored, ensure_ascii=False))
+        print(json_line(scored))
     else:
         print_score(scored, feature)
     return 0
@@ -248,7 +248,7 @@ def cmd_features(args: argparse.Namespace, config: Config) -> int:
     entries = entries[: args.limit] if args.limit is not None else entries
     if args.json:
         for entry in entries:
-            sys.stdout.write(json.dumps(entry.to_json(), ensure_ascii=False) + "\n")
+            sys.stdout.write(json_line(entry.to_json()) + "\n")
     else:
         print_features(entries)
     return 0
@@ -266,8 +266,8 @@ def _search_overrides(args: argparse.Namespace, config: Config) -> Config:
             raise UserError(f"--iterations: must be >= 1, found {args.iterations}")
         search = dataclasses.replace(search, iterations=args.iterations)
     if args.seed is not None:
-        if args.seed < 0:
-            raise UserError(f"--seed: must be >= 0, found {args.seed}")
+        if not 0 <= args.seed <= INT_MAX:
+            raise UserError(f"--seed: must be 0..{INT_MAX}, found {args.seed}")
         search = dataclasses.replace(search, seed=args.seed)
     return dataclasses.replace(config, search=search)
 

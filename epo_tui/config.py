@@ -8,6 +8,7 @@ Lookup order: `--config PATH`, `--config sample:NAME` (a shipped sample), the us
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from epo_tui import paths
 from epo_tui.errors import ConfigError, UserError, did_you_mean
 
 DTYPES = ("float32", "bfloat16")
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # TOML's integers (seeds reach jax.random.key as int64)
 BUILTIN_SOURCE = "built-in defaults"
 
 
@@ -136,7 +138,9 @@ def load_config(spec: str | None = None) -> Config:
                 f" (samples: {', '.join(samples)})"
             )
         return load_config_file(samples[name])
-    path = Path(spec).expanduser()
+    path = paths.expand_user(spec)
+    if path.is_dir():
+        raise UserError(f"--config: '{spec}' is a folder, not a config file")
     if not path.is_file():
         raise UserError(f"--config: no such file '{spec}'")
     return load_config_file(path)
@@ -245,6 +249,10 @@ def _check_value(value: Any, hint: Any, limits: typing.Mapping, source: str, key
         value = float(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(source, key, f"expected {_TYPE_NAMES[expected]}, found {_describe(value)}")
+    if expected is float and not math.isfinite(value):
+        raise ConfigError(source, key, f"expected a finite number, found {value}")
+    if expected is int and not INT_MIN <= value <= INT_MAX:
+        raise ConfigError(source, key, f"{value} does not fit in a 64-bit integer (TOML's limit)")
     choices = limits.get("choices")
     if choices and value not in choices:
         raise ConfigError(
@@ -278,7 +286,7 @@ def _resolve_choice(built, *, table: dict, source: str, section: str, remote: tu
 
 def _relative_to(text: str, base_dir: Path | None) -> Path:
     """A path from the config: `~` expanded, relative ones resolved against the config's folder."""
-    path = Path(text).expanduser()
+    path = paths.expand_user(text)
     return base_dir / path if not path.is_absolute() and base_dir is not None else path
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from epo_tui.text import inert
+
 
 class UserError(Exception):
     """Bad input or an unavailable resource, described in one line the user can act on."""
@@ -16,7 +18,8 @@ class ConfigError(UserError):
     def __init__(self, source: str, key: str, message: str):
         self.source = source
         self.key = key
-        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+        # keys and values come from the file: shown inert, so the message stays one line
+        super().__init__(inert(f"{source}: {key}: {message}" if key else f"{source}: {message}"))
 
 
 def did_you_mean(word: str, choices: Iterable[str], n: int = 1) -> str:

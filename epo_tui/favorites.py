@@ -32,7 +32,7 @@ FAVORITE_KEYS = ("features", "label", "model", "sae", "hook", "prompt", "tokens"
 
 def favorites_path(config) -> Path:
     """`[favorites] path` from the config, else favorites.md in the data folder."""
-    return Path(config.favorites.path).expanduser() if config.favorites.path else paths.data_dir() / "favorites.md"
+    return paths.expand_user(config.favorites.path) if config.favorites.path else paths.data_dir() / "favorites.md"
 
 
 def favorite_from_elite(session_meta: dict, elite: dict, saved: datetime | str | None = None) -> dict[str, Any]:
@@ -104,7 +104,7 @@ def append_favorite(path: Path, fav: dict[str, Any]) -> Path:
     is written beside it and renamed over it only when complete.
     """
     entry = render_entry(fav).encode("utf-8")
-    path = Path(path).expanduser()
+    path = paths.expand_user(path)
     path = path.resolve() if path.is_symlink() else path
     lock_path = Path(f"{path}.lock")
     try:

@@ -11,6 +11,15 @@ from epo_tui.errors import UserError
 APP_NAME = "epo-tui"
 
 
+def expand_user(path: str | Path) -> Path:
+    """`~` and `~user` expanded as a shell does: a user that does not exist leaves the path as written
+    (Path.expanduser raises RuntimeError there)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
 def config_dir() -> Path:
     return Path(platformdirs.user_config_dir(APP_NAME))
 

@@ -40,7 +40,7 @@ def print_score(scored: dict, feature: int) -> None:
         act_cell = Text(f"{act:.3f}")
         if act > 0 and top > 0:
             act_cell.stylize(f"{theme.activation_text} on {theme.activation_colour(act / top)}")
-        table.add_row(str(pos), f"'{inert(token)}'", str(token_id), act_cell,
+        table.add_row(str(pos), Text(f"'{inert(token)}'"), str(token_id), act_cell,  # Text: no markup
                       "-" if xent is None else f"{xent:.3f}")
     console.print(table)
     if console.is_terminal:
@@ -49,7 +49,7 @@ def print_score(scored: dict, feature: int) -> None:
     scored_xents = [x for x in xents if x is not None]
     mean_xent = sum(scored_xents) / len(scored_xents) if scored_xents else float("nan")
     console.print(f"max act {acts[best]:.3f} at pos {best} ('{inert(tokens[best])}'); "
-                  f"mean xent {mean_xent:.3f} over {len(scored_xents)} tokens")
+                  f"mean xent {mean_xent:.3f} over {len(scored_xents)} tokens", markup=False)
 
 
 def print_features(entries: list[FeatureEntry]) -> None:

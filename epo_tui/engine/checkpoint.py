@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import jax.numpy as jnp
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from epo_tui.errors import UserError, first_line
 
@@ -68,10 +68,13 @@ def read_safetensors(folder: Path, max_layer: int | None = None) -> dict[str, jn
         raise UserError(f"'{folder}' holds no .safetensors weights (only safetensors are read)")
     tensors: dict[str, jnp.ndarray] = {}
     for file in files:
-        with safe_open(folder / file, framework="flax") as handle:
-            for key in handle.keys():
-                match = _LAYER_RE.search(key)
-                if max_layer is not None and match and int(match.group(1)) > max_layer:
-                    continue
-                tensors[key] = handle.get_tensor(key)
+        try:
+            with safe_open(folder / file, framework="flax") as handle:
+                for key in handle.keys():
+                    match = _LAYER_RE.search(key)
+                    if max_layer is not None and match and int(match.group(1)) > max_layer:
+                        continue
+                    tensors[key] = handle.get_tensor(key)
+        except (OSError, SafetensorError) as err:  # truncated, corrupt or unreadable: not our bug
+            raise UserError(f"cannot read the weights in '{folder / file}': {first_line(err)}") from None
     return tensors

@@ -116,9 +116,10 @@ def run_one(pair: ModelWithSAE, config: Config, folder: Path, reporter: Reporter
             mesh: Mesh | None = None, cluster: Cluster = Cluster(), sessions_root: Path | None = None) -> dict:
     """One search for config.feature, recorded as a session: runs it, writes folder/result.json and
     report.md (and the same in the session folder), returns the result."""
-    reporter.search_started(features_label(config), config.search.iterations)
     t0 = time.perf_counter()
-    recorded = RecordedSearch.start(pair, config, mesh=mesh or local_mesh(), root=sessions_root)
+    search = Search(pair, config, mesh=mesh or local_mesh())  # its input errors come before any output
+    reporter.search_started(features_label(config), config.search.iterations)
+    recorded = RecordedSearch.start(pair, config, search=search, root=sessions_root)
     return _run_recorded(recorded, time.perf_counter() - t0, folder, reporter, stop, cluster)
 
 

@@ -236,7 +236,7 @@ def _digest(*parts: Any) -> str:
 
 
 def _local_folder(path: str, source: str) -> Path:
-    folder = Path(path).expanduser()
+    folder = paths.expand_user(path)
     if not folder.is_dir():
         raise ConfigError(source, "sae.path", f"'{path}' is not a folder")
     missing = [name for name in (SAE_LENS_CFG, SAE_LENS_WEIGHTS) if not (folder / name).is_file()]

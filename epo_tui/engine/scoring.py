@@ -18,6 +18,10 @@ def score_text(pair: ModelWithSAE, text: str, feature: int, prefix: str = "") ->
     """
     if not text:
         raise UserError("the text to score is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # bytes that were not UTF-8 (argv's surrogateescape), lone surrogates
+        raise UserError(f"the text to score is not valid UTF-8 (at character {err.start})") from None
     model = pair.model
     ids = model.encode(text, prefix)
     limit = model.cfg.max_positions

@@ -50,8 +50,8 @@ class RecordedSearch:
     @classmethod
     def start(cls, pair: ModelWithSAE, config: Config, mesh=None, seed_prompt: str | None = None,
               label: str | None = None, root: Path | None = None,
-              checkpoint_seconds: float = CHECKPOINT_SECONDS) -> RecordedSearch:
-        search = Search(pair, config, mesh=mesh)
+              checkpoint_seconds: float = CHECKPOINT_SECONDS, search: Search | None = None) -> RecordedSearch:
+        search = search or Search(pair, config, mesh=mesh)  # `search`: already set up for this config
         state = search.initial_state(seed_prompt)
         session = sessions.create_session({
             "config": config.to_dict(), "feature": feature_record(search), "lambdas": search.lambdas_K.tolist(),
