@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="held-out text: .jsonl of {\"text\": ...} or a plain text file (default with "
                               "--demo: the pack's held-out sample)")
     quality.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the latent draw (default 0)")
+    from epo_tui.tui.bench_ui import add_options as add_ui_options  # --ui, --presses, --size
+
+    add_ui_options(bench)
 
     run = commands.add_parser(
         "run", parents=[common], help="one search; writes result.json and report.md",
@@ -407,6 +410,10 @@ def _progress_line(message: str) -> None:
 
 
 def cmd_bench(args: argparse.Namespace, config: Config) -> int:
+    if args.ui:  # the UI's key-press-to-repaint latency while a search runs
+        from epo_tui.tui.bench_ui import cmd_bench_ui
+
+        return cmd_bench_ui(args, config, progress=_progress_line)
     if args.iterations is not None and args.iterations < 1:
         raise UserError(f"--iterations: must be >= 1, found {args.iterations}")
     if args.quality:
@@ -514,9 +521,7 @@ def cmd_sessions(args: argparse.Namespace, config: Config) -> int:
 
 def _session_line(entry) -> str:
     """id, status, iterations, features and label, model: one line per session."""
-    status = entry.status
-    if status in ("running", "paused") and not entry.session.is_running_elsewhere():
-        status = "interrupted"  # its process died without a last checkpoint: resumable from the one before
+    status = entry.shown_status
     done = f"{entry.checkpoint_iteration if entry.checkpoint_iteration is not None else entry.iteration}"
     features = "+".join(map(str, entry.features)) or "?"
     label = f" {entry.label}" if entry.label else ""

@@ -11,6 +11,7 @@ Plain Python (stdlib only), so the UI and the CLI can read labels without the en
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import re
 import zlib
@@ -97,3 +98,29 @@ def _latent_index(value: object, where: str) -> int:
     if index < 0:
         raise UserError(f"{where}: 'index' must not be negative, found {value!r}")
     return index
+
+
+def imported_labels_path(sae_key: str) -> Path:
+    """Where the labels a user imported in the UI for one SAE are kept (the data folder, by SAE key)."""
+    from epo_tui import paths
+
+    digest = hashlib.sha256(sae_key.encode("utf-8")).hexdigest()[:16]
+    return paths.data_dir() / "labels" / f"{digest}.jsonl"
+
+
+def read_imported(sae_key: str) -> dict[int, str]:
+    """The labels imported earlier for `sae_key` ({} when none; UserError when the file is damaged)."""
+    path = imported_labels_path(sae_key)
+    return read_explanations(path) if path.exists() else {}
+
+
+def remember_imported(sae_key: str, labels: dict[int, str]) -> Path:
+    """Adds `labels` to those imported earlier for `sae_key` (the newest import wins) and saves them.
+
+    Imports are kept so a restarted UI shows them again; the file records the SAE key it belongs to."""
+    merged = {**read_imported(sae_key), **labels}
+    path = imported_labels_path(sae_key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_explanations(path, ({"index": str(index), "description": text, "saeKey": sae_key}
+                              for index, text in sorted(merged.items())))
+    return path

@@ -366,6 +366,14 @@ class SessionSummary:
     def session(self) -> Session:
         return Session(self.folder)
 
+    @property
+    def shown_status(self) -> str:
+        """The status to show: a session marked running or paused whose runner no longer holds its lock
+        was interrupted (killed, a crash, a power cut) and resumes from its last checkpoint."""
+        if self.status in ("running", "paused") and not self.session.is_running_elsewhere():
+            return "interrupted"
+        return self.status
+
 
 def _summary(session: Session, meta: dict[str, Any]) -> SessionSummary:
     feature = meta.get("feature") or {}

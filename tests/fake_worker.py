@@ -14,6 +14,13 @@ Modes (each starts with the worker's unsolicited `hello`):
                     among valid ones, then a log "after garbage" and bye
   sleep             reads commands and never answers; exits at end of input
   hang-on-shutdown  ignores commands, end of input, SIGTERM and SIGHUP (only SIGKILL ends it)
+  ui [finish|die]   for the UI's snapshots: a demo-like model with 40 labelled features; `start` emits
+                    started and 5 progress events with fixed elites and frontier points, then
+                    (finish) finished, or (die) 3 stderr lines and exit 3; without an argument the
+                    search stays running; answers pause, resume, stop, score, inject and shutdown
+  ui-evil [finish|die]  as ui, but the elites' tokens (and so their text) are EVIL_TOKENS: escape
+                    sequences (clear screen, OSC 52 clipboard write, OSC 8 hyperlink) and markup
+                    (tests/test_security.py checks none reaches the terminal raw)
 
 --record FILE appends every command line received to FILE (the tests read it back).
 Every mode ends itself after 60 s (SIGALRM), so a failing test leaves no process behind.
@@ -169,6 +176,81 @@ def hang_on_shutdown(commands: Commands) -> int:
         time.sleep(1)
 
 
+UI_TOKENS = [" Debian", " is", " a", " free", " operating", " system", " for", " servers"]
+EVIL_TOKENS = ["\x1b[2J", " EVIL\x1b]52;c;RVZJTA==\x07", "\x1b]8;;http://evil.example/\x1b\\link\x1b]8;;\x1b\\",
+               "</code>", "```", "<script>alert(1)</script>", "[x](javascript:alert(1))",
+               "<!-- epo-tui favorite -->"]
+
+
+def ui_elite(k: int, iteration: int) -> dict:
+    """Elite k at `iteration`: fixed tokens, activations rising with the iteration, lower k more fluent."""
+    tokens = ["<|endoftext|>"] + UI_TOKENS[k % 3:] + UI_TOKENS[:k % 3]
+    acts = [0.0] + [round((i % 4) * 0.5 + 0.1 * iteration + 0.2 * k, 3) for i in range(len(UI_TOKENS))]
+    act = max(acts)
+    return {"penalty": [1.0, 3.0, 7.0, 20.0][k], "token_ids": list(range(len(tokens))), "tokens": tokens,
+            "activations": acts, "prompt_start": 1, "act": act, "xent": round(5.5 - 0.5 * k + 0.05 * iteration, 3),
+            "objective": act, "text": "".join(tokens[1:])}
+
+
+def ui(commands: Commands, ending: str | None) -> int:
+    for cmd in commands:
+        t, id_ = cmd.type, cmd.id
+        if t == "hello":
+            emit("hello", id=id_, worker="fake", protocol=protocol.VERSION, pid=os.getpid())
+        elif t == "load":
+            emit("state", state="idle", detail=None)
+            emit("ready", id=id_, model="demo/model", sae="demo/sae", hook="blocks.2.hook_resid_pre", d_sae=40,
+                 dtype="float32", devices=["TFRT_CPU_0"], device_kind="cpu", config={}, labels=None)
+        elif t == "features":
+            features = [{"index": i, "top_tokens": [f" tok{i}", f" word{i % 7}"], "top_token_ids": [i, i + 1],
+                         "label": f"mentions of topic {i}" if i % 3 else None} for i in range(40)]
+            emit("features", id=id_, features=features)
+        elif t in ("pause", "resume"):
+            emit("state", id=id_, state="paused" if t == "pause" else "running", detail=None)
+        elif t == "stop":
+            emit("state", state="stopping", detail=None)
+            emit("finished", id=id_, session="20261125-120000-abc123", status="stopped", iteration=5,
+                 iterations_total=100, folder="/data/epo-tui/sessions/20261125-120000-abc123")
+            emit("state", state="idle", detail=None)
+        elif t == "inject":
+            emit("injected", id=id_, elite=3, act=1.5, xent=4.5, text=cmd.get("text"))
+        elif t == "score":
+            words = cmd.get("text").split()
+            emit("scored", id=id_, feature=cmd.get("feature", 24), tokens=["<|endoftext|>"] + words,
+                 token_ids=list(range(len(words) + 1)), activations=[0.0] + [1.0] * len(words),
+                 xent=[None] + [2.0] * len(words))
+        elif t == "start":
+            index = (cmd.get("feature") or {}).get("index", 24)
+            emit("state", state="compiling", detail=None)
+            emit("started", id=id_, session=cmd.get("resume") or "20261125-120000-abc123", label=f"feature {index}",
+                 feature={"kind": "sae", "indices": [index], "combine": "lp"}, iteration=0, iterations_total=100,
+                 lambdas=[1.0, 3.0, 7.0, 20.0], elites=[ui_elite(k, 0) for k in range(4)])
+            emit("state", state="running", detail=None)
+            for it in range(1, 6):
+                # every elite is among its iteration's frontier points, so the screen ends the same
+                # whether the client hands the UI these events one by one or coalesced
+                elites = [ui_elite(k, it) for k in range(4)]
+                points = [{"iteration": it, "xent": e["xent"], "objective": e["act"], "act": e["act"],
+                           "token_ids": e["token_ids"], "text": e["text"]} for e in elites]
+                emit("progress", session="20261125-120000-abc123", iteration=it, iterations_total=100,
+                     it_per_s=2.5, elites=elites, frontier_new=points, best_objective=max(e["act"] for e in elites))
+            if ending == "finish":
+                emit("checkpointed", session="20261125-120000-abc123", iteration=5)
+                emit("finished", session="20261125-120000-abc123", status="finished", iteration=5,
+                     iterations_total=5, folder="/data/epo-tui/sessions/20261125-120000-abc123")
+                emit("state", state="idle", detail=None)
+            elif ending == "die":
+                for line in ("Traceback (most recent call last):", '  File "search.py", line 1, in step',
+                             "RuntimeError: out of memory on device 0"):
+                    sys.stderr.write(line + "\n")
+                sys.stderr.flush()
+                os._exit(3)
+        elif t == "shutdown":
+            emit("bye", id=id_, reason="shutdown")
+            return 0
+    return 0
+
+
 def main(argv: list[str]) -> int:
     signal.alarm(60)
     record = None
@@ -191,6 +273,11 @@ def main(argv: list[str]) -> int:
         return garbage()
     if mode == "sleep":
         return sleep(commands)
+    if mode == "ui":
+        return ui(commands, args[0] if args else None)
+    if mode == "ui-evil":
+        UI_TOKENS[:] = EVIL_TOKENS
+        return ui(commands, args[0] if args else None)
     if mode == "hang-on-shutdown":
         return hang_on_shutdown(commands)
     sys.stderr.write(f"fake worker: unknown mode {mode!r}\n")

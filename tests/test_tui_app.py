@@ -81,7 +81,7 @@ def test_start_pause_favorite_quit(tiny_dir, tmp_path, monkeypatch):
             session_id = app.session["session"]
             assert session_id in favorites.read_favorites(path)[-1]
             titles = {c.title for c in app.get_system_commands(app.screen)}
-            assert {"Start", "Pause/resume", "Stop", "Favorite", "Copy", "Quit"} <= titles  # the palette
+            assert {"Start", "Pause", "Stop", "Favorite", "Copy", "Quit", "Feature: Star"} <= titles  # the palette
             await pilot.press("q")
             await _until(pilot, lambda: not app.is_running, what="the app to exit", timeout=30)
         return session_id

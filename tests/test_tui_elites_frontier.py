@@ -203,9 +203,11 @@ async def _frontier_scenario():
         rng = random.Random(2)
         start = time.monotonic()
         events = 300
+        best_of = {}  # per iteration: the best act among its new points and its elites
         for i in range(1, events + 1):
             new = [{"iteration": i, "xent": rng.uniform(0, 10), "objective": 0.0, "act": rng.uniform(0, 10),
                     "token_ids": [1], "text": "t"} for _ in range(34)]  # ~10,000 points in all
+            best_of[i] = max([p["act"] for p in new] + [e["act"] for e in three_elites(i % 5)])
             pane.add_progress(make_progress(i, three_elites(i % 5), new))
             await asyncio.sleep(0.001)
         elapsed = time.monotonic() - start
@@ -215,7 +217,7 @@ async def _frontier_scenario():
         assert len(pane.frontier) <= FRONTIER_MAX_POINTS
         kept = [(p.xent, p.act) for p in pane.frontier.points]
         assert all(not (q[0] <= p[0] and q[1] >= p[1]) for p in kept for q in kept if q != p)
-        assert len(pane.history) == events and max(pane.history.values) == 2.0 + 2 + 4
+        assert len(pane.history) == events and pane.history.values == [best_of[i] for i in range(1, events + 1)]
         assert pane.elite_points == [(3.0 + k, 2.0 + k + events % 5) for k in range(3)]
 
         pane.reset()
@@ -238,3 +240,19 @@ def test_elites_given_before_the_pane_is_mounted_show_once_it_is():
             assert pane.table.row_count == 3 and pane.selected_elite["act"] == 3.0
 
     asyncio.run(scenario())
+
+
+def test_a_coalesced_event_draws_the_same_frontier_and_history_as_its_parts():
+    rng = random.Random(5)
+    events = []
+    for i in range(1, 7):
+        new = [{"iteration": i, "xent": rng.uniform(0, 10), "act": rng.uniform(0, 10), "objective": 0.0,
+                "token_ids": [1], "text": "t"} for _ in range(5)]
+        elites = [{"xent": p["xent"], "act": p["act"], "text": "t"} for p in new[:2]]  # elites are seen points
+        events.append({"iteration": i, "frontier_new": new, "elites": elites})
+    one_by_one, coalesced = FrontierPane(), FrontierPane()
+    for event in events:
+        one_by_one.add_progress(event)
+    coalesced.add_progress({**events[-1], "frontier_new": [p for e in events for p in e["frontier_new"]]})
+    assert one_by_one.frontier.points == coalesced.frontier.points
+    assert one_by_one.history.series() == coalesced.history.series()

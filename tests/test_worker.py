@@ -316,3 +316,20 @@ def test_a_session_runs_in_one_worker_at_a_time(worker_factory, tiny_dir):
     assert not sessions.find_session(session).is_running_elsewhere()
     rival.send("start", id="s2", resume=session, search={"iterations": 3})  # now it may
     assert rival.expect("finished")["status"] == "finished"
+
+
+def test_a_session_resumes_only_on_its_own_model_and_sae(worker_factory, tiny_dir, tmp_path):
+    w = worker_factory()
+    session = _load_and_start(w, tiny_dir, 2)["session"]
+    assert w.expect("finished")["status"] == "finished"
+    other = tmp_path / "bf16.toml"  # the same files, run in another dtype: another model as far as results go
+    other.write_text((tiny_dir / "config.toml").read_text().replace('path = "model"',
+                     f'path = "{tiny_dir / "model"}"\ndtype = "bfloat16"').replace('path = "sae"',
+                     f'path = "{tiny_dir / "sae"}"'))
+    stranger = worker_factory()
+    stranger.send("load", id="l", config_path=str(other))
+    stranger.expect("ready", id="l")
+    stranger.send("start", id="s", resume=session, search={"iterations": 4})
+    error = stranger.expect("error", id="s")
+    assert error["kind"] == "input" and "ran on another model or SAE" in error["message"]
+    assert sessions.find_session(session).read_meta()["status"] == "finished"  # untouched

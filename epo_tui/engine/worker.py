@@ -11,6 +11,7 @@ running search and exit; the session stays resumable.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -220,6 +221,7 @@ class Worker:
                     raise UserError("start: a resumed session keeps its config; only search.iterations (the new "
                                     "total) may be given")
                 session = sessions.find_session(cmd.get("resume"), root=self.sessions_root)
+                self._check_same_pair(session)
                 self.active = RecordedSearch.resume(self.pair, session, iterations_total=search.get("iterations"),
                                                     checkpoint_seconds=every)
             else:
@@ -280,6 +282,17 @@ class Worker:
             self.active.checkpoint("paused")
             self.out.event("checkpointed", session=self.active.session.id, iteration=self.active.state.iteration)
         self.set_state("paused", id_=cmd.id)
+
+    def _check_same_pair(self, session) -> None:
+        """A session resumes only on the model and SAE it ran with (the worker loads one pair)."""
+        from epo_tui.engine.session_search import session_config
+
+        theirs = session_config(session)
+        if theirs.model != self.config.model or dataclasses.replace(theirs.sae, labels=None) != \
+                dataclasses.replace(self.config.sae, labels=None):
+            raise UserError(f"start: session {session.id} ran on another model or SAE "
+                            f"({_pair_name(theirs)}; loaded: {_pair_name(self.config)}): start epo-tui with "
+                            "that session's config to resume it")
 
     def cmd_resume(self, cmd) -> None:
         if self.active is None:
@@ -348,3 +361,9 @@ def serve(stdin: BinaryIO | None = None, stdout: BinaryIO | None = None, session
         signal.signal(signal.SIGHUP, stop_soon)
         signal.signal(signal.SIGINT, stop_soon)
     return worker.serve()
+
+
+def _pair_name(config) -> str:
+    model = config.model.path or config.model.name
+    sae = config.sae.path or f"{config.sae.release}/{config.sae.id}"
+    return f"{model} with {sae}"

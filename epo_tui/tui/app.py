@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from textual import work
@@ -17,9 +18,10 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Static
 
-from epo_tui import favorites
+from epo_tui import favorites, labels
 from epo_tui.client import WorkerClient, WorkerError
 from epo_tui.config import Config
+from epo_tui.errors import UserError
 from epo_tui.features import FeatureEntry
 from epo_tui.stars import Stars
 from epo_tui.text import inert
@@ -27,7 +29,9 @@ from epo_tui.themes import Theme, load_theme
 from epo_tui.tui.components.elites import ElitesPane
 from epo_tui.tui.components.features import FeaturePane
 from epo_tui.tui.components.frontier import FrontierPane
-from epo_tui.tui.screens import PromptEditor, Scratchpad
+from epo_tui.tui.screens import EliteDetails, PromptEditor, Scratchpad
+from epo_tui.tui.sessions_screen import SessionChoice, SessionsScreen
+from epo_tui.tui.settings import SearchSettings
 from epo_tui.tui.status import StatusBar
 from epo_tui.tui.themes import textual_theme
 
@@ -54,17 +58,23 @@ class EpoApp(App):
     #elites { height: 1fr; }
     #frontier { height: 1fr; min-height: 8; }
     """
+    # The footer shows them in this order (the focused pane's first): the daily keys come first so an
+    # 80-column footer keeps them; every binding is also in the command palette.
     BINDINGS = [
         Binding("/", "focus_search", "Search"),
         Binding("s", "start", "Start"),
-        Binding("p", "pause", "Pause/resume"),
+        Binding("p", "pause", "Pause"),
         Binding("x", "stop", "Stop"),
         Binding("f", "favorite", "Favorite"),
+        Binding("q", "quit", "Quit"),
+        Binding("o", "sessions", "Sessions"),
         Binding("c", "copy", "Copy"),
         Binding("e", "edit", "Edit & inject"),
+        Binding("d", "details", "Details"),
         Binding("t", "scratchpad", "Scratchpad"),
+        Binding("S", "settings", "Settings"),
+        Binding("i", "import_labels", "Import labels", show=False),
         Binding("R", "restart", "Restart worker", show=False),
-        Binding("q", "quit", "Quit"),
     ]
 
     def __init__(self, config: Config, load: LoadSpec, worker_command: list[str] | None = None,
@@ -78,7 +88,11 @@ class EpoApp(App):
         self.state = "starting"
         self.ready: dict[str, Any] | None = None
         self.session: dict[str, Any] | None = None  # the `started` event of the current search
+        # what favorites name as their source: the live session's or a reopened session's meta
+        self.session_meta: dict[str, Any] | None = None
+        self.search_overrides: dict[str, Any] = {}  # [search] keys changed in the settings form
         self.worker_dead = False
+        self.last_outcome: str | None = None  # how the last search ended (finished, stopped): shown when idle
 
     # -- layout
 
@@ -88,7 +102,7 @@ class EpoApp(App):
             yield FeaturePane(id="features")
             with Vertical(id="right"):
                 yield ElitesPane(self.epo_theme, id="elites")
-                yield FrontierPane(id="frontier")
+                yield FrontierPane(self.epo_theme, id="frontier")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -126,11 +140,16 @@ class EpoApp(App):
             pane = self.query_one(FeaturePane)
             pane.set_features(entries, Stars.load(self._sae_key()))
             self.chosen = next((e for e in entries if e.index == self.config.feature.index), None)
+            self.apply_imported_labels()
         elif kind == "state":
             self.state = event["state"]
-            self.status(state=event["state"] + (f": {event['detail']}" if event.get("detail") else ""))
+            shown = event["state"] + (f": {event['detail']}" if event.get("detail") else "")
+            if event["state"] == "idle" and self.last_outcome:
+                shown = f"idle: the search {self.last_outcome}"
+            self.status(state=shown)
         elif kind == "started":
-            self.session = event
+            self.session, self.last_outcome = event, None
+            self.session_meta = self._live_meta(event)
             self.query_one(FrontierPane).reset()
             self.query_one(ElitesPane).update_elites(event["elites"])
             self.status(session=event["session"], label=event.get("label"),
@@ -140,6 +159,8 @@ class EpoApp(App):
             self.query_one(FrontierPane).add_progress(event)
             self.status(iteration=event["iteration"], total=event["iterations_total"], rate=event["it_per_s"])
         elif kind == "finished":
+            self.last_outcome = event["status"]
+            self.status(iteration=event["iteration"], total=event["iterations_total"], rate=None)
             self.notify(f"search {event['status']} at iteration {event['iteration']}; results in "
                         f"{inert(event['folder'])}", title="finished")
         elif kind == "error":
@@ -160,6 +181,12 @@ class EpoApp(App):
 
     def status(self, **fields: Any) -> None:
         self.query_one(StatusBar).show(**fields)
+
+    def _live_meta(self, started: dict[str, Any]) -> dict[str, Any]:
+        ready = self.ready or {}
+        return {"id": started["session"], "label": started.get("label"), "model": ready.get("model"),
+                "sae": {"name": ready.get("sae"), "hook": ready.get("hook")},
+                "feature": {"indices": list((started.get("feature") or {}).get("indices") or [])}}
 
     def _sae_key(self) -> str:
         ready = self.ready or {}
@@ -198,11 +225,9 @@ class EpoApp(App):
         if self.state in ("running", "paused", "compiling"):
             self.notify("a search is running: press x to stop it first", severity="warning")
             return
-        if self.combined:
-            await self._send("start", feature={"indices": self.combined})
-            return
-        index = self.chosen.index if self.chosen else self.config.feature.index
-        await self._send("start", feature={"index": index})
+        feature = ({"indices": self.combined} if self.combined
+                   else {"index": self.chosen.index if self.chosen else self.config.feature.index})
+        await self._send("start", feature=feature, search=dict(self.search_overrides))
 
     async def action_pause(self) -> None:
         if self.state == "running":
@@ -222,21 +247,19 @@ class EpoApp(App):
 
     async def action_favorite(self) -> None:
         elite = self._selected()
-        if elite is None or self.session is None or self.ready is None:
+        if elite is None or self.session_meta is None:
             return
-        meta = {"id": self.session["session"], "label": self.session.get("label"), "model": self.ready["model"],
-                "sae": {"name": self.ready["sae"], "hook": self.ready["hook"]},
-                "feature": {"indices": self._session_features()}}
         path = favorites.favorites_path(self.config)
         try:
-            saved = await asyncio.to_thread(favorites.append_favorite, path, favorites.favorite_from_elite(meta, elite))
+            entry = favorites.favorite_from_elite(self.session_meta, elite)
+            saved = await asyncio.to_thread(favorites.append_favorite, path, entry)
         except Exception as err:  # noqa: BLE001 - a failed save is told, never fatal
             self.notify(inert(str(err)), title="favorite not saved", severity="error", timeout=15)
             return
         self.notify(f"saved to {inert(str(saved))}", title="favorite")
 
     def _session_features(self) -> list[int]:
-        return list(((self.session or {}).get("feature") or {}).get("indices") or [])
+        return list(((self.session_meta or {}).get("feature") or {}).get("indices") or [])
 
     def action_copy(self) -> None:
         elite = self._selected()
@@ -274,6 +297,89 @@ class EpoApp(App):
 
         self.push_screen(Scratchpad(self.epo_theme, features[0], score))
 
+    def action_details(self) -> None:
+        if self._selected() is not None:
+            self.push_screen(EliteDetails(self.query_one(ElitesPane).details()))
+
+    # -- labels, sessions, settings
+
+    def apply_imported_labels(self) -> None:
+        """Shows the labels imported earlier for this SAE (kept in the data folder)."""
+        try:
+            imported = labels.read_imported(self._sae_key())
+        except UserError as err:
+            self.notify(inert(str(err)), title="imported labels not read", severity="warning", timeout=10)
+            return
+        if imported:
+            self.query_one(FeaturePane).apply_labels(imported)
+
+    def action_import_labels(self) -> None:
+        if self.ready is None:
+            self.notify("the worker is not ready yet", severity="warning")
+            return
+
+        async def load(path: str | None) -> None:
+            if not path:
+                return
+            sae_key = self._sae_key()
+
+            def read_and_keep() -> dict[int, str]:
+                found = labels.read_explanations(Path(path).expanduser())
+                labels.remember_imported(sae_key, found)
+                return found
+
+            try:
+                found = await asyncio.to_thread(read_and_keep)
+            except (UserError, OSError) as err:
+                self.notify(inert(str(err)), title="labels not imported", severity="error", timeout=15)
+                return
+            applied = self.query_one(FeaturePane).apply_labels(found)
+            self.notify(f"{applied} of {len(found)} labels match this SAE's features; kept for next time",
+                        title="labels imported")
+
+        self.push_screen(PromptEditor("a Neuronpedia explanations export (.jsonl or .jsonl.gz): path", ""), load)
+
+    def action_sessions(self) -> None:
+        self.push_screen(SessionsScreen(), self._session_chosen)
+
+    async def _session_chosen(self, choice: SessionChoice | None) -> None:
+        if choice is None:
+            return
+        if choice.action == "open":
+            if self.state in ("running", "paused", "compiling"):
+                self.notify("a search is running: press x to stop it before opening another", severity="warning")
+                return
+            self.session, self.session_meta = None, choice.meta
+            self.query_one(ElitesPane).update_elites(choice.elites)
+            self.query_one(FrontierPane).show_saved(choice.frontier, choice.elites)
+            meta = choice.meta
+            self.status(session=choice.session_id, label=meta.get("label"), iteration=meta.get("iteration"),
+                        total=meta.get("iterations_total"), rate=None)
+            self.notify(f"session {choice.session_id} opened ({meta.get('status')}): f saves an elite, "
+                        "o then r resumes it", title="session")
+            return
+        if self.ready is None:
+            self.notify("the worker is not ready yet", severity="warning")
+            return
+        if self.state in ("running", "paused", "compiling"):
+            self.notify("a search is running: press x to stop it first", severity="warning")
+            return
+        done, total = int(choice.meta.get("iteration") or 0), int(choice.meta.get("iterations_total") or 0)
+        more = {}
+        if done >= total:  # a finished session goes on for another search's worth of iterations
+            more = {"iterations": done + int(self.search_overrides.get("iterations", self.config.search.iterations))}
+        await self._send("start", resume=choice.session_id, search=more)
+
+    def action_settings(self) -> None:
+        def keep(overrides: dict[str, Any] | None) -> None:
+            if overrides is None:
+                return
+            self.search_overrides = overrides
+            changed = ", ".join(f"{k} {v}" for k, v in overrides.items()) or "the config's values"
+            self.notify(f"the next search uses {inert(changed)}", title="search settings")
+
+        self.push_screen(SearchSettings(self.config, self.search_overrides), keep)
+
     async def action_restart(self) -> None:
         if not self.worker_dead:
             return
@@ -292,5 +398,9 @@ class EpoApp(App):
     def get_system_commands(self, screen):
         yield from super().get_system_commands(screen)
         for binding in self.BINDINGS:
-            yield SystemCommand(binding.description, f"key {binding.key}",
+            yield SystemCommand(binding.description, f"key {binding.key_display or binding.key}",
                                 lambda action=binding.action: self.run_action(action))
+        pane = self.query_one(FeaturePane)
+        for binding in FeaturePane.BINDINGS:
+            yield SystemCommand(f"Feature: {binding.description}", f"key {binding.key_display or binding.key}"
+                                " in the feature list", lambda action=binding.action: pane.run_action(action))

@@ -1,14 +1,16 @@
-"""Modal screens: edit a prompt and inject it (`e`), and the scratchpad (`t`)."""
+"""Modal screens: edit a prompt and inject it (`e`), the scratchpad (`t`), an elite token by token (`d`)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from rich.console import RenderableType
+
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Input, Label, Static
 
@@ -95,6 +97,30 @@ class Scratchpad(ModalScreen[None]):
         xent = sum(mean_xent) / len(mean_xent) if mean_xent else 0.0
         line.append(f"\nmax act {peak:.3f} · mean xent {xent:.3f}")
         result.update(line)
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class EliteDetails(ModalScreen[None]):
+    """The selected elite's per-token activations (a renderable made by the elites pane), scrollable."""
+
+    DEFAULT_CSS = """
+    EliteDetails { align: center middle; }
+    EliteDetails > VerticalScroll { width: 90%; height: 90%; border: round $primary; background: $surface; padding: 0 1; }
+    """
+    AUTO_FOCUS = "VerticalScroll"
+    BINDINGS = [Binding("escape", "close", "Close"), Binding("d", "close", show=False),
+                Binding("q", "close", show=False)]
+
+    def __init__(self, details: RenderableType):
+        super().__init__()
+        self.details = details
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Label("elite details (escape closes)")
+            yield Static(self.details, id="elite-details")
 
     def action_close(self) -> None:
         self.dismiss(None)

@@ -21,7 +21,7 @@ def eta_text(iteration: int | None, total: int | None, rate: float | None) -> st
 
 
 class StatusBar(Static):
-    """One line: state · devices · model / SAE @ hook · feature · iteration i/N · it/s · ETA.
+    """One line: state · iteration i/N · it/s · ETA · feature · model / SAE @ hook · devices.
 
     `show(**fields)` updates any of: state, devices, model, sae, hook, label, session, iteration, total,
     rate; the rest keep their values."""
@@ -37,14 +37,10 @@ class StatusBar(Static):
         self.update(self.line_text())
 
     def line_text(self) -> Text:
+        """Most urgent first, so a narrow terminal cuts the least useful end: where the search is, then
+        what it searches, then what it runs on."""
         f = self.fields
         parts = [f.get("state", "")]
-        if f.get("devices"):
-            parts.append(f["devices"])
-        if f.get("model"):
-            parts.append(f"{_short(f['model'])} / {_short(f.get('sae', ''))} @ {f.get('hook', '')}")
-        if f.get("label"):
-            parts.append(f["label"])
         if f.get("total"):
             parts.append(f"iteration {f.get('iteration') or 0}/{f['total']}")
         if f.get("rate"):
@@ -52,6 +48,12 @@ class StatusBar(Static):
         eta = eta_text(f.get("iteration"), f.get("total"), f.get("rate"))
         if eta:
             parts.append(eta)
+        if f.get("label"):
+            parts.append(f["label"])
+        if f.get("model"):
+            parts.append(f"{_short(f['model'])} / {_short(f.get('sae', ''))} @ {f.get('hook', '')}")
+        if f.get("devices"):
+            parts.append(f["devices"])
         return Text(inert(" · ".join(p for p in parts if p)), no_wrap=True, overflow="ellipsis")
 
 

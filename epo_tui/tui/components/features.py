@@ -269,12 +269,13 @@ class FeaturePane(Vertical):
     """
     BINDINGS = [
         Binding("enter", "choose", "Choose"),
-        Binding("asterisk", "toggle_star", "Star"),
-        Binding("n", "edit_note", "Note"),
-        Binding("r", "random", "Random"),
-        Binding("g", "go_to", "Go to #"),
+        # shown in the README and the command palette; the footer keeps its room for the app's keys
+        Binding("asterisk", "toggle_star", "Star", show=False),
+        Binding("n", "edit_note", "Note", show=False),
+        Binding("r", "random", "Random", show=False),
+        Binding("g", "go_to", "Go to #", show=False),
         Binding("space", "mark", "Mark", show=False),
-        Binding("plus", "combine", "Combine 2"),
+        Binding("plus", "combine", "Combine 2", show=False),
     ]
 
     class Chosen(Message):
@@ -326,7 +327,11 @@ class FeaturePane(Vertical):
 
     def import_labels(self, path: Path) -> int:
         """Labels from a Neuronpedia explanations export; returns how many latents got one (UserError if unreadable)."""
-        applied = self.search.relabel(read_explanations(Path(path)))
+        return self.apply_labels(read_explanations(Path(path)))
+
+    def apply_labels(self, labels: dict[int, str]) -> int:
+        """Sets these labels ({latent index: text}); returns how many latents of the catalog got one."""
+        applied = self.search.relabel(labels)
         self._apply_query(self.query_text, keep=self.highlighted)
         return applied
 
@@ -492,7 +497,7 @@ class FeaturePane(Vertical):
 
     def action_combine(self) -> None:
         if len(self.marked) != MAX_MARKED:
-            self.notify("mark two features with space, then press c", severity="warning", markup=False)
+            self.notify("mark two features with space, then press +", severity="warning", markup=False)
             return
         self.post_message(self.Combine([self.entries[self.search.position[i]] for i in self.marked]))
 

@@ -19,6 +19,7 @@ from epo_tui.themes import Theme
 REDRAWS_PER_S = 4
 FRONTIER_MAX_POINTS = 2000
 HISTORY_MAX_POINTS = 5000
+HISTORY_MIN_PANE_HEIGHT = 16  # rows; below this the frontier plot alone is more readable
 
 Colour = str | tuple[int, int, int]  # a plotext colour: a name or RGB
 
@@ -97,7 +98,14 @@ class BestHistory:
         return len(self.values)
 
     def add(self, iteration: int, value: float) -> None:
+        """Adds the best act of `iteration`; a second value for the newest iteration merges by max."""
         if not math.isfinite(value):
+            return
+        if self._bucket and self._bucket[-1][0] == iteration:
+            self._bucket[-1] = (iteration, max(self._bucket[-1][1], value))
+            return
+        if not self._bucket and self.iterations and self.iterations[-1] == iteration:
+            self.values[-1] = max(self.values[-1], value)
             return
         self._bucket.append((iteration, value))
         if len(self._bucket) < self._stride:
@@ -159,6 +167,10 @@ class FrontierPane(Vertical):
         self.set_interval(1 / REDRAWS_PER_S, self._redraw_if_dirty)
         self._redraw_if_dirty()
 
+    def on_resize(self) -> None:
+        """A short pane (an 80x24 terminal) gives all its rows to the frontier, dropping the history plot."""
+        self.query_one("#history-plot").display = self.size.height >= HISTORY_MIN_PANE_HEIGHT
+
     def reset(self) -> None:
         """Forgets everything (a new search starts)."""
         self.frontier.clear()
@@ -167,17 +179,39 @@ class FrontierPane(Vertical):
         self._dirty = True
 
     def add_progress(self, event: dict[str, Any]) -> None:
-        """Merges a `progress` event (or a coalesced one): its new frontier points, elites and best act."""
+        """Merges a `progress` event (or a coalesced one): its new frontier points, elites and best act.
+
+        The best act of each iteration named by a new frontier point is kept too, so a coalesced event
+        (several iterations in one) draws the same history as the events one by one."""
         iteration = int(event.get("iteration") or 0)
+        best_of: dict[int, float] = {}
         for p in event.get("frontier_new") or []:
-            self.frontier.add(FrontierPoint(float(p["xent"]), float(p["act"]), int(p.get("iteration", iteration)),
-                                            str(p.get("text", ""))))
+            point = FrontierPoint(float(p["xent"]), float(p["act"]), int(p.get("iteration", iteration)),
+                                  str(p.get("text", "")))
+            self.frontier.add(point)
+            if math.isfinite(point.act):
+                best_of[point.iteration] = max(best_of.get(point.iteration, -math.inf), point.act)
         elites = event.get("elites") or []
         for e in elites:  # elites were seen too, and their act (not objective) is what is plotted
             self.frontier.add(FrontierPoint(float(e["xent"]), float(e["act"]), iteration, str(e.get("text", ""))))
         self.elite_points = [(float(e["xent"]), float(e["act"])) for e in elites]
-        self.history.add(iteration, best_act(event))
+        best = best_act(event)
+        if math.isfinite(best):
+            best_of[iteration] = max(best_of.get(iteration, -math.inf), best)
+        for it in sorted(best_of):
+            self.history.add(it, best_of[it])
         self._dirty = True
+
+    def show_saved(self, points: list[dict[str, Any]], elites: list[dict[str, Any]]) -> None:
+        """Shows a saved session: its recorded frontier points (from history) and its final elites."""
+        self.reset()
+        by_iteration: dict[int, list[dict[str, Any]]] = {}
+        for p in points:
+            by_iteration.setdefault(int(p.get("iteration") or 0), []).append(p)
+        for iteration in sorted(by_iteration):
+            self.add_progress({"iteration": iteration, "frontier_new": by_iteration[iteration],
+                               "best_objective": max(float(p["act"]) for p in by_iteration[iteration])})
+        self.add_progress({"iteration": max(by_iteration, default=0), "elites": elites})
 
     def _redraw_if_dirty(self) -> None:
         if self._dirty:
