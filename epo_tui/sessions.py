@@ -11,6 +11,8 @@ is reported in one line and skipped, never fatal.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -56,6 +58,17 @@ class SessionError(UserError):
         super().__init__(f"{path}: {reason}")
 
 
+class SessionGone(SessionError):
+    """The session's folder was deleted (e.g. `sessions delete --force`) while a process used it."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        if self.folder.is_dir():  # emptied, or never finished: name the file a session cannot be without
+            super().__init__(self.folder / META_FILE, "missing")
+        else:
+            super().__init__(self.folder, "the session folder is gone")
+
+
 def sessions_dir(root: Path | None = None) -> Path:
     return Path(root) if root is not None else paths.cache_dir() / "sessions"
 
@@ -85,6 +98,8 @@ class Session:
     # -- session.json ---------------------------------------------------------------------------
 
     def read_meta(self) -> dict[str, Any]:
+        if not (self.folder / META_FILE).exists():  # written first by create_session: without it, no session
+            raise SessionGone(self.folder)
         meta = _read_json(self.folder / META_FILE)
         if not isinstance(meta, dict):
             raise SessionError(self.folder / META_FILE, f"expected a JSON object, found {type(meta).__name__}")
@@ -168,21 +183,30 @@ class Session:
     # -- history --------------------------------------------------------------------------------
 
     def append_history(self, points: list[dict]) -> None:
-        """Frontier points, one JSON line each, flushed and fsynced: a crash loses at most a partial line."""
+        """Frontier points, one JSON line each, flushed and fsynced: a crash loses at most a partial line.
+        A failed append (disk full) is cut back off, so a retry appends the same points once."""
         if not points:
             return
         data = "".join(json.dumps(p, separators=(",", ":")) + "\n" for p in points).encode("ascii")
         path = self.folder / HISTORY_FILE
         if not self.folder.is_dir():
-            raise SessionError(self.folder, "the session folder is gone")
+            raise SessionGone(self.folder)
+        size = None
         try:
             with open(path, "ab") as handle:
-                if handle.tell() > 0 and not _ends_with_newline(path):
+                size = handle.tell()
+                if size > 0 and not _ends_with_newline(path):
                     data = b"\n" + data  # a crash left half a line: keep it on its own (skipped) line
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+                try:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                except OSError:
+                    handle.truncate(size)  # no half-written points left behind (best effort)
+                    raise
         except OSError as err:
+            if _folder_going(self.folder, err):
+                raise SessionGone(self.folder) from None
             raise SessionError(path, f"could not append: {err.strerror or err}") from None
 
     def read_history(self) -> tuple[list[dict], list[str]]:
@@ -218,7 +242,7 @@ class Session:
     def claim(self) -> filelock.FileLock:
         """The runner's lock, held until released; SessionError if another process runs this session."""
         if not self.folder.is_dir():
-            raise SessionError(self.folder, "the session folder is gone")
+            raise SessionGone(self.folder)
         lock = filelock.FileLock(str(self.folder / RUNNER_LOCK_FILE), timeout=0)
         try:
             lock.acquire()
@@ -238,13 +262,15 @@ class Session:
 
     def _lock(self) -> filelock.FileLock:
         if not self.folder.is_dir():  # FileLock would recreate a deleted folder
-            raise SessionError(self.folder, "the session folder is gone")
+            raise SessionGone(self.folder)
         return _TimedLock(self.folder / LOCK_FILE)
 
     def _write(self, name: str, writer, content) -> None:
         try:
-            writer(self.folder / name, content)
+            writer(self.folder / name, content, make_parents=False)  # a deleted folder stays deleted
         except OSError as err:
+            if _folder_going(self.folder, err):
+                raise SessionGone(self.folder) from None
             raise SessionError(self.folder / name, f"could not write: {err.strerror or err}") from None
 
 
@@ -261,11 +287,26 @@ class _TimedLock:
         except filelock.Timeout:
             raise SessionError(self.path, f"still locked by another process after {LOCK_TIMEOUT_S:.0f} s") from None
         except OSError as err:
+            if not self.path.parent.is_dir():
+                raise SessionGone(self.path.parent) from None
             raise SessionError(self.path, f"cannot lock: {err.strerror or err}") from None
+        folder = self.path.parent
+        if not (folder / META_FILE).exists():  # deleted meanwhile, and FileLock made the folder again
+            self.lock.release()
+            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: nothing but our own lock file was in it
+            raise SessionGone(folder)
         return self
 
     def __exit__(self, *exc) -> None:
         self.lock.release()
+
+
+def _folder_going(folder: Path, err: OSError) -> bool:
+    """Whether a failed write means the folder is gone or being deleted: a file we just created (or the
+    folder) vanished under us. Any other error (disk full, permissions) is the file's own problem."""
+    return err.errno == errno.ENOENT or not folder.is_dir()
 
 
 def _ends_with_newline(path: Path) -> bool:

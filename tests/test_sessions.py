@@ -263,10 +263,10 @@ def test_elites_write_failing_after_the_checkpoint_leaves_session_json_behind(ro
     calls = itertools.count()
     real = sessions.atomic.write_json_atomic
 
-    def fail_on_elites(path, data):
+    def fail_on_elites(path, data, **options):
         if Path(path).name == "elites.json" and next(calls) == 0:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, data)
+        return real(path, data, **options)
     monkeypatch.setattr(sessions.atomic, "write_json_atomic", fail_on_elites)
     with pytest.raises(SessionError, match="elites.json"):
         session.write_checkpoint(_arrays(1), 2, [])

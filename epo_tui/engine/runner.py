@@ -25,6 +25,7 @@ from epo_tui.engine.pairing import ModelWithSAE
 from epo_tui.engine.reporting import features_label, result_of
 from epo_tui.engine.search import Search, SearchState, local_mesh
 from epo_tui.engine.session_search import RecordedSearch
+from epo_tui.errors import UserError
 
 
 class Reporter:
@@ -136,14 +137,33 @@ def _run_recorded(recorded: RecordedSearch, setup_s: float, folder: Path, report
                   cluster: Cluster) -> dict:
     try:
         timings = run_search(recorded, reporter, stop)
-    except BaseException as err:  # a crash still leaves the last iterations checkpointed
+    except sessions.SessionGone as err:
+        _lost_session(recorded, err, folder, cluster)
+    except BaseException as err:  # a crash (a full disk too) still leaves the last iterations checkpointed
         recorded.abandon(f"{type(err).__name__}: {err}")
         raise
     timings.setup_s = setup_s
-    result = recorded.finish("finished" if recorded.done else "stopped", timings=timings, cluster=cluster)
+    try:
+        result = recorded.finish("finished" if recorded.done else "stopped", timings=timings, cluster=cluster)
+    except sessions.SessionGone as err:
+        _lost_session(recorded, err, folder, cluster, timings)
     results.write_result(folder, result)
     reporter.search_finished(result, Path(folder))
     return result
+
+
+def _lost_session(recorded: RecordedSearch, err: sessions.SessionGone, folder: Path, cluster: Cluster,
+                  timings: results.RunTimings | None = None) -> None:
+    """The session folder was deleted under the run: the search stops, and its own results still go to
+    `folder` (the run's --out); then one line for the user (a UserError)."""
+    recorded.abandon(str(err))  # lets the lock go; nothing can be checkpointed any more
+    try:
+        results.write_result(folder, recorded.result(timings, cluster))
+        where = f"its results are in {folder}/"
+    except OSError as write_err:
+        where = f"its results could not be written to {folder}/ either ({write_err.strerror or write_err})"
+    raise UserError(f"session {recorded.session.id}'s folder was deleted ({err.folder}): the search stopped at "
+                    f"iteration {recorded.state.iteration}; {where}") from None
 
 
 # ----------------------------------------------------------------------------------------------

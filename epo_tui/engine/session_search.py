@@ -86,17 +86,30 @@ class RecordedSearch:
         return self.state.iteration >= self.iterations_total
 
     def step(self) -> dict:
-        """One iteration; returns what changed (for a progress event): the new frontier points."""
+        """One iteration, then a checkpoint if one is due; returns what changed (for a progress event):
+        the new frontier points. A checkpoint that fails raises (SessionError) after the iteration:
+        `self.state` is then the new state, the session on disk still the last checkpoint."""
+        changed = self.advance()
+        changed["checkpointed"] = self.checkpoint_if_due()
+        return changed
+
+    def advance(self) -> dict:
+        """One iteration, nothing written; returns the new frontier points (`frontier_new`)."""
         before = self.state.frontier
         t0 = time.perf_counter()
         self.state, _ = self.search.step(self.state)
         self.seconds.append(time.perf_counter() - t0)
         new = self._points(self.state.frontier, new_frontier_points(before, self.state.frontier))
         self.pending_history.extend(new)
-        due = time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds
-        if due:
-            self.checkpoint("running")
-        return {"frontier_new": new, "checkpointed": due}
+        return {"frontier_new": new}
+
+    def checkpoint_if_due(self) -> bool:
+        """Checkpoints when `checkpoint_seconds` have passed since the last one (or the last failed
+        try: a full disk is tried again that much later, not every iteration); whether it did."""
+        if time.monotonic() - self.last_checkpoint < self.checkpoint_seconds:
+            return False
+        self.checkpoint("running")
+        return True
 
     def iterations_per_second(self, window: int = 10) -> float | None:
         recent = self.seconds[-window:]
@@ -110,13 +123,17 @@ class RecordedSearch:
 
     def checkpoint(self, status: str, error: str | None = None) -> None:
         """The state, the elites and the history so far, then the status: in that order, so the
-        session never claims more than its checkpoint holds."""
-        self.session.write_checkpoint(state_arrays(self.state), self.state.iteration, self.elites())
-        if self.pending_history:
-            self.session.append_history(self.pending_history)
-            self.pending_history = []
-        self.session.update_meta(status=status, iteration=self.state.iteration, error=error)
-        self.last_checkpoint = time.monotonic()
+        session never claims more than its checkpoint holds. A failed write (SessionError: disk full,
+        folder deleted) leaves the earlier files as they were (atomic writes); the points not yet in
+        history.jsonl stay pending for the next try."""
+        try:
+            self.session.write_checkpoint(state_arrays(self.state), self.state.iteration, self.elites())
+            if self.pending_history:
+                self.session.append_history(self.pending_history)
+                self.pending_history = []
+            self.session.update_meta(status=status, iteration=self.state.iteration, error=error)
+        finally:
+            self.last_checkpoint = time.monotonic()  # a failed try counts too: the next is one period later
 
     def finish(self, status: str, error: str | None = None, timings: results.RunTimings | None = None,
                cluster: Cluster = Cluster()) -> dict:
@@ -125,13 +142,26 @@ class RecordedSearch:
         try:
             self.checkpoint(status, error)
         finally:
-            self.runner_lock.release()
+            self.release()
+        result = self.result(timings, cluster)
+        if not (self.session.folder / sessions.META_FILE).exists():  # deleted meanwhile: do not recreate it
+            raise sessions.SessionGone(self.session.folder)
+        try:
+            results.write_result(self.session.folder, result)
+        except OSError as err:  # disk full after the checkpoint (or the folder deleted meanwhile)
+            if not self.session.folder.is_dir():
+                raise sessions.SessionGone(self.session.folder) from None
+            raise sessions.SessionError(Path(err.filename or self.session.folder / "result.json"),
+                                        f"could not write: {err.strerror or err}") from None
+        return result
+
+    def result(self, timings: results.RunTimings | None = None, cluster: Cluster = Cluster()) -> dict:
+        """The run's result (as result.json holds it) for the state in memory; writes nothing."""
         if timings is None:
             timings = results.RunTimings(iterations_requested=self.iterations_total, iteration_s=list(self.seconds),
                                          interrupted=not self.done)
         result = result_of(self.search, self.state, timings, cluster, elites=self.elites())
         result["session"] = self.session.id
-        results.write_result(self.session.folder, result)
         return result
 
     def abandon(self, error: str) -> None:
@@ -140,7 +170,11 @@ class RecordedSearch:
             with contextlib.suppress(Exception):
                 self.checkpoint("crashed", error=error)
         finally:
-            self.runner_lock.release()
+            self.release()
+
+    def release(self) -> None:
+        """Lets the session go (its runner lock). Safe to call again."""
+        self.runner_lock.release()
 
     def inject(self, text: str) -> tuple[int, dict]:
         """Puts a prompt from `text` into the population (cut to the prompt length, or continued by the
@@ -154,10 +188,15 @@ class RecordedSearch:
         state, lambdas = self.state, self.search.lambdas_K
         gain_K = (objective - lambdas * xent) - (state.objective_K - lambdas * state.xent_K)
         k = int(np.argmax(gain_K))
-        state.tokens_KxN[k], state.objective_K[k], state.act_K[k], state.xent_K[k] = tokens, objective, act, xent
-        self._elites = None  # same iteration, other elites
+        # copies: the state's arrays may be read-only views (of device buffers or a loaded checkpoint)
+        changed = {name: np.array(getattr(state, name)) for name in ("tokens_KxN", "objective_K", "act_K", "xent_K")}
+        for name, value in zip(changed, (tokens, objective, act, xent)):
+            changed[name][k] = value
         before = state.frontier
-        state.frontier = before.merged([xent], [objective], [act], tokens[None])
+        self.state = dataclasses.replace(state, **changed, frontier=before.merged([xent], [objective], [act],
+                                                                                  tokens[None]))
+        self._elites = None  # same iteration, other elites
+        state = self.state
         self.pending_history.extend(self._points(state.frontier, new_frontier_points(before, state.frontier)))
         return k, self.elites()[k]
 

@@ -6,6 +6,12 @@ Events go out through one lock-guarded writer. Stdout carries only protocol line
 kept for them and file descriptor 1 is pointed at stderr, so a library's print can never corrupt the
 stream. Stdin closing (the client died, the SSH link dropped), SIGTERM and SIGHUP checkpoint the
 running search and exit; the session stays resumable.
+
+Faults on disk never end the worker. A checkpoint that cannot be written (disk full) is an `error`
+event of kind `session` naming the file; the search goes on in memory and tries again at its next
+checkpoint (`checkpoint_seconds` later), while the session on disk keeps its last good checkpoint and
+resumes from it. A session folder deleted under a running search stops that search (nothing of it
+can be saved any more) with one `error` event; the worker goes idle and keeps serving.
 """
 
 from __future__ import annotations
@@ -137,6 +143,11 @@ class Worker:
         """Runs fn; a user's mistake becomes an `input` error, anything else an `internal` one."""
         try:
             fn(*args)
+        except sessions.SessionGone as err:
+            if self.active is not None and err.folder == self.active.session.folder:
+                self.lose_active(id_)
+            else:
+                self.out.error("input", str(err), id=id_)
         except ConfigError as err:
             self.out.error("config", str(err), id=id_)
         except UserError as err:
@@ -253,21 +264,56 @@ class Worker:
 
     def iterate(self) -> None:
         active = self.active
-        changed = active.step()
+        changed = active.advance()
         self.out.event("progress", session=active.session.id, iteration=active.state.iteration,
                        iterations_total=active.iterations_total, it_per_s=active.iterations_per_second(),
                        elites=active.elites(), frontier_new=changed["frontier_new"],
                        best_objective=active.state.best_objective_history[-1])
-        if changed["checkpointed"]:
+        if self.checkpoint_or_say(active.checkpoint_if_due):
             self.out.event("checkpointed", session=active.session.id, iteration=active.state.iteration)
         if active.done:
             self.stop_active("finished")
+
+    def checkpoint_or_say(self, checkpoint, *args) -> bool:
+        """Runs a checkpoint of the active search; a write that fails (disk full) becomes one `error`
+        event and the search goes on: it tries again at its next checkpoint, and the session on disk
+        keeps its last good one (stopping instead would save nothing more and end a search the user
+        can rescue by freeing space). A deleted session folder is raised (guarded() stops the search)."""
+        try:
+            return checkpoint(*args) is not False
+        except sessions.SessionGone:
+            raise
+        except sessions.SessionError as err:
+            self.out.error("session", f"{err}: checkpoint not saved; the search goes on and tries again in "
+                           f"{self.active.checkpoint_seconds:g} s (the session resumes from its last checkpoint)")
+            return False
+
+    def lose_active(self, id_: Any = None) -> None:
+        """The active session's folder was deleted: the search stops (nothing of it can be saved)."""
+        active, self.active, self.paused = self.active, None, False
+        with contextlib.suppress(Exception):
+            active.release()
+        self.out.error("session", f"session {active.session.id}'s folder was deleted ({active.session.folder}): "
+                       f"the search stopped at iteration {active.state.iteration}", id=id_)
+        self.set_state("idle")
 
     def stop_active(self, status: str, error: str | None = None, id_: Any = None) -> None:
         active, self.active, self.paused = self.active, None, False
         if active is None:
             return
-        active.finish(status, error)
+        try:
+            active.finish(status, error)
+        except sessions.SessionError as err:  # stopped all the same; the session keeps its last good checkpoint
+            with contextlib.suppress(Exception):
+                active.release()
+            if isinstance(err, sessions.SessionGone):
+                message = f"session {active.session.id}'s folder was deleted ({active.session.folder})"
+            else:
+                message = f"{err}: not saved"
+            self.out.error("session", f"{message}: the search stopped at iteration {active.state.iteration}",
+                           id=id_)
+            self.set_state("idle")
+            return
         self.out.event("checkpointed", session=active.session.id, iteration=active.state.iteration)
         self.out.event("finished", id=id_, session=active.session.id, status=status,
                        iteration=active.state.iteration, iterations_total=active.iterations_total,
@@ -279,8 +325,9 @@ class Worker:
             raise UserError("pause: no search is running")
         if not self.paused:
             self.paused = True
-            self.active.checkpoint("paused")
-            self.out.event("checkpointed", session=self.active.session.id, iteration=self.active.state.iteration)
+            if self.checkpoint_or_say(self.active.checkpoint, "paused"):
+                self.out.event("checkpointed", session=self.active.session.id,
+                               iteration=self.active.state.iteration)
         self.set_state("paused", id_=cmd.id)
 
     def _check_same_pair(self, session) -> None:
