@@ -267,8 +267,9 @@ class SessionsScreen(ModalScreen[SessionChoice | None]):
             self.show_details(session_id)
 
     def highlighted_id(self) -> str | None:
-        table = self.query_one("#sessions-table", DataTable)
-        if not self.rows or table.row_count == 0:
+        tables = self.query("#sessions-table").results(DataTable)
+        table = next(tables, None)  # none once the screen is closing: a late read then shows nothing
+        if table is None or not self.rows or table.row_count == 0:
             return None
         key, _ = table.coordinate_to_cell_key(table.cursor_coordinate)
         return key.value
