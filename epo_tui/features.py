@@ -1,4 +1,5 @@
-"""The feature catalog: each SAE latent's index, top tokens and label, cached on disk, searchable.
+"""The feature catalog: each SAE latent's index, top tokens, label and firing density, cached on disk,
+searchable.
 
 Plain Python (no JAX): the engine computes the top tokens once per SAE; the CLI and the UI read and
 search the cached catalog.
@@ -14,7 +15,10 @@ from pathlib import Path
 from epo_tui import paths
 from epo_tui.atomic import write_json_atomic
 
-CATALOG_VERSION = 1
+CATALOG_VERSION = 2
+# sae-lens's default dead-feature threshold (a latent firing on fewer than 1 token in 10^8 is dead); its
+# trainer records a latent that never fired as log10(0 + 1e-10) = -10
+DEAD_BELOW_LOG10_DENSITY = -8.0
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,12 @@ class FeatureEntry:
     top_tokens: tuple[str, ...]  # decoder direction through the unembedding, strongest first
     top_token_ids: tuple[int, ...]
     label: str | None = None
+    log10_density: float | None = None  # log10 of the fraction of tokens it fires on; None: not recorded
+
+    @property
+    def alive(self) -> bool | None:
+        """Whether it fires at all, as the SAE's own record says; None when there is no record."""
+        return None if self.log10_density is None else self.log10_density >= DEAD_BELOW_LOG10_DENSITY
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -33,7 +43,15 @@ class FeatureEntry:
     def from_json(cls, data: dict) -> FeatureEntry:
         """An entry back from `to_json` (the catalog file, the worker's `features` event)."""
         return cls(index=data["index"], top_tokens=tuple(data["top_tokens"]),
-                   top_token_ids=tuple(data["top_token_ids"]), label=data.get("label"))
+                   top_token_ids=tuple(data["top_token_ids"]), label=data.get("label"),
+                   log10_density=data.get("log10_density"))
+
+
+def alive_indices(entries: list[FeatureEntry]) -> set[int] | None:
+    """The latents that fire, or None when the SAE shipped no densities (every latent then counts)."""
+    if all(e.log10_density is None for e in entries):
+        return None
+    return {e.index for e in entries if e.alive}
 
 
 def catalog_path(sae_key: str, cache_root: Path | None = None) -> Path:

@@ -195,7 +195,7 @@ def test_download_failure_is_a_user_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
 
-    monkeypatch.setattr(SAE, "from_pretrained", offline)
+    monkeypatch.setattr(SAE, "from_pretrained_with_cfg_and_sparsity", offline)
     with pytest.raises(UserError) as info:
         load_sae(SAEConfig(release="gpt2-small-res-jb", id="blocks.8.hook_resid_pre"), cache_root=tmp_path)
     message = str(info.value)
@@ -255,27 +255,79 @@ def test_width_mismatch():
         check_fits_model(fake_sae(32, 64, "blocks.0.mlp.hook_post"), n_layers=2, d_model=32, d_mlp=128)
 
 
-def test_registry_sae_takes_registry_metadata(tmp_path, monkeypatch):
-    """The from_pretrained path (its download replaced by a local random SAE): center_writes comes from
-    the release's model_from_pretrained_kwargs override, neuronpedia_id from the registry, and the
-    second load is served from the cache."""
-    folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, "blocks.8.hook_resid_pre")
-    calls = []
+def _in_hub_cache(folder: Path, repo_id: str, subfolder: str) -> Path:
+    """`folder`'s files where huggingface_hub keeps a download of `repo_id`/`subfolder`:
+    models--ORG--NAME/{refs/main, snapshots/<commit>/<subfolder>/files}."""
+    import shutil
 
-    def fake_from_pretrained(release, sae_id, device="cpu", dtype="float32", **kwargs):
-        calls.append((release, sae_id))
-        return SAE.load_from_disk(folder, device=device, dtype=dtype)
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = Path(os.environ["HF_HOME"]) / "hub" / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / commit / subfolder, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo
 
-    monkeypatch.setattr(SAE, "from_pretrained", fake_from_pretrained)
+
+def test_registry_sae_loads_from_the_hub_cache_with_registry_metadata(tmp_path):
+    """The real from_pretrained path, offline, on a random SAE laid out as the hub cache holds
+    gpt2-small-res-jb: center_writes comes from the release's model_from_pretrained_kwargs override,
+    neuronpedia_id from the registry, the densities from its sparsity file; the second load is served
+    from our cache (the hub copy deleted in between)."""
+    import shutil
+
+    folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, "blocks.8.hook_resid_pre", seed=5)
+    repo = _in_hub_cache(folder, "jbloom/GPT2-Small-SAEs-Reformatted", "blocks.8.hook_resid_pre")
     cfg = SAEConfig(release="gpt2-small-res-jb", id="blocks.8.hook_resid_pre")
-    params = load_sae(cfg, cache_root=tmp_path / "cache")
+    params, density = sae_mod.load_sae_with_density(cfg, cache_root=tmp_path / "cache")
     assert (params.release, params.id, params.path) == ("gpt2-small-res-jb", "blocks.8.hook_resid_pre", None)
     assert params.center_writes is True
     assert params.neuronpedia_id == "gpt2-small/8-res-jb"
     assert params.display_name == "gpt2-small-res-jb / blocks.8.hook_resid_pre"
-    again = load_sae(cfg, cache_root=tmp_path / "cache")
-    assert calls == [("gpt2-small-res-jb", "blocks.8.hook_resid_pre")]
+    np.testing.assert_array_equal(np.asarray(params.W_enc_DxS), SAE.load_from_disk(folder).W_enc.detach().numpy())
+    np.testing.assert_array_equal(density, _sparsity(folder))
+    shutil.rmtree(repo)
+    again, density_again = sae_mod.load_sae_with_density(cfg, cache_root=tmp_path / "cache")
     assert again.center_writes is True and again.neuronpedia_id == "gpt2-small/8-res-jb"
+    np.testing.assert_array_equal(density_again, density)
+
+
+def _sparsity(folder: Path) -> np.ndarray:
+    from safetensors.numpy import load_file
+
+    return load_file(folder / "sparsity.safetensors")["sparsity"]
+
+
+def test_densities_come_from_the_sparsity_file_and_survive_the_cache(tmp_path):
+    from safetensors.numpy import save_file
+
+    folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, HOOK, seed=2)
+    expected = _sparsity(folder)
+    expected[::7] = -10.0  # latents that never fired, as sae-lens's trainer records them
+    save_file({"sparsity": expected}, folder / "sparsity.safetensors")
+    first = sae_mod.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")[1]
+    cached = sae_mod.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")[1]
+    np.testing.assert_array_equal(first, expected)
+    np.testing.assert_array_equal(cached, expected)
+    save_file({"sparsity": expected - 1.0}, folder / "sparsity.safetensors")  # a new record in place
+    np.testing.assert_array_equal(sae_mod.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")[1],
+                                  expected - 1.0)
+
+
+@pytest.mark.parametrize("sparsity", ["none", "damaged", "wrong_shape", "nan"])
+def test_without_usable_densities_liveness_is_unknown(tmp_path, sparsity):
+    from safetensors.numpy import save_file
+
+    folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, HOOK, write_sparsity=sparsity != "none")
+    path = folder / "sparsity.safetensors"
+    if sparsity == "damaged":
+        path.write_bytes(path.read_bytes()[:40])
+    elif sparsity == "wrong_shape":
+        save_file({"sparsity": np.zeros(D_SAE + 1, np.float32)}, path)
+    elif sparsity == "nan":
+        save_file({"sparsity": np.full(D_SAE, np.nan, np.float32)}, path)
+    params, density = sae_mod.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")
+    assert density is None and params.d_sae == D_SAE
+    assert sae_mod.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")[1] is None
 
 
 def test_releases_stored_as_pickles_are_refused(tmp_path):

@@ -3,6 +3,7 @@ computation with transformers (PyTorch) and sae-lens."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -190,6 +191,29 @@ def test_features_json_lists_every_latent_with_its_logit_lens_tokens(tiny_dir, c
         expected = np.argsort(-logits[row["index"]])[:8].tolist()
         assert row["top_token_ids"] == expected
         assert row["top_tokens"] == [tokenizer.decode([i]) for i in expected]
+
+
+def test_features_carry_the_saes_firing_densities_and_mark_dead_latents(tiny_dir, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    from epo_tui.features import FeatureEntry, alive_indices
+
+    sae_dir = tmp_path / "sae"
+    shutil.copytree(tiny_dir / "sae", sae_dir)
+    density = load_file(str(sae_dir / "sparsity.safetensors"))["sparsity"]
+    density[[3, 40]] = -10.0  # never fired (sae-lens's record of 0)
+    density[41] = -8.5  # below sae-lens's dead threshold of 1e-8
+    save_file({"sparsity": density}, str(sae_dir / "sparsity.safetensors"))
+    config = _config_with_sae(tiny_dir, tmp_path, sae_dir)
+    _, out, _ = _run(capsys, "features", "--config", config, "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    np.testing.assert_allclose([r["log10_density"] for r in rows], density, atol=1e-4)
+    entries = [FeatureEntry.from_json(r) for r in rows]
+    assert alive_indices(entries) == set(range(64)) - {3, 40, 41}
+    _, out, _ = _run(capsys, "features", "--config", config)
+    dead = [line.split()[0] for line in out.splitlines() if line.split()[1] == "(dead)"]
+    assert dead == ["3", "40", "41"]
+    assert alive_indices([dataclasses.replace(e, log10_density=None) for e in entries]) is None  # no record
 
 
 def test_features_search_limit_and_plain_output(tiny_dir, capsys):

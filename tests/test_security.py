@@ -166,6 +166,18 @@ def test_sae_weights_that_are_a_pickle_are_refused(tiny_dir, tmp_path, marker):
     assert_one_line(info.value)
 
 
+def test_a_sparsity_file_that_is_a_pickle_only_makes_liveness_unknown(tiny_dir, tmp_path, marker):
+    from epo_tui.config import SAEConfig
+    from epo_tui.engine.sae import load_sae_with_density
+
+    folder = tmp_path / "sae"
+    shutil.copytree(tiny_dir / "sae", folder)
+    plant(folder / "sparsity.safetensors", marker)
+    sae, density = load_sae_with_density(SAEConfig(release=None, id=None, path=str(folder)),
+                                         cache_root=tmp_path / "cache")
+    assert density is None and sae.d_sae == 64
+
+
 def test_a_converted_sae_cache_replaced_by_a_pickle_is_rebuilt_not_read(tiny_dir, tmp_path, marker):
     from epo_tui.config import SAEConfig
     from epo_tui.engine import sae as sae_module

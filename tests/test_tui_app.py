@@ -57,6 +57,8 @@ def test_start_pause_favorite_quit(tiny_dir, tmp_path, monkeypatch):
                                                   "loading: model and SAE", "idle")  # up before the worker
             await _until(pilot, lambda: app.ready is not None and app.query_one(FeaturePane).entries,
                          what="the features")
+            pane = app.query_one(FeaturePane)  # the tiny SAE ships its densities: `r` knows which fire
+            assert pane.alive is not None and pane.alive == {e.index for e in pane.entries if e.alive}
             await pilot.press("s")
             await _until(pilot, lambda: app.query_one(ElitesPane).selected_elite is not None
                          and (status.fields.get("iteration") or 0) >= 2, what="elites")

@@ -157,6 +157,23 @@ def test_random_picks_an_alive_feature(tmp_path):
     _run(app, scenario)
 
 
+def test_dead_latents_show_struck_through_and_the_count_says_how_many_fire(tmp_path):
+    app = PaneApp(Stars.load("sae", tmp_path / "stars.json"))
+
+    async def scenario(pilot, pane):
+        count = pane.query_one("#feature-count")
+        assert "alive" not in str(count.render())  # no record: nothing claimed
+        pane.set_alive(set(range(200)) - {1, 3})
+        await pilot.pause()
+        assert str(count.render()).startswith("200 of 200 features · 198 alive")
+        feature_list = pane.query_one(FeatureList)
+        for y, dead in ((0, False), (1, True), (2, False), (3, True)):
+            index_segments = [seg for seg in feature_list.render_line(y) if seg.text.strip() == str(y)]
+            assert [bool(seg.style.strike) for seg in index_segments] == [dead], y
+
+    _run(app, scenario)
+
+
 def test_space_marks_two_and_c_combines(tmp_path):
     app = PaneApp(Stars.load("sae", tmp_path / "stars.json"))
 

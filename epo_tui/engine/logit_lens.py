@@ -1,4 +1,5 @@
-"""Each SAE latent's decoder direction read through the model's unembedding: its top tokens.
+"""Each SAE latent's decoder direction read through the model's unembedding: its top tokens (and its
+firing density, when the SAE ships one).
 
 The catalog is computed once per (model, SAE) in chunks with a progress bar, then cached.
 """
@@ -42,8 +43,11 @@ def compute_catalog(pair: ModelWithSAE, k: int = TOP_TOKENS, show_progress: bool
     ids_SxK = np.concatenate(ids)[:d_sae]
     used = np.unique(ids_SxK)
     text_of = dict(zip(used.tolist(), model.token_strings(used)))
+    density_S = pair.log10_density_S
     return [FeatureEntry(index=i, top_tokens=tuple(text_of[t] for t in row.tolist()),
-                         top_token_ids=tuple(int(t) for t in row)) for i, row in enumerate(ids_SxK)]
+                         top_token_ids=tuple(int(t) for t in row),
+                         log10_density=None if density_S is None else round(float(density_S[i]), 4))
+            for i, row in enumerate(ids_SxK)]
 
 
 def feature_catalog(pair: ModelWithSAE) -> list[FeatureEntry]:

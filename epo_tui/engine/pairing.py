@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from epo_tui.config import Config
 from epo_tui.engine.model import LanguageModel, load_model
-from epo_tui.engine.sae import SAEParams, check_feature_index, check_fits_model, load_sae
+from epo_tui.engine.sae import SAEParams, check_feature_index, check_fits_model, load_sae_with_density
 
 
 # sae-lens trains on TransformerLens models unless its metadata names another model class.
@@ -24,6 +25,7 @@ class ModelWithSAE:
 
     model: LanguageModel
     sae: SAEParams
+    log10_density_S: np.ndarray | None = None  # how often each latent fires (None: the SAE ships no record)
     _replicas: dict = field(default_factory=dict, repr=False)
 
     def replicated(self, mesh: Mesh) -> tuple[dict, SAEParams]:
@@ -56,14 +58,14 @@ def load_model_with_sae(config: Config, feature: int | None = None,
 
     `feature_source` names where the feature came from in errors (default: the config file).
     """
-    sae = load_sae(config.sae, source=config.source)
+    sae, density = load_sae_with_density(config.sae, source=config.source)
     if feature is not None:
         check_feature_index(sae, feature, source=feature_source or config.source)
     model = load_model(config.model)
     check_fits_model(sae, model.n_layers, model.d_model, model.name, d_mlp=model.cfg.d_mlp)
     if sae.model_class_name in TRANSFORMER_LENS_CLASSES:
         model = dataclasses.replace(model, cfg=model.family.transformer_lens_config(model.cfg))
-    return ModelWithSAE(model=model, sae=sae)
+    return ModelWithSAE(model=model, sae=sae, log10_density_S=density)
 
 
 def as_batch(token_ids: list[int]) -> jnp.ndarray:

@@ -6,6 +6,10 @@ from_pretrained; TopK decoder norms when `rescale_acts_by_decoder_norm`), and ca
 `<cache>/saes/<key>/` as `sae.safetensors` + `meta.json` (atomic writes). Later loads read only that
 cache: neither torch nor sae-lens is imported. Only safetensors are read (nothing is unpickled).
 
+Where the SAE ships its latents' firing densities (sae-lens's `sparsity.safetensors`: log10 of the
+fraction of tokens each latent fires on), they are cached too (`load_sae_with_density`): they say which
+latents are dead.
+
 `SAEParams` is a registered pytree: the arrays are its leaves, everything else is static (part of
 the treedef), so it can be passed straight into jitted functions.
 
@@ -41,11 +45,13 @@ NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
 LAYER_NORM_EPS = 1e-5  # sae-lens run_time_activation_ln_in's default eps
 MLP_POINTS = ("mlp.hook_pre", "mlp.hook_post")
 
-CACHE_FORMAT = 2  # bump when the cached arrays or meta.json change meaning
+CACHE_FORMAT = 3  # bump when the cached arrays or meta.json change meaning
 WEIGHTS_FILE = "sae.safetensors"
 META_FILE = "meta.json"
 SAE_LENS_CFG = "cfg.json"  # sae_lens.constants.SAE_CFG_FILENAME
 SAE_LENS_WEIGHTS = "sae_weights.safetensors"  # sae_lens.constants.SAE_WEIGHTS_FILENAME
+SAE_LENS_SPARSITY = "sparsity.safetensors"  # sae_lens.constants.SPARSITY_FILENAME, key "sparsity"
+DENSITY_FIELD = "log10_density_S"  # in our cache, beside ARRAY_FIELDS, when the SAE has one
 # sae-lens conversion loaders that torch.load pickles: refused, since nothing is unpickled here.
 # (The default loader reads safetensors; gemma_2 reads npz with pickles disabled.)
 PICKLE_LOADERS = frozenset({"connor_rob_hook_z", "goodfire", "deepseek_r1", "qwen_scope",
@@ -200,6 +206,12 @@ def check_fits_model(sae: SAEParams, n_layers: int, d_model: int, model_name: st
 
 def load_sae(sae_cfg: SAEConfig, cache_root: Path | None = None, source: str = "config") -> SAEParams:
     """The SAE named by the config (sae.release + sae.id, or sae.path), from our cache when there."""
+    return load_sae_with_density(sae_cfg, cache_root, source)[0]
+
+
+def load_sae_with_density(sae_cfg: SAEConfig, cache_root: Path | None = None,
+                          source: str = "config") -> tuple[SAEParams, np.ndarray | None]:
+    """(the SAE, log10 firing density per latent `_S` or None when the SAE ships none)."""
     root = Path(cache_root) if cache_root is not None else paths.cache_dir()
     key = _cache_key(sae_cfg, source)
     entry = root / "saes" / key
@@ -209,14 +221,16 @@ def load_sae(sae_cfg: SAEConfig, cache_root: Path | None = None, source: str = "
     arrays, meta = _load_with_sae_lens(sae_cfg, source)
     meta["cache_key"] = key
     _write_cache(entry, arrays, meta)
-    return _params(arrays, meta)
+    return _params(arrays, meta), arrays.get(DENSITY_FIELD)
 
 
 def _cache_key(sae_cfg: SAEConfig, source: str) -> str:
     if sae_cfg.path is not None:
         folder = _local_folder(sae_cfg.path, source)
         stats = [folder.resolve()]
-        for name in (SAE_LENS_WEIGHTS, SAE_LENS_CFG):
+        for name in (SAE_LENS_WEIGHTS, SAE_LENS_CFG, SAE_LENS_SPARSITY):
+            if name == SAE_LENS_SPARSITY and not (folder / name).is_file():
+                continue  # optional
             st = (folder / name).stat()
             stats += [st.st_size, st.st_mtime_ns]
         return f"local-{_slug(folder.resolve().name)}-{_digest(*stats)}"
@@ -246,8 +260,9 @@ def _local_folder(path: str, source: str) -> Path:
     return folder
 
 
-def _read_cache(entry: Path) -> SAEParams | None:
-    """The cached SAE, or None when the entry is missing, stale or corrupt (it is then rebuilt)."""
+def _read_cache(entry: Path) -> tuple[SAEParams, np.ndarray | None] | None:
+    """(the cached SAE, its densities or None), or None when the entry is missing, stale or corrupt (it
+    is then rebuilt)."""
     from safetensors import safe_open
 
     try:
@@ -257,7 +272,8 @@ def _read_cache(entry: Path) -> SAEParams | None:
             return None
         with safe_open(weights, framework="flax") as handle:
             arrays = {name: handle.get_tensor(name) for name in ARRAY_FIELDS}
-        return _params(arrays, meta)
+            density = np.asarray(handle.get_tensor(DENSITY_FIELD)) if DENSITY_FIELD in handle.keys() else None
+        return _params(arrays, meta), density
     except Exception:  # noqa: BLE001 - anything wrong with a cache entry means: rebuild it
         return None
 
@@ -267,7 +283,8 @@ def _write_cache(entry: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any
     from safetensors.numpy import save
 
     try:
-        data = save({name: np.ascontiguousarray(arrays[name]) for name in ARRAY_FIELDS})
+        data = save({name: np.ascontiguousarray(arrays[name]) for name in (*ARRAY_FIELDS, DENSITY_FIELD)
+                     if name in arrays})
         meta["weights_bytes"] = len(data)
         write_bytes_atomic(entry / WEIGHTS_FILE, data)
         write_json_atomic(entry / META_FILE, meta)
@@ -300,13 +317,31 @@ def _load_with_sae_lens(sae_cfg: SAEConfig, source: str) -> tuple[dict[str, np.n
             except Exception as err:  # noqa: BLE001 - sae-lens raises many kinds for a bad folder
                 raise ConfigError(source, "sae.path",
                                   f"sae-lens cannot load '{sae_cfg.path}': {first_line(err)}") from None
+            density = _read_local_density(folder / SAE_LENS_SPARSITY)  # load_from_disk does not read it
         else:
             lookup = _registry_lookup(sae_cfg.release, sae_cfg.id, source)
             try:
-                sae = SAE.from_pretrained(sae_cfg.release, sae_cfg.id, device="cpu", dtype="float32")
+                sae, _, density = SAE.from_pretrained_with_cfg_and_sparsity(sae_cfg.release, sae_cfg.id,
+                                                                            device="cpu", dtype="float32")
             except Exception as err:  # noqa: BLE001
                 raise _download_error(sae_cfg.release, sae_cfg.id, err) from None
-    return _convert(sae, sae_cfg, lookup)
+            density = None if density is None else density.detach().float().cpu().numpy()
+    arrays, meta = _convert(sae, sae_cfg, lookup)
+    if density is not None and density.shape == (meta["d_sae"],) and np.isfinite(density).all():
+        arrays[DENSITY_FIELD] = density.astype(np.float32)  # anything else: liveness stays unknown
+    return arrays, meta
+
+
+def _read_local_density(path: Path) -> np.ndarray | None:
+    """The folder's sparsity file (log10 densities), or None when it has none or it cannot be read."""
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        return load_file(path).get("sparsity")
+    except Exception:  # noqa: BLE001 - optional metadata: a damaged file only means liveness is unknown
+        return None
 
 
 def _registry_lookup(release: str, sae_id: str, source: str):

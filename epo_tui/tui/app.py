@@ -22,7 +22,7 @@ from epo_tui import favorites, labels
 from epo_tui.client import WorkerClient, WorkerError
 from epo_tui.config import Config
 from epo_tui.errors import UserError
-from epo_tui.features import FeatureEntry
+from epo_tui.features import FeatureEntry, alive_indices
 from epo_tui.stars import Stars
 from epo_tui.text import inert
 from epo_tui.themes import Theme, load_theme
@@ -139,6 +139,7 @@ class EpoApp(App):
             entries = [FeatureEntry.from_json(f) for f in event["features"]]
             pane = self.query_one(FeaturePane)
             pane.set_features(entries, Stars.load(self._sae_key()))
+            pane.set_alive(alive_indices(entries))  # `r` draws among the latents that fire
             self.chosen = next((e for e in entries if e.index == self.config.feature.index), None)
             self.apply_imported_labels()
         elif kind == "state":

@@ -323,7 +323,11 @@ class FeaturePane(Vertical):
             self.notify(inert(stars.problem), title="stars", severity="warning", timeout=10, markup=False)
 
     def set_alive(self, indices: set[int] | None) -> None:
+        """The latents that fire (dead ones show struck through; `r` skips them); None: unknown."""
         self.alive = indices
+        if self.entries:
+            self._show_count()
+            self.query_one(FeatureList).refresh()
 
     def import_labels(self, path: Path) -> int:
         """Labels from a Neuronpedia explanations export; returns how many latents got one (UserError if unreadable)."""
@@ -367,9 +371,10 @@ class FeaturePane(Vertical):
         label.truncate(label_width, overflow="ellipsis", pad=True)
         starred = self.stars is not None and self.stars.is_starred(entry.index)
         noted = self.stars is not None and bool(self.stars.note(entry.index))
+        dead = self.alive is not None and entry.index not in self.alive
         return Text.assemble(
             (MARK if entry.index in self.marked else " ", style_of("feature-list--mark")),
-            (f"{entry.index:>6} ", style_of("feature-list--index")),
+            (f"{entry.index:>6}", style_of("feature-list--index") + Style(strike=dead)), " ",
             (STAR if starred else ("✎" if noted else " "), style_of("feature-list--star")),
             " ", label, " ", tokens, no_wrap=True, end="")
 
@@ -386,6 +391,8 @@ class FeaturePane(Vertical):
 
     def _show_count(self) -> None:
         parts = [f"{len(self.rows):,} of {len(self.entries):,} features"]
+        if self.alive is not None:
+            parts.append(f"{len(self.alive):,} alive")
         if self.stars is not None and self.stars.starred():
             parts.append(f"{STAR} {len(self.stars.starred())}")
         if self.marked:
