@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -483,7 +484,29 @@ def delete_session(session_id: str, root: Path | None = None, force: bool = Fals
         if status == "running":
             raise UserError(f"session {session_id} is running; stop it first (or delete with --force if "
                             "its worker is gone)")
-    shutil.rmtree(folder)
+    _remove_folder(folder)
+
+
+DELETE_ATTEMPTS = 100
+
+
+def _remove_folder(folder: Path) -> None:
+    """shutil.rmtree, walked again while a worker still writes into the folder (`--force` on a running
+    session): a file appearing makes the last rmdir fail, one renamed away makes the walk fail; either
+    way the folder may still be there. Done only when it is gone; the worker then stops at its next
+    write (it never recreates the folder)."""
+    for _ in range(DELETE_ATTEMPTS):
+        try:
+            shutil.rmtree(folder)
+        except FileNotFoundError:
+            pass  # something vanished mid-walk: look again
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise UserError(f"could not delete {folder}: {err.strerror or err}") from None
+        if not os.path.lexists(folder):
+            return
+        time.sleep(0.01)
+    raise UserError(f"could not delete {folder}: files kept appearing in it")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import json
 import os
 import queue
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import pytest
 from cli_run import run_cli
 from epo_tui import protocol, sessions
 from epo_tui.engine.worker import Output, Worker
-from test_worker import TIMEOUT, _load_and_start, worker_factory  # noqa: F401 - worker_factory is a fixture
+from test_worker import TIMEOUT, WorkerProcess, _load_and_start, worker_factory  # noqa: F401 - a fixture
 
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
 
@@ -279,7 +278,7 @@ def test_a_really_full_disk_under_a_running_worker(tmp_path, tiny_dir):
     env = {**os.environ, "XDG_CACHE_HOME": str(cache), "EPO_TUI_JAX_CACHE": str(compile_cache_dir())}
     w = None
     try:
-        w = _worker_with_env(tmp_path, env)
+        w = WorkerProcess(tmp_path, env)
         w.expect("hello")
         session_id = _load_and_start(w, tiny_dir, 100_000, feature={"index": 3})["session"]
         w.expect("checkpointed")
@@ -310,21 +309,6 @@ def test_a_really_full_disk_under_a_running_worker(tmp_path, tiny_dir):
         if w is not None:
             w.close()
         subprocess.run(["umount", "-l", str(mount)])
-
-
-def _worker_with_env(cwd: Path, env: dict):
-    """test_worker.WorkerProcess, started with another environment."""
-    import threading
-
-    from test_worker import WorkerProcess
-
-    w = WorkerProcess.__new__(WorkerProcess)
-    w.proc = subprocess.Popen([sys.executable, "-m", "epo_tui", "worker"], cwd=cwd, env=env, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    w.events, w.seen = queue.Queue(), []
-    threading.Thread(target=w._read, daemon=True).start()
-    threading.Thread(target=w.proc.stderr.read, daemon=True).start()
-    return w
 
 
 def _expect_skipping_errors(w, type_: str, **match) -> dict:
@@ -468,16 +452,8 @@ def test_two_uis_search_and_save_favorites_and_stars_at_once(tiny_dir, tmp_path,
 
 
 def _delete(folder: Path) -> None:
-    """rmtree, again if the worker wrote a file into the folder while it was being emptied."""
-    for _ in range(50):
-        try:
-            shutil.rmtree(folder)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.01)
-    raise AssertionError(f"could not delete {folder}")
+    """As `epo-tui sessions delete --force ID` from another shell while the worker writes."""
+    sessions.delete_session(folder.name, root=folder.parent, force=True)
 
 
 def test_a_deleted_session_folder_stops_the_search_in_process(inproc):

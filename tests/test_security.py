@@ -10,7 +10,6 @@ the README's security table.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import pickle

@@ -180,6 +180,41 @@ def test_find_by_id_prefix_or_hex_tail(root, with_ids):
         find_session("", root)
 
 
+def test_delete_force_outlasts_a_process_still_writing_into_the_folder(root):
+    """A worker's files appear (and renamed temp files vanish) while --force deletes, until it notices:
+    one rmtree alone can fail or leave the folder behind; delete returns only once it is gone."""
+    import threading
+
+    session = create_session(_meta(), root)
+    stop, written = threading.Event(), []
+
+    def writer():  # as a worker checkpointing every iteration: a temp file, then a rename
+        n = 0
+        while not stop.is_set():
+            n += 1
+            if n > 20 and not (session.folder / "session.json").exists():
+                return  # the worker's next lock sees its session gone and stops writing
+            try:
+                tmp = session.folder / f".elites.json.{n}.tmp"
+                tmp.write_text("x" * 4096)
+                tmp.rename(session.folder / f"file{n % 7}")
+                written.append(n)
+            except FileNotFoundError:
+                return  # the folder is gone: a session write never recreates it
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    while len(written) < 20:
+        pass
+    try:
+        delete_session(session.id, root, force=True)
+        assert not os.path.lexists(session.folder)
+    finally:
+        stop.set()
+        thread.join()
+    assert not os.path.lexists(session.folder)
+
+
 def test_delete_refuses_running_sessions_and_paths_outside_the_root(root, tmp_path):
     session = create_session(_meta(), root)
     with pytest.raises(UserError, match="is running; stop it first"):

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from epo_tui import favorites, sessions
 from epo_tui.config import load_config

@@ -45,10 +45,8 @@ def test_a_session_folder_deleted_under_the_running_ui(tiny_dir, tmp_path, monke
             await until(pilot, lambda: (status.fields.get("iteration") or 0) >= 2, "progress", TIMEOUT)
             gone = app.session["session"]
             folder = sessions.find_session(gone).folder
-            shutil.rmtree(folder, ignore_errors=True)  # as `epo-tui sessions delete --force` from another shell
-            while folder.exists():  # a checkpoint racing the deletion: delete what it wrote
-                shutil.rmtree(folder, ignore_errors=True)
-                await pilot.pause(0.01)
+            # as `epo-tui sessions delete --force ID` from another shell
+            await asyncio.to_thread(sessions.delete_session, gone, folder.parent, True)
             await until(pilot, lambda: any("folder was deleted" in m for m in _messages(app)),
                         "the notification", TIMEOUT)
             await until(pilot, lambda: app.state == "idle", "the worker to go idle", TIMEOUT)
@@ -165,3 +163,45 @@ def test_a_session_deleted_while_the_browser_shows_it(tmp_path, monkeypatch):
     assert "the session folder is gone" in refused_resume
     assert results[0].action == "open" and results[0].session_id == first.id
     assert not second.folder.exists()
+
+
+def test_a_full_disk_when_saving_a_favorite_is_told_and_keeps_the_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from epo_tui.tui.status import StatusBar
+    from tui_pilot import fake_app, ready
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    app = fake_app()
+    no_space = os.strerror(errno.ENOSPC)
+
+    async def scenario():
+        async with app.run_test(size=(120, 34)) as pilot:
+            await ready(pilot)
+            await pilot.press("s")
+            await until(pilot, lambda: (app.query_one(StatusBar).fields.get("iteration") or 0) == 5, "progress")
+            await pilot.press("f")
+            path = favorites.favorites_path(app.config)
+            await until(pilot, lambda: path.exists() and favorites.read_favorites(path), "the first favorite")
+            before = path.read_bytes()
+            real_fsync = os.fsync
+
+            def full(fd):  # the favorites file's atomic rewrite finds the disk full
+                if "favorites.md" in os.readlink(f"/proc/self/fd/{fd}"):
+                    raise OSError(errno.ENOSPC, no_space)
+                return real_fsync(fd)
+            monkeypatch.setattr(os, "fsync", full)
+            app.clear_notifications()
+            await pilot.press("f")
+            await until(pilot, lambda: _messages(app), "the notification")
+            told = _messages(app)
+            monkeypatch.setattr(os, "fsync", real_fsync)
+            await pilot.press("q")
+            await until(pilot, lambda: not app.is_running, "the app to exit")
+        return told, before, path
+
+    told, before, path = asyncio.run(scenario())
+    assert len(told) == 1 and no_space in told[0] and "favorites.md" in told[0], told
+    assert path.read_bytes() == before and len(favorites.read_favorites(path)) == 1
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]

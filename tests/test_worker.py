@@ -23,9 +23,10 @@ TIMEOUT = 120
 class WorkerProcess:
     """A worker subprocess; events parsed by a reader thread into a queue."""
 
-    def __init__(self, cwd: Path):
-        self.proc = subprocess.Popen([sys.executable, "-m", "epo_tui", "worker"], cwd=cwd, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    def __init__(self, cwd: Path, env: dict | None = None):
+        self.proc = subprocess.Popen([sys.executable, "-m", "epo_tui", "worker"], cwd=cwd, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     start_new_session=True)
         self.events: queue.Queue = queue.Queue()
         self.seen: list[dict] = []
         threading.Thread(target=self._read, daemon=True).start()

@@ -22,7 +22,7 @@ from epo_tui import results, sessions
 from epo_tui.config import Config
 from epo_tui.engine.distributed import Cluster, gather_summaries, rows_per_process
 from epo_tui.engine.pairing import ModelWithSAE
-from epo_tui.engine.reporting import features_label, result_of
+from epo_tui.engine.reporting import features_label
 from epo_tui.engine.search import Search, SearchState, local_mesh
 from epo_tui.engine.session_search import RecordedSearch
 from epo_tui.errors import UserError

@@ -371,10 +371,14 @@ class FeaturePane(Vertical):
         label.truncate(label_width, overflow="ellipsis", pad=True)
         starred = self.stars is not None and self.stars.is_starred(entry.index)
         noted = self.stars is not None and bool(self.stars.note(entry.index))
-        dead = self.alive is not None and entry.index not in self.alive
+        index_style = style_of("feature-list--index")
+        if self.alive is not None and entry.index not in self.alive:  # dead: the index struck through
+            index = Text.assemble((f"{entry.index:>6}", index_style + Style(strike=True)), (" ", index_style))
+        else:
+            index = Text(f"{entry.index:>6} ", style=index_style)
         return Text.assemble(
             (MARK if entry.index in self.marked else " ", style_of("feature-list--mark")),
-            (f"{entry.index:>6}", style_of("feature-list--index") + Style(strike=dead)), " ",
+            index,
             (STAR if starred else ("✎" if noted else " "), style_of("feature-list--star")),
             " ", label, " ", tokens, no_wrap=True, end="")
 
