@@ -26,11 +26,14 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from epo_tui import __version__, paths, protocol, sessions
 from epo_tui.config import Config, config_from_data, load_config
 from epo_tui.errors import ConfigError, UserError
+
+if TYPE_CHECKING:  # imported when a search starts: the worker says hello before JAX loads
+    from epo_tui.engine.session_search import RecordedSearch
 
 COMMAND_QUEUE = 256  # commands waiting; a client that floods the worker waits on its pipe instead
 IDLE_POLL_S = 0.5
@@ -293,8 +296,8 @@ class Worker:
         active, self.active, self.paused = self.active, None, False
         with contextlib.suppress(Exception):
             active.release()
-        self.out.error("session", f"session {active.session.id}'s folder was deleted ({active.session.folder}): "
-                       f"the search stopped at iteration {active.state.iteration}", id=id_)
+        self.out.error("session", f"{_folder_deleted(active)}: the search stopped at iteration "
+                       f"{active.state.iteration}", id=id_)
         self.set_state("idle")
 
     def stop_active(self, status: str, error: str | None = None, id_: Any = None) -> None:
@@ -306,10 +309,7 @@ class Worker:
         except sessions.SessionError as err:  # stopped all the same; the session keeps its last good checkpoint
             with contextlib.suppress(Exception):
                 active.release()
-            if isinstance(err, sessions.SessionGone):
-                message = f"session {active.session.id}'s folder was deleted ({active.session.folder})"
-            else:
-                message = f"{err}: not saved"
+            message = _folder_deleted(active) if isinstance(err, sessions.SessionGone) else f"{err}: not saved"
             self.out.error("session", f"{message}: the search stopped at iteration {active.state.iteration}",
                            id=id_)
             self.set_state("idle")
@@ -383,6 +383,10 @@ class Worker:
                 self.stop_active("stopped", error=reason)
         self.out.event("bye", id=id_, reason=reason)
         self.running = False
+
+
+def _folder_deleted(active: RecordedSearch) -> str:
+    return f"session {active.session.id}'s folder was deleted ({active.session.folder})"
 
 
 def serve(stdin: BinaryIO | None = None, stdout: BinaryIO | None = None, sessions_root: Path | None = None) -> int:
