@@ -57,5 +57,5 @@ def print_features(entries: list[FeatureEntry]) -> None:
     for entry in entries:
         tokens = "  ".join(repr(inert(t)) for t in entry.top_tokens)
         label = f"{inert(entry.label)}  " if entry.label else ""
-        dead = "(dead)  " if entry.alive is False else ""  # never fired in the SAE's own record
+        dead = "(dead)  " if entry.alive is False else ""  # dead by the SAE's own firing record
         console.print(f"{entry.index:>7}  {dead}{label}{tokens}", markup=False)

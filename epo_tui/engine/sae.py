@@ -228,9 +228,8 @@ def _cache_key(sae_cfg: SAEConfig, source: str) -> str:
     if sae_cfg.path is not None:
         folder = _local_folder(sae_cfg.path, source)
         stats = [folder.resolve()]
-        for name in (SAE_LENS_WEIGHTS, SAE_LENS_CFG, SAE_LENS_SPARSITY):
-            if name == SAE_LENS_SPARSITY and not (folder / name).is_file():
-                continue  # optional
+        optional = [SAE_LENS_SPARSITY] if (folder / SAE_LENS_SPARSITY).is_file() else []
+        for name in (SAE_LENS_WEIGHTS, SAE_LENS_CFG, *optional):
             st = (folder / name).stat()
             stats += [st.st_size, st.st_mtime_ns]
         return f"local-{_slug(folder.resolve().name)}-{_digest(*stats)}"
