@@ -9,47 +9,42 @@ from rich.table import Table
 from rich.text import Text
 
 from epo_tui.features import FeatureEntry
+from epo_tui.scored import mean_xent, peak, prompt_start
 from epo_tui.text import inert
-from epo_tui.themes import Theme, load_theme
+from epo_tui.themes import load_theme
+from epo_tui.tui.tokens import activation_style, activation_text
 
 
 def _console() -> Console:
     return Console(file=sys.stdout, highlight=False, soft_wrap=True)
 
 
-def activation_text(tokens: list[str], activations: list[float], theme: Theme) -> Text:
-    """The tokens run together, each on a background coloured by its activation (0 = no colour)."""
-    top = max((a for a in activations if a > 0), default=0.0)
-    text = Text()
-    for token, act in zip(tokens, activations):
-        style = f"{theme.activation_text} on {theme.activation_colour(act / top)}" if act > 0 and top else ""
-        text.append(inert(token), style=style)
-    return text
-
-
 def print_score(scored: dict, feature: int) -> None:
+    """The per-token table, the coloured text (on a terminal) and a summary line. Only the text's own
+    tokens (from `prompt_start`) are coloured and count in the maximum, as in the UI."""
     console = _console()
     tokens, acts, xents = scored["tokens"], scored["activations"], scored["xent"]
+    start = prompt_start(scored)
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name, justify in (("pos", "right"), ("token", "left"), ("id", "right"),
                           (f"act[{feature}]", "right"), ("xent", "right")):
         table.add_column(name, justify=justify)
     theme = load_theme()
-    top = max(acts) if acts else 0.0
+    best = peak(scored)
+    top = max(best[1], 0.0) if best else 0.0
     for pos, (token, token_id, act, xent) in enumerate(zip(tokens, scored["token_ids"], acts, xents)):
         act_cell = Text(f"{act:.3f}")
-        if act > 0 and top > 0:
-            act_cell.stylize(f"{theme.activation_text} on {theme.activation_colour(act / top)}")
+        style = activation_style(act, theme, top) if pos >= start else None
+        if style is not None:
+            act_cell.stylize(style)
         table.add_row(str(pos), Text(f"'{inert(token)}'"), str(token_id), act_cell,  # Text: no markup
                       "-" if xent is None else f"{xent:.3f}")
     console.print(table)
     if console.is_terminal:
-        console.print(activation_text(tokens, acts, theme))
-    best = max(range(len(acts)), key=acts.__getitem__)
-    scored_xents = [x for x in xents if x is not None]
-    mean_xent = sum(scored_xents) / len(scored_xents) if scored_xents else float("nan")
-    console.print(f"max act {acts[best]:.3f} at pos {best} ('{inert(tokens[best])}'); "
-                  f"mean xent {mean_xent:.3f} over {len(scored_xents)} tokens", markup=False)
+        console.print(activation_text(tokens, acts, start, theme, top))
+    mean, count = mean_xent(scored)
+    where = f"{best[1]:.3f} at pos {best[0]} ('{inert(tokens[best[0]])}')" if best else "- (no text token)"
+    console.print(f"max act {where}; mean xent {mean:.3f} over {count} tokens", markup=False)
 
 
 def print_features(entries: list[FeatureEntry]) -> None:

@@ -217,8 +217,8 @@ def ui(commands: Commands, ending: str | None) -> int:
         elif t == "score":
             words = cmd.get("text").split()
             emit("scored", id=id_, feature=cmd.get("feature", 24), tokens=["<|endoftext|>"] + words,
-                 token_ids=list(range(len(words) + 1)), activations=[0.0] + [1.0] * len(words),
-                 xent=[None] + [2.0] * len(words))
+                 token_ids=list(range(len(words) + 1)), activations=[22.5] + [1.0] * len(words),  # BOS fires
+                 xent=[None] + [2.0] * len(words), prompt_start=1)
         elif t == "start":
             index = (cmd.get("feature") or {}).get("index", 24)
             emit("state", state="compiling", detail=None)

@@ -245,12 +245,21 @@ def test_activations_match_the_searchs_score_text(pack):
     pair = load_pair(out)
     tokens, valid = train_rows(pair, read_split(out / "corpus" / "train.jsonl"))
     top = top_activations(pair, tokens, valid)
-    for index in (0, 1, 2):
+    special = set(pair.model.special_token_ids().tolist())
+    compared = 0
+    for index in range(pair.sae.d_sae):
         row, column = divmod(int(top.positions_SxK[index, 0]), tokens.shape[1])
+        assert int(tokens[row, column]) not in special  # a maximum never sits on a separator
+        if special & set(tokens[row, 1:column + 1].tolist()):
+            continue  # the context spans a document separator, which no text to score can hold
         text = pair.model.decode(tokens[row, 1:column + 1])
         scored = score_text(pair, text, index)
         assert scored["token_ids"] == tokens[row, :column + 1].tolist()
         assert scored["activations"][-1] == pytest.approx(float(top.values_SxK[index, 0]), abs=1e-4)
+        compared += 1
+        if compared == 3:
+            break
+    assert compared == 3
 
 
 def test_labels_come_from_train_text_only(pack):

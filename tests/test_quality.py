@@ -24,10 +24,41 @@ def test_rows_hold_the_documents_joined_by_eos_after_bos(tiny_pair):
     tokens, mask = quality.heldout_rows(tiny_pair, TEXTS)
     tokenizer = tiny_pair.model.tokenizer
     bos, eos = tiny_pair.model.encode("")[0], tokenizer.eos_token_id
-    stream = [t for text in TEXTS for t in (*tokenizer(text, add_special_tokens=False)["input_ids"], eos)]
+    docs = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in TEXTS]
+    stream = [t for doc in docs for t in (*doc, eos)]
     assert (tokens[:, 0] == bos).all() and not mask[:, 0].any()
-    assert tokens[:, 1:][mask[:, 1:]].tolist() == stream
-    assert mask.sum() == len(stream)
+    assert tokens[:, 1:].reshape(-1)[:len(stream)].tolist() == stream
+    # the EOS between documents is in the rows but never counted: no prompt can hold it
+    assert tokens[mask].tolist() == [t for doc in docs for t in doc]
+    assert not mask[tokens == eos].any()
+
+
+def test_a_latent_firing_on_the_document_separator_has_no_dataset_max_there(tiny_pair):
+    """Issue 12: the EOS between held-out documents became a latent's "dataset max", in a context no
+    prompt can reach. Here EOS's embedding gets a large push along a unit direction u, and latent 0
+    reads u: it fires on every separator far above any text token. Its dataset max must come from a
+    text token all the same."""
+    import jax.numpy as jnp
+
+    from epo_tui.engine.pairing import as_batch
+    from epo_tui.engine.sae import activations
+
+    model, sae = tiny_pair.model, tiny_pair.sae
+    eos = model.tokenizer.eos_token_id
+    u_D = np.random.default_rng(0).standard_normal(model.d_model).astype(np.float32)
+    u_D /= np.linalg.norm(u_D)
+    params = {**model.params, "wte_VxD": model.params["wte_VxD"].at[eos].add(100 * u_D)}
+    eos_sae = replace(sae, W_enc_DxS=sae.W_enc_DxS.at[:, 0].set(jnp.asarray(u_D)), b_enc_S=sae.b_enc_S.at[0].set(0.0))
+    pair = replace(tiny_pair, model=replace(model, params=params), sae=eos_sae, _replicas={})
+    tokens, mask = quality.heldout_rows(pair, TEXTS)
+    acts_P = np.concatenate([np.asarray(activations(eos_sae, pair.forward(as_batch(r.tolist()), logits=False)[1][0]))[:, 0]
+                             for r in tokens])
+    is_eos_P = (tokens == eos).reshape(-1) & (np.arange(tokens.size) % tokens.shape[1] > 0)
+    text_max = acts_P[mask.reshape(-1)].max()
+    assert acts_P[is_eos_P].min() > text_max + 20  # the separators are where it fires most ...
+    maxima, where = quality.dataset_maxima(pair, tokens, mask)
+    assert maxima[0] == pytest.approx(text_max, abs=1e-4)  # ... and yet none of them is the dataset max
+    assert tokens.reshape(-1)[where[0]] != eos
 
 
 def test_dataset_maxima_equal_the_max_of_score_over_every_position(tiny_pair):
@@ -51,7 +82,7 @@ def test_dataset_maxima_equal_the_max_of_score_over_every_position(tiny_pair):
 def test_windows_never_cross_rows_or_hold_special_tokens(tiny_pair):
     tokens, mask = quality.heldout_rows(tiny_pair, TEXTS)
     special = tiny_pair.model.special_token_ids()
-    windows = quality.heldout_windows(tokens, mask, 5, special)
+    windows = quality.heldout_windows(tokens, mask, 5)
     assert len(windows) > 0 and windows.shape[1] == 5
     assert not np.isin(windows, special).any()
     rows = {tuple(r) for r in tokens.tolist()}
@@ -62,7 +93,7 @@ def test_windows_never_cross_rows_or_hold_special_tokens(tiny_pair):
 def test_window_xent_is_the_mean_xent_that_score_reports(tiny_pair, tiny_config):
     search = Search(tiny_pair, replace(tiny_config, search=replace(tiny_config.search, prompt_tokens=6)))
     tokens, mask = quality.heldout_rows(tiny_pair, TEXTS)
-    windows = quality.heldout_windows(tokens, mask, 6, tiny_pair.model.special_token_ids())[:3]
+    windows = quality.heldout_windows(tokens, mask, 6)[:3]
     xents = quality.window_xents(search, windows)
     compared = 0
     for window, xent in zip(windows, xents, strict=True):

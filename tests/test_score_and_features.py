@@ -42,7 +42,8 @@ def test_score_json_matches_transformers_and_sae_lens(tiny_dir, capsys):
     code, out, err = _run(capsys, "score", "--config", str(tiny_dir / "config.toml"), "--json", TEXT)
     assert code == 0, err
     scored = json.loads(out)
-    assert list(scored) == ["tokens", "token_ids", "activations", "xent"]
+    assert list(scored) == ["tokens", "token_ids", "activations", "xent", "prompt_start"]
+    assert scored["prompt_start"] == 1
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "model")
     ids = [tokenizer.bos_token_id] + tokenizer(TEXT, add_special_tokens=False)["input_ids"]
@@ -93,9 +94,9 @@ def test_score_is_coloured_in_a_terminal(tiny_dir):
                            TEXT], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "\x1b[" in proc.stdout
-    # the tokens run together on activation-coloured backgrounds
+    # the text's tokens (BOS left out, as in the UI) run together on activation-coloured backgrounds
     coloured = [line for line in proc.stdout.splitlines()
-                if re.sub(r"\x1b\[[0-9;]*m", "", line) == "<|endoftext|>" + TEXT]
+                if re.sub(r"\x1b\[[0-9;]*m", "", line) == TEXT]
     assert len(coloured) == 1 and coloured[0].count("\x1b[") > 5
 
 

@@ -94,12 +94,14 @@ def load_pair(out: Path):
 
 
 def train_rows(pair, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens NxC, valid NxC) packed as the LM was trained; BOS column and padding not valid."""
+    """(tokens NxC, valid NxC) packed as the LM was trained; BOS, padding and the end-of-text tokens
+    between documents not valid (no prompt can hold them)."""
     from epo_tui.demo.train_lm import token_stream
-    from epo_tui.engine.text_rows import pack_rows
+    from epo_tui.engine.text_rows import countable, pack_rows
 
     tokenizer = pair.model.tokenizer
-    return pack_rows(token_stream(tokenizer, texts), pair.model.cfg.max_positions, tokenizer.bos_token_id)
+    tokens, valid = pack_rows(token_stream(tokenizer, texts), pair.model.cfg.max_positions, tokenizer.bos_token_id)
+    return tokens, countable(tokens, valid, pair.model.special_token_ids())
 
 
 def top_activations(pair, tokens_NxC: np.ndarray, valid_NxC: np.ndarray, k: int = TOP_K,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -45,6 +45,7 @@ class LanguageModel:
     params: dict
     tokenizer: Any  # transformers PreTrainedTokenizerBase
     dtype: str
+    _special_ids: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def family(self) -> ModuleType:
@@ -86,20 +87,48 @@ class LanguageModel:
         return self.family.folded_unembedding_VxD(self.params)
 
     def special_token_ids(self) -> np.ndarray:
-        """Ids never to be proposed: BOS/EOS/pad/unk and every added special token."""
-        ids = set(self.tokenizer.all_special_ids)
-        ids.update(i for i, tok in self.tokenizer.added_tokens_decoder.items() if tok.special)
-        return np.array(sorted(i for i in ids if i is not None and i < self.vocab_size), dtype=np.int32)
+        """Ids never to be proposed, and never counted in a maximum or a statistic: BOS/EOS/pad/unk
+        and every added special token (sorted, int32)."""
+        if self._special_ids is None:
+            ids = set(self.tokenizer.all_special_ids)
+            ids.update(i for i, tok in self.tokenizer.added_tokens_decoder.items() if tok.special)
+            self._special_ids = np.array(sorted(i for i in ids if i is not None and i < self.vocab_size),
+                                         dtype=np.int32)
+        return self._special_ids
 
     def encode(self, text: str, prefix: str = "") -> list[int]:
-        """BOS, then the prefix, then the text: each tokenized on its own, as the search lays them out."""
+        """BOS, then the prefix, then the text: each tokenized on its own, as the search lays them out.
+
+        The prefix may hold special tokens (a chat template's); the text may not (`prompt_ids`).
+        """
         bos = self.tokenizer.bos_token_id
         if bos is None:
             raise UserError(f"the tokenizer of '{self.name}' has no BOS token")
         ids = [bos]
-        for part in (prefix, text):
-            if part:
-                ids += self.tokenizer(part, add_special_tokens=False)["input_ids"]
+        if prefix:
+            ids += self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        if text:
+            ids += self.prompt_ids(text)
+        return ids
+
+    def prompt_ids(self, text: str, what: str = "the text") -> list[int]:
+        """The ids of a text a user typed as (part of) a prompt.
+
+        Raises UserError when the text spells a special token (`<|endoftext|>`, `<bos>`, ...): the
+        tokenizer would turn it into that special id, which no prompt may hold (DESIGN.md §3), and
+        reading it as plain characters would not survive re-tokenization. One rule everywhere:
+        `score`, seed prompts, `inject` and the UI's edit all come through here.
+        """
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        special = set(self.special_token_ids().tolist())
+        names = [self.tokenizer.convert_ids_to_tokens(int(i)) for i in ids if i in special]
+        spelled = [name for name in dict.fromkeys(names) if name in text]
+        if spelled:
+            listed = ", ".join(f"'{name}'" for name in spelled)
+            raise UserError(f"{what} holds the special token {listed}, which a prompt never holds: remove it")
+        if names:  # an unknown-token id for characters the vocabulary lacks
+            raise UserError(f"{what} holds characters the tokenizer cannot encode (they become "
+                            f"'{names[0]}'): remove them")
         return ids
 
     def decode(self, ids) -> str:

@@ -25,7 +25,7 @@ from epo_tui.engine.pairing import ModelWithSAE
 from epo_tui.engine.runner import PlainSearch, Reporter, StopFlag, run_search
 from epo_tui.engine.sae import activations
 from epo_tui.engine.search import Search, local_mesh
-from epo_tui.engine.text_rows import pack_rows, token_stream
+from epo_tui.engine.text_rows import countable, pack_rows, token_stream
 from epo_tui.errors import UserError
 
 XENT_MARGIN = 1.0  # nats over the held-out median window xent a winning prompt may have
@@ -56,12 +56,14 @@ def read_heldout(path: Path) -> list[str]:
 
 
 def heldout_rows(pair: ModelWithSAE, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens RxL, mask RxL): the documents joined by EOS in rows of BOS + L-1 tokens (`text_rows`)."""
+    """(tokens RxL, mask RxL): the documents joined by EOS in rows of BOS + L-1 tokens (`text_rows`);
+    the mask is False at BOS, padding and every special token (the EOS between documents too)."""
     tokenizer = pair.model.tokenizer
     bos = pair.model.encode("")[0]
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
     stream = token_stream(tokenizer, texts, eos)
-    return pack_rows(stream, min(ROW_TOKENS, pair.model.cfg.max_positions), bos)
+    tokens, mask = pack_rows(stream, min(ROW_TOKENS, pair.model.cfg.max_positions), bos)
+    return tokens, countable(tokens, mask, pair.model.special_token_ids())
 
 
 def dataset_maxima(pair: ModelWithSAE, tokens_RxL: np.ndarray, mask_RxL: np.ndarray
@@ -94,12 +96,11 @@ def _padded(array: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([array, np.zeros((missing, *array.shape[1:]), array.dtype)]) if missing else array
 
 
-def heldout_windows(tokens_RxL: np.ndarray, mask_RxL: np.ndarray, width: int, special_ids) -> np.ndarray:
+def heldout_windows(tokens_RxL: np.ndarray, mask_RxL: np.ndarray, width: int) -> np.ndarray:
     """Non-overlapping `width`-token windows of each row's text (never across rows, never holding a
-    special token such as a document boundary), as WxN."""
-    special = np.isin(tokens_RxL, np.asarray(list(special_ids), np.int64)) | ~mask_RxL
+    position the mask leaves out, such as a document boundary), as WxN."""
     windows = []
-    for row, bad in zip(tokens_RxL, special, strict=True):
+    for row, bad in zip(tokens_RxL, ~mask_RxL, strict=True):
         for start in range(1, len(row) - width + 1, width):
             if not bad[start:start + width].any():
                 windows.append(row[start:start + width])
@@ -179,7 +180,7 @@ def run_quality(pair: ModelWithSAE, config: Config, heldout: list[str], latents:
         feature = dataclasses.replace(config.feature, index=latent, indices=())
         return Search(pair, dataclasses.replace(search_config, feature=feature), mesh=mesh)
 
-    windows = heldout_windows(tokens, mask, config.search.prompt_tokens, pair.model.special_token_ids())
+    windows = heldout_windows(tokens, mask, config.search.prompt_tokens)
     if not len(windows):
         raise UserError(f"bench --quality: the held-out sample has no {config.search.prompt_tokens}-token window")
     xents = window_xents(search_for(chosen[0]), windows)

@@ -11,10 +11,13 @@ from epo_tui.errors import UserError
 
 
 def score_text(pair: ModelWithSAE, text: str, feature: int, prefix: str = "") -> dict:
-    """{"tokens", "token_ids", "activations", "xent"} for BOS + prefix + text.
+    """{"tokens", "token_ids", "activations", "xent", "prompt_start"} for BOS + prefix + text.
 
     activations[i] is the latent's true activation (as sae-lens computes it) at token i;
-    xent[i] is -log p(token i | tokens before it), None for the first token.
+    xent[i] is -log p(token i | tokens before it), None for the first token. The text's own tokens
+    start at `prompt_start`: only they count in a maximum or a colour scale (`epo_tui.scored`), as
+    only they are what a search can change. Raises UserError for an empty text, one that is not
+    UTF-8, one that spells a special token, or one past the model's context.
     """
     if not text:
         raise UserError("the text to score is empty")
@@ -23,6 +26,7 @@ def score_text(pair: ModelWithSAE, text: str, feature: int, prefix: str = "") ->
     except UnicodeEncodeError as err:  # bytes that were not UTF-8 (argv's surrogateescape), lone surrogates
         raise UserError(f"the text to score is not valid UTF-8 (at character {err.start})") from None
     model = pair.model
+    prompt_start = len(model.encode("", prefix))
     ids = model.encode(text, prefix)
     limit = model.cfg.max_positions
     if len(ids) > limit:
@@ -32,4 +36,4 @@ def score_text(pair: ModelWithSAE, text: str, feature: int, prefix: str = "") ->
     logprobs_LxV = np.asarray(jax.nn.log_softmax(logits_1xLxV[0], axis=-1), dtype=np.float64)
     xent = [None] + [float(-logprobs_LxV[i - 1, ids[i]]) for i in range(1, len(ids))]
     return {"tokens": model.token_strings(ids), "token_ids": ids,
-            "activations": [float(a) for a in acts_L], "xent": xent}
+            "activations": [float(a) for a in acts_L], "xent": xent, "prompt_start": prompt_start}

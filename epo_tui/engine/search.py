@@ -15,6 +15,7 @@ P prefix length (BOS + prefix).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -246,6 +247,7 @@ class Search:
             raise UserError(f"search.prompt_tokens: {search.prompt_tokens} tokens after a "
                             f"{len(self.prefix_ids)}-token prefix exceed the model's {model.cfg.max_positions}")
         self.banned_V = self._banned_tokens(search.banned_tokens)
+        self._banned_np = np.asarray(self.banned_V)
         replicate = NamedSharding(self.mesh, PartitionSpec())
         self.params, self.sae = pair.replicated(self.mesh)
         logits_1xPxV, _, kv = model.prefill(self.prefix_ids)
@@ -269,8 +271,12 @@ class Search:
         mask[len(tokenizer):] = True
         return jnp.asarray(mask)
 
-    def initial_state(self, seed_text: str | None = None) -> SearchState:
-        """Elites sampled from the model after the prefix (or continuing `seed_text`), all valid."""
+    def initial_state(self, seed_text: str | None = None, what: str = "the seed prompt") -> SearchState:
+        """Elites sampled from the model after the prefix (or continuing `seed_text`), all valid.
+
+        Raises UserError when `seed_text` (called `what` in the message) holds a special or banned
+        token: no elite may hold one, whatever its source.
+        """
         search = self.config.search
         K, N = search.elites, search.prompt_tokens
         key = jax.random.key(search.seed)
@@ -278,7 +284,11 @@ class Search:
         start = np.zeros((K, N), np.int32)
         n_start = 0
         if seed_text:
-            seed_ids = self.pair.model.tokenizer(seed_text, add_special_tokens=False)["input_ids"][:N]
+            seed_ids = self.pair.model.prompt_ids(seed_text, what)[:N]
+            banned = [i for i, ok in zip(seed_ids, self._allowed(seed_ids)) if not ok]
+            if banned:
+                names = ", ".join(dict.fromkeys(repr(self.pair.model.decode([i])) for i in banned))
+                raise UserError(f"{what} holds {names}, which search.banned_tokens bans")
             n_start = len(seed_ids)
             start[:, :n_start] = seed_ids
         tokens, valid = start.copy(), np.zeros(K, bool)
@@ -304,7 +314,7 @@ class Search:
         allowed = np.flatnonzero(~np.asarray(self.banned_V))
         tokens = list(start_N[:n_start])
         if tokens and not self.is_valid(np.array(tokens)):
-            raise UserError("the seed prompt's text does not re-tokenize to its own tokens")
+            raise UserError("the seed prompt's text does not re-tokenize to its own tokens after search.prefix")
         for candidate in rng.permutation(allowed):
             if len(tokens) == len(start_N):
                 break
@@ -382,15 +392,52 @@ class Search:
         return frontier.merged(xent[entering], objective[entering], act[entering], tokens[entering])
 
     def is_valid(self, tokens_N: np.ndarray) -> bool:
-        """Whether the prompt's text re-tokenizes to exactly these ids (cached)."""
-        key = np.asarray(tokens_N, np.int32).tobytes()
+        """Whether a prompt may enter the elites, the frontier or a report: it holds no special or
+        banned id, and its text, placed after the prefix's text as the model reads it, re-tokenizes to
+        exactly the prefix's ids and then these (so a prompt whose text spells `<|endoftext|>`, or
+        whose first token would merge with the prefix, is not valid). Cached."""
+        tokens_N = np.asarray(tokens_N, np.int32)
+        key = tokens_N.tobytes()
         if key not in self._valid_cache:
-            model = self.pair.model
-            again = model.tokenizer(model.decode(tokens_N), add_special_tokens=False)["input_ids"]
             if len(self._valid_cache) > 200_000:
                 self._valid_cache.clear()
-            self._valid_cache[key] = list(again) == list(map(int, tokens_N))
+            self._valid_cache[key] = self._allowed(tokens_N).all() and self._round_trips(tokens_N)
         return self._valid_cache[key]
+
+    def _allowed(self, ids: np.ndarray) -> np.ndarray:
+        """Per id: inside the vocabulary, and neither special nor banned."""
+        ids = np.asarray(ids, np.int64)
+        inside = (ids >= 0) & (ids < len(self._banned_np))
+        return inside & ~self._banned_np[np.where(inside, ids, 0)]
+
+    def _round_trips(self, tokens_N: np.ndarray) -> bool:
+        model, prefix = self.pair.model, self.config.search.prefix
+        again = model.tokenizer(prefix + model.decode(tokens_N), add_special_tokens=False)["input_ids"]
+        return list(again) == self.prefix_ids[1:] + tokens_N.tolist()
+
+    def admissible(self, state: SearchState) -> SearchState:
+        """`state` with every prompt that is not valid (`is_valid`) gone: such an elite becomes a copy
+        of a valid one, such a frontier point is dropped. For a checkpoint written by an older
+        version, or by hand: a resumed search never carries a special or banned id on. With no valid
+        elite left, the elites are sampled afresh."""
+        valid_K = np.array([self.is_valid(row) for row in state.tokens_KxN])
+        frontier = state.frontier
+        kept = [i for i in range(len(frontier)) if self.is_valid(frontier.tokens[i])]
+        if valid_K.all() and len(kept) == len(frontier):
+            return state
+        if len(kept) < len(frontier):
+            frontier = Frontier(xent=frontier.xent[kept], objective=frontier.objective[kept], act=frontier.act[kept],
+                                tokens=frontier.tokens[kept])
+        if not valid_K.any():
+            fresh = self.initial_state()
+            return dataclasses.replace(fresh, iteration=state.iteration, key=state.key,
+                                       frontier=frontier.merged(fresh.xent_K, fresh.objective_K, fresh.act_K,
+                                                                fresh.tokens_KxN),
+                                       best_objective_history=state.best_objective_history)
+        donor_K = np.flatnonzero(valid_K)[np.cumsum(~valid_K) % valid_K.sum()]
+        take = np.where(valid_K, np.arange(len(valid_K)), donor_K)
+        return dataclasses.replace(state, tokens_KxN=state.tokens_KxN[take].copy(), objective_K=state.objective_K[take],
+                                   act_K=state.act_K[take], xent_K=state.xent_K[take], frontier=frontier)
 
 
 @functools.partial(jax.jit, static_argnames=("st",))

@@ -74,6 +74,7 @@ class RecordedSearch:
             state = state_from_arrays(arrays, config.search.elites, config.search.prompt_tokens)
         except ValueError as err:
             raise UserError(f"session {session.id}: {err}") from None
+        state = search.admissible(state)
         total = iterations_total or int(meta.get("iterations_total") or config.search.iterations)
         recorded = cls(search, state, session, total, checkpoint_seconds)
         session.update_meta(status="running", iterations_total=total, error=None)
@@ -182,7 +183,7 @@ class RecordedSearch:
         most), and enters the frontier. Returns (k, that elite's report)."""
         if not text:
             raise UserError("inject: the text is empty")
-        candidate = self.search.initial_state(text)  # K continuations of the text, all valid
+        candidate = self.search.initial_state(text, "inject: the text")  # K continuations of the text, all valid
         tokens, objective = candidate.tokens_KxN[0], float(candidate.objective_K[0])
         act, xent = float(candidate.act_K[0]), float(candidate.xent_K[0])
         state, lambdas = self.state, self.search.lambdas_K

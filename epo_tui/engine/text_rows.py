@@ -27,3 +27,9 @@ def pack_rows(stream: np.ndarray, context: int, bos: int) -> tuple[np.ndarray, n
     tokens = np.concatenate([np.full((n, 1), bos, np.int32), padded.reshape(n, body)], axis=1)
     mask = np.concatenate([np.zeros((n, 1), bool), valid.reshape(n, body)], axis=1)
     return tokens, mask
+
+
+def countable(tokens_NxC: np.ndarray, mask_NxC: np.ndarray, special_ids) -> np.ndarray:
+    """The mask less every special token (document separators, BOS, pad): the positions a dataset
+    statistic (maximum, top examples, alive count) may count, since no prompt can hold those tokens."""
+    return mask_NxC & ~np.isin(tokens_NxC, np.asarray(special_ids, np.int64))

@@ -15,6 +15,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Label, Static
 
 from epo_tui.client import WorkerError
+from epo_tui.scored import mean_xent, peak, prompt_start
 from epo_tui.text import inert
 from epo_tui.themes import Theme
 from epo_tui.tui.tokens import activation_text
@@ -91,11 +92,9 @@ class Scratchpad(ModalScreen[None]):
             result.update(inert(err.message))
             return
         self.last_scored = scored
-        peak = max(scored["activations"][1:], default=0.0)
-        line = activation_text(scored["tokens"], scored["activations"], 1, self.theme)
-        mean_xent = [x for x in scored["xent"][1:] if x is not None]
-        xent = sum(mean_xent) / len(mean_xent) if mean_xent else 0.0
-        line.append(f"\nmax act {peak:.3f} · mean xent {xent:.3f}")
+        best, (xent, _) = peak(scored), mean_xent(scored)
+        line = activation_text(scored["tokens"], scored["activations"], prompt_start(scored), self.theme)
+        line.append(f"\nmax act {best[1] if best else 0.0:.3f} · mean xent {xent:.3f}")
         result.update(line)
 
     def action_close(self) -> None:
