@@ -8,6 +8,7 @@ tests/test_bad_input_text.py covers texts, feature indices and the worker's stdi
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 
 from epo_tui import paths
 from epo_tui.config import INT_MAX, INT_MIN, SECTIONS, Config, config_from_data, load_config, parse_config
-from epo_tui.engine.tiny import write_config
+from epo_tui.engine.tiny import write_config, write_tiny_checkpoint
 from epo_tui.errors import ConfigError, UserError
 from epo_tui.text import inert
 
@@ -355,6 +356,19 @@ def _pair_config(folder: Path, model: Path | str, sae: Path | str, feature: int 
     return str(path)
 
 
+def edit_checkpoint(folder: Path, drop: str | None = None, **config_changes) -> Path:
+    """The checkpoint in `folder` without the tensor `drop`, and with `config_changes` in config.json."""
+    from safetensors.numpy import load_file, save_file
+
+    if drop is not None:
+        tensors = load_file(folder / "model.safetensors")
+        del tensors[drop]
+        save_file(tensors, folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return folder
+
+
 def _broken_pairs(tiny: Path, folder: Path) -> dict:
     from epo_tui.engine.sae_writer import write_random_sae
 
@@ -373,6 +387,11 @@ def _broken_pairs(tiny: Path, folder: Path) -> dict:
     truncate(short_sae / "sae_weights.safetensors")
     short_model = copy("model", "model-short")
     truncate(short_model / "model.safetensors")
+    gemma_headless = write_tiny_checkpoint(folder / "gemma-headless", "gemma", tie_word_embeddings=False)
+    edit_checkpoint(gemma_headless, drop="lm_head.weight")
+    gpt2_headless = edit_checkpoint(copy("model", "gpt2-headless"), tie_word_embeddings=False)
+    deeper = edit_checkpoint(copy("model", "deeper"), n_layer=3)  # the weights hold 2 layers
+    longer = edit_checkpoint(copy("model", "longer"), n_positions=256)  # wpe holds 128 rows
     sae, model = tiny / "sae", tiny / "model"
     return {
         "SAE hook past the last layer": (model, deep, ("sae: hook 'blocks.5.hook_resid_pre' is not in the model",)),
@@ -381,6 +400,15 @@ def _broken_pairs(tiny: Path, folder: Path) -> dict:
         "SAE cfg.json not JSON": (model, bad_json, ("pair.toml", "sae.path", "JSONDecodeError")),
         "SAE weights truncated": (model, short_sae, ("pair.toml", "sae.path", "SafetensorError")),
         "model weights truncated": (short_model, sae, ("cannot read the weights", "model.safetensors")),
+        "Gemma untied without lm_head": (gemma_headless, sae, (
+            str(gemma_headless), "no tensor 'lm_head.weight'", "(tie_word_embeddings: false)")),
+        "GPT-2 untied without lm_head": (gpt2_headless, sae, (
+            str(gpt2_headless), "no tensor 'lm_head.weight'", "(tie_word_embeddings: false)")),
+        "config deeper than the weights": (deeper, sae, (
+            str(deeper), "no tensor 'transformer.h.2.ln_1.weight'", "(n_layer: 3)")),
+        "tensor shape not the config's": (longer, sae, (
+            str(longer), "tensor 'transformer.wpe.weight' of shape (128, 32)",
+            "config gives (n_positions, n_embd) = (256, 32)")),
         "model folder is the SAE": (sae, sae, ("model.path", "no config.json")),
         "SAE folder is the model": (model, model, ("sae.path", "not a sae-lens SAE folder")),
         "model folder missing": (folder / "nope", sae, ("model.path", "not a checkpoint folder")),
@@ -391,7 +419,9 @@ def _broken_pairs(tiny: Path, folder: Path) -> dict:
 
 PAIR_CASES = ["SAE hook past the last layer", "SAE narrower than the model", "SAE on an unknown hook point",
               "SAE cfg.json not JSON", "SAE weights truncated", "model weights truncated", "model folder is the SAE",
-              "SAE folder is the model", "model folder missing", "unknown home directory", "feature past the SAE"]
+              "SAE folder is the model", "model folder missing", "unknown home directory", "feature past the SAE",
+              "Gemma untied without lm_head", "GPT-2 untied without lm_head", "config deeper than the weights",
+              "tensor shape not the config's"]
 
 
 @pytest.fixture(scope="module")

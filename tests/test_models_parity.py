@@ -10,6 +10,8 @@ are longer than Gemma 2's sliding window (4), so the sliding mask matters.
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,6 +80,54 @@ def test_float32_logits_match_transformers(cases, family, batch):
     logits, _ = case.model.forward(ids)
     assert logits.dtype == jnp.float32
     assert _max_diff(logits, _hf_logits(case, ids)) < ATOL
+
+
+# Unembedding heads as transformers 5 reads them: `tie_word_embeddings: false` with an lm_head.weight of
+# its own, and a tied config whose checkpoint still holds a different lm_head.weight (transformers warns
+# and keeps both). name: (family, tie_word_embeddings in config.json).
+HEADS = {
+    "gpt2 untied": ("gpt2", False),
+    "gemma2 untied": ("gemma2", False),
+    "gpt2 tied config, own lm_head": ("gpt2", True),
+}
+
+
+@pytest.fixture(scope="module")
+def head_cases(tmp_path_factory) -> dict[str, Case]:
+    root = tmp_path_factory.mktemp("heads")
+    out = {}
+    for name, (family, tie) in HEADS.items():
+        folder = write_tiny_checkpoint(root / name.replace(" ", "-").replace(",", ""), family, seed=2,
+                                       tie_word_embeddings=False, **CASES[family])
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": tie}))
+        out[name] = Case(folder, family)
+    return out
+
+
+def _final_norm_gain(case: Case) -> np.ndarray:
+    if case.family == "gpt2":
+        return case.hf.transformer.ln_f.weight.detach().numpy()
+    return 1.0 + case.hf.model.norm.weight.detach().numpy()
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_unembedding_head_matches_transformers(head_cases, name):
+    """Logits, xent and the folded W_U the feature list reads all use transformers' head, not the
+    token embedding (which here would move the mean xent by 0.2-0.5 and single logits by 5-9)."""
+    case = head_cases[name]
+    ids = case.ids()
+    head_VxD = case.hf.get_output_embeddings().weight.detach().numpy()
+    embedding_VxD = case.hf.get_input_embeddings().weight.detach().numpy()
+    assert np.abs(head_VxD - embedding_VxD).max() > 0.5  # transformers kept a head of its own
+    logits, _ = case.model.forward(ids)
+    assert _max_diff(logits, _hf_logits(case, ids)) < ATOL
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    xent = -float(jnp.take_along_axis(logprobs[:, :-1], ids[:, 1:, None], axis=-1).mean())
+    with torch.no_grad():
+        hf_xent = case.hf(torch.from_numpy(ids).long(), labels=torch.from_numpy(ids).long()).loss.item()
+    assert abs(xent - hf_xent) < 1e-5
+    assert _max_diff(case.model.folded_unembedding_VxD(), head_VxD * _final_norm_gain(case)) < 1e-6
 
 
 @pytest.mark.parametrize("family", GEMMAS)

@@ -1,12 +1,16 @@
-"""Finding a Hugging Face checkpoint (hub id through the huggingface_hub cache, or a local folder)
-and reading its safetensors (single file or sharded index). Nothing is unpickled."""
+"""Finding a Hugging Face checkpoint (hub id through the huggingface_hub cache, or a local folder),
+reading its safetensors (single file or sharded index), and looking its tensors up by the names and
+shapes its config implies. Nothing is unpickled."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 from safetensors import SafetensorError, safe_open
@@ -78,3 +82,75 @@ def read_safetensors(folder: Path, max_layer: int | None = None) -> dict[str, jn
         except (OSError, SafetensorError) as err:  # truncated, corrupt or unreadable: not our bug
             raise UserError(f"cannot read the weights in '{folder / file}': {first_line(err)}") from None
     return tensors
+
+
+# A tensor's expected shape: one (config key or expression, size) per axis, e.g. (("vocab_size", 320),
+# ("n_embd", 32)), so a mismatch names the keys it came from.
+Shape = Sequence[tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class CheckpointTensors:
+    """One checkpoint folder's tensors, looked up by the names and shapes its config implies.
+
+    Every family's loader reads through here, so a missing or mis-shaped tensor is one UserError line
+    naming the folder, the tensor and the config key that made it needed, never a KeyError.
+    """
+
+    folder: Path
+    tensors: Mapping[str, jnp.ndarray]
+    hf_config: Any  # the transformers config, for the values of the keys named in errors
+
+    def setting(self, key: str) -> str:
+        """`key: value` as config.json writes it (`tie_word_embeddings: false`, `n_layer: 4`)."""
+        return f"{key}: {json.dumps(getattr(self.hf_config, key, None), default=str)}"
+
+    def find(self, name: str, aliases: Sequence[str] = ()) -> str | None:
+        """The first of `name`, *aliases that the checkpoint holds, or None."""
+        return next((key for key in (name, *aliases) if key in self.tensors), None)
+
+    def get(self, name: str, shape: Shape, needed_by: str, aliases: Sequence[str] = ()) -> jnp.ndarray:
+        """The tensor `name` (or its first alias present), of `shape`.
+
+        Raises UserError when neither is there (naming `name` and `needed_by`, the config key that makes
+        the model need it) or when its shape is not `shape`.
+        """
+        key = self.find(name, aliases)
+        if key is None:
+            raise UserError(f"the checkpoint '{self.folder}' has no tensor '{name}', which its config needs "
+                            f"({self.setting(needed_by)})")
+        return self._checked(key, shape)
+
+    def _checked(self, key: str, shape: Shape) -> jnp.ndarray:
+        tensor = self.tensors[key]
+        expected = tuple(size for _, size in shape)
+        if tuple(tensor.shape) != expected:
+            names = ", ".join(name for name, _ in shape)
+            raise UserError(f"the checkpoint '{self.folder}' has tensor '{key}' of shape {_dims(tensor.shape)}, "
+                            f"but its config gives ({names}) = {_dims(expected)}")
+        return tensor
+
+    def embedding_and_head(self, embed: str, embed_aliases: Sequence[str], shape: Shape,
+                           head: str = "lm_head.weight") -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        """(embedding_VxD, unembedding_VxD, or None where the head is the embedding), as transformers 5's
+        from_pretrained ties them.
+
+        `tie_word_embeddings: false` reads `head` on its own. Tied (the default), a checkpoint holding
+        both with different values keeps both (transformers warns and unties), and one holding only
+        `head` uses it for both. Raises UserError for a missing tensor (naming `tie_word_embeddings` when
+        that made the head needed) or a mis-shaped one.
+        """
+        embed_key, head_key = self.find(embed, embed_aliases), self.find(head)
+        if not getattr(self.hf_config, "tie_word_embeddings", True):
+            return self.get(embed, shape, "model_type", embed_aliases), self.get(head, shape, "tie_word_embeddings")
+        if embed_key is None and head_key is not None:
+            return self._checked(head_key, shape), None
+        embedding = self.get(embed, shape, "model_type", embed_aliases)
+        if head_key is None:
+            return embedding, None
+        head_VxD = self._checked(head_key, shape)
+        return embedding, (None if bool(jnp.array_equal(embedding, head_VxD)) else head_VxD)
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(n) for n in shape) + ")"

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from epo_tui.config import ModelConfig
-from epo_tui.engine.checkpoint import read_safetensors, resolve_checkpoint_dir
+from epo_tui.engine.checkpoint import CheckpointTensors, read_safetensors, resolve_checkpoint_dir
 from epo_tui.engine.models import family_module
 from epo_tui.engine.models.hooks import HookRecorder, parse_hook
 from epo_tui.errors import UserError, first_line
@@ -152,7 +152,8 @@ def load_model(model_cfg: ModelConfig) -> LanguageModel:
     family = family_module(hf_config.model_type)
     cfg = family.Config.from_hf(hf_config)
     dtype = DTYPES[model_cfg.dtype]
-    params = family.params_from_checkpoint(read_safetensors(folder), cfg, cfg.n_layers)
+    checkpoint = CheckpointTensors(folder, read_safetensors(folder), hf_config)
+    params = family.params_from_checkpoint(checkpoint, cfg, cfg.n_layers)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
     return LanguageModel(name=model_cfg.path or model_cfg.name, model_type=hf_config.model_type,
                          cfg=cfg, params=params, tokenizer=tokenizer, dtype=model_cfg.dtype)

@@ -1,9 +1,11 @@
 """Model families, each one short pure-JAX module with the same interface:
 
-- `Config.from_hf(hf_config)`, `params_from_checkpoint(tensors, cfg, n_layers)`,
+- `Config.from_hf(hf_config)`, `params_from_checkpoint(checkpoint, cfg, n_layers)` (a
+  `checkpoint.CheckpointTensors`: every tensor looked up by name and shape through it),
 - `embed(params, cfg, ids_BxL | onehot_BxLxV) -> x_BxLxD`,
 - `forward(params, cfg, x_BxLxD, recorder, logits) -> logits_BxLxV | None`,
-- `folded_unembedding_VxD(params)`: W_U with the final norm's gain folded in,
+- `folded_unembedding_VxD(params)`: W_U (the head as transformers ties or unties it) with the final
+  norm's gain folded in,
 - `CENTERS_WRITES_BY_DEFAULT`: TransformerLens's residual convention for the family,
 - `transformer_lens_config(cfg)`: the config as TransformerLens runs the model,
 - `Config.max_positions`: the longest sequence the model reads.

@@ -9,13 +9,13 @@ per key-value head (H = G * R), K head dim, F MLP width, V vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import dataclasses
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 
+from epo_tui.engine.checkpoint import CheckpointTensors
 from epo_tui.engine.models.hooks import HookRecorder, causal_mask, prefix_length, with_past
 from epo_tui.errors import UserError
 
@@ -46,7 +46,6 @@ class GemmaConfig:
     final_softcap: float | None
     sliding_window: int | None
     sliding_layers: tuple[bool, ...]  # per layer: sliding-window attention
-    tied_unembedding: bool
 
     @classmethod
     def from_hf(cls, hf) -> GemmaConfig:
@@ -81,7 +80,6 @@ class GemmaConfig:
             final_softcap=getattr(hf, "final_logit_softcapping", None) if gemma2 else None,
             sliding_window=sliding_window if any(sliding) else None,
             sliding_layers=sliding or (False,) * hf.num_hidden_layers,
-            tied_unembedding=getattr(hf, "tie_word_embeddings", True),
         )
 
 
@@ -108,36 +106,49 @@ def _rope_theta(hf) -> float:
     return float(rope.get("rope_theta", getattr(hf, "rope_theta", None) or 10000.0))
 
 
-def params_from_checkpoint(tensors: Mapping[str, jnp.ndarray], cfg: GemmaConfig, n_layers: int) -> dict:
-    """HF names (with or without the `model.` prefix) -> our pytree. Linear weights stay OutxIn."""
+def params_from_checkpoint(checkpoint: CheckpointTensors, cfg: GemmaConfig, n_layers: int) -> dict:
+    """HF names (with or without the `model.` prefix) -> our pytree. Linear weights stay OutxIn.
 
-    def get(key: str) -> jnp.ndarray:
-        return tensors[key] if key in tensors else tensors[f"model.{key}"]
-
+    `unembed_VxD` is there only when the head is not the token embedding (see
+    CheckpointTensors.embedding_and_head). Raises UserError for a missing or mis-shaped tensor.
+    """
     H, G, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+    q_width, kv_width = "num_attention_heads*head_dim", "num_key_value_heads*head_dim"
+    sizes = {"hidden_size": D, "intermediate_size": cfg.d_mlp, q_width: H * K, kv_width: G * K}
+
+    def get(key: str, *dims: str, needed_by: str = "model_type") -> jnp.ndarray:
+        # GemmaForCausalLM saves its body under `model.`, a bare GemmaModel without it
+        return checkpoint.get(f"model.{key}", [(d, sizes[d]) for d in dims], needed_by, aliases=(key,))
+
     blocks = []
     for i in range(n_layers):
         p = f"layers.{i}."
+
+        def layer(key: str, *dims: str) -> jnp.ndarray:
+            return get(p + key, *dims, needed_by="num_hidden_layers")
+
         block = {
-            "ln_attn_w": get(p + "input_layernorm.weight"),
-            "w_q_HxKxD": get(p + "self_attn.q_proj.weight").reshape(H, K, D),
-            "w_k_GxKxD": get(p + "self_attn.k_proj.weight").reshape(G, K, D),
-            "w_v_GxKxD": get(p + "self_attn.v_proj.weight").reshape(G, K, D),
-            "w_o_DxHxK": get(p + "self_attn.o_proj.weight").reshape(D, H, K),
-            "w_gate_FxD": get(p + "mlp.gate_proj.weight"),
-            "w_up_FxD": get(p + "mlp.up_proj.weight"),
-            "w_down_DxF": get(p + "mlp.down_proj.weight"),
+            "ln_attn_w": layer("input_layernorm.weight", "hidden_size"),
+            "w_q_HxKxD": layer("self_attn.q_proj.weight", q_width, "hidden_size").reshape(H, K, D),
+            "w_k_GxKxD": layer("self_attn.k_proj.weight", kv_width, "hidden_size").reshape(G, K, D),
+            "w_v_GxKxD": layer("self_attn.v_proj.weight", kv_width, "hidden_size").reshape(G, K, D),
+            "w_o_DxHxK": layer("self_attn.o_proj.weight", "hidden_size", q_width).reshape(D, H, K),
+            "w_gate_FxD": layer("mlp.gate_proj.weight", "intermediate_size", "hidden_size"),
+            "w_up_FxD": layer("mlp.up_proj.weight", "intermediate_size", "hidden_size"),
+            "w_down_DxF": layer("mlp.down_proj.weight", "hidden_size", "intermediate_size"),
         }
         if cfg.post_norms:  # Gemma 2's post_attention_layernorm follows attention ...
-            block["ln_attn_post_w"] = get(p + "post_attention_layernorm.weight")
-            block["ln_mlp_w"] = get(p + "pre_feedforward_layernorm.weight")
-            block["ln_mlp_post_w"] = get(p + "post_feedforward_layernorm.weight")
+            block["ln_attn_post_w"] = layer("post_attention_layernorm.weight", "hidden_size")
+            block["ln_mlp_w"] = layer("pre_feedforward_layernorm.weight", "hidden_size")
+            block["ln_mlp_post_w"] = layer("post_feedforward_layernorm.weight", "hidden_size")
         else:  # ... Gemma 1's precedes the MLP
-            block["ln_mlp_w"] = get(p + "post_attention_layernorm.weight")
+            block["ln_mlp_w"] = layer("post_attention_layernorm.weight", "hidden_size")
         blocks.append(block)
-    params = {"embed_VxD": get("embed_tokens.weight"), "lnf_w": get("norm.weight"), "blocks": blocks}
-    if not cfg.tied_unembedding:
-        params["unembed_VxD"] = tensors["lm_head.weight"]
+    embed_VxD, unembed_VxD = checkpoint.embedding_and_head(
+        "model.embed_tokens.weight", ("embed_tokens.weight",), [("vocab_size", cfg.vocab_size), ("hidden_size", D)])
+    params = {"embed_VxD": embed_VxD, "lnf_w": get("norm.weight", "hidden_size"), "blocks": blocks}
+    if unembed_VxD is not None:
+        params["unembed_VxD"] = unembed_VxD
     return params
 
 
@@ -255,11 +266,12 @@ def transformer_lens_config(cfg: GemmaConfig) -> GemmaConfig:
 
 
 def unembedding_VxD(params: dict) -> jnp.ndarray:
+    """W_U (VxD): lm_head's own weight when the checkpoint unties it, else the token embedding."""
     return params.get("unembed_VxD", params["embed_VxD"])
 
 
 def folded_unembedding_VxD(params: dict) -> jnp.ndarray:
-    """W_U with the final RMSNorm's (1 + w) gain folded in, for reading residual directions."""
+    """W_U (VxD) with the final RMSNorm's (1 + w) gain folded in, for reading residual directions."""
     return unembedding_VxD(params) * (1.0 + params["lnf_w"])
 
 

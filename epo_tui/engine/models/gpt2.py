@@ -5,12 +5,12 @@ Shapes: B batch, L sequence, D d_model, H heads, K head dim, F MLP width, V voca
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 
+from epo_tui.engine.checkpoint import CheckpointTensors
 from epo_tui.engine.models.hooks import HookRecorder, causal_mask, prefix_length, with_past
 from epo_tui.errors import UserError
 
@@ -50,27 +50,45 @@ class GPT2Config:
         return self.d_model // self.n_heads
 
 
-def params_from_checkpoint(tensors: Mapping[str, jnp.ndarray], cfg: GPT2Config, n_layers: int) -> dict:
-    """HF names (with or without the `transformer.` prefix) -> our pytree. Conv1D weights are DxOut."""
+def params_from_checkpoint(checkpoint: CheckpointTensors, cfg: GPT2Config, n_layers: int) -> dict:
+    """HF names (with or without the `transformer.` prefix) -> our pytree. Conv1D weights are DxOut.
 
-    def get(key: str) -> jnp.ndarray:
-        return tensors[key] if key in tensors else tensors[f"transformer.{key}"]
+    `unembed_VxD` is there only when the head is not the token embedding (see
+    CheckpointTensors.embedding_and_head). Raises UserError for a missing or mis-shaped tensor.
+    """
+    D, F = cfg.d_model, cfg.d_mlp
+    sizes = {"n_embd": D, "3*n_embd": 3 * D, "n_inner": F, "vocab_size": cfg.vocab_size,
+             "n_positions": cfg.max_positions}
+
+    def get(key: str, *dims: str, needed_by: str = "model_type") -> jnp.ndarray:
+        # GPT2LMHeadModel saves its body under `transformer.`, a bare GPT2Model without it
+        return checkpoint.get(f"transformer.{key}", [(d, sizes[d]) for d in dims], needed_by, aliases=(key,))
 
     blocks = []
     for i in range(n_layers):
         p = f"h.{i}."
+
+        def block(key: str, *dims: str) -> jnp.ndarray:
+            return get(p + key, *dims, needed_by="n_layer")
+
         blocks.append({
-            "ln1_g": get(p + "ln_1.weight"), "ln1_b": get(p + "ln_1.bias"),
-            "w_qkv_Dx3HK": get(p + "attn.c_attn.weight"), "b_qkv": get(p + "attn.c_attn.bias"),
-            "w_o_HKxD": get(p + "attn.c_proj.weight"), "b_o": get(p + "attn.c_proj.bias"),
-            "ln2_g": get(p + "ln_2.weight"), "ln2_b": get(p + "ln_2.bias"),
-            "w_in_DxF": get(p + "mlp.c_fc.weight"), "b_in": get(p + "mlp.c_fc.bias"),
-            "w_out_FxD": get(p + "mlp.c_proj.weight"), "b_out": get(p + "mlp.c_proj.bias"),
+            "ln1_g": block("ln_1.weight", "n_embd"), "ln1_b": block("ln_1.bias", "n_embd"),
+            "w_qkv_Dx3HK": block("attn.c_attn.weight", "n_embd", "3*n_embd"),
+            "b_qkv": block("attn.c_attn.bias", "3*n_embd"),
+            "w_o_HKxD": block("attn.c_proj.weight", "n_embd", "n_embd"), "b_o": block("attn.c_proj.bias", "n_embd"),
+            "ln2_g": block("ln_2.weight", "n_embd"), "ln2_b": block("ln_2.bias", "n_embd"),
+            "w_in_DxF": block("mlp.c_fc.weight", "n_embd", "n_inner"), "b_in": block("mlp.c_fc.bias", "n_inner"),
+            "w_out_FxD": block("mlp.c_proj.weight", "n_inner", "n_embd"), "b_out": block("mlp.c_proj.bias", "n_embd"),
         })
-    return {
-        "wte_VxD": get("wte.weight"), "wpe_PxD": get("wpe.weight"),
-        "lnf_g": get("ln_f.weight"), "lnf_b": get("ln_f.bias"), "blocks": blocks,
+    wte_VxD, unembed_VxD = checkpoint.embedding_and_head(
+        "transformer.wte.weight", ("wte.weight",), [("vocab_size", cfg.vocab_size), ("n_embd", D)])
+    params = {
+        "wte_VxD": wte_VxD, "wpe_PxD": get("wpe.weight", "n_positions", "n_embd"),
+        "lnf_g": get("ln_f.weight", "n_embd"), "lnf_b": get("ln_f.bias", "n_embd"), "blocks": blocks,
     }
+    if unembed_VxD is not None:
+        params["unembed_VxD"] = unembed_VxD
+    return params
 
 
 def embed(params: dict, cfg: GPT2Config, tokens_or_onehot: jnp.ndarray) -> jnp.ndarray:
@@ -141,7 +159,7 @@ def forward(params: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray, rec: HookRecord
     if not logits:
         return None
     x_BxLxD = _layer_norm(x_BxLxD, params["lnf_g"], params["lnf_b"], cfg.layer_norm_eps)
-    return jnp.einsum("BLD,VD->BLV", x_BxLxD, params["wte_VxD"]).astype(jnp.float32)
+    return jnp.einsum("BLD,VD->BLV", x_BxLxD, unembedding_VxD(params)).astype(jnp.float32)
 
 
 def transformer_lens_config(cfg: GPT2Config) -> GPT2Config:
@@ -149,9 +167,14 @@ def transformer_lens_config(cfg: GPT2Config) -> GPT2Config:
     return cfg
 
 
+def unembedding_VxD(params: dict) -> jnp.ndarray:
+    """W_U (VxD): lm_head's own weight when the checkpoint unties it, else the token embedding."""
+    return params.get("unembed_VxD", params["wte_VxD"])
+
+
 def folded_unembedding_VxD(params: dict) -> jnp.ndarray:
-    """W_U with ln_f's gain folded in (as TransformerLens's fold_ln does), for reading directions."""
-    return params["wte_VxD"] * params["lnf_g"]
+    """W_U (VxD) with ln_f's gain folded in (as TransformerLens's fold_ln does), for reading directions."""
+    return unembedding_VxD(params) * params["lnf_g"]
 
 
 Config = GPT2Config
