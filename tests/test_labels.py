@@ -327,6 +327,13 @@ def test_one_explanation_per_latent_in_neuronpedia_layout(pack):
         assert (record["description"] == NEVER_FIRES) == (index in DEAD)
     assert read_explanations(out / "labels" / "explanations.jsonl") == {
         i: r["description"] for i, r in enumerate(records)}
+    # the SAE carries the id its labels name, so they pass the check against it
+    from epo_tui.demo.labels import load_pair
+
+    sae = load_pair(out).sae
+    assert sae.neuronpedia_id == "tiny-demo/1-res-demo"
+    checked = read_export(out / "labels" / "explanations.jsonl", LabelTarget(sae.neuronpedia_id, sae.d_sae))
+    assert len(checked.labels) == D_SAE and checked.notes == ()
 
 
 def test_descriptions_name_the_tokens_at_each_latents_top_activations(pack):
