@@ -20,7 +20,7 @@ from pathlib import Path
 from epo_tui import __version__, paths
 from epo_tui.config import COMBINES, INT_MAX, Config, load_config
 from epo_tui.errors import UserError, first_line
-from epo_tui.features import with_labels
+from epo_tui.features import config_labels, with_labels
 from epo_tui.progress import progress_reporter
 from epo_tui.text import inert, json_line
 
@@ -237,6 +237,17 @@ def cmd_score(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _config_labels(config: Config, sae) -> dict[int, str] | None:
+    """The config's sae.labels for the loaded SAE (an export for another SAE is a UserError); what the
+    reader skipped or could not check goes to stderr, one line each."""
+    imported = config_labels(config.sae.labels, sae)
+    if imported is None:
+        return None
+    for note in imported.notes:
+        print(f"epo-tui: sae.labels {inert(config.sae.labels)}: {inert(note)}", file=sys.stderr)
+    return imported.labels
+
+
 def cmd_features(args: argparse.Namespace, config: Config) -> int:
     from epo_tui.engine.logit_lens import feature_catalog
     from epo_tui.engine.pairing import load_model_with_sae
@@ -245,7 +256,9 @@ def cmd_features(args: argparse.Namespace, config: Config) -> int:
 
     if args.limit is not None and args.limit < 0:
         raise UserError(f"--limit: must be >= 0, found {args.limit}")
-    entries = with_labels(feature_catalog(load_model_with_sae(config)), config.sae.labels)
+    pair = load_model_with_sae(config)
+    labels = _config_labels(config, pair.sae)  # before the catalog: a refused export fails fast
+    entries = with_labels(feature_catalog(pair), labels)
     if args.search is not None:
         entries = search_features(entries, args.search)
     entries = entries[: args.limit] if args.limit is not None else entries
@@ -432,8 +445,6 @@ def cmd_bench(args: argparse.Namespace, config: Config) -> int:
 
 
 def _bench_quality(args: argparse.Namespace, config: Config) -> int:
-    from epo_tui.labels import read_explanations
-
     if args.model not in (None, "config"):
         raise UserError(f"--quality: measures the model and SAE of --config or --demo, not --model {args.model}")
     if args.latents < 1:
@@ -449,8 +460,8 @@ def _bench_quality(args: argparse.Namespace, config: Config) -> int:
     from epo_tui.engine import quality
 
     texts = quality.read_heldout(heldout)
-    labels = read_explanations(Path(config.sae.labels)) if config.sae.labels else None
     pair = _load_pair(config, [0], config.source)
+    labels = _config_labels(config, pair.sae)
     from epo_tui.engine.runner import StopFlag
 
     with StopFlag() as stop:

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from epo_tui import paths
 from epo_tui.atomic import write_json_atomic
+
+if TYPE_CHECKING:
+    from epo_tui.labels import ImportedLabels
 
 CATALOG_VERSION = 2
 # sae-lens's default dead-feature threshold (a latent firing on fewer than 1 token in 10^8 is dead); its
@@ -76,13 +81,23 @@ def load_catalog(path: Path, sae_key: str) -> list[FeatureEntry] | None:
         return None
 
 
-def with_labels(entries: list[FeatureEntry], labels_file: str | None) -> list[FeatureEntry]:
-    """The entries labelled from a Neuronpedia explanations export (`sae.labels`), when one is set."""
-    if not labels_file:
-        return entries
-    from epo_tui.labels import read_explanations
+def config_labels(labels_file: str | None, sae) -> ImportedLabels | None:
+    """The labels of the config's Neuronpedia explanations export (`sae.labels`) for the loaded SAE
+    (anything with `neuronpedia_id` and `d_sae`, e.g. the engine's SAEParams); None when none is set.
 
-    labels = read_explanations(Path(labels_file))
+    UserError (one line) for an export made for another SAE or a damaged file; what was skipped or could
+    not be checked is in the result's notes, for the caller to show."""
+    if not labels_file:
+        return None
+    from epo_tui.labels import LabelTarget, read_export
+
+    return read_export(Path(labels_file), LabelTarget(neuronpedia_id=sae.neuronpedia_id, d_sae=sae.d_sae))
+
+
+def with_labels(entries: list[FeatureEntry], labels: Mapping[int, str] | None) -> list[FeatureEntry]:
+    """The entries with the labels given ({latent index: text}) where there is one."""
+    if not labels:
+        return entries
     return [replace(e, label=labels[e.index]) if e.index in labels else e for e in entries]
 
 

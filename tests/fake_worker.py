@@ -14,7 +14,8 @@ Modes (each starts with the worker's unsolicited `hello`):
                     among valid ones, then a log "after garbage" and bye
   sleep             reads commands and never answers; exits at end of input
   hang-on-shutdown  ignores commands, end of input, SIGTERM and SIGHUP (only SIGKILL ends it)
-  ui [finish|die]   for the UI's snapshots: a demo-like model with 40 labelled features; `start` emits
+  ui [finish|die]   for the UI's snapshots: a demo-like model with 40 labelled features (its SAE's
+                    Neuronpedia id "demo/2-res", or $FAKE_NEURONPEDIA_ID; set empty: none); `start` emits
                     started and 5 progress events with fixed elites and frontier points, then
                     (finish) finished, or (die) 3 stderr lines and exit 3; without an argument the
                     search stays running; answers pause, resume, stop, score, inject and shutdown
@@ -200,6 +201,7 @@ def ui(commands: Commands, ending: str | None) -> int:
         elif t == "load":
             emit("state", state="idle", detail=None)
             emit("ready", id=id_, model="demo/model", sae="demo/sae", hook="blocks.2.hook_resid_pre", d_sae=40,
+                 neuronpedia_id=os.environ.get("FAKE_NEURONPEDIA_ID", "demo/2-res") or None,
                  dtype="float32", devices=["TFRT_CPU_0"], device_kind="cpu", config={}, labels=None)
         elif t == "features":
             features = [{"index": i, "top_tokens": [f" tok{i}", f" word{i % 7}"], "top_token_ids": [i, i + 1],

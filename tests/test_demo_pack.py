@@ -55,6 +55,14 @@ def test_labels_cover_every_latent_and_are_marked_automatic(demo_pair):
     assert read_explanations(PACK / "explanations.jsonl")[0] == lines[0]["description"]
 
 
+def test_labels_are_checked_against_the_demo_saes_neuronpedia_id(demo_config, demo_pair):
+    from epo_tui.features import config_labels
+
+    assert demo_pair.sae.neuronpedia_id == "epo-tui-demo-gpt2/2-res-demo"
+    imported = config_labels(demo_config.sae.labels, demo_pair.sae)
+    assert len(imported.labels) == demo_pair.sae.d_sae and imported.notes == ()  # checked: nothing to say
+
+
 def test_model_matches_transformers_and_sae_matches_sae_lens(demo_pair):
     import torch
     from sae_lens import SAE

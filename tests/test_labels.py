@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 
 from epo_tui.errors import UserError
-from epo_tui.labels import EXPORT_KEYS, read_explanations, write_explanations
+from epo_tui.labels import EXPORT_KEYS, LabelTarget, read_explanations, read_export, write_explanations
 
 # ---------------------------------------------------------------------------------------------- reader/writer
 
 
 def test_write_then_read_round_trip_keeps_text_as_is(tmp_path):
     records = [{"description": "files — “quoted” \x1b[31m", "index": "3", "modelId": "m", "extra": 1},
-               {"index": 0, "description": ""}]
+               {"index": 0, "description": "  padded\n"}]
     path = tmp_path / "explanations.jsonl"
     write_explanations(path, records)
-    assert read_explanations(path) == {3: "files — “quoted” \x1b[31m", 0: ""}
+    assert read_explanations(path) == {3: "files — “quoted” \x1b[31m", 0: "  padded\n"}
     first = path.read_text(encoding="utf-8").splitlines()[0]
     assert "—" in first  # ensure_ascii=False
     assert list(json.loads(first)) == ["modelId", "index", "description", "extra"]  # fixed order
@@ -42,7 +42,7 @@ def test_gzipped_export_is_read_and_written(tmp_path):
     assert read_explanations(written) == {1: "one"}
 
 
-def test_first_explanation_of_an_index_wins_and_string_indices_are_read(tmp_path):
+def test_unscored_the_first_explanation_of_an_index_wins_and_string_indices_are_read(tmp_path):
     path = tmp_path / "e.jsonl"
     path.write_text('{"index": "5", "description": "first"}\n'
                     '{"index": 5, "description": "second"}\n'
@@ -84,6 +84,130 @@ def test_unreadable_files_are_user_errors(tmp_path):
     latin.write_bytes(b'{"index": 0, "description": "ok"}\n{"index": 1, "description": "caf\xe9"}\n')
     with pytest.raises(UserError, match="line 2: not UTF-8"):
         read_explanations(latin)
+
+
+# ---------------------------------------------------------------------------------------------- which explanation
+# Neuronpedia lists several explanations per latent; an export may be for another SAE or hold other layouts.
+
+GPT2_L6 = LabelTarget(neuronpedia_id="gpt2-small/6-res-jb", d_sae=24576)
+
+
+def _export(path: Path, records: list[dict], gz: bool = False) -> Path:
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def _np(index, description: str, layer: str = "6-res-jb", **fields) -> dict:
+    """A record as Neuronpedia's dataset export writes it (index as a string)."""
+    return {"modelId": "gpt2-small", "layer": layer, "index": str(index), "description": description,
+            "typeName": "oai_token-act-pair", "explanationModelName": "gpt-4o-mini", **fields}
+
+
+def test_an_empty_description_never_wins(tmp_path):
+    path = _export(tmp_path / "e.jsonl", [_np(3, ""), _np(3, "French words"), _np(3, "later words"),
+                                          _np(4, "   "), _np(4, "\t\n"), _np(7, "numbers", scores=[{"value": 0.2}]),
+                                          _np(7, " ", scores=[{"value": 0.99}])])
+    assert read_explanations(path) == {3: "French words", 7: "numbers"}  # latent 4: only empty ones, no label
+    imported = read_export(path, GPT2_L6)
+    assert imported.labels == {3: "French words", 7: "numbers"}
+    assert imported.notes == ("ignored 4 empty explanations",)
+
+
+def test_the_best_scored_explanation_wins(tmp_path):
+    path = _export(tmp_path / "e.jsonl", [
+        _np(5, "weakly scored", scores=[{"value": 0.05, "explanationScoreTypeName": "recall_alt"}]),
+        _np(5, "well scored", scores=[{"value": 0.2, "explanationScoreTypeName": "recall_alt"},
+                                      {"value": 0.9, "explanationScoreTypeName": "eleuther_fuzz"}]),
+        _np(5, "scored in between", scores=[{"value": 0.5}]),
+        _np(6, "unscored first"), _np(6, "scored, so better", scoreV1=0.1), _np(6, "also unscored", scores=[]),
+        _np(8, "tie: the first stays", score=0.4), _np(8, "tie: the second goes", score=0.4),
+        _np(9, "scoreV2 counts before scoreV1", scoreV1=0.9, scoreV2=0.3),
+        _np(9, "its scoreV2 is higher", scoreV1=0.0, scoreV2=0.31),
+        _np(10, "null scores count as none", scoreV2=None, scores=None), _np(10, "negative", score=-0.5),
+    ])
+    assert read_explanations(path) == {5: "well scored", 6: "scored, so better", 8: "tie: the first stays",
+                                       9: "its scoreV2 is higher", 10: "negative"}
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"score": "high"}, "'score' must hold numbers"),
+    ({"score": True}, "'score' must hold numbers"),
+    ({"scoreV1": float("nan")}, "finite"),
+    ({"scores": 0.9}, "'scores' must be a list"),
+    ({"scores": [{"value": "0.9"}]}, "'scores' must hold numbers"),
+])
+def test_a_score_that_is_not_a_number_is_an_error_naming_the_line(tmp_path, fields, reason):
+    path = _export(tmp_path / "e.jsonl", [_np(1, "fine"), _np(1, "bad score", **fields)])
+    with pytest.raises(UserError) as err:
+        read_explanations(path)
+    assert f"{path}, line 2: " in str(err.value) and reason in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_export_for_another_layer_is_refused_in_one_line(tmp_path):
+    path = _export(tmp_path / "layer8.jsonl.gz", [_np(i, f"layer 8 latent {i}", layer="8-res-jb") for i in range(50)],
+                   gz=True)
+    with pytest.raises(UserError) as err:
+        read_export(path, GPT2_L6)
+    message = str(err.value)
+    assert message == (f"{path}: an export for gpt2-small/8-res-jb, not for this SAE (gpt2-small/6-res-jb): "
+                       "not imported")
+    # another model with the same layer name is refused too
+    other_model = _export(tmp_path / "gemma.jsonl", [{**_np(1, "x"), "modelId": "gemma-2-2b"}])
+    with pytest.raises(UserError, match="an export for gemma-2-2b/6-res-jb, not for this SAE"):
+        read_export(other_model, GPT2_L6)
+    # the same file for the SAE it was made for
+    assert len(read_export(path, LabelTarget("gpt2-small/8-res-jb", 24576)).labels) == 50
+
+
+def test_a_gzipped_file_mixing_sources_keeps_this_saes_and_counts_the_rest(tmp_path):
+    records = [_np(1, "mine"), _np(1, "layer 8's", layer="8-res-jb", score=1.0), _np(2, "layer 7's", layer="7-res-jb"),
+               {**_np(3, "another model's"), "modelId": "gpt2-medium"}, _np(4, "mine too")]
+    imported = read_export(_export(tmp_path / "mixed.jsonl.gz", records, gz=True), GPT2_L6)
+    assert imported.labels == {1: "mine", 4: "mine too"}
+    assert imported.notes == ("skipped 3 explanations for other SAEs (gpt2-small/8-res-jb, gpt2-small/7-res-jb, "
+                              "gpt2-medium/6-res-jb)",)
+
+
+def test_rows_past_d_sae_are_skipped_and_counted(tmp_path):
+    path = _export(tmp_path / "e.jsonl", [_np(i, f"latent {i}") for i in range(2040, 2060)])
+    imported = read_export(path, LabelTarget("gpt2-small/6-res-jb", d_sae=2048))
+    assert sorted(imported.labels) == list(range(2040, 2048))
+    assert imported.notes == ("skipped 12 explanations for latents past d_sae=2048",)
+    assert len(read_explanations(path)) == 20  # without an SAE to check against, nothing is skipped
+
+
+@pytest.mark.parametrize("pretty", [False, True])
+def test_a_json_array_is_read_and_said_so(tmp_path, pretty):
+    records = [_np(1, "one"), _np(1, "better one", score=0.5), _np(2, "two")]
+    path = tmp_path / "api-export.json"
+    path.write_text(json.dumps(records, indent=2 if pretty else None))
+    imported = read_export(path, GPT2_L6)
+    assert imported.labels == {1: "better one", 2: "two"}
+    assert imported.notes == ("read as one JSON array (the layout of Neuronpedia's older API export), not JSON lines",)
+    # a broken array: one line naming the file and where
+    path.write_text(json.dumps(records)[:-3])
+    with pytest.raises(UserError, match="not a valid JSON array"):
+        read_export(path, GPT2_L6)
+    path.write_text('[{"index": 1, "description": "ok"}, {"index": "x", "description": "bad"}]')
+    with pytest.raises(UserError, match="item 2 of the array: 'index' must be an integer"):
+        read_export(path, GPT2_L6)
+
+
+def test_what_cannot_be_checked_is_read_and_said_so(tmp_path):
+    path = _export(tmp_path / "e.jsonl", [_np(1, "one", layer="8-res-jb"), _np(2, "two", layer="8-res-jb")])
+    imported = read_export(path, LabelTarget(neuronpedia_id=None, d_sae=64))
+    assert imported.labels == {1: "one", 2: "two"}
+    assert imported.notes == ("not checked against the SAE: it has no Neuronpedia id (it names gpt2-small/8-res-jb)",)
+    bare = _export(tmp_path / "bare.jsonl", [{"index": 1, "description": "one"}, {"index": 2, "description": "two"},
+                                             _np(3, "three")])
+    imported = read_export(bare, GPT2_L6)
+    assert imported.labels == {1: "one", 2: "two", 3: "three"}
+    assert imported.notes == ("2 explanations name no modelId/layer: not checked against this SAE "
+                              "(gpt2-small/6-res-jb)",)
+    # unchecked rows do not rescue a file whose every named source is another SAE's: kept, the rest skipped
+    mixed = _export(tmp_path / "m.jsonl", [{"index": 1, "description": "one"}, _np(2, "two", layer="8-res-jb")])
+    assert read_export(mixed, GPT2_L6).labels == {1: "one"}
 
 
 # ---------------------------------------------------------------------------------------------- descriptions
@@ -203,6 +327,13 @@ def test_one_explanation_per_latent_in_neuronpedia_layout(pack):
         assert (record["description"] == NEVER_FIRES) == (index in DEAD)
     assert read_explanations(out / "labels" / "explanations.jsonl") == {
         i: r["description"] for i, r in enumerate(records)}
+    # the SAE carries the id its labels name, so they pass the check against it
+    from epo_tui.demo.labels import load_pair
+
+    sae = load_pair(out).sae
+    assert sae.neuronpedia_id == "tiny-demo/1-res-demo"
+    checked = read_export(out / "labels" / "explanations.jsonl", LabelTarget(sae.neuronpedia_id, sae.d_sae))
+    assert len(checked.labels) == D_SAE and checked.notes == ()
 
 
 def test_descriptions_name_the_tokens_at_each_latents_top_activations(pack):

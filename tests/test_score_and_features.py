@@ -254,3 +254,49 @@ def test_a_changed_local_sae_gets_a_new_catalog(tiny_dir, tmp_path, capsys):
     write_random_sae(sae_dir, d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_pre", seed=7, input_norm=0.65)
     _, after, _ = _run(capsys, "features", "--config", config, "--json", "--limit", "5")
     assert before != after
+
+
+def _labelled_config(tiny_dir: Path, tmp_path: Path, neuronpedia_id: str | None, records: list[dict]) -> str:
+    """A config on the tiny model, a tiny SAE whose cfg.json carries `neuronpedia_id`, and sae.labels."""
+    from epo_tui.labels import write_explanations
+
+    sae = write_random_sae(tmp_path / "sae", d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_pre",
+                           neuronpedia_id=neuronpedia_id, input_norm=0.65)
+    write_explanations(tmp_path / "explanations.jsonl.gz", records)
+    config = tmp_path / "c.toml"
+    config.write_text(f'[model]\npath = "{tiny_dir / "model"}"\n[sae]\npath = "{sae}"\n'
+                      f'labels = "{tmp_path / "explanations.jsonl.gz"}"\n[feature]\nindex = 0\n')
+    return str(config)
+
+
+def test_features_refuse_labels_exported_for_another_layer(tiny_dir, tmp_path, capsys):
+    records = [{"modelId": "tiny", "layer": "0-res-test", "index": str(i), "description": f"layer 0 latent {i}"}
+               for i in range(64)]
+    config = _labelled_config(tiny_dir, tmp_path, "tiny/1-res-test", records)
+    code, out, err = _run(capsys, "features", "--config", config, "--json")
+    assert code == 2 and out == ""
+    assert err == (f"epo-tui: error: {tmp_path / 'explanations.jsonl.gz'}: an export for tiny/0-res-test, not for "
+                   "this SAE (tiny/1-res-test): not imported\n")
+
+
+def test_features_labels_take_the_best_explanation_and_report_what_they_skip(tiny_dir, tmp_path, capsys):
+    mine = {"modelId": "tiny", "layer": "1-res-test"}
+    records = [{**mine, "index": "3", "description": ""}, {**mine, "index": "3", "description": "French words"},
+               {**mine, "index": "5", "description": "a guess", "scores": [{"value": 0.05}]},
+               {**mine, "index": "5", "description": "Python code", "scores": [{"value": 0.9}]},
+               {**mine, "index": "64", "description": "past the end"},
+               {**mine, "index": "70", "description": "past the end"}]
+    config = _labelled_config(tiny_dir, tmp_path, "tiny/1-res-test", records)
+    code, out, err = _run(capsys, "features", "--config", config, "--json")
+    assert code == 0, err
+    labels = {row["index"]: row["label"] for row in map(json.loads, out.splitlines()) if row["label"]}
+    assert labels == {3: "French words", 5: "Python code"}
+    where = f"epo-tui: sae.labels {tmp_path / 'explanations.jsonl.gz'}: "
+    assert [line for line in err.splitlines() if "sae.labels" in line] == [
+        where + "skipped 2 explanations for latents past d_sae=64", where + "ignored 1 empty explanation"]
+    # an SAE without a Neuronpedia id: the same file is applied, and said unchecked
+    shutil.rmtree(tmp_path / "sae")
+    config = _labelled_config(tiny_dir, tmp_path, None, records)
+    code, out, err = _run(capsys, "features", "--config", config, "--json")
+    assert code == 0 and sum(1 for line in out.splitlines() if json.loads(line)["label"]) == 2
+    assert where + "not checked against the SAE: it has no Neuronpedia id (it names tiny/1-res-test)" in err

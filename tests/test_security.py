@@ -241,12 +241,13 @@ def test_a_vector_target_file_holding_a_pickle_is_refused(tmp_path, marker, kind
 
 
 def test_a_labels_file_holding_a_pickle_is_not_unpickled(tmp_path, marker):
-    from epo_tui.features import FeatureEntry, with_labels
+    from epo_tui.features import FeatureEntry, config_labels, with_labels
+    from epo_tui.labels import LabelTarget
 
     path = plant(tmp_path / "labels.jsonl", marker)
     entries = [FeatureEntry(index=0, top_tokens=("a",), top_token_ids=(1,), label=None)]
     try:
-        labelled = with_labels(entries, str(path))
+        labelled = with_labels(entries, config_labels(str(path), LabelTarget(None, 1)).labels)
     except UserError as err:
         assert_one_line(err)
     else:

@@ -162,30 +162,101 @@ def test_settings_apply_to_the_next_start(tmp_path):
     assert _sent(record, "start")[-1]["search"] == {"iterations": 40}
 
 
+async def _import(pilot, app, export) -> None:
+    """`i`, the export's path, enter."""
+    await pilot.press("i")
+    await until(pilot, lambda: isinstance(app.screen, PromptEditor), "the path prompt")
+    app.screen.query_one("#prompt-editor").value = str(export)
+    await pilot.press("enter")
+
+
+def _notes(app, title: str) -> list:
+    return [n for n in app._notifications if n.title == title]
+
+
 def test_import_labels_shows_them_and_keeps_them_for_next_time(tmp_path):
+    # the fake worker's SAE: Neuronpedia id demo/2-res, d_sae 40
     export = tmp_path / "export.jsonl.gz"
     write_explanations(export, [{"modelId": "demo", "layer": "2-res", "index": "7", "description": "rivers"},
                                 {"modelId": "demo", "layer": "2-res", "index": "9999", "description": "gone"}])
     app = fake_app()
 
     async def scenario(pilot):
-        await pilot.press("i")
-        await until(pilot, lambda: isinstance(app.screen, PromptEditor), "the path prompt")
-        app.screen.query_one("#prompt-editor").value = str(export)
-        await pilot.press("enter")
+        await _import(pilot, app, export)
         pane = app.query_one(FeaturePane)
         await until(pilot, lambda: pane.entries[7].label == "rivers", "the label")
         await pilot.press("slash", *"rivers", "enter")
         assert [e.index for e in pane.shown] == [7]
+        [note] = _notes(app, "labels imported")
+        assert note.message == ("1 of 1 labels match this SAE's features; kept for next time\n"
+                                "skipped 1 explanation for latents past d_sae=40")
+        assert note.severity == "warning"
 
     _run(app, scenario)
-    assert labels.read_imported("demo/model|demo/sae") == {7: "rivers", 9999: "gone"}
+    assert labels.read_imported("demo/model|demo/sae") == {7: "rivers"}
     again = fake_app()
 
     async def reopened(pilot):  # a new UI on the same SAE shows the imported label at once
         assert again.query_one(FeaturePane).entries[7].label == "rivers"
 
     _run(again, reopened)
+
+
+def test_import_takes_a_non_empty_and_the_best_scored_explanation(tmp_path):
+    export = tmp_path / "export.jsonl"
+    write_explanations(export, [
+        {"modelId": "demo", "layer": "2-res", "index": "3", "description": ""},
+        {"modelId": "demo", "layer": "2-res", "index": "3", "description": "French words"},
+        {"modelId": "demo", "layer": "2-res", "index": "5", "description": "a guess", "scores": [{"value": 0.05}]},
+        {"modelId": "demo", "layer": "2-res", "index": "5", "description": "Python code", "scores": [{"value": 0.9}]},
+    ])
+    app = fake_app()
+
+    async def scenario(pilot):
+        await _import(pilot, app, export)
+        pane = app.query_one(FeaturePane)
+        await until(pilot, lambda: _notes(app, "labels imported"), "the import")
+        assert (pane.entries[3].label, pane.entries[5].label) == ("French words", "Python code")
+        assert _notes(app, "labels imported")[0].message.endswith("\nignored 1 empty explanation")
+
+    _run(app, scenario)
+    assert labels.read_imported("demo/model|demo/sae") == {3: "French words", 5: "Python code"}
+
+
+def test_import_of_an_export_for_another_layer_is_refused_in_one_notification(tmp_path):
+    export = tmp_path / "layer8.jsonl.gz"
+    write_explanations(export, [{"modelId": "demo", "layer": "8-res", "index": str(i), "description": f"l8 {i}"}
+                                for i in range(40)])
+    app = fake_app()
+
+    async def scenario(pilot):
+        before = [e.label for e in app.query_one(FeaturePane).entries]
+        await _import(pilot, app, export)
+        await until(pilot, lambda: _notes(app, "labels not imported"), "the refusal")
+        await pilot.pause(0.2)
+        [refusal] = _notes(app, "labels not imported")
+        assert refusal.message == f"{export}: an export for demo/8-res, not for this SAE (demo/2-res): not imported"
+        assert refusal.severity == "error" and not _notes(app, "labels imported")
+        assert [e.label for e in app.query_one(FeaturePane).entries] == before
+
+    _run(app, scenario)
+    assert not labels.imported_labels_path("demo/model|demo/sae").exists()  # nothing kept for next time
+
+
+def test_import_for_an_sae_without_a_neuronpedia_id_is_applied_and_said_unchecked(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_NEURONPEDIA_ID", "")  # the worker's SAE has none
+    export = tmp_path / "export.jsonl"
+    write_explanations(export, [{"modelId": "demo", "layer": "8-res", "index": "7", "description": "rivers"}])
+    app = fake_app()
+
+    async def scenario(pilot):
+        await _import(pilot, app, export)
+        await until(pilot, lambda: _notes(app, "labels imported"), "the import")
+        assert app.query_one(FeaturePane).entries[7].label == "rivers"
+        assert _notes(app, "labels imported")[0].message.endswith(
+            "\nnot checked against the SAE: it has no Neuronpedia id (it names demo/8-res)")
+
+    _run(app, scenario)
 
 
 def test_import_of_a_bad_file_is_one_error_and_changes_nothing(tmp_path):

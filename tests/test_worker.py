@@ -334,3 +334,31 @@ def test_a_session_resumes_only_on_its_own_model_and_sae(worker_factory, tiny_di
     error = stranger.expect("error", id="s")
     assert error["kind"] == "input" and "ran on another model or SAE" in error["message"]
     assert sessions.find_session(session).read_meta()["status"] == "finished"  # untouched
+
+
+def test_labels_for_another_layer_are_one_warning_and_the_catalog_still_comes(worker_factory, tiny_dir, tmp_path):
+    """The config's sae.labels is checked against the loaded SAE's Neuronpedia id, which `ready` carries."""
+    from epo_tui.engine.sae_writer import write_random_sae
+    from epo_tui.labels import write_explanations
+
+    sae = write_random_sae(tmp_path / "sae", d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_pre",
+                           neuronpedia_id="tiny/1-res-test", input_norm=0.65)
+    export = tmp_path / "layer0.jsonl"
+    write_explanations(export, [{"modelId": "tiny", "layer": "0-res-test", "index": str(i), "description": f"l0 {i}"}
+                                for i in range(64)])
+    config = tmp_path / "c.toml"
+    config.write_text(f'[model]\npath = "{tiny_dir / "model"}"\n[sae]\npath = "{sae}"\nlabels = "{export}"\n'
+                      '[feature]\nindex = 0\n')
+    w = worker_factory()
+    w.send("load", id="l", config_path=str(config))
+    ready = w.expect("ready", id="l")
+    assert ready["neuronpedia_id"] == "tiny/1-res-test" and ready["d_sae"] == 64
+    log = w.expect("log")
+    assert log["level"] == "warning" and log["message"] == (
+        f"sae.labels not applied: {export}: an export for tiny/0-res-test, not for this SAE (tiny/1-res-test): "
+        "not imported")
+    w.send("features", id="f")
+    features = w.expect("features", id="f")["features"]
+    assert len(features) == 64 and all(f["label"] is None for f in features)
+    w.send("start", id="s", search={"iterations": 1})
+    assert w.expect("started", id="s")["label"] == "feature 0"  # not "l0 0"

@@ -139,15 +139,17 @@ def top_activations(pair, tokens_NxC: np.ndarray, valid_NxC: np.ndarray, k: int 
 
 def explanation_records(pair, top: TopActivations, tokens_NxC: np.ndarray) -> list[dict]:
     """One Neuronpedia-style explanation per latent, in index order."""
-    from epo_tui.engine.models.hooks import parse_hook
+    from epo_tui.demo.train_sae import demo_neuronpedia_id
 
     model, sae = pair.model, pair.sae
-    layer = f"{parse_hook(sae.hook_name, model.n_layers).layer}-res-demo"
+    # the SAE's own Neuronpedia id, so the labels pass the check against it (labels.read_export)
+    np_id = sae.neuronpedia_id or demo_neuronpedia_id(sae.model_name or DEFAULT_MODEL_ID, sae.hook_name)
+    model_id, _, layer = np_id.partition("/")
     vocabulary = Vocabulary.of(model)
     records = []
     for index in range(sae.d_sae):
         description = describe(top.values_SxK[index], top.positions_SxK[index], tokens_NxC, vocabulary)
-        records.append({"modelId": sae.model_name or DEFAULT_MODEL_ID, "layer": layer, "index": str(index),
+        records.append({"modelId": model_id, "layer": layer, "index": str(index),
                         "description": description, "typeName": TYPE_NAME,
                         "explanationModelName": EXPLAINER, "automatic": True})
     return records

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tempfile
 import time
 import warnings
@@ -270,6 +271,15 @@ def sae_metrics(result_or_arrays, acts_NxD: np.ndarray, batch: int = 8192) -> di
 
 # ---------------------------------------------------------------------------------------------- saving
 
+def demo_neuronpedia_id(model_name: str, hook_name: str) -> str:
+    """The Neuronpedia-style id ("<modelId>/<layer>") the demo SAE carries and its labels name, so its
+    labels are checked against it like any export, e.g. "epo-tui-demo-gpt2/2-res-demo"."""
+    match = re.match(r"blocks\.(\d+)\.", hook_name)
+    if match is None:
+        raise ValueError(f"the demo SAE reads a block's hook (blocks.L.*), not {hook_name!r}")
+    return f"{model_name}/{match.group(1)}-res-demo"
+
+
 def save_sae(folder: Path, result: SAEResult, spec: SAESpec, firing_rate_S: np.ndarray,
              model_name: str = "epo-tui-demo-gpt2", context_size: int = 128) -> Path:
     """sae-lens StandardSAE + save_model (cfg.json, sae_weights.safetensors) + sparsity.safetensors."""
@@ -283,7 +293,8 @@ def save_sae(folder: Path, result: SAEResult, spec: SAESpec, firing_rate_S: np.n
     D, S = result.W_enc_DxS.shape
     metadata = SAEMetadata(model_name=model_name, hook_name=spec.hook_name, hook_head_index=None,
                            prepend_bos=True, context_size=context_size,
-                           model_from_pretrained_kwargs={"center_writing_weights": CENTER_WRITES})
+                           model_from_pretrained_kwargs={"center_writing_weights": CENTER_WRITES},
+                           neuronpedia_id=demo_neuronpedia_id(model_name, spec.hook_name))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sae = StandardSAE(StandardSAEConfig(d_in=D, d_sae=S, dtype="float32", device="cpu",

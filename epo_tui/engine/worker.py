@@ -109,6 +109,7 @@ class Worker:
         self.out, self.commands, self.sessions_root = out, commands, sessions_root
         self.config: Config | None = None
         self.pair = None
+        self.labels: dict[int, str] = {}  # from the config's sae.labels, checked against the loaded SAE
         self.active = None  # RecordedSearch
         self.paused = False
         self.running = True
@@ -198,11 +199,31 @@ class Worker:
         finally:
             self.set_state("idle")
         self.config = config
+        label_notes = self._read_labels(config)
         devices = jax.local_devices()
         self.out.event("ready", id=id_, model=self.pair.model.name, sae=self.pair.sae.display_name,
-                       hook=self.pair.sae.hook_name, d_sae=self.pair.sae.d_sae, dtype=config.model.dtype,
+                       hook=self.pair.sae.hook_name, d_sae=self.pair.sae.d_sae,
+                       neuronpedia_id=self.pair.sae.neuronpedia_id, dtype=config.model.dtype,
                        devices=[str(d) for d in devices], device_kind=devices[0].device_kind,
                        config=config.to_dict(), labels=config.sae.labels)
+        for level, message in label_notes:
+            self.out.event("log", level=level, message=message)
+
+    def _read_labels(self, config: Config) -> list[tuple[str, str]]:
+        """Reads the config's labels export for the loaded SAE into self.labels; returns (level, message)
+        log lines for the client: what the reader skipped or could not check, or why no label was applied
+        (an export for another SAE, a damaged file). The model is usable either way."""
+        from epo_tui.features import config_labels
+
+        self.labels = {}
+        try:
+            imported = config_labels(config.sae.labels, self.pair.sae)
+        except UserError as err:
+            return [("warning", f"sae.labels not applied: {err}")]
+        if imported is None:
+            return []
+        self.labels = imported.labels
+        return [("info", f"sae.labels {config.sae.labels}: {note}") for note in imported.notes]
 
     def _need_pair(self, what: str) -> None:
         if self.pair is None:
@@ -213,7 +234,7 @@ class Worker:
         from epo_tui.features import with_labels
 
         self._need_pair("features")
-        entries = with_labels(feature_catalog(self.pair), self.config.sae.labels)
+        entries = with_labels(feature_catalog(self.pair), self.labels)
         self.out.event("features", id=cmd.id, features=[e.to_json() for e in entries])
 
     def cmd_start(self, cmd) -> None:
@@ -258,12 +279,9 @@ class Worker:
         self.set_state("running")
 
     def _label(self, config: Config) -> str | None:
-        if not config.sae.labels or config.feature.kind not in ("sae", "direction"):
+        if not self.labels or config.feature.kind not in ("sae", "direction"):
             return None
-        from epo_tui.labels import read_explanations
-
-        labels = read_explanations(Path(config.sae.labels))
-        return " + ".join(labels.get(i, f"#{i}") for i in config.feature.features)
+        return " + ".join(self.labels.get(i, f"#{i}") for i in config.feature.features)
 
     def iterate(self) -> None:
         active = self.active

@@ -323,20 +323,27 @@ class EpoApp(App):
             if not path:
                 return
             sae_key = self._sae_key()
+            # the worker says which SAE is loaded; an older worker sends no neuronpedia_id: not checked
+            target = labels.LabelTarget(neuronpedia_id=self.ready.get("neuronpedia_id"),
+                                        d_sae=self.ready.get("d_sae"))
 
-            def read_and_keep() -> dict[int, str]:
-                found = labels.read_explanations(Path(path).expanduser())
-                labels.remember_imported(sae_key, found)
-                return found
+            def read_and_keep() -> labels.ImportedLabels:
+                imported = labels.read_export(Path(path).expanduser(), target)
+                labels.remember_imported(sae_key, imported.labels)
+                return imported
 
             try:
-                found = await asyncio.to_thread(read_and_keep)
+                imported = await asyncio.to_thread(read_and_keep)
             except (UserError, OSError) as err:
-                self.notify(inert(str(err)), title="labels not imported", severity="error", timeout=15)
+                self.notify(inert(str(err)), title="labels not imported", severity="error", timeout=15,
+                            markup=False)  # it quotes the file: shown as text, never as markup
                 return
+            found = imported.labels
             applied = self.query_one(FeaturePane).apply_labels(found)
-            self.notify(f"{applied} of {len(found)} labels match this SAE's features; kept for next time",
-                        title="labels imported")
+            notes = "".join(f"\n{inert(note)}" for note in imported.notes)
+            self.notify(f"{applied} of {len(found)} labels match this SAE's features; kept for next time{notes}",
+                        title="labels imported", severity="warning" if notes else "information",
+                        timeout=15 if notes else 5, markup=False)
 
         self.push_screen(PromptEditor("a Neuronpedia explanations export (.jsonl or .jsonl.gz): path", ""), load)
 
