@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -14,7 +15,9 @@ from epo_tui.config import ModelConfig
 from epo_tui.engine.checkpoint import read_safetensors, resolve_checkpoint_dir
 from epo_tui.engine.models import family_module
 from epo_tui.engine.models.hooks import HookRecorder, parse_hook
+from epo_tui.engine.token_bytes import TokenBytes
 from epo_tui.errors import UserError, first_line
+from epo_tui.text import token_text
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -106,9 +109,19 @@ class LanguageModel:
         """The text of token ids exactly as tokenized (no clean-up of spaces before punctuation)."""
         return self.tokenizer.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
 
+    @functools.cached_property
+    def _token_bytes(self) -> TokenBytes:
+        return TokenBytes(self.tokenizer)
+
+    def token_bytes(self, ids) -> list[bytes]:
+        """Each id's raw bytes (engine/token_bytes.py): a token that is part of a UTF-8 character
+        holds just those bytes, so a prompt's tokens joined are the UTF-8 of its text."""
+        return self._token_bytes(ids)
+
     def token_strings(self, ids) -> list[str]:
-        """Each id decoded on its own (spaces kept), as a reader expects to see it."""
-        return [self.decode([i]) for i in ids]
+        """Each id as a reader sees it alone (spaces kept): its text, with each byte that is not part of
+        a complete UTF-8 character shown as `\\xNN` (`text.token_text`), never U+FFFD."""
+        return [token_text(raw) for raw in self.token_bytes(ids)]
 
 
 def load_model(model_cfg: ModelConfig) -> LanguageModel:

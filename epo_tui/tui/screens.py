@@ -92,7 +92,8 @@ class Scratchpad(ModalScreen[None]):
             return
         self.last_scored = scored
         peak = max(scored["activations"][1:], default=0.0)
-        line = activation_text(scored["tokens"], scored["activations"], 1, self.theme)
+        line = activation_text(scored["tokens"], scored["activations"], 1, self.theme,
+                               token_bytes=scored.get("token_bytes"))
         mean_xent = [x for x in scored["xent"][1:] if x is not None]
         xent = sum(mean_xent) / len(mean_xent) if mean_xent else 0.0
         line.append(f"\nmax act {peak:.3f} · mean xent {xent:.3f}")
