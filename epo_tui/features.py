@@ -20,7 +20,7 @@ from epo_tui.atomic import write_json_atomic
 if TYPE_CHECKING:
     from epo_tui.labels import ImportedLabels
 
-CATALOG_VERSION = 2
+CATALOG_VERSION = 3  # 3: a token that is part of a UTF-8 character shows as `\xNN`, no longer U+FFFD
 # sae-lens's default dead-feature threshold (a latent firing on fewer than 1 token in 10^8 is dead); its
 # trainer records a latent that never fired as log10(0 + 1e-10) = -10
 DEAD_BELOW_LOG10_DENSITY = -8.0

@@ -88,7 +88,8 @@ def test_control_characters_in_json_are_escaped(tiny):
     assert out.count("\n") == 1 and not RAW_CONTROLS.search(out[:-1]), repr(out)
     scored = json.loads(out)
     joined = "".join(scored["tokens"][1:])  # still the text's characters once parsed (multi-byte ones are
-    assert all(c in joined for c in "\x1b\x07\x00\x7f\r\n\t[/]")  # split into byte tokens, shown as U+FFFD)
+    assert all(c in joined for c in "\x1b\x07\x00\x7f\r\n\t[/]")  # split into byte tokens, shown as \xNN)
+    assert bytes.fromhex("".join(scored["token_bytes"][1:])).decode() == NASTY  # and the bytes are all there
 
 
 @pytest.mark.slow

@@ -42,13 +42,14 @@ def test_score_json_matches_transformers_and_sae_lens(tiny_dir, capsys):
     code, out, err = _run(capsys, "score", "--config", str(tiny_dir / "config.toml"), "--json", TEXT)
     assert code == 0, err
     scored = json.loads(out)
-    assert list(scored) == ["tokens", "token_ids", "activations", "xent", "prompt_start"]
+    assert list(scored) == ["tokens", "token_bytes", "token_ids", "activations", "xent", "prompt_start"]
     assert scored["prompt_start"] == 1
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "model")
     ids = [tokenizer.bos_token_id] + tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     assert scored["token_ids"] == ids
     assert "".join(scored["tokens"]) == tokenizer.bos_token + TEXT
+    assert [bytes.fromhex(b).decode() for b in scored["token_bytes"]] == scored["tokens"]  # all ASCII here
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_dir / "model").eval()
     sae = SAE.load_from_disk(tiny_dir / "sae", device="cpu")
@@ -175,6 +176,7 @@ def test_registry_sae_not_downloadable_offline(tmp_path, capsys):
 def test_features_json_lists_every_latent_with_its_logit_lens_tokens(tiny_dir, capsys):
     from safetensors.numpy import load_file
     from transformers import AutoTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     code, out, _ = _run(capsys, "features", "--config", str(tiny_dir / "config.toml"), "--json")
     assert code == 0
@@ -188,10 +190,18 @@ def test_features_json_lists_every_latent_with_its_logit_lens_tokens(tiny_dir, c
     logits = W_dec @ W_U.T
     logits[:, 0] = -np.inf  # <|endoftext|> is special: never a top token
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "model")
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}  # GPT-2's byte-level alphabet
+
+    def shown(token_id: int) -> str:  # a lone byte of a UTF-8 character (decoded alone: U+FFFD) as \xNN
+        text = tokenizer.decode([token_id])
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        return text if "\ufffd" not in text else "".join(f"\\x{byte_of[c]:02x}" for c in piece)
+
     for row in rows[:10]:
         expected = np.argsort(-logits[row["index"]])[:8].tolist()
         assert row["top_token_ids"] == expected
-        assert row["top_tokens"] == [tokenizer.decode([i]) for i in expected]
+        assert row["top_tokens"] == [shown(i) for i in expected]
+    assert not any("\ufffd" in t for r in rows for t in r["top_tokens"])
 
 
 def test_features_carry_the_saes_firing_densities_and_mark_dead_latents(tiny_dir, tmp_path, capsys):

@@ -49,6 +49,7 @@ def test_bad_theme_colour_names_the_key(tmp_path):
     ("a\nb\tc\rd", "a\\nb\\tc\\rd"),
     ("\x07\x00\x7f", "\\x07\\x00\\x7f"),
     ("\u202eevil", "\\u202eevil"),  # right-to-left override
+    ("\x85\x9b[2J", "\\u0085\\u009b[2J"),  # C1 controls: \x80..\xff is left to raw bytes (token_text)
     ("\u2028", "\\u2028"),
     (" café ✓", " café ✓"),
 ])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -14,7 +15,9 @@ from epo_tui.config import ModelConfig
 from epo_tui.engine.checkpoint import CheckpointTensors, read_safetensors, resolve_checkpoint_dir
 from epo_tui.engine.models import family_module
 from epo_tui.engine.models.hooks import HookRecorder, parse_hook
+from epo_tui.engine.token_bytes import TokenBytes
 from epo_tui.errors import UserError, first_line
+from epo_tui.text import token_text
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -45,7 +48,6 @@ class LanguageModel:
     params: dict
     tokenizer: Any  # transformers PreTrainedTokenizerBase
     dtype: str
-    _special_ids: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def family(self) -> ModuleType:
@@ -89,12 +91,13 @@ class LanguageModel:
     def special_token_ids(self) -> np.ndarray:
         """Ids never to be proposed, and never counted in a maximum or a statistic: BOS/EOS/pad/unk
         and every added special token (sorted, int32)."""
-        if self._special_ids is None:
-            ids = set(self.tokenizer.all_special_ids)
-            ids.update(i for i, tok in self.tokenizer.added_tokens_decoder.items() if tok.special)
-            self._special_ids = np.array(sorted(i for i in ids if i is not None and i < self.vocab_size),
-                                         dtype=np.int32)
         return self._special_ids
+
+    @functools.cached_property
+    def _special_ids(self) -> np.ndarray:
+        ids = set(self.tokenizer.all_special_ids)
+        ids.update(i for i, tok in self.tokenizer.added_tokens_decoder.items() if tok.special)
+        return np.array(sorted(i for i in ids if i is not None and i < self.vocab_size), dtype=np.int32)
 
     def encode(self, text: str, prefix: str = "") -> list[int]:
         """BOS, then the prefix, then the text: each tokenized on its own, as the search lays them out.
@@ -135,9 +138,19 @@ class LanguageModel:
         """The text of token ids exactly as tokenized (no clean-up of spaces before punctuation)."""
         return self.tokenizer.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
 
+    @functools.cached_property
+    def _token_bytes(self) -> TokenBytes:
+        return TokenBytes(self.tokenizer)
+
+    def token_bytes(self, ids) -> list[bytes]:
+        """Each id's raw bytes (engine/token_bytes.py): a token that is part of a UTF-8 character
+        holds just those bytes, so a prompt's tokens joined are the UTF-8 of its text."""
+        return self._token_bytes(ids)
+
     def token_strings(self, ids) -> list[str]:
-        """Each id decoded on its own (spaces kept), as a reader expects to see it."""
-        return [self.decode([i]) for i in ids]
+        """Each id as a reader sees it alone (spaces kept): its text, with each byte that is not part of
+        a complete UTF-8 character shown as `\\xNN` (`text.token_text`), never U+FFFD."""
+        return [token_text(raw) for raw in self.token_bytes(ids)]
 
 
 def load_model(model_cfg: ModelConfig) -> LanguageModel:

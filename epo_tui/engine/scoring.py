@@ -8,11 +8,14 @@ import numpy as np
 from epo_tui.engine.pairing import ModelWithSAE, as_batch
 from epo_tui.engine.sae import activations
 from epo_tui.errors import UserError
+from epo_tui.text import token_text
 
 
 def score_text(pair: ModelWithSAE, text: str, feature: int, prefix: str = "") -> dict:
-    """{"tokens", "token_ids", "activations", "xent", "prompt_start"} for BOS + prefix + text.
+    """{"tokens", "token_bytes", "token_ids", "activations", "xent", "prompt_start"} for BOS + prefix + text.
 
+    tokens[i] is token i as shown (`LanguageModel.token_strings`: a byte that is only part of a UTF-8
+    character as `\\xNN`); token_bytes[i] its raw bytes in hex (all joined: the UTF-8 of the decoded ids);
     activations[i] is the latent's true activation (as sae-lens computes it) at token i;
     xent[i] is -log p(token i | tokens before it), None for the first token. The text's own tokens
     start at `prompt_start`: only they count in a maximum or a colour scale (`epo_tui.scored`), as
@@ -35,5 +38,6 @@ def score_text(pair: ModelWithSAE, text: str, feature: int, prefix: str = "") ->
     acts_L = np.asarray(activations(pair.sae, sae_in_1xLxD[0])[:, feature], dtype=np.float64)
     logprobs_LxV = np.asarray(jax.nn.log_softmax(logits_1xLxV[0], axis=-1), dtype=np.float64)
     xent = [None] + [float(-logprobs_LxV[i - 1, ids[i]]) for i in range(1, len(ids))]
-    return {"tokens": model.token_strings(ids), "token_ids": ids,
+    raw = model.token_bytes(ids)
+    return {"tokens": [token_text(b) for b in raw], "token_bytes": [b.hex() for b in raw], "token_ids": ids,
             "activations": [float(a) for a in acts_L], "xent": xent, "prompt_start": prompt_start}

@@ -33,6 +33,7 @@ from epo_tui.engine.model import apply_model
 from epo_tui.engine.objective import Target, TargetArrays, build_target, combine, per_position, read
 from epo_tui.engine.pairing import ModelWithSAE
 from epo_tui.errors import UserError
+from epo_tui.text import token_text
 
 SAMPLING_ATTEMPTS = 20  # model samples tried per elite before falling back to copies of valid ones
 EVAL_CHUNK = 64  # children per forward inside one device: bounds the BxNxV logits in memory
@@ -471,7 +472,7 @@ def _whole_prompt_activations(params, sae, arrays, full_tokens_KxL, *, st: Stati
 
 
 def elite_reports(search: Search, state: SearchState) -> list[dict]:
-    """Per elite: penalty, token ids/strings of the whole prompt (BOS and prefix included), the
+    """Per elite: penalty, token ids/strings/bytes (hex) of the whole prompt (BOS and prefix included), the
     reported activation at every position, act, xent, objective, and the prompt's text."""
     model = search.pair.model
     prefix = np.asarray(search.prefix_ids, np.int32)
@@ -479,12 +480,14 @@ def elite_reports(search: Search, state: SearchState) -> list[dict]:
     combined_KxL, per_feature_KxLxF = (np.asarray(a) for a in _whole_prompt_activations(
         search.params, search.sae, search.arrays, jnp.asarray(full), st=search.st))
     features = [int(i) for i in np.asarray(search.arrays.indices_F)]
+    raw_bytes = [model.token_bytes(ids) for ids in full]
     reports = []
     for k in range(len(full)):
         report = {
             "penalty": float(search.lambdas_K[k]),
             "token_ids": full[k].tolist(),
-            "tokens": model.token_strings(full[k]),
+            "tokens": [token_text(b) for b in raw_bytes[k]],
+            "token_bytes": [b.hex() for b in raw_bytes[k]],
             "activations": [float(a) for a in combined_KxL[k]],
             "act": float(state.act_K[k]),
             "xent": float(state.xent_K[k]),

@@ -93,7 +93,8 @@ class Scratchpad(ModalScreen[None]):
             return
         self.last_scored = scored
         best, (xent, _) = peak(scored), mean_xent(scored)
-        line = activation_text(scored["tokens"], scored["activations"], prompt_start(scored), self.theme)
+        line = activation_text(scored["tokens"], scored["activations"], prompt_start(scored), self.theme,
+                               token_bytes=scored.get("token_bytes"))
         line.append(f"\nmax act {best[1] if best else 0.0:.3f} · mean xent {xent:.3f}")
         result.update(line)
 

@@ -2,7 +2,9 @@
 
 Plain Rich (no Textual), so the same rendering serves the elites table, the detail panel and any
 headless report. Token text is made inert first: a token is model output and may hold escape
-sequences, which must show as text and never reach the terminal live.
+sequences, which must show as text and never reach the terminal live. Where a token's raw bytes come
+with it (`token_bytes`), each `\\xNN` that stands for part of a UTF-8 character is dim, so it reads
+apart from a backslash the text holds.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from collections.abc import Sequence
 from rich.style import Style
 from rich.text import Text
 
-from epo_tui.text import inert
+from epo_tui.text import token_display
 from epo_tui.themes import Theme
 
 LEGEND_BLOCK = "▇"
+BYTE_STYLE = Style(dim=True)  # a `\xNN` that stands for a raw byte
 
 
 def is_firing(activation: float) -> bool:
@@ -37,19 +40,24 @@ def activation_style(activation: float, theme: Theme, scale_max: float) -> Style
 
 
 def activation_text(tokens: Sequence[str], activations: Sequence[float], prompt_start: int, theme: Theme,
-                    scale_max: float | None = None) -> Text:
+                    scale_max: float | None = None, token_bytes: Sequence[str] | None = None) -> Text:
     """The prompt's tokens (from `prompt_start` on: BOS and the prefix left out), coloured by activation.
 
-    `tokens` and `activations` cover the whole sequence, as in a protocol elite. `scale_max` is the
-    activation shown in the scale's strongest colour; pass one shared value to make several prompts
-    comparable (default: the strongest activation of this prompt). One span per coloured token.
+    `tokens`, `activations` and `token_bytes` (hex per token, optional) cover the whole sequence, as in
+    a protocol elite. `scale_max` is the activation shown in the scale's strongest colour; pass one
+    shared value to make several prompts comparable (default: the strongest activation of this prompt).
+    Each piece of a token (its text, each byte escape) is one span: coloured if it fires, byte escapes dim.
     """
     tokens_T, acts_T = tokens[prompt_start:], activations[prompt_start:]
+    usable = token_bytes is not None and len(token_bytes) == len(tokens)  # else (older files): the strings
+    raw_T = token_bytes[prompt_start:] if usable else [None] * len(tokens_T)
     if scale_max is None:
         scale_max = scale_max_of(acts_T)
     out = Text(no_wrap=False, end="")
-    for token, act in zip(tokens_T, acts_T):
-        out.append(inert(token), style=activation_style(act, theme, scale_max))
+    for token, act, raw in zip(tokens_T, acts_T, raw_T):
+        style = activation_style(act, theme, scale_max)
+        for piece, is_byte in token_display(token, raw):
+            out.append(piece, style=(style or Style()) + BYTE_STYLE if is_byte else style)
     return out
 
 

@@ -21,7 +21,7 @@ from textual.widgets import DataTable, Static
 from epo_tui.themes import Theme
 from epo_tui.tui.tokens import activation_text, format_number, legend, scale_max_of
 
-Elite = dict[str, Any]  # as in PROTOCOL.md: {penalty, token_ids, tokens, activations, act, xent, ...}
+Elite = dict[str, Any]  # as in PROTOCOL.md: {penalty, token_ids, tokens, token_bytes, activations, act, ...}
 EMPTY_TEXT = "no search yet"
 COLUMNS = (("λ", "penalty"), ("act", "act"), ("xent", "xent"), ("prompt", "prompt"))  # (label, key)
 
@@ -86,7 +86,7 @@ class ElitesPane(Vertical):
             "act": Text(format_number(elite["act"]), justify="right"),
             "xent": Text(format_number(elite["xent"]), justify="right"),
             "prompt": activation_text(elite["tokens"], elite["activations"], elite["prompt_start"], self.epo_theme,
-                                      self.scale_max),
+                                      self.scale_max, elite.get("token_bytes")),
         }
 
     def update_elites(self, elites: list[Elite]) -> None:
@@ -149,7 +149,10 @@ class ElitesPane(Vertical):
         table.add_column("pos", justify="right")
         table.add_column("token")
         table.add_column("act", justify="right")
+        raw = elite.get("token_bytes")
+        raw = raw[start:] if raw is not None and len(raw) == len(elite["tokens"]) else None
         for pos, (token, act) in enumerate(zip(elite["tokens"][start:], elite["activations"][start:])):
-            table.add_row(str(pos), activation_text([token], [act], 0, self.epo_theme, self.scale_max),
+            table.add_row(str(pos), activation_text([token], [act], 0, self.epo_theme, self.scale_max,
+                                                    None if raw is None else [raw[pos]]),
                           format_number(act))
         return Group(header, table)
