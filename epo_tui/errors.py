@@ -34,3 +34,12 @@ def first_line(err: BaseException) -> str:
     """An exception as one line: its type and the first line of its message."""
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def require_utf8(text: str, what: str) -> None:
+    """Raises UserError when `text` (named `what` in the message) cannot be UTF-8: lone surrogates, as
+    JSON `\\ud800` or argv bytes that were not UTF-8 (surrogateescape) make."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UserError(f"{what} is not valid UTF-8 (at character {err.start})") from None

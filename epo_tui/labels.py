@@ -49,6 +49,7 @@ EXPORT_KEYS = ("modelId", "layer", "index", "description", "typeName", "explanat
 SCORE_FIELDS = ("scores", "scoreV2", "scoreV1", "score")  # where an explanation's score is read, in order
 GZIP_MAGIC = b"\x1f\x8b"
 INTEGER = re.compile(r"-?[0-9]+")
+MAX_INDEX_DIGITS = 18  # longer is no latent index (and past 4300 digits int() refuses the string)
 SHOWN_SOURCES = 3  # other sources named in a message; the rest are counted
 
 
@@ -183,9 +184,12 @@ def _line_items(path: Path, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[
             continue
         where = f"{path}, line {line_number}"
         try:
-            yield where, json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        except RecursionError:  # nested deeper than any explanation is
+            raise UserError(f"{where}: not an explanation (JSON nested too deep)") from None
+        yield where, record
 
 
 def _array_items(path: Path, text: str) -> Iterator[tuple[str, object]]:
@@ -194,6 +198,8 @@ def _array_items(path: Path, text: str) -> Iterator[tuple[str, object]]:
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not a valid JSON array ({err.msg} at line {err.lineno}, column {err.colno})"
                         ) from None
+    except RecursionError:
+        raise UserError(f"{path}: not an explanations array (JSON nested too deep)") from None
     for number, item in enumerate(items, start=1):
         yield f"{path}, item {number} of the array", item
 
@@ -286,10 +292,10 @@ def _latent_index(value: object, where: str) -> int:
     """A non-negative int from an int or a decimal string (as Neuronpedia writes it)."""
     if isinstance(value, int) and not isinstance(value, bool):
         index = value
-    elif isinstance(value, str) and INTEGER.fullmatch(value.strip()):
+    elif isinstance(value, str) and INTEGER.fullmatch(value.strip()) and len(value.strip()) <= MAX_INDEX_DIGITS:
         index = int(value)
     else:
-        raise UserError(f"{where}: 'index' must be an integer or a string of digits, found {value!r}")
+        raise UserError(f"{where}: 'index' must be an integer or a string of digits, found {value!r:.40}")
     if index < 0:
         raise UserError(f"{where}: 'index' must not be negative, found {value!r}")
     return index

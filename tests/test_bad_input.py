@@ -392,8 +392,15 @@ def _broken_pairs(tiny: Path, folder: Path) -> dict:
     gpt2_headless = edit_checkpoint(copy("model", "gpt2-headless"), tie_word_embeddings=False)
     deeper = edit_checkpoint(copy("model", "deeper"), n_layer=3)  # the weights hold 2 layers
     longer = edit_checkpoint(copy("model", "longer"), n_positions=256)  # wpe holds 128 rows
+    three_heads = edit_checkpoint(copy("model", "three-heads"), n_head=3)  # 32 wide: 3 heads do not divide it
+    no_heads = edit_checkpoint(copy("model", "no-heads"), n_head=0)
+    tie_yes = edit_checkpoint(copy("model", "tie-yes"), tie_word_embeddings="yes")
     sae, model = tiny / "sae", tiny / "model"
     return {
+        "heads that do not divide d_model": (three_heads, sae, (
+            str(three_heads), "3 attention heads, which do not divide its hidden size 32")),
+        "zero heads": (no_heads, sae, (str(no_heads), "n_heads = 0: it must be a positive integer")),
+        "tie_word_embeddings not a bool": (tie_yes, sae, (str(tie_yes), "cannot read the config or tokenizer")),
         "SAE hook past the last layer": (model, deep, ("sae: hook 'blocks.5.hook_resid_pre' is not in the model",)),
         "SAE narrower than the model": (model, narrow, ("sae: the SAE reads 16-wide activations", "has d_model 32")),
         "SAE on an unknown hook point": (model, odd_hook, ("sae: unknown hook point 'hook_nonsense'",)),
@@ -421,7 +428,8 @@ PAIR_CASES = ["SAE hook past the last layer", "SAE narrower than the model", "SA
               "SAE cfg.json not JSON", "SAE weights truncated", "model weights truncated", "model folder is the SAE",
               "SAE folder is the model", "model folder missing", "unknown home directory", "feature past the SAE",
               "Gemma untied without lm_head", "GPT-2 untied without lm_head", "config deeper than the weights",
-              "tensor shape not the config's"]
+              "tensor shape not the config's", "heads that do not divide d_model", "zero heads",
+              "tie_word_embeddings not a bool"]
 
 
 @pytest.fixture(scope="module")

@@ -417,3 +417,18 @@ def test_a_second_build_writes_identical_bytes(pack, tmp_path):
         shutil.copytree(out / part, copy / part)
     build_labels(copy, log=lambda *_: None)
     assert (copy / "labels" / "explanations.jsonl").read_bytes() == (out / "labels" / "explanations.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"index": "1' + "0" * 5000 + '", "description": "x"}', "'index' must be an integer or a string of digits"),
+    ("[" * 200_000, "not an explanations array (JSON nested too deep)"),
+    ('{"index": 1, "description": ' + "[" * 200_000 + "}", "not an explanation (JSON nested too deep)"),
+])
+def test_a_damaged_export_is_one_line_not_a_crash(tmp_path, line, message):
+    """Found by trying it: a 5000-digit index (int() refuses it) or JSON nested 200,000 deep (a
+    RecursionError) ended in an internal error in the CLI and the worker, and closed the UI."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(UserError) as caught:
+        read_export(path)
+    assert message in str(caught.value) and "\n" not in str(caught.value) and len(str(caught.value)) < 300

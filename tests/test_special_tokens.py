@@ -168,3 +168,21 @@ def test_result_json_of_the_score_command_has_the_prompt_start(tiny_dir):
     assert code == 0, err
     scored = json.loads(out)
     assert scored["prompt_start"] == 1 and scored["tokens"][0] == EOT
+
+
+def test_text_that_is_not_utf8_is_refused_in_one_line_everywhere(tiny_pair, tiny_config):
+    """Another instance of the same rule: a lone surrogate (JSON's `\\ud800`) in a seed prompt or an
+    inject is refused in one line, as `score` refuses it, not a tokenizer TypeError."""
+    search = Search(tiny_pair, tiny_config)
+    with pytest.raises(UserError, match=r"^inject: the text is not valid UTF-8 \(at character 0\)$"):
+        search.initial_state("\ud800x", "inject: the text")
+    with pytest.raises(UserError, match=r"^search.prefix is not valid UTF-8"):
+        Search(tiny_pair, replace(tiny_config, search=replace(tiny_config.search, prefix="Q\udcff")))
+
+
+def test_an_inject_cut_inside_a_character_says_inject_and_why(tiny_pair, tiny_config):
+    config = replace(tiny_config, search=replace(tiny_config.search, prompt_tokens=6))
+    search = Search(tiny_pair, config)
+    assert len(tiny_pair.model.tokenizer("🙂🙂", add_special_tokens=False)["input_ids"]) > 6
+    with pytest.raises(UserError, match=r"^inject: the text does not re-tokenize .* search.prompt_tokens = 6 "):
+        search.initial_state("🙂🙂", "inject: the text")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from types import ModuleType
@@ -16,7 +17,7 @@ from epo_tui.engine.checkpoint import CheckpointTensors, read_safetensors, resol
 from epo_tui.engine.models import family_module
 from epo_tui.engine.models.hooks import HookRecorder, parse_hook
 from epo_tui.engine.token_bytes import TokenBytes
-from epo_tui.errors import UserError, first_line
+from epo_tui.errors import UserError, first_line, require_utf8
 from epo_tui.text import token_text
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -109,6 +110,7 @@ class LanguageModel:
             raise UserError(f"the tokenizer of '{self.name}' has no BOS token")
         ids = [bos]
         if prefix:
+            require_utf8(prefix, "search.prefix")
             ids += self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
         if text:
             ids += self.prompt_ids(text)
@@ -117,11 +119,12 @@ class LanguageModel:
     def prompt_ids(self, text: str, what: str = "the text") -> list[int]:
         """The ids of a text a user typed as (part of) a prompt.
 
-        Raises UserError when the text spells a special token (`<|endoftext|>`, `<bos>`, ...): the
+        Raises UserError when the text is not UTF-8 or spells a special token (`<|endoftext|>`, `<bos>`, ...): the
         tokenizer would turn it into that special id, which no prompt may hold (DESIGN.md §3), and
         reading it as plain characters would not survive re-tokenization. One rule everywhere:
         `score`, seed prompts, `inject` and the UI's edit all come through here.
         """
+        require_utf8(text, what)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         special = set(self.special_token_ids().tolist())
         names = [self.tokenizer.convert_ids_to_tokens(int(i)) for i in ids if i in special]
@@ -154,19 +157,43 @@ class LanguageModel:
 
 
 def load_model(model_cfg: ModelConfig) -> LanguageModel:
+    """The checkpoint `model_cfg` names, loaded. Raises UserError (one line, naming the folder) for a
+    config, tokenizer or tensor that does not fit; never a bare exception for a checkpoint's content."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, AutoTokenizer
 
     folder = resolve_checkpoint_dir(model_cfg.name, model_cfg.path)
-    try:
+    try:  # transformers validates config.json's values itself (strict dataclasses)
         hf_config = AutoConfig.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, StrictDataclassError) as err:
         raise UserError(f"cannot read the config or tokenizer in '{folder}': {first_line(err)}") from None
     family = family_module(hf_config.model_type)
     cfg = family.Config.from_hf(hf_config)
+    _check_sizes(cfg, folder)
     dtype = DTYPES[model_cfg.dtype]
     checkpoint = CheckpointTensors(folder, read_safetensors(folder), hf_config)
     params = family.params_from_checkpoint(checkpoint, cfg, cfg.n_layers)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
     return LanguageModel(name=model_cfg.path or model_cfg.name, model_type=hf_config.model_type,
                          cfg=cfg, params=params, tokenizer=tokenizer, dtype=model_cfg.dtype)
+
+
+_SIZES = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_mlp", "vocab_size", "max_positions")
+
+
+def _check_sizes(cfg: Any, folder) -> None:
+    """Raises UserError when the config's sizes cannot make a model: each a positive integer, the
+    query heads a multiple of the key-value heads, and without an explicit head_dim, d_model a
+    multiple of the heads."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    for name in _SIZES:
+        value = getattr(cfg, name, None) if name in fields else None
+        if name in fields and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise UserError(f"the config in '{folder}' gives {name} = {value!r}: it must be a positive integer")
+    if "n_kv_heads" in fields and cfg.n_heads % cfg.n_kv_heads:
+        raise UserError(f"the config in '{folder}' gives {cfg.n_heads} attention heads, not a multiple of its "
+                        f"{cfg.n_kv_heads} key-value heads")
+    if "head_dim" not in fields and cfg.d_model % cfg.n_heads:
+        raise UserError(f"the config in '{folder}' gives {cfg.n_heads} attention heads, which do not divide "
+                        f"its hidden size {cfg.d_model}")

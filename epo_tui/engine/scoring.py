@@ -7,7 +7,7 @@ import numpy as np
 
 from epo_tui.engine.pairing import ModelWithSAE, as_batch
 from epo_tui.engine.sae import activations
-from epo_tui.errors import UserError
+from epo_tui.errors import UserError, require_utf8
 from epo_tui.text import token_text
 
 
@@ -24,10 +24,7 @@ def score_text(pair: ModelWithSAE, text: str, feature: int, prefix: str = "") ->
     """
     if not text:
         raise UserError("the text to score is empty")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:  # bytes that were not UTF-8 (argv's surrogateescape), lone surrogates
-        raise UserError(f"the text to score is not valid UTF-8 (at character {err.start})") from None
+    require_utf8(text, "the text to score")
     model = pair.model
     prompt_start = len(model.encode("", prefix))
     ids = model.encode(text, prefix)

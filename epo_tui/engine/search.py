@@ -32,7 +32,7 @@ from epo_tui.engine.frontier import Frontier
 from epo_tui.engine.model import apply_model
 from epo_tui.engine.objective import Target, TargetArrays, build_target, combine, per_position, read
 from epo_tui.engine.pairing import ModelWithSAE
-from epo_tui.errors import UserError
+from epo_tui.errors import UserError, require_utf8
 from epo_tui.text import token_text
 
 SAMPLING_ATTEMPTS = 20  # model samples tried per elite before falling back to copies of valid ones
@@ -264,6 +264,7 @@ class Search:
         mask[model.special_token_ids()] = True
         tokenizer = model.tokenizer
         for text in banned:
+            require_utf8(text, f"search.banned_tokens: {text!r}")
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) != 1:
                 raise UserError(f"search.banned_tokens: '{text}' is {len(ids)} tokens, not one")
@@ -301,7 +302,8 @@ class Search:
             if valid.all():
                 break
         if not valid.any():  # a model whose samples rarely re-tokenize (e.g. untrained): build one
-            tokens[0], valid[0] = self._round_tripping_prompt(start[0], n_start, np.random.default_rng(search.seed)), True
+            tokens[0], valid[0] = self._round_tripping_prompt(start[0], n_start, np.random.default_rng(search.seed),
+                                                              what), True
         tokens[~valid] = tokens[np.flatnonzero(valid)[np.arange((~valid).sum()) % valid.sum()]]
         objective, act, xent = self.evaluate(tokens)
         state = SearchState(iteration=0, tokens_KxN=tokens, objective_K=objective, act_K=act, xent_K=xent,
@@ -309,13 +311,16 @@ class Search:
         state.frontier = state.frontier.merged(xent, objective, act, tokens)
         return state
 
-    def _round_tripping_prompt(self, start_N: np.ndarray, n_start: int, rng: np.random.Generator) -> np.ndarray:
+    def _round_tripping_prompt(self, start_N: np.ndarray, n_start: int, rng: np.random.Generator,
+                               what: str = "the seed prompt") -> np.ndarray:
         """Keeps `start_N[:n_start]` and appends random allowed tokens, each kept only if the prompt so
         far still re-tokenizes to itself."""
         allowed = np.flatnonzero(~np.asarray(self.banned_V))
         tokens = list(start_N[:n_start])
         if tokens and not self.is_valid(np.array(tokens)):
-            raise UserError("the seed prompt's text does not re-tokenize to its own tokens after search.prefix")
+            raise UserError(f"{what} does not re-tokenize to its own tokens after search.prefix once cut to "
+                            f"search.prompt_tokens = {len(start_N)} tokens (a cut inside a character or a word does "
+                            f"that): shorten it")
         for candidate in rng.permutation(allowed):
             if len(tokens) == len(start_N):
                 break
