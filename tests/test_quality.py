@@ -189,3 +189,13 @@ def test_common_options_work_before_and_after_the_command():
     assert parser.parse_args(["--config", "a.toml", "run"]).config == "a.toml"
     assert parser.parse_args(["run", "--config", "a.toml"]).config == "a.toml"
     assert (parser.parse_args(["run"]).demo, parser.parse_args(["run"]).config) == (False, None)
+
+
+def test_dataset_context_shows_pieces_of_a_character_as_score_does(tiny_pair):
+    """A held-out maximum's context is shown token by token as everywhere else: a byte that is part of
+    a character split over tokens as \\xNN, never U+FFFD."""
+    tokens, _ = quality.heldout_rows(tiny_pair, ["we like 🙂 a lot"])
+    row = tokens[0].tolist()
+    first_byte = next(i for i, t in enumerate(row) if tiny_pair.model.token_bytes([t])[0] == b"\xf0")
+    context = quality.context_snippet(tiny_pair, tokens, first_byte)
+    assert "\ufffd" not in context and context.startswith("we like ") and "[\\xf0]" in context

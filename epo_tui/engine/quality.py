@@ -120,12 +120,16 @@ def window_xents(search: Search, windows_WxN: np.ndarray) -> np.ndarray:
 
 
 def context_snippet(pair: ModelWithSAE, tokens_RxL: np.ndarray, flat: int, before: int = 12, after: int = 3) -> str:
-    """The held-out text around a flat position, the token there in [brackets]."""
+    """The held-out text around a flat position, the token there in [brackets]; each token shown as
+    everywhere else (`LanguageModel.token_strings`: a piece of a character as `\\xNN`)."""
     row, pos = divmod(int(flat), tokens_RxL.shape[1])
     ids = tokens_RxL[row]
-    decode = pair.model.decode
-    return (decode(ids[max(1, pos - before):pos]) + "[" + decode(ids[pos:pos + 1]) + "]"
-            + decode(ids[pos + 1:pos + 1 + after]))
+
+    def shown(span) -> str:
+        return "".join(pair.model.token_strings(span))
+
+    return (shown(ids[max(1, pos - before):pos]) + "[" + shown(ids[pos:pos + 1]) + "]"
+            + shown(ids[pos + 1:pos + 1 + after]))
 
 
 def best_prompts(search: Search, state, xent_limit: float) -> dict:
