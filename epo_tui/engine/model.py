@@ -187,9 +187,9 @@ def _check_sizes(cfg: Any, folder) -> None:
     query heads a multiple of the key-value heads, and without an explicit head_dim, d_model a
     multiple of the heads."""
     fields = {f.name for f in dataclasses.fields(cfg)}
-    for name in _SIZES:
-        value = getattr(cfg, name, None) if name in fields else None
-        if name in fields and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+    for name in (n for n in _SIZES if n in fields):
+        value = getattr(cfg, name)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             raise UserError(f"the config in '{folder}' gives {name} = {value!r}: it must be a positive integer")
     if "n_kv_heads" in fields and cfg.n_heads % cfg.n_kv_heads:
         raise UserError(f"the config in '{folder}' gives {cfg.n_heads} attention heads, not a multiple of its "

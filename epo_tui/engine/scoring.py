@@ -26,8 +26,9 @@ def score_text(pair: ModelWithSAE, text: str, feature: int, prefix: str = "") ->
         raise UserError("the text to score is empty")
     require_utf8(text, "the text to score")
     model = pair.model
-    prompt_start = len(model.encode("", prefix))
-    ids = model.encode(text, prefix)
+    prefix_ids = model.encode("", prefix)  # BOS + prefix, tokenized once
+    prompt_start = len(prefix_ids)
+    ids = prefix_ids + model.prompt_ids(text)
     limit = model.cfg.max_positions
     if len(ids) > limit:
         raise UserError(f"the text is {len(ids)} tokens with BOS and prefix; the model reads at most {limit}")
