@@ -402,7 +402,7 @@ def _broken_pairs(tiny: Path, folder: Path) -> dict:
         "zero heads": (no_heads, sae, (str(no_heads), "n_heads = 0: it must be a positive integer")),
         "tie_word_embeddings not a bool": (tie_yes, sae, (str(tie_yes), "cannot read the config or tokenizer")),
         "SAE hook past the last layer": (model, deep, ("sae: hook 'blocks.5.hook_resid_pre' is not in the model",)),
-        "SAE narrower than the model": (model, narrow, ("sae: the SAE reads 16-wide activations", "has d_model 32")),
+        "SAE narrower than the model": (model, narrow, ("sae: the SAE reads 16-wide activations", "has d_model = 32 there")),
         "SAE on an unknown hook point": (model, odd_hook, ("sae: unknown hook point 'hook_nonsense'",)),
         "SAE cfg.json not JSON": (model, bad_json, ("pair.toml", "sae.path", "JSONDecodeError")),
         "SAE weights truncated": (model, short_sae, ("pair.toml", "sae.path", "SafetensorError")),

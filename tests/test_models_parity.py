@@ -21,7 +21,6 @@ import torch
 from epo_tui.config import ModelConfig
 from epo_tui.engine.model import load_model
 from epo_tui.engine.models import family_module
-from epo_tui.engine.models.hooks import BLOCK_POINTS
 from epo_tui.engine.tiny import write_tiny_checkpoint
 
 CASES = {
@@ -51,7 +50,15 @@ class Case:
         return np.random.default_rng(batch).integers(0, self.model.vocab_size, (batch, SEQ_LEN)).astype(np.int32)
 
     def all_hooks(self) -> tuple[str, ...]:
-        return tuple(f"blocks.{layer}.{point}" for layer in range(self.n_layers) for point in BLOCK_POINTS)
+        """Every TransformerLens point of every layer."""
+        points = self.model.family.hook_names(self.model.cfg).tl_points
+        return tuple(f"blocks.{layer}.{point}" for layer in range(self.n_layers) for point in points)
+
+    def hf_hooks(self) -> dict[str, tuple[int, str]]:
+        """Every transformers module name of every layer -> (layer, module key)."""
+        names = self.model.family.hook_names(self.model.cfg)
+        return {f"{names.layer_prefixes[0]}.{layer}.{key}": (layer, key)
+                for layer in range(self.n_layers) for key in names.modules}
 
 
 @pytest.fixture(scope="module")
@@ -152,46 +159,42 @@ def test_gemma_residual_matches_hf_hidden_states(cases, family):
         assert _max_diff(acts[f"blocks.{layer}.hook_resid_post"], outputs[layer]) < ATOL
 
 
-def _hf_block_points(case: Case, ids: np.ndarray) -> dict[str, torch.Tensor]:
-    """Every hook point of every layer, read off the HF modules with forward hooks."""
-    gemma2 = case.family == "gemma2"
+def hf_module_activations(hf_model, layers, hooks: dict[str, tuple[int, str]], ids: np.ndarray) -> dict:
+    """What each named module returns (`.output`, its first element when a tuple) or receives as its first
+    argument (`.input`) in a transformers forward, caught with PyTorch forward hooks."""
     caught: dict[str, torch.Tensor] = {}
 
     def output_of(name):
         return lambda _m, _args, out: caught.__setitem__(name, out[0] if isinstance(out, tuple) else out)
 
     def input_of(name):
-        return lambda _m, args: caught.__setitem__(name, args[0])
+        return lambda _m, args, kwargs: caught.__setitem__(name, args[0] if args else kwargs["hidden_states"])
 
-    hooks = []
-    for i, layer in enumerate(case.hf.model.layers):
-        p = f"blocks.{i}."
-        hooks.append(layer.register_forward_pre_hook(input_of(p + "hook_resid_pre")))
-        # Gemma 2 adds the post-attention / post-feedforward norms' outputs to the residual.
-        attn_out_module = layer.post_attention_layernorm if gemma2 else layer.self_attn
-        hooks.append(attn_out_module.register_forward_hook(output_of(p + "hook_attn_out")))
-        mlp_norm = layer.pre_feedforward_layernorm if gemma2 else layer.post_attention_layernorm
-        hooks.append(mlp_norm.register_forward_pre_hook(input_of(p + "hook_resid_mid")))
-        hooks.append(layer.mlp.gate_proj.register_forward_hook(output_of(p + "mlp.hook_pre")))
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(input_of(p + "mlp.hook_post")))
-        mlp_out_module = layer.post_feedforward_layernorm if gemma2 else layer.mlp
-        hooks.append(mlp_out_module.register_forward_hook(output_of(p + "hook_mlp_out")))
-        hooks.append(layer.register_forward_hook(output_of(p + "hook_resid_post")))
+    handles = []
+    for name, (layer, key) in hooks.items():
+        path, _, io = key.rpartition(".") if key not in ("input", "output") else ("", "", key)
+        module = layers[layer].get_submodule(path)
+        handles.append(module.register_forward_hook(output_of(name)) if io == "output"
+                       else module.register_forward_pre_hook(input_of(name), with_kwargs=True))
     try:
         with torch.no_grad():
-            case.hf(torch.from_numpy(ids).long())
+            hf_model(torch.from_numpy(ids).long())
     finally:
-        for hook in hooks:
-            hook.remove()
+        for handle in handles:
+            handle.remove()
     return caught
 
 
-@pytest.mark.parametrize("family", GEMMAS)
-def test_gemma_hook_points_match_hf_modules(cases, family):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_module_names_read_exactly_what_the_module_returns_or_receives(cases, family):
+    """An SAE's hf_hook_name (`model.layers.1.self_attn.o_proj.input`) reads the module's activation as a
+    PyTorch forward hook sees it: no TransformerLens processing, even where GPT-2 centres by default."""
     case = cases[family]
     ids = case.ids()
-    caught = _hf_block_points(case, ids)
-    _, acts = case.model.forward(ids, hooks=case.all_hooks())
+    hooks = case.hf_hooks()
+    caught = hf_module_activations(case.hf, case.hf.base_model.h if family == "gpt2" else case.hf.model.layers,
+                                   hooks, ids)
+    _, acts = case.model.forward(ids, hooks=tuple(hooks), center_writes=True)
     assert set(caught) == set(acts)
     for name, ref in caught.items():
         assert _max_diff(acts[name], ref) < ATOL, name
@@ -205,7 +208,7 @@ def _transformer_lens_model(case: Case, gemma_act_fn: str = "gelu_pytorch_tanh")
 
     c = case.hf.config
     common = dict(n_layers=case.n_layers, d_vocab=c.vocab_size, default_prepend_bos=False,
-                  dtype=torch.float32, device="cpu")
+                  dtype=torch.float32, device="cpu", use_hook_mlp_in=True)
     if case.family == "gpt2":
         cfg = HookedTransformerConfig(
             **common, d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head,
@@ -250,7 +253,13 @@ def test_hook_points_match_transformer_lens(cases, family):
     assert center == (family == "gpt2")
     _, acts = case.model.forward(ids, hooks=case.all_hooks(), center_writes=center)
     for name in case.all_hooks():
-        assert _max_diff(acts[name], cache[name]) < ATOL, name
+        assert _max_diff(acts[name], _tl_value(cache, name)) < ATOL, name
+
+
+def _tl_value(cache, name: str) -> torch.Tensor:
+    """A TransformerLens cache entry as sae-lens feeds it to an SAE: hook_z's heads concatenated."""
+    value = cache[name]
+    return value.flatten(-2) if name.endswith("attn.hook_z") else value
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -269,14 +278,14 @@ def test_gemma1_paired_with_a_transformer_lens_sae_runs_as_transformer_lens_does
     if model_class in TRANSFORMER_LENS_CLASSES:
         model = dataclasses.replace(model, cfg=model.family.transformer_lens_config(model.cfg))
     assert model.cfg.gelu_approximate == (act_fn != "gelu")
-    sae = type("SAE", (), {"model_class_name": model_class, "center_writes": None})()
+    sae = type("SAE", (), {"model_class_name": model_class, "center_writes": None, "hf_hook_name": None})()
     assert ModelWithSAE(model=model, sae=sae).center_writes is False
     tl = _transformer_lens_model(case, gemma_act_fn=act_fn)
     with torch.no_grad():
         _, cache = tl.run_with_cache(torch.from_numpy(ids).long())
     _, acts = model.forward(ids, hooks=case.all_hooks())
     for name in case.all_hooks():
-        assert _max_diff(acts[name], cache[name]) < ATOL, name
+        assert _max_diff(acts[name], _tl_value(cache, name)) < ATOL, name
     if act_fn == "gelu":  # and the difference is real: the transformers default would not match
         _, tanh_acts = case.model.forward(ids, hooks=("blocks.1.hook_resid_post",))
         assert _max_diff(tanh_acts["blocks.1.hook_resid_post"], cache["blocks.1.hook_resid_post"]) > 10 * ATOL
@@ -336,7 +345,8 @@ def test_onehot_input_matches_ids(cases, family):
 def test_gpt2_residual_centring_follows_the_sae(cases, model_class, center_flag, expected):
     from epo_tui.engine.pairing import ModelWithSAE
 
-    sae = type("SAE", (), {"model_class_name": model_class, "center_writes": center_flag})()
+    sae = type("SAE", (), {"model_class_name": model_class, "center_writes": center_flag,
+                                "hf_hook_name": None})()
     assert ModelWithSAE(model=cases["gpt2"].model, sae=sae).center_writes is expected
 
 

@@ -18,8 +18,9 @@ from sae_lens import SAE
 
 from epo_tui.config import SAEConfig
 from epo_tui.engine import sae as sae_mod
-from epo_tui.engine.sae import (SAEParams, activations, check_feature_index, check_fits_model,
+from epo_tui.engine.sae import (SAEParams, activations, check_feature_index,
                                 feature_pre_and_act, load_sae, pre_activations)
+from epo_tui.engine.pairing import check_sae_fits
 from epo_tui.engine.sae_writer import write_random_sae
 from epo_tui.errors import ConfigError, UserError
 
@@ -219,12 +220,12 @@ def test_unsupported_normalization(tmp_path):
         load_sae(local(folder), cache_root=tmp_path / "cache")
 
 
-def fake_sae(d_in: int, d_sae: int, hook_name: str = HOOK) -> SAEParams:
+def fake_sae(d_in: int, d_sae: int, hook_name: str = HOOK, hf_hook_name: str | None = None) -> SAEParams:
     return SAEParams(W_enc_DxS=jnp.zeros((d_in, d_sae)), b_enc_S=jnp.zeros(d_sae),
                      W_dec_SxD=jnp.zeros((d_sae, d_in)), b_dec_D=jnp.zeros(d_in), threshold_S=jnp.zeros(d_sae),
                      architecture="standard", k=0,
                      apply_b_dec_to_input=True, normalize_activations="none", hook_name=hook_name,
-                     d_in=d_in, d_sae=d_sae, dtype="float32")
+                     d_in=d_in, d_sae=d_sae, dtype="float32", hf_hook_name=hf_hook_name)
 
 
 def test_feature_index_out_of_range():
@@ -237,22 +238,32 @@ def test_feature_index_out_of_range():
         check_feature_index(sae, -1, source="c.toml")
 
 
-def test_hook_not_in_model():
+def test_hook_not_in_model(tiny_pair):
+    model = tiny_pair.model  # GPT-2: 2 layers, d_model 32, 4 heads of 8, d_mlp 128
     with pytest.raises(UserError, match=r"^sae: hook 'blocks.8.hook_resid_pre' is not in the model"):
-        check_fits_model(fake_sae(32, 64, "blocks.8.hook_resid_pre"), n_layers=2, d_model=32)
-    with pytest.raises(UserError, match="unknown hook point"):
-        check_fits_model(fake_sae(32, 64, "blocks.0.attn.hook_z"), n_layers=2, d_model=32)
-    assert check_fits_model(fake_sae(32, 64, "blocks.1.hook_resid_post"), n_layers=2, d_model=32).layer == 1
+        check_sae_fits(fake_sae(32, 64, "blocks.8.hook_resid_pre"), model)
+    with pytest.raises(UserError, match=r"^sae: unknown hook point 'hook_q'"):
+        check_sae_fits(fake_sae(32, 64, "blocks.0.hook_q"), model)
+    with pytest.raises(UserError, match=r"^sae: hook 'transformer.h.0.attn.c_q': this model has no module 'attn.c_q' in its layers"):
+        check_sae_fits(fake_sae(32, 64, "blocks.0.hook_q", hf_hook_name="transformer.h.0.attn.c_q"), model)
+    assert check_sae_fits(fake_sae(32, 64, "blocks.1.hook_resid_post"), model).layer == 1
+    assert check_sae_fits(fake_sae(32, 64, "blocks.0.attn.hook_z"), model).point == "attn.hook_z"
+    hf = check_sae_fits(fake_sae(32, 64, "blocks.1.hook_resid_post", hf_hook_name="transformer.h.1"), model)
+    assert (hf.layer, hf.point, hf.transformer_lens) == (1, "hook_resid_post", False)
 
 
-def test_width_mismatch():
+def test_width_mismatch(tiny_pair):
+    model = tiny_pair.model
     with pytest.raises(UserError) as info:
-        check_fits_model(fake_sae(768, 64, "blocks.8.hook_resid_pre"), n_layers=12, d_model=512, model_name="x")
-    assert str(info.value) == "sae: the SAE reads 768-wide activations but model 'x' has d_model 512"
-    # MLP hooks are d_mlp wide
-    check_fits_model(fake_sae(128, 64, "blocks.0.mlp.hook_post"), n_layers=2, d_model=32, d_mlp=128)
-    with pytest.raises(UserError, match="has d_mlp 128"):
-        check_fits_model(fake_sae(32, 64, "blocks.0.mlp.hook_post"), n_layers=2, d_model=32, d_mlp=128)
+        check_sae_fits(fake_sae(768, 64, "blocks.1.hook_resid_pre"), model)
+    assert str(info.value) == (f"sae: the SAE reads 768-wide activations at 'blocks.1.hook_resid_pre' but model "
+                               f"'{model.name}' has d_model = 32 there")
+    # MLP hooks are d_mlp wide, hook_z n_heads * head_dim
+    check_sae_fits(fake_sae(128, 64, "blocks.0.mlp.hook_post"), model)
+    with pytest.raises(UserError, match="has d_mlp = 128 there"):
+        check_sae_fits(fake_sae(32, 64, "blocks.0.mlp.hook_post"), model)
+    with pytest.raises(UserError, match=r"has n_heads \* head_dim = 32 there"):
+        check_sae_fits(fake_sae(64, 64, "blocks.0.attn.hook_z"), model)
 
 
 def _in_hub_cache(folder: Path, repo_id: str, subfolder: str) -> Path:

@@ -152,7 +152,8 @@ def test_sae_width_not_the_model_width(tiny_dir, tmp_path, capsys):
     sae = write_random_sae(tmp_path / "sae", d_in=16, d_sae=16, hook_name="blocks.1.hook_resid_pre")
     code, _, err = _run(capsys, "score", "--config", _config_with_sae(tiny_dir, tmp_path, sae), "x")
     assert code == 2
-    assert "the SAE reads 16-wide activations but model" in err and "has d_model 32" in err
+    assert "the SAE reads 16-wide activations at 'blocks.1.hook_resid_pre' but model" in err
+    assert "has d_model = 32 there" in err
 
 
 def test_unknown_release_suggests_the_close_one(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -15,7 +16,7 @@ import numpy as np
 from epo_tui.config import ModelConfig
 from epo_tui.engine.checkpoint import CheckpointTensors, read_safetensors, resolve_checkpoint_dir
 from epo_tui.engine.models import family_module
-from epo_tui.engine.models.hooks import HookRecorder, parse_hook
+from epo_tui.engine.models.hooks import HookPoint, HookRecorder, parse_hook
 from epo_tui.engine.token_bytes import TokenBytes
 from epo_tui.errors import UserError, first_line, require_utf8
 from epo_tui.text import token_text
@@ -31,7 +32,7 @@ def apply_model(params: dict, tokens_or_onehot: jnp.ndarray, prefix_kv=None, *, 
     can serve as the prefix of later passes (else kv is None).
     """
     family = family_module(model_type)
-    recorder = HookRecorder(hooks, cfg.n_layers, center_writes, keep_kv=keep_kv)
+    recorder = HookRecorder(hooks, cfg.n_layers, family.hook_names(cfg), center_writes, keep_kv=keep_kv)
     x_BxLxD = family.embed(params, cfg, tokens_or_onehot)
     logits_out = family.forward(params, cfg, x_BxLxD, recorder, logits, prefix_kv)
     return logits_out, recorder.out, (tuple(recorder.kv) if keep_kv else None)
@@ -68,12 +69,13 @@ class LanguageModel:
 
     def forward(self, tokens_or_onehot, hooks: tuple[str, ...] = (), logits: bool = True,
                 center_writes: bool = False, prefix_kv=None):
-        """(logits_BxLxV | None, {hook: BxLx...}); hooks use sae-lens names (blocks.L.hook_resid_pre).
+        """(logits_BxLxV | None, {hook: BxLx...}); hooks use TransformerLens names
+        (blocks.L.hook_resid_pre) or transformers module names (model.layers.L.output): models/hooks.py.
 
         With `prefix_kv` (from `prefill`), the tokens continue after that prefix.
         """
         for hook in hooks:
-            parse_hook(hook, self.n_layers)  # a clear error before tracing
+            self.hook_point(hook)  # a clear error before tracing
         logits_out, acts, _ = run_model(self.params, jnp.asarray(tokens_or_onehot), prefix_kv,
                                         model_type=self.model_type, cfg=self.cfg, hooks=tuple(hooks),
                                         logits=logits, center_writes=center_writes)
@@ -84,6 +86,14 @@ class LanguageModel:
         return run_model(self.params, jnp.asarray([token_ids], dtype=jnp.int32), None,
                          model_type=self.model_type, cfg=self.cfg, hooks=tuple(hooks), logits=True,
                          center_writes=center_writes, keep_kv=True)
+
+    def hook_point(self, name: str) -> HookPoint:
+        """Where the hook `name` sits in this model; UserError when it has no such hook."""
+        return parse_hook(name, self.n_layers, self.family.hook_names(self.cfg))
+
+    def hook_width(self, name: str) -> int:
+        """How wide the hook's activations are (d_model, d_mlp, or n_heads * head_dim for attn.hook_z)."""
+        return math.prod(getattr(self.cfg, f) for f in self.hook_point(name).width_fields)
 
     def folded_unembedding_VxD(self) -> jnp.ndarray:
         """The unembedding with the final norm's gain folded in: what a residual direction reads as."""

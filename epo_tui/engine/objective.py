@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from epo_tui.config import FeatureConfig
-from epo_tui.engine.models.hooks import parse_hook
 from epo_tui.engine.pairing import ModelWithSAE
 from epo_tui.engine.sae import SAEParams, check_feature_index, feature_pre_and_act
 from epo_tui.errors import UserError
@@ -47,9 +46,9 @@ def build_target(pair: ModelWithSAE, feature: FeatureConfig, source: str = "conf
     """The target the config describes, checked against the model and SAE."""
     model, sae = pair.model, pair.sae
     indices = feature.features
-    hook = sae.hook_name if feature.kind in ("sae", "direction") else feature.hook
+    hook = sae.read_hook if feature.kind in ("sae", "direction") else feature.hook
     if feature.kind != "logit":
-        parse_hook(hook, model.n_layers)
+        model.hook_point(hook)
     limit = {"sae": sae.d_sae, "direction": sae.d_sae, "neuron": model.cfg.d_mlp,
              "logit": model.vocab_size, "vector": None}[feature.kind]
     for index in indices:
@@ -62,22 +61,22 @@ def build_target(pair: ModelWithSAE, feature: FeatureConfig, source: str = "conf
         rows = np.asarray(sae.W_dec_SxD)[list(indices)]
         vectors = rows / np.linalg.norm(rows, axis=-1, keepdims=True)
     elif feature.kind == "vector":
-        vectors = _load_vector(feature.vector, model.d_model)
+        vectors = _load_vector(feature.vector, model.hook_width(hook))
         indices = tuple(range(len(vectors)))
     target = Target(kind=feature.kind, combine=feature.combine, lp_p=feature.lp_p, lp_offset=feature.lp_offset,
                     read=feature.read, hook=hook, n_features=len(indices))
     return target, TargetArrays(indices_F=jnp.asarray(indices, jnp.int32), vectors_FxD=jnp.asarray(vectors))
 
 
-def _load_vector(path: str, d_model: int) -> np.ndarray:
+def _load_vector(path: str, width: int) -> np.ndarray:
     """A .npy of shape (D,) or (F, D); read with pickles disabled."""
     try:
         array = np.load(Path(path), allow_pickle=False)
     except (OSError, ValueError) as err:
         raise UserError(f"feature.vector: cannot read '{path}' as a .npy array: {err}") from None
     array = np.atleast_2d(np.asarray(array, np.float32))
-    if array.ndim != 2 or array.shape[1] != d_model:
-        raise UserError(f"feature.vector: '{path}' has shape {array.shape}; expected ({d_model},) or (F, {d_model})")
+    if array.ndim != 2 or array.shape[1] != width:
+        raise UserError(f"feature.vector: '{path}' has shape {array.shape}; expected ({width},) or (F, {width})")
     return array
 
 

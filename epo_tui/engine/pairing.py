@@ -12,7 +12,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from epo_tui.config import Config
 from epo_tui.engine.model import LanguageModel, load_model
-from epo_tui.engine.sae import SAEParams, check_feature_index, check_fits_model, load_sae_with_density
+from epo_tui.engine.models.hooks import HookPoint
+from epo_tui.engine.sae import SAEParams, check_feature_index, load_sae_with_density
+from epo_tui.errors import UserError
 
 
 # sae-lens trains on TransformerLens models unless its metadata names another model class.
@@ -37,7 +39,7 @@ class ModelWithSAE:
 
     @property
     def trained_on_transformer_lens(self) -> bool:
-        return self.sae.model_class_name in TRANSFORMER_LENS_CLASSES
+        return trained_on_transformer_lens(self.sae)
 
     @property
     def center_writes(self) -> bool:
@@ -47,9 +49,9 @@ class ModelWithSAE:
 
     def forward(self, tokens_or_onehot, logits: bool = True):
         """(logits_BxLxV | None, sae_input_BxLxD): the model's logits and the SAE's hook activations."""
-        logits_out, acts = self.model.forward(tokens_or_onehot, hooks=(self.sae.hook_name,),
+        logits_out, acts = self.model.forward(tokens_or_onehot, hooks=(self.sae.read_hook,),
                                               logits=logits, center_writes=self.center_writes)
-        return logits_out, acts[self.sae.hook_name]
+        return logits_out, acts[self.sae.read_hook]
 
 
 def load_model_with_sae(config: Config, feature: int | None = None,
@@ -62,10 +64,31 @@ def load_model_with_sae(config: Config, feature: int | None = None,
     if feature is not None:
         check_feature_index(sae, feature, source=feature_source or config.source)
     model = load_model(config.model)
-    check_fits_model(sae, model.n_layers, model.d_model, model.name, d_mlp=model.cfg.d_mlp)
-    if sae.model_class_name in TRANSFORMER_LENS_CLASSES:
+    check_sae_fits(sae, model)
+    if trained_on_transformer_lens(sae):
         model = dataclasses.replace(model, cfg=model.family.transformer_lens_config(model.cfg))
     return ModelWithSAE(model=model, sae=sae, log10_density_S=density)
+
+
+def trained_on_transformer_lens(sae: SAEParams) -> bool:
+    """Whether the SAE's activations came from TransformerLens (and so need its processing): not when its
+    config names a transformers module, nor when its metadata names another model class."""
+    return sae.hf_hook_name is None and sae.model_class_name in TRANSFORMER_LENS_CLASSES
+
+
+def check_sae_fits(sae: SAEParams, model: LanguageModel) -> HookPoint:
+    """The model's HookPoint the SAE reads, or a UserError: the hook is not in the model, or its width
+    is not the SAE's d_in."""
+    try:
+        point = model.hook_point(sae.read_hook)
+    except UserError as err:
+        raise UserError(f"sae: {err}") from None
+    width = model.hook_width(sae.read_hook)
+    if width != sae.d_in:
+        names = " * ".join(point.width_fields)
+        raise UserError(f"sae: the SAE reads {sae.d_in}-wide activations at '{sae.read_hook}' but model "
+                        f"'{model.name}' has {names} = {width} there")
+    return point
 
 
 def as_batch(token_ids: list[int]) -> jnp.ndarray:

@@ -36,16 +36,14 @@ from epo_tui import paths
 from epo_tui.atomic import write_bytes_atomic, write_json_atomic
 from epo_tui.config import SAEConfig
 from epo_tui.engine.checkpoint import hub_offline
-from epo_tui.engine.models.hooks import parse_hook
 from epo_tui.errors import ConfigError, UserError, did_you_mean, first_line
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
 # Run-time input normalizations we replicate (sae-lens SAE._setup_activation_normalization).
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
 LAYER_NORM_EPS = 1e-5  # sae-lens run_time_activation_ln_in's default eps
-MLP_POINTS = ("mlp.hook_pre", "mlp.hook_post")
 
-CACHE_FORMAT = 3  # bump when the cached arrays or meta.json change meaning
+CACHE_FORMAT = 4  # bump when the cached arrays or meta.json change meaning
 WEIGHTS_FILE = "sae.safetensors"
 META_FILE = "meta.json"
 SAE_LENS_CFG = "cfg.json"  # sae_lens.constants.SAE_CFG_FILENAME
@@ -87,6 +85,14 @@ class SAEParams:
     # the model class the SAE's activations came from (sae-lens metadata); None: unknown, which for
     # sae-lens SAEs means TransformerLens's HookedTransformer
     model_class_name: str | None = None
+    # the transformers module the SAE reads (sae-lens metadata.hf_hook_name, e.g. model.layers.12.output):
+    # where given, its exact activation is read, with no TransformerLens processing
+    hf_hook_name: str | None = None
+
+    @property
+    def read_hook(self) -> str:
+        """The hook the latents read: the transformers module where the config names one, else hook_name."""
+        return self.hf_hook_name or self.hook_name
 
     @property
     def display_name(self) -> str:
@@ -180,24 +186,6 @@ def check_feature_index(sae: SAEParams, index: int, source: str | None = None) -
             raise UserError(f"{source}: {message}")
         raise ConfigError(source, "feature.index", message)
     return int(index)
-
-
-def check_fits_model(sae: SAEParams, n_layers: int, d_model: int, model_name: str | None = None,
-                     d_mlp: int | None = None):
-    """The SAE's HookPoint in the model, or a UserError: hook not in the model, or width mismatch.
-
-    MLP hooks (mlp.hook_pre / mlp.hook_post) are d_mlp wide: checked only when d_mlp is given.
-    """
-    try:
-        point = parse_hook(sae.hook_name, n_layers)
-    except UserError as err:
-        raise UserError(f"sae: {err}") from None
-    is_mlp = point.point in MLP_POINTS
-    width, width_name = (d_mlp, "d_mlp") if is_mlp else (d_model, "d_model")
-    if width is not None and width != sae.d_in:
-        model = f"model '{model_name}'" if model_name else "the model"
-        raise UserError(f"sae: the SAE reads {sae.d_in}-wide activations but {model} has {width_name} {width}")
-    return point
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,6 +434,7 @@ def _convert(sae, sae_cfg: SAEConfig, lookup) -> tuple[dict[str, np.ndarray], di
         "neuronpedia_id": neuronpedia_id or metadata.neuronpedia_id,
         "model_name": metadata.model_name,
         "model_class_name": getattr(metadata, "model_class_name", None),
+        "hf_hook_name": getattr(metadata, "hf_hook_name", None),
         "sae_lens_version": sae_lens.__version__,
     }
     return arrays, meta

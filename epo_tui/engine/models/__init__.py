@@ -6,6 +6,8 @@
 - `forward(params, cfg, x_BxLxD, recorder, logits) -> logits_BxLxV | None`,
 - `folded_unembedding_VxD(params)`: W_U (the head as transformers ties or unties it) with the final
   norm's gain folded in,
+- `hook_names(cfg) -> hooks.HookNames`: the TransformerLens points it records and its transformers
+  modules mapped to them (an SAE's `hf_hook_name`),
 - `CENTERS_WRITES_BY_DEFAULT`: TransformerLens's residual convention for the family,
 - `transformer_lens_config(cfg)`: the config as TransformerLens runs the model,
 - `Config.max_positions`: the longest sequence the model reads.

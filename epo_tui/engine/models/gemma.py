@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 
 from epo_tui.engine.checkpoint import CheckpointTensors
-from epo_tui.engine.models.hooks import HookRecorder, causal_mask, prefix_length, with_past
+from epo_tui.engine.models.hooks import (ATTN_INPUT, ATTN_OUTPUT_RAW, ATTN_Z, BLOCK_POINTS, MLP_INPUT, MLP_OUTPUT_RAW,
+                                         HookNames, HookRecorder, prefix_length)
+from epo_tui.engine.models.layers import (Rope, apply_rope, attend, gated_mlp, hf_rope_settings, rms_norm,
+                                          rms_normalized, rope_from_hf, softcap)
 from epo_tui.errors import UserError
 
 FAMILY = "gemma"
@@ -38,7 +42,7 @@ class GemmaConfig:
     vocab_size: int
     max_positions: int
     rms_norm_eps: float
-    rope_theta: float
+    rope: Rope
     gelu_approximate: bool
     query_scale: float  # multiplies q.k
     post_norms: bool  # Gemma 2: post-attention, pre- and post-feedforward norms
@@ -72,7 +76,7 @@ class GemmaConfig:
             vocab_size=hf.vocab_size,
             max_positions=hf.max_position_embeddings,
             rms_norm_eps=hf.rms_norm_eps,
-            rope_theta=_rope_theta(hf),
+            rope=_rope(hf, head_dim),
             gelu_approximate=_GELU_APPROXIMATE[act],
             query_scale=(hf.query_pre_attn_scalar if gemma2 else head_dim) ** -0.5,
             post_norms=gemma2,
@@ -93,17 +97,14 @@ def _activation(hf, gemma2: bool) -> str:
     return act
 
 
-def _rope_theta(hf) -> float:
-    """RoPE base: `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (transformers 4)."""
-    rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
-    if rope and all(isinstance(v, dict) for v in rope.values()):  # one entry per layer type
-        if len({tuple(sorted(v.items())) for v in rope.values()}) > 1:
+def _rope(hf, head_dim: int) -> Rope:
+    """The one RoPE of a Gemma 1/2 config (Gemma 3 has one per layer type: models/gemma3.py)."""
+    settings = hf_rope_settings(hf)
+    if all(isinstance(v, dict) for v in settings.values()):  # one entry per layer type
+        if len({tuple(sorted(v.items())) for v in settings.values()}) > 1:
             raise UserError("Gemma with a different RoPE per layer type is not supported")
-        rope = next(iter(rope.values()))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise UserError(f"Gemma RoPE type '{rope_type}' is not supported (default only)")
-    return float(rope.get("rope_theta", getattr(hf, "rope_theta", None) or 10000.0))
+        settings = next(iter(settings.values()))
+    return rope_from_hf(settings, head_dim, "Gemma")
 
 
 def params_from_checkpoint(checkpoint: CheckpointTensors, cfg: GemmaConfig, n_layers: int) -> dict:
@@ -163,76 +164,43 @@ def embed(params: dict, cfg: GemmaConfig, tokens_or_onehot: jnp.ndarray) -> jnp.
     return x_BxLxD * jnp.asarray(cfg.d_model**0.5, dtype=w_VxD.dtype)
 
 
-def _rms_norm(x: jnp.ndarray, w: jnp.ndarray, eps: float) -> jnp.ndarray:
-    """x / rms(x) * (1 + w), all in float32, then back to x's dtype."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt((x32**2).mean(-1, keepdims=True) + eps)
-    return (normed * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
-
-
-def _softcap(x: jnp.ndarray, cap: float | None) -> jnp.ndarray:
-    return x if cap is None else jnp.tanh(x / cap) * cap
-
-
-def _rope(x_BxLxNxK: jnp.ndarray, cos_LxK: jnp.ndarray, sin_LxK: jnp.ndarray) -> jnp.ndarray:
-    """Rotary embedding on halves (HF's rotate_half layout), for any number N of heads."""
-    x1, x2 = jnp.split(x_BxLxNxK, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x_BxLxNxK * cos_LxK[:, None, :] + rotated * sin_LxK[:, None, :]
-
-
-def _rope_tables(cfg: GemmaConfig, L: int, dtype, start: int = 0) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos_LxK and sin_LxK for positions start..start+L-1, computed in float32 and cast to the
-    activations' dtype, as HF does."""
-    K = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))
-    positions_L = jnp.arange(start, start + L, dtype=jnp.float32)
-    freqs_LxK = jnp.tile(positions_L[:, None] * inv_freq[None, :], (1, 2))
-    return jnp.cos(freqs_LxK).astype(dtype), jnp.sin(freqs_LxK).astype(dtype)
-
-
-def _attention(block: dict, cfg: GemmaConfig, x_BxLxD: jnp.ndarray, sliding: bool,
-               rope: tuple[jnp.ndarray, jnp.ndarray], rec: HookRecorder, past_kv) -> jnp.ndarray:
-    """Causal (or sliding-window) attention; `past_kv` (k, v of a fixed prefix, 1xPxGxK) comes first."""
-    B, L, _ = x_BxLxD.shape
-    G, R = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
-    q_BxLxHxK = _rope(jnp.einsum("BLD,HKD->BLHK", x_BxLxD, block["w_q_HxKxD"]), *rope)
-    k_BxLxGxK = _rope(jnp.einsum("BLD,GKD->BLGK", x_BxLxD, block["w_k_GxKxD"]), *rope)
+def _attention(block: dict, cfg: GemmaConfig, x_BxLxD: jnp.ndarray, layer: int, rope: Rope,
+               start: int, rec: HookRecorder, past_kv) -> jnp.ndarray:
+    """Causal (or sliding-window) attention -> attn_out_BxLxD before any post-attention norm; `past_kv`
+    (k, v of a fixed prefix, 1xPxGxK) comes first."""
+    cos, sin = rope.tables(x_BxLxD.shape[1], x_BxLxD.dtype, start)
+    q_BxLxHxK = apply_rope(jnp.einsum("BLD,HKD->BLHK", x_BxLxD, block["w_q_HxKxD"]), cos, sin)
+    k_BxLxGxK = apply_rope(jnp.einsum("BLD,GKD->BLGK", x_BxLxD, block["w_k_GxKxD"]), cos, sin)
     v_BxLxGxK = jnp.einsum("BLD,GKD->BLGK", x_BxLxD, block["w_v_GxKxD"])
-    rec.keep_kv(k_BxLxGxK, v_BxLxGxK)
-    k_BxSxGxK, v_BxSxGxK = with_past(past_kv, k_BxLxGxK, v_BxLxGxK)
-    q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, R, cfg.head_dim)  # query head h uses kv head h // R
-    scores_BxGxRxLxS = jnp.einsum("BLGRK,BSGK->BGRLS", q_BxLxGxRxK, k_BxSxGxK).astype(jnp.float32)
-    scores_BxGxRxLxS = _softcap(scores_BxGxRxLxS * cfg.query_scale, cfg.attn_softcap)
-    allowed_LxS = causal_mask(L, k_BxSxGxK.shape[1], cfg.sliding_window if sliding else None)
-    scores_BxGxRxLxS = jnp.where(allowed_LxS, scores_BxGxRxLxS, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores_BxGxRxLxS, axis=-1).astype(x_BxLxD.dtype)
-    z_BxLxGxRxK = jnp.einsum("BGRLS,BSGK->BLGRK", probs, v_BxSxGxK)
-    z_BxLxHxK = z_BxLxGxRxK.reshape(B, L, cfg.n_heads, cfg.head_dim)
+    window = cfg.sliding_window if cfg.sliding_layers[layer] else None
+    z_BxLxHxK = attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, rec, past_kv, cfg.query_scale, cfg.attn_softcap, window)
+    rec.record(layer, "attn.hook_z", z_BxLxHxK)  # no value bias: the same for both names
+    rec.record(layer, ATTN_Z, z_BxLxHxK)
     return jnp.einsum("BLHK,DHK->BLD", z_BxLxHxK, block["w_o_DxHxK"])
 
 
 def _block(block: dict, cfg: GemmaConfig, x_BxLxD: jnp.ndarray, layer: int, rec: HookRecorder,
-           rope: tuple[jnp.ndarray, jnp.ndarray], past_kv) -> jnp.ndarray:
+           start: int, past_kv) -> jnp.ndarray:
     eps = cfg.rms_norm_eps
     rec.record(layer, "hook_resid_pre", x_BxLxD)
-    attn_out = _attention(block, cfg, _rms_norm(x_BxLxD, block["ln_attn_w"], eps),
-                          cfg.sliding_layers[layer], rope, rec, past_kv)
+    rec.record(layer, "ln1.hook_normalized", rms_normalized(x_BxLxD, eps))
+    attn_in_BxLxD = rms_norm(x_BxLxD, block["ln_attn_w"], eps, offset=1.0)
+    rec.record(layer, ATTN_INPUT, attn_in_BxLxD)
+    attn_out = _attention(block, cfg, attn_in_BxLxD, layer, cfg.rope, start, rec, past_kv)
     if cfg.post_norms:
-        attn_out = _rms_norm(attn_out, block["ln_attn_post_w"], eps)
+        rec.record(layer, ATTN_OUTPUT_RAW, attn_out)
+        attn_out = rms_norm(attn_out, block["ln_attn_post_w"], eps, offset=1.0)
     rec.record(layer, "hook_attn_out", attn_out)
     x_BxLxD = x_BxLxD + attn_out
     rec.record(layer, "hook_resid_mid", x_BxLxD)
-    normed_BxLxD = _rms_norm(x_BxLxD, block["ln_mlp_w"], eps)
-    gate_BxLxF = jnp.einsum("BLD,FD->BLF", normed_BxLxD, block["w_gate_FxD"])
-    rec.record(layer, "mlp.hook_pre", gate_BxLxF)  # TransformerLens's GatedMLP: hook_pre is the gate
-    act_BxLxF = jax.nn.gelu(gate_BxLxF.astype(jnp.float32), approximate=cfg.gelu_approximate)
-    up_BxLxF = jnp.einsum("BLD,FD->BLF", normed_BxLxD, block["w_up_FxD"])
-    post_BxLxF = act_BxLxF.astype(x_BxLxD.dtype) * up_BxLxF
-    rec.record(layer, "mlp.hook_post", post_BxLxF)
-    mlp_out = jnp.einsum("BLF,DF->BLD", post_BxLxF, block["w_down_DxF"])
+    rec.record(layer, "hook_mlp_in", x_BxLxD)
+    rec.record(layer, "ln2.hook_normalized", rms_normalized(x_BxLxD, eps))
+    normed_BxLxD = rms_norm(x_BxLxD, block["ln_mlp_w"], eps, offset=1.0)
+    rec.record(layer, MLP_INPUT, normed_BxLxD)
+    mlp_out = gated_mlp(block, normed_BxLxD, layer, rec, partial(jax.nn.gelu, approximate=cfg.gelu_approximate))
     if cfg.post_norms:
-        mlp_out = _rms_norm(mlp_out, block["ln_mlp_post_w"], eps)
+        rec.record(layer, MLP_OUTPUT_RAW, mlp_out)
+        mlp_out = rms_norm(mlp_out, block["ln_mlp_post_w"], eps, offset=1.0)
     rec.record(layer, "hook_mlp_out", mlp_out)
     x_BxLxD = x_BxLxD + mlp_out
     rec.record(layer, "hook_resid_post", x_BxLxD)
@@ -247,16 +215,37 @@ def forward(params: dict, cfg: GemmaConfig, x_BxLxD: jnp.ndarray, rec: HookRecor
     Without logits, stops after the deepest block a recorded hook needs. With `prefix_kv` (per layer
     (k, v), 1xPxGxK, kept by an earlier pass over a fixed prefix), x continues from position P.
     """
-    rope = _rope_tables(cfg, x_BxLxD.shape[1], x_BxLxD.dtype, start=prefix_length(prefix_kv))
     n_run = len(params["blocks"]) if logits else rec.last_layer + 1
     for layer in range(n_run):
         past = prefix_kv[layer] if prefix_kv is not None else None
-        x_BxLxD = _block(params["blocks"][layer], cfg, x_BxLxD, layer, rec, rope, past)
+        x_BxLxD = _block(params["blocks"][layer], cfg, x_BxLxD, layer, rec, prefix_length(prefix_kv), past)
     if not logits:
         return None
-    x_BxLxD = _rms_norm(x_BxLxD, params["lnf_w"], cfg.rms_norm_eps)
+    x_BxLxD = rms_norm(x_BxLxD, params["lnf_w"], cfg.rms_norm_eps, offset=1.0)
     logits_BxLxV = jnp.einsum("BLD,VD->BLV", x_BxLxD, unembedding_VxD(params)).astype(jnp.float32)
-    return _softcap(logits_BxLxV, cfg.final_softcap)
+    return softcap(logits_BxLxV, cfg.final_softcap)
+
+
+def hook_names(cfg: GemmaConfig) -> HookNames:
+    """TransformerLens points and transformers modules (GemmaDecoderLayer / Gemma2DecoderLayer)."""
+    modules = {"input": "hook_resid_pre", "output": "hook_resid_post",
+               "input_layernorm.output": ATTN_INPUT, "self_attn.input": ATTN_INPUT,
+               "self_attn.o_proj.input": ATTN_Z, "mlp.input": MLP_INPUT,
+               "mlp.gate_proj.output": "mlp.hook_pre", "mlp.up_proj.output": "mlp.hook_pre_linear",
+               "mlp.down_proj.input": "mlp.hook_post"}
+    if cfg.post_norms:  # Gemma 2: norms after attention and after the MLP, and one before the MLP
+        modules.update({"self_attn.output": ATTN_OUTPUT_RAW, "self_attn.o_proj.output": ATTN_OUTPUT_RAW,
+                        "post_attention_layernorm.output": "hook_attn_out",
+                        "pre_feedforward_layernorm.input": "hook_resid_mid",
+                        "pre_feedforward_layernorm.output": MLP_INPUT,
+                        "mlp.output": MLP_OUTPUT_RAW, "mlp.down_proj.output": MLP_OUTPUT_RAW,
+                        "post_feedforward_layernorm.output": "hook_mlp_out"})
+    else:  # Gemma 1: post_attention_layernorm is the MLP's input norm
+        modules.update({"self_attn.output": "hook_attn_out", "self_attn.o_proj.output": "hook_attn_out",
+                        "post_attention_layernorm.input": "hook_resid_mid",
+                        "post_attention_layernorm.output": MLP_INPUT,
+                        "mlp.output": "hook_mlp_out", "mlp.down_proj.output": "hook_mlp_out"})
+    return HookNames(tl_points=BLOCK_POINTS, layer_prefixes=("model.layers", "layers"), modules=modules)
 
 
 def transformer_lens_config(cfg: GemmaConfig) -> GemmaConfig:

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from epo_tui.engine.checkpoint import CheckpointTensors
-from epo_tui.engine.models.hooks import HookRecorder, causal_mask, prefix_length, with_past
+from epo_tui.engine.models.hooks import ATTN_INPUT, ATTN_Z, BLOCK_POINTS, MLP_INPUT, HookNames, HookRecorder, prefix_length
+from epo_tui.engine.models.layers import attend, layer_norm, layer_normalized
 from epo_tui.errors import UserError
 
 FAMILY = "gpt2"
@@ -99,14 +100,7 @@ def embed(params: dict, cfg: GPT2Config, tokens_or_onehot: jnp.ndarray) -> jnp.n
     return params["wte_VxD"][tokens_or_onehot]
 
 
-def _layer_norm(x: jnp.ndarray, g: jnp.ndarray, b: jnp.ndarray, eps: float) -> jnp.ndarray:
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = ((x32 - mean) ** 2).mean(-1, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype) * g + b
-
-
-def _attention(block: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray, rec: HookRecorder,
+def _attention(block: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray, layer: int, rec: HookRecorder,
                past_kv: tuple[jnp.ndarray, jnp.ndarray] | None) -> jnp.ndarray:
     """Causal self-attention; `past_kv` (k, v of a fixed prefix, 1xPxHxK) is attended to first."""
     B, L, _ = x_BxLxD.shape
@@ -114,13 +108,12 @@ def _attention(block: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray, rec: HookReco
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
         t.reshape(B, L, cfg.n_heads, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1)
     )
-    rec.keep_kv(k_BxLxHxK, v_BxLxHxK)
-    k_BxSxHxK, v_BxSxHxK = with_past(past_kv, k_BxLxHxK, v_BxLxHxK)
-    scores_BxHxLxS = jnp.einsum("BLHK,BSHK->BHLS", q_BxLxHxK, k_BxSxHxK).astype(jnp.float32)
-    scores_BxHxLxS = scores_BxHxLxS / jnp.sqrt(jnp.float32(cfg.head_dim))
-    scores_BxHxLxS = jnp.where(causal_mask(L, k_BxSxHxK.shape[1]), scores_BxHxLxS, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores_BxHxLxS, axis=-1).astype(x_BxLxD.dtype)
-    z_BxLxHxK = jnp.einsum("BHLS,BSHK->BLHK", probs, v_BxSxHxK)
+    z_BxLxHxK = attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, rec, past_kv, cfg.head_dim**-0.5)
+    rec.record(layer, ATTN_Z, z_BxLxHxK)
+    # TransformerLens folds ln_1's bias into b_V (fold_ln) and then b_V into b_O (fold_value_biases);
+    # the attention probabilities sum to 1, so its hook_z is z minus that constant per head
+    b_v = (block["ln1_b"] @ block["w_qkv_Dx3HK"] + block["b_qkv"])[2 * cfg.d_model:]
+    rec.record(layer, "attn.hook_z", z_BxLxHxK - b_v.reshape(cfg.n_heads, cfg.head_dim))
     return z_BxLxHxK.reshape(B, L, cfg.d_model) @ block["w_o_HKxD"] + block["b_o"]
 
 
@@ -128,11 +121,18 @@ def _block(block: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray, layer: int,
            rec: HookRecorder, past_kv) -> jnp.ndarray:
     eps = cfg.layer_norm_eps
     rec.record(layer, "hook_resid_pre", x_BxLxD)
-    attn_out = _attention(block, cfg, _layer_norm(x_BxLxD, block["ln1_g"], block["ln1_b"], eps), rec, past_kv)
+    rec.record(layer, "ln1.hook_normalized", layer_normalized(x_BxLxD, eps))
+    attn_in_BxLxD = layer_norm(x_BxLxD, block["ln1_g"], block["ln1_b"], eps)
+    rec.record(layer, ATTN_INPUT, attn_in_BxLxD)
+    attn_out = _attention(block, cfg, attn_in_BxLxD, layer, rec, past_kv)
     rec.record(layer, "hook_attn_out", attn_out)
     x_BxLxD = x_BxLxD + attn_out
     rec.record(layer, "hook_resid_mid", x_BxLxD)
-    pre_BxLxF = _layer_norm(x_BxLxD, block["ln2_g"], block["ln2_b"], eps) @ block["w_in_DxF"] + block["b_in"]
+    rec.record(layer, "hook_mlp_in", x_BxLxD)
+    rec.record(layer, "ln2.hook_normalized", layer_normalized(x_BxLxD, eps))
+    mlp_in_BxLxD = layer_norm(x_BxLxD, block["ln2_g"], block["ln2_b"], eps)
+    rec.record(layer, MLP_INPUT, mlp_in_BxLxD)
+    pre_BxLxF = mlp_in_BxLxD @ block["w_in_DxF"] + block["b_in"]
     rec.record(layer, "mlp.hook_pre", pre_BxLxF)
     post_BxLxF = jax.nn.gelu(pre_BxLxF, approximate=True)
     rec.record(layer, "mlp.hook_post", post_BxLxF)
@@ -158,8 +158,21 @@ def forward(params: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray, rec: HookRecord
         x_BxLxD = _block(params["blocks"][layer], cfg, x_BxLxD, layer, rec, past)
     if not logits:
         return None
-    x_BxLxD = _layer_norm(x_BxLxD, params["lnf_g"], params["lnf_b"], cfg.layer_norm_eps)
+    x_BxLxD = layer_norm(x_BxLxD, params["lnf_g"], params["lnf_b"], cfg.layer_norm_eps)
     return jnp.einsum("BLD,VD->BLV", x_BxLxD, unembedding_VxD(params)).astype(jnp.float32)
+
+
+def hook_names(cfg: GPT2Config) -> HookNames:
+    """TransformerLens points and transformers modules (GPT2Block)."""
+    modules = {"input": "hook_resid_pre", "output": "hook_resid_post",
+               "ln_1.output": ATTN_INPUT, "attn.input": ATTN_INPUT, "attn.c_proj.input": ATTN_Z,
+               "attn.output": "hook_attn_out", "attn.c_proj.output": "hook_attn_out",
+               "ln_2.input": "hook_resid_mid", "ln_2.output": MLP_INPUT, "mlp.input": MLP_INPUT,
+               "mlp.c_fc.output": "mlp.hook_pre", "mlp.act.output": "mlp.hook_post",
+               "mlp.c_proj.input": "mlp.hook_post", "mlp.c_proj.output": "hook_mlp_out",
+               "mlp.output": "hook_mlp_out"}
+    points = tuple(p for p in BLOCK_POINTS if p != "mlp.hook_pre_linear")
+    return HookNames(tl_points=points, layer_prefixes=("transformer.h", "h"), modules=modules)
 
 
 def transformer_lens_config(cfg: GPT2Config) -> GPT2Config:
