@@ -22,6 +22,7 @@ from epo_tui.errors import UserError, first_line, require_utf8
 from epo_tui.text import token_text
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+CHAT_PREFIX = "chat"  # search.prefix that asks for the chat template's user turn
 
 
 def apply_model(params: dict, tokens_or_onehot: jnp.ndarray, prefix_kv=None, *, model_type: str, cfg: Any,
@@ -114,17 +115,38 @@ class LanguageModel:
         """BOS, then the prefix, then the text: each tokenized on its own, as the search lays them out.
 
         The prefix may hold special tokens (a chat template's); the text may not (`prompt_ids`).
+        `prefix = "chat"` is the user turn of the tokenizer's chat template (`chat_prefix`).
         """
         bos = self.tokenizer.bos_token_id
         if bos is None:
             raise UserError(f"the tokenizer of '{self.name}' has no BOS token")
         ids = [bos]
+        if prefix == CHAT_PREFIX:
+            prefix = self.chat_prefix()
         if prefix:
             require_utf8(prefix, "search.prefix")
             ids += self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
         if text:
             ids += self.prompt_ids(text)
         return ids
+
+    def chat_prefix(self) -> str:
+        """The text of the tokenizer's chat template for one user turn, up to where its content goes
+        (Gemma: `<start_of_turn>user\\n`), without the BOS the template starts with (encode adds it).
+
+        Raises UserError when the tokenizer has no chat template (a base model).
+        """
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise UserError(f"search.prefix = \"chat\" needs a chat template, and the tokenizer of '{self.name}' "
+                            "has none (a base model?): set search.prefix to the text itself, or to \"\"")
+        marker = "\x00EPO_TUI_CONTENT\x00"
+        try:
+            rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+        except Exception as err:  # noqa: BLE001 - a template is a program: any failure is the template's
+            raise UserError(f"the chat template of '{self.name}' fails on one user turn: {first_line(err)}") from None
+        head = rendered.split(marker)[0]
+        bos_text = self.tokenizer.bos_token or ""
+        return head[len(bos_text):] if bos_text and head.startswith(bos_text) else head
 
     def prompt_ids(self, text: str, what: str = "the text") -> list[int]:
         """The ids of a text a user typed as (part of) a prompt.
