@@ -5,7 +5,7 @@ The registry is read through sae-lens's own reader (`get_pretrained_saes_directo
 is comes from what sae-lens's conversion loaders (`sae_lens/loading/pretrained_sae_loaders.py`) would
 make of it: `classify` mirrors them, using only what the registry holds (conversion function, repo id,
 release name, SAE id and folder). What epo-tui supports is read at run time from the engine
-(`models.FAMILIES`, `sae.ARCHITECTURES`, `sae.PICKLE_LOADERS`, `hooks.parse_hook`), so the figures
+(`models.FAMILIES`, `sae.ARCHITECTURES`, `sae.PICKLE_LOADERS`, `hooks.BLOCK_POINTS`), so the figures
 follow the code as it grows.
 """
 
@@ -325,19 +325,11 @@ def current_support() -> Support:
 
 
 def _engine_hook_ok(hook: str) -> bool:
-    """Whether the engine's hook parser accepts the point (in block 0 of a one-layer model, or alone for
-    a model-level point like hook_embed)."""
+    """Whether the engine records the TransformerLens point inside a block (`hook_embed` and other
+    model-level points are not recorded)."""
     from epo_tui.engine.models import hooks
-    from epo_tui.errors import UserError
 
-    name = hook if hook.startswith("hook_embed") else f"blocks.0.{hook}"
-    try:
-        hooks.parse_hook(name, 1)
-    except UserError:
-        return False
-    except TypeError:  # a parser with another signature: fall back to its list of points
-        return hook in getattr(hooks, "BLOCK_POINTS", ())
-    return True
+    return hook in hooks.BLOCK_POINTS
 
 
 PICKLES = "PyTorch pickles"
