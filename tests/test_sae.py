@@ -344,3 +344,30 @@ def test_without_usable_densities_liveness_is_unknown(tmp_path, sparsity):
 def test_releases_stored_as_pickles_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="sae.release: 'gpt2-small-hook-z-kk' is stored as PyTorch pickles"):
         load_sae(SAEConfig(release="gpt2-small-hook-z-kk", id="blocks.0.hook_z"), cache_root=tmp_path)
+
+
+def test_gemma_scope_2_sae_loads_offline_from_the_hub_cache(tmp_path):
+    """sae-lens's Gemma Scope 2 loader asks the hub for the weights' shapes over HTTP even when the file
+    is cached; with HF_HUB_OFFLINE=1 (as every test runs) it must be served from the cache. Laid out as
+    google/gemma-scope-2-1b-pt holds it: <folder>/config.json + <folder>/params.safetensors."""
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "gs2"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    weights = {"w_enc": rng.normal(size=(D_IN, D_SAE)).astype(np.float32),
+               "w_dec": rng.normal(size=(D_SAE, D_IN)).astype(np.float32),
+               "b_enc": rng.normal(size=D_SAE).astype(np.float32), "b_dec": rng.normal(size=D_IN).astype(np.float32),
+               "threshold": rng.uniform(0, 1, size=D_SAE).astype(np.float32)}
+    save_file(weights, folder / "params.safetensors")
+    (folder / "config.json").write_text(json.dumps({"architecture": "jump_relu", "model_name": "gemma-v3-1b-pt",
+                                                    "hf_hook_point_in": "model.layers.13.output"}))
+    _in_hub_cache(folder, "google/gemma-scope-2-1b-pt", "resid_post/layer_13_width_16k_l0_medium")
+    cfg = SAEConfig(release="gemma-scope-2-1b-pt-res", id="layer_13_width_16k_l0_medium")
+    params = sae_mod.load_sae(cfg, cache_root=tmp_path / "cache")
+    assert (params.architecture, params.d_in, params.d_sae) == ("jumprelu", D_IN, D_SAE)
+    assert (params.hook_name, params.read_hook) == ("blocks.13.hook_resid_post", "model.layers.13.output")
+    assert params.model_name == "google/gemma-3-1b-pt"
+    assert params.neuronpedia_id == "gemma-3-1b/13-gemmascope-2-res-16k"
+    np.testing.assert_array_equal(np.asarray(params.W_enc_DxS), weights["w_enc"])
+    np.testing.assert_array_equal(np.asarray(params.threshold_S), weights["threshold"])

@@ -36,6 +36,7 @@ from epo_tui import paths
 from epo_tui.atomic import write_bytes_atomic, write_json_atomic
 from epo_tui.config import SAEConfig
 from epo_tui.engine.checkpoint import hub_offline
+from epo_tui.engine.sae_hub import cached_shapes_first
 from epo_tui.errors import ConfigError, UserError, did_you_mean, first_line
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
@@ -308,8 +309,9 @@ def _load_with_sae_lens(sae_cfg: SAEConfig, source: str) -> tuple[dict[str, np.n
         else:
             lookup = _registry_lookup(sae_cfg.release, sae_cfg.id, source)
             try:
-                sae, _, density = SAE.from_pretrained_with_cfg_and_sparsity(sae_cfg.release, sae_cfg.id,
-                                                                            device="cpu", dtype="float32")
+                with cached_shapes_first():
+                    sae, _, density = SAE.from_pretrained_with_cfg_and_sparsity(sae_cfg.release, sae_cfg.id,
+                                                                                device="cpu", dtype="float32")
             except Exception as err:  # noqa: BLE001
                 raise _download_error(sae_cfg.release, sae_cfg.id, err) from None
             density = None if density is None else density.detach().float().cpu().numpy()
