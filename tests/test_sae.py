@@ -212,11 +212,20 @@ def test_local_path_that_is_not_an_sae_folder(tmp_path):
         load_sae(local(tmp_path / "nowhere"), cache_root=tmp_path / "cache")
 
 
-def test_unsupported_normalization(tmp_path):
-    folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, HOOK,
-                              normalize_activations="expected_average_only_in")
-    with pytest.raises(UserError, match="normalize_activations='expected_average_only_in'"):
-        load_sae(local(folder), cache_root=tmp_path / "cache")
+def test_unfolded_whitening_encodes_the_raw_input_as_sae_lens_and_warns(tmp_path):
+    """sae-lens's trainer folds covariance whitening into the weights; a config that still names it is
+    encoded on the raw input by sae-lens, and by us, with a warning."""
+    folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, HOOK, architecture="jumprelu", seed=6)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "covariance_whitening"}))
+    with pytest.warns(UserWarning, match="normalize_activations='covariance_whitening'"):
+        params = load_sae(local(folder), cache_root=tmp_path / "cache")
+    assert params.normalize_activations == "covariance_whitening"
+    x = random_input(2)
+    acts_ref, pre_ref, _ = sae_lens_outputs(folder, x)
+    np.testing.assert_allclose(np.asarray(activations(params, jnp.asarray(x.numpy()))), acts_ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(pre_activations(params, jnp.asarray(x.numpy()))), pre_ref, atol=1e-5,
+                               rtol=0)
 
 
 def fake_sae(d_in: int, d_sae: int, hook_name: str = HOOK) -> SAEParams:
@@ -241,7 +250,7 @@ def test_hook_not_in_model():
     with pytest.raises(UserError, match=r"^sae: hook 'blocks.8.hook_resid_pre' is not in the model"):
         check_fits_model(fake_sae(32, 64, "blocks.8.hook_resid_pre"), n_layers=2, d_model=32)
     with pytest.raises(UserError, match="unknown hook point"):
-        check_fits_model(fake_sae(32, 64, "blocks.0.attn.hook_z"), n_layers=2, d_model=32)
+        check_fits_model(fake_sae(32, 64, "blocks.0.attn.hook_nonsense"), n_layers=2, d_model=32)
     assert check_fits_model(fake_sae(32, 64, "blocks.1.hook_resid_post"), n_layers=2, d_model=32).layer == 1
 
 
@@ -328,8 +337,3 @@ def test_without_usable_densities_liveness_is_unknown(tmp_path, sparsity):
     params, density = sae_mod.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")
     assert density is None and params.d_sae == D_SAE
     assert sae_mod.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")[1] is None
-
-
-def test_releases_stored_as_pickles_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="sae.release: 'gpt2-small-hook-z-kk' is stored as PyTorch pickles"):
-        load_sae(SAEConfig(release="gpt2-small-hook-z-kk", id="blocks.0.hook_z"), cache_root=tmp_path)
