@@ -300,7 +300,8 @@ def _hook_z_release(tmp_path: Path, sae_id: str, state: dict) -> Path:
 def test_a_pickled_state_dict_loads_through_its_sae_lens_loader(tmp_path):
     g = torch.Generator().manual_seed(11)
     d = HEADS * HEAD_DIM
-    state = {"W_enc": torch.randn(d, D_SAE, generator=g) / d**0.5, "b_enc": -0.3 + 0.3 * torch.randn(D_SAE, generator=g),
+    state = {"W_enc": torch.randn(d, D_SAE, generator=g) / d**0.5,
+             "b_enc": -0.3 + 0.3 * torch.randn(D_SAE, generator=g),
              "W_dec": torch.randn(D_SAE, d, generator=g) / d**0.5, "b_dec": 0.1 * torch.randn(d, generator=g)}
     repo = _hook_z_release(tmp_path, "blocks.0.hook_z", state)
     config = SAEConfig(release="gpt2-small-hook-z-kk", id="blocks.0.hook_z")
