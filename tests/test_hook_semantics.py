@@ -37,7 +37,7 @@ def test_gpt2_sae_naming_a_module_reads_its_raw_output_not_the_centred_residual(
     TransformerLens's centred residual (off by up to 2e-2); it must read the block's own output."""
     from transformers import AutoModelForCausalLM
 
-    sae_dir = _sae_naming_a_module(tmp_path / "sae", "blocks.1.hook_resid_post", "transformer.h.1.output")
+    _sae_naming_a_module(tmp_path / "sae", "blocks.1.hook_resid_post", "transformer.h.1.output")
     shutil.copytree(tiny_dir / "model", tmp_path / "model")
     config = load_config(str(write_config(tmp_path / "config.toml", "model", "sae")))
     pair = load_model_with_sae(config)

@@ -241,12 +241,13 @@ def test_loaded_share_follows_families_architectures_hooks_and_loaders(directory
     monkeypatch.undo()
     assert loaded() == base["loaded"]
 
-    # Llama: Llama Scope (both loaders, safetensors, JumpReLU) and a sae-lens-format SAE load; the
-    # Goodfire / DeepSeek pickles, temporal and the andyrdt pickles do not
+    # Llama: everything but the temporal SAEs loads (Llama Scope, a sae-lens-format SAE, and the Goodfire,
+    # DeepSeek and andyrdt checkpoints that torch's weights-only loader reads)
     llama = {name for name, model in registry.MODELS.items() if model.model_type == "llama"}
     monkeypatch.setitem(models.FAMILIES, "llama", "epo_tui.engine.models.llama")
     assert loaded() == base["loaded"] + saes(lambda lookup: lookup.model in llama and lookup.conversion_func in
-                                             ("llama_scope", "llama_scope_r1_distill", None))
+                                             ("llama_scope", "llama_scope_r1_distill", None, "goodfire",
+                                              "deepseek_r1", "dictionary_learning_1"))
     monkeypatch.undo()
 
     # Gemma Scope's Gemma 2 transcoders need both their architecture and their input hook
@@ -261,8 +262,9 @@ def test_loaded_share_follows_families_architectures_hooks_and_loaders(directory
     monkeypatch.undo()
 
     monkeypatch.setattr(hooks, "BLOCK_POINTS", tuple(p for p in hooks.BLOCK_POINTS if p != "attn.hook_z"))
-    gemma_2_att = saes(lambda lookup: lookup.conversion_func == "gemma_2" and "-att" in lookup.repo_id)
-    assert gemma_2_att > 0 and loaded() == base["loaded"] - gemma_2_att
+    hook_z = saes(lambda lookup: (lookup.conversion_func == "gemma_2" and "-att" in lookup.repo_id)
+                  or lookup.conversion_func == "connor_rob_hook_z")
+    assert hook_z > 0 and loaded() == base["loaded"] - hook_z
     monkeypatch.undo()
 
     monkeypatch.setattr(sae, "PICKLE_LOADERS", frozenset())

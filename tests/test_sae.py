@@ -213,11 +213,20 @@ def test_local_path_that_is_not_an_sae_folder(tmp_path):
         load_sae(local(tmp_path / "nowhere"), cache_root=tmp_path / "cache")
 
 
-def test_unsupported_normalization(tmp_path):
-    folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, HOOK,
-                              normalize_activations="expected_average_only_in")
-    with pytest.raises(UserError, match="normalize_activations='expected_average_only_in'"):
-        load_sae(local(folder), cache_root=tmp_path / "cache")
+def test_unfolded_whitening_encodes_the_raw_input_as_sae_lens_and_warns(tmp_path):
+    """sae-lens's trainer folds covariance whitening into the weights; a config that still names it is
+    encoded on the raw input by sae-lens, and by us, with a warning."""
+    folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, HOOK, architecture="jumprelu", seed=6)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "covariance_whitening"}))
+    with pytest.warns(UserWarning, match="normalize_activations='covariance_whitening'"):
+        params = load_sae(local(folder), cache_root=tmp_path / "cache")
+    assert params.normalize_activations == "covariance_whitening"
+    x = random_input(2)
+    acts_ref, pre_ref, _ = sae_lens_outputs(folder, x)
+    np.testing.assert_allclose(np.asarray(activations(params, jnp.asarray(x.numpy()))), acts_ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(pre_activations(params, jnp.asarray(x.numpy()))), pre_ref, atol=1e-5,
+                               rtol=0)
 
 
 def fake_sae(d_in: int, d_sae: int, hook_name: str = HOOK, hf_hook_name: str | None = None) -> SAEParams:
@@ -244,7 +253,7 @@ def test_hook_not_in_model(tiny_pair):
         check_sae_fits(fake_sae(32, 64, "blocks.8.hook_resid_pre"), model)
     with pytest.raises(UserError, match=r"^sae: unknown hook point 'hook_q'"):
         check_sae_fits(fake_sae(32, 64, "blocks.0.hook_q"), model)
-    with pytest.raises(UserError, match=r"^sae: hook 'transformer.h.0.attn.c_q': this model has no module 'attn.c_q' in its layers"):
+    with pytest.raises(UserError, match=r"^sae: hook 'transformer.h.0.attn.c_q': this model has no module 'attn.c_q'"):
         check_sae_fits(fake_sae(32, 64, "blocks.0.hook_q", hf_hook_name="transformer.h.0.attn.c_q"), model)
     assert check_sae_fits(fake_sae(32, 64, "blocks.1.hook_resid_post"), model).layer == 1
     assert check_sae_fits(fake_sae(32, 64, "blocks.0.attn.hook_z"), model).point == "attn.hook_z"
@@ -339,11 +348,6 @@ def test_without_usable_densities_liveness_is_unknown(tmp_path, sparsity):
     params, density = sae_mod.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")
     assert density is None and params.d_sae == D_SAE
     assert sae_mod.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")[1] is None
-
-
-def test_releases_stored_as_pickles_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="sae.release: 'gpt2-small-hook-z-kk' is stored as PyTorch pickles"):
-        load_sae(SAEConfig(release="gpt2-small-hook-z-kk", id="blocks.0.hook_z"), cache_root=tmp_path)
 
 
 def test_gemma_scope_2_sae_loads_offline_from_the_hub_cache(tmp_path):
