@@ -204,7 +204,8 @@ def load_model(model_cfg: ModelConfig) -> LanguageModel:
     cfg = family.Config.from_hf(hf_config)
     _check_sizes(cfg, folder)
     dtype = DTYPES[model_cfg.dtype]
-    checkpoint = CheckpointTensors(folder, read_safetensors(folder), hf_config)
+    keep = getattr(family, "checkpoint_filter", lambda _: None)(hf_config)  # optional: models/__init__.py
+    checkpoint = CheckpointTensors(folder, read_safetensors(folder, keep=keep), hf_config)
     params = family.params_from_checkpoint(checkpoint, cfg, cfg.n_layers)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
     return LanguageModel(name=model_cfg.path or model_cfg.name, model_type=hf_config.model_type,

@@ -11,6 +11,9 @@
 - `CENTERS_WRITES_BY_DEFAULT`: TransformerLens's residual convention for the family,
 - `transformer_lens_config(cfg)`: the config as TransformerLens runs the model,
 - `Config.max_positions`: the longest sequence the model reads.
+
+Optional: `checkpoint_filter(hf_config)`, a predicate on tensor names saying which to read (None: all),
+for checkpoints that hold more than the language model (Gemma 3's vision tower).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ FAMILIES = {
     "gpt2": "epo_tui.engine.models.gpt2",
     "gemma": "epo_tui.engine.models.gemma",
     "gemma2": "epo_tui.engine.models.gemma",
+    "gemma3_text": "epo_tui.engine.models.gemma3",
+    "gemma3": "epo_tui.engine.models.gemma3",
 }
 
 
