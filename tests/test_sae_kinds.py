@@ -444,3 +444,44 @@ def test_sae_target_reads_every_kind_as_sae_lens(tiny_dir, tiny_residual, tmp_pa
     np.testing.assert_allclose(np.asarray(optimized[0]), pre_ref[:, features], atol=1e-4)
     np.testing.assert_allclose(np.asarray(reported[0]), acts_ref[:, features], atol=1e-4)
     assert np.abs(np.asarray(reported[0])).max() > 0
+
+
+@pytest.mark.parametrize(("hook", "d_in", "kind"), [
+    ("blocks.1.attn.hook_z", 32, "hook_z"),  # through layer 1's W_O (heads concatenated)
+    ("blocks.1.mlp.hook_post", 128, "mlp"),  # through layer 1's down projection
+    ("blocks.1.ln2.hook_normalized", 32, "transcoder"),  # the decoder writes hook_mlp_out
+])
+def test_catalog_reads_every_decoder_as_the_residual_direction_it_writes(tiny_pair, tmp_path, hook, d_in, kind):
+    """The feature list's top tokens for SAEs whose decoder is not in the residual basis: the row mapped
+    to the residual (W_O / the MLP's output weight of the tiny GPT-2, written out here by hand) through
+    the folded unembedding."""
+    import dataclasses
+
+    from epo_tui.engine.logit_lens import compute_catalog
+
+    extra = (dict(architecture="transcoder", d_out=32, hook_name_out="blocks.1.hook_mlp_out") if kind == "transcoder"
+             else dict(reshape_activations="hook_z") if kind == "hook_z" else {})
+    folder = write_random_sae(tmp_path / "sae", d_in, D_SAE, hook, seed=4, **extra)
+    sae = load_sae(local(folder), cache_root=tmp_path / "cache")
+    pair = dataclasses.replace(tiny_pair, sae=sae, log10_density_S=None)
+    block = tiny_pair.model.params["blocks"][1]
+    W_dec = np.asarray(sae.W_dec_SxD, np.float64)
+    maps_to_residual = {"hook_z": block["w_o_HKxD"], "mlp": block["w_out_FxD"], "transcoder": np.eye(32)}[kind]
+    rows = W_dec @ np.asarray(maps_to_residual, np.float64)
+    logits = rows @ np.asarray(tiny_pair.model.folded_unembedding_VxD(), np.float64).T
+    logits[:, tiny_pair.model.special_token_ids()] = -np.inf
+    entries = compute_catalog(pair, k=5, show_progress=False)
+    for entry, row in zip(entries, logits):
+        assert set(entry.top_token_ids) == set(np.argsort(-row)[:5].tolist())
+
+
+def test_catalog_of_an_sae_on_the_mlp_pre_activation_has_no_top_tokens(tiny_pair, tmp_path):
+    import dataclasses
+
+    from epo_tui.engine.logit_lens import compute_catalog
+
+    folder = write_random_sae(tmp_path / "sae", 128, D_SAE, "blocks.1.mlp.hook_pre", seed=4)
+    pair = dataclasses.replace(tiny_pair, sae=load_sae(local(folder), cache_root=tmp_path / "cache"),
+                               log10_density_S=None)
+    entries = compute_catalog(pair, show_progress=False)
+    assert len(entries) == D_SAE and all(entry.top_tokens == () for entry in entries)

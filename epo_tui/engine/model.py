@@ -16,12 +16,15 @@ import numpy as np
 from epo_tui.config import ModelConfig
 from epo_tui.engine.checkpoint import CheckpointTensors, read_safetensors, resolve_checkpoint_dir
 from epo_tui.engine.models import family_module
-from epo_tui.engine.models.hooks import HookPoint, HookRecorder, parse_hook
+from epo_tui.engine.models.hooks import ATTN_Z, HookPoint, HookRecorder, parse_hook
 from epo_tui.engine.token_bytes import TokenBytes
 from epo_tui.errors import UserError, first_line, require_utf8
 from epo_tui.text import token_text
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# hook points whose activations reach the residual through one linear map: that weight's name prefix
+WRITE_WEIGHTS = {"attn.hook_z": ("w_o_",), ATTN_Z: ("w_o_",), "mlp.hook_post": ("w_down_", "w_out_")}
+D_MLP_POINTS = frozenset({"mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"})
 CHAT_PREFIX = "chat"  # search.prefix that asks for the chat template's user turn
 
 
@@ -95,6 +98,26 @@ class LanguageModel:
     def hook_width(self, name: str) -> int:
         """How wide the hook's activations are (d_model, d_mlp, or n_heads * head_dim for attn.hook_z)."""
         return math.prod(getattr(self.cfg, f) for f in self.hook_point(name).width_fields)
+
+    def residual_rows(self, hook: str, rows_xW: jnp.ndarray) -> jnp.ndarray | None:
+        """Directions at `hook` (rows ...xW) as the residual-stream directions they write (...xD): as they are
+        at a residual-basis hook, through the layer's W_O at attn.hook_z (heads concatenated) and through
+        its down projection at mlp.hook_post; None where no linear map leads to the residual (mlp.hook_pre).
+
+        The weights are found by the families' parameter names, whose suffix gives their axes
+        (`w_o_DxHxK`, `w_o_HKxD`, `w_down_DxF`, `w_out_FxD`).
+        """
+        point = self.hook_point(hook)
+        prefixes = WRITE_WEIGHTS.get(point.point, ())
+        if not prefixes:
+            return rows_xW if point.point not in D_MLP_POINTS else None
+        block = self.params["blocks"][point.layer]
+        name = next((k for k in block if k.startswith(prefixes)), None)
+        if name is None:  # e.g. a mixture of experts has no single down projection
+            return None
+        w = block[name]
+        w_WxD = w.reshape(w.shape[0], -1).T if name.rsplit("_", 1)[1].startswith("Dx") else w.reshape(-1, self.d_model)
+        return rows_xW.astype(jnp.float32) @ w_WxD.astype(jnp.float32)
 
     def folded_unembedding_VxD(self) -> jnp.ndarray:
         """The unembedding with the final norm's gain folded in: what a residual direction reads as."""

@@ -157,6 +157,14 @@ class SAEParams:
         """The hook the latents read: the transformers module when the config names one, else hook_name."""
         return self.hf_hook_name or self.hook_name
 
+    @property
+    def write_hook(self) -> str:
+        """The hook the decoder writes to: a transcoder's output hook (its transformers module when the
+        config names one), else the hook the latents read."""
+        if self.kind != "sae" and (self.hf_hook_name_out or self.hook_name_out):
+            return self.hf_hook_name_out or self.hook_name_out
+        return self.read_hook
+
 
 ARRAY_FIELDS = ("W_enc_DxS", "b_enc_S", "W_dec_SxD", "b_dec_D", "threshold_S")
 GATED_FIELDS = ("b_gate_S", "mag_scale_S")
