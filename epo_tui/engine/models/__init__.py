@@ -25,6 +25,7 @@ FAMILIES = {
     "gpt2": "epo_tui.engine.models.gpt2",
     "gemma": "epo_tui.engine.models.gemma",
     "gemma2": "epo_tui.engine.models.gemma",
+    "gpt_neox": "epo_tui.engine.models.gpt_neox",
 }
 
 
