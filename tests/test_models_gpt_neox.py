@@ -324,6 +324,7 @@ def test_onehot_input_matches_ids(cases, name):
                            "partial_rotary_factor": 0.25}), ("rope_type 'dynamic' is not supported", "llama3")),
     (dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.3125}),
      ("partial_rotary_factor 0.3125 rotates 5 of its 16 head dims", "supported: an even number")),
+    (dict(num_attention_heads=0), ("cannot read the config", "integer modulo by zero")),  # transformers' own check
     (dict(attention_bias=True, drop="gpt_neox.layers.0.attention.dense.bias"),
      ("no tensor 'gpt_neox.layers.0.attention.dense.bias'", "(attention_bias: true)")),
 ])
