@@ -375,3 +375,31 @@ def test_gemma_scope_2_sae_loads_offline_from_the_hub_cache(tmp_path):
     assert params.neuronpedia_id == "gemma-3-1b/13-gemmascope-2-res-16k"
     np.testing.assert_array_equal(np.asarray(params.W_enc_DxS), weights["w_enc"])
     np.testing.assert_array_equal(np.asarray(params.threshold_S), weights["threshold"])
+
+
+def test_a_dictionary_learning_sae_is_read_on_the_raw_residual(tmp_path, tiny_pair):
+    """SAEBench's sae_bench_pythia70m_* SAEs (sae-lens loader dictionary_learning_1) were trained with
+    dictionary_learning on the transformers model: no TransformerLens centring on a LayerNorm model, though
+    their configs name no model class. Laid out as canrager/lm_sae holds them: <folder>/{config.json, ae.pt}
+    (a plain state dict, read by torch's weights-only loader)."""
+    from epo_tui.engine.pairing import ModelWithSAE
+
+    folder = tmp_path / "dl"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    torch.save({"encoder.weight": torch.tensor(rng.normal(size=(D_SAE, D_IN)), dtype=torch.float32),
+                "encoder.bias": torch.zeros(D_SAE), "decoder.weight": torch.tensor(rng.normal(size=(D_IN, D_SAE)),
+                                                                                  dtype=torch.float32),
+                "bias": torch.zeros(D_IN)}, folder / "ae.pt")
+    (folder / "config.json").write_text(json.dumps({
+        "trainer": {"layer": 3, "dict_class": "AutoEncoder", "activation_dim": D_IN, "dict_size": D_SAE,
+                    "lm_name": "EleutherAI/pythia-70m-deduped"}, "buffer": {"ctx_len": 128}}))
+    sae_id = "blocks.3.hook_resid_post__trainer_10"
+    _in_hub_cache(folder, "canrager/lm_sae", "pythia70m_sweep_standard_ctx128_0712/resid_post_layer_3/trainer_10")
+    params = sae_mod.load_sae(SAEConfig(release="sae_bench_pythia70m_sweep_standard_ctx128_0712", id=sae_id),
+                              cache_root=tmp_path / "cache")
+    assert (params.hook_name, params.model_class_name) == ("blocks.3.hook_resid_post", "AutoModelForCausalLM")
+    np.testing.assert_array_equal(np.asarray(params.W_enc_DxS), torch.load(folder / "ae.pt")["encoder.weight"].T)
+    gpt2 = tiny_pair.model  # a LayerNorm model, as Pythia: the raw residual for this SAE ...
+    assert ModelWithSAE(model=gpt2, sae=params).center_writes is False
+    assert ModelWithSAE(model=gpt2, sae=tiny_pair.sae).center_writes is True  # ... centred for a TL-trained one

@@ -218,10 +218,10 @@ def load_model(model_cfg: ModelConfig) -> LanguageModel:
     from transformers import AutoConfig, AutoTokenizer
 
     folder = resolve_checkpoint_dir(model_cfg.name, model_cfg.path)
-    try:  # transformers validates config.json's values itself (strict dataclasses)
+    try:  # transformers validates config.json's values itself (strict dataclasses; GPT-NeoX divides by the heads)
         hf_config = AutoConfig.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, StrictDataclassError) as err:
+    except (OSError, ValueError, ArithmeticError, StrictDataclassError) as err:
         raise UserError(f"cannot read the config or tokenizer in '{folder}': {first_line(err)}") from None
     family = family_module(hf_config.model_type)
     cfg = family.Config.from_hf(hf_config)

@@ -570,6 +570,18 @@ def _download_error(release: str, sae_id: str, err: Exception) -> UserError:
     )
 
 
+# sae-lens loaders of SAEs trained on the transformers model itself (dictionary_learning reads nnsight's
+# wrapper of AutoModelForCausalLM), whose configs name no model class: no TransformerLens processing
+TRANSFORMERS_TRAINED_LOADERS = frozenset({"dictionary_learning_1"})
+
+
+def _model_class_of_loader(lookup) -> str | None:
+    """The model class an SAE's activations came from, where its sae-lens loader implies one."""
+    if lookup is not None and lookup.conversion_func in TRANSFORMERS_TRAINED_LOADERS:
+        return "AutoModelForCausalLM"
+    return None
+
+
 def _convert(sae, sae_cfg: SAEConfig, lookup) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """A sae-lens SAE (already folded by from_pretrained) -> float32 arrays + meta.json content."""
     import sae_lens
@@ -636,7 +648,7 @@ def _convert(sae, sae_cfg: SAEConfig, lookup) -> tuple[dict[str, np.ndarray], di
         "path": str(sae_cfg.path) if sae_cfg.path is not None else None,
         "neuronpedia_id": neuronpedia_id or metadata.neuronpedia_id,
         "model_name": metadata.model_name,
-        "model_class_name": metadata.model_class_name,
+        "model_class_name": metadata.model_class_name or _model_class_of_loader(lookup),
         "sae_lens_version": sae_lens.__version__,
     }
     return arrays, meta

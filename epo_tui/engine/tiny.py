@@ -1,6 +1,6 @@
 """Tiny random checkpoints, SAEs and configs, for tests and for trying the commands offline.
 
-    python -m epo_tui.engine.tiny DIR [--family gpt2|gemma|gemma2|gemma3_text|gemma3]
+    python -m epo_tui.engine.tiny DIR [--family gpt2|gemma|gemma2|gemma3_text|gemma3|gpt_neox]
                                      [--architecture standard|jumprelu|topk]
 
 writes DIR/model (a Hugging Face checkpoint with a small trained BPE tokenizer), DIR/sae (a sae-lens
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-FAMILIES = ("gpt2", "gemma", "gemma2", "gemma3_text", "gemma3")
+FAMILIES = ("gpt2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox")
 ARCHITECTURES = ("standard", "jumprelu", "topk")
 
 # Training text for the tiny tokenizer: enough variety that common English words get merged.
@@ -26,6 +26,9 @@ Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation! Questions? Yes: no; maybe - (perhap
 _SPECIALS = {
     "gpt2": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
     "gemma": {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"},
+    # Pythia's tokenizer: <|endoftext|> begins and ends texts, <|padding|> pads
+    "gpt_neox": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                 "pad_token": "<|padding|>"},
 }
 # A multimodal Gemma 3 tokenizer's image tokens, named as its tokenizer_config.json names them.
 GEMMA3_IMAGE_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
@@ -37,9 +40,10 @@ def write_tokenizer(folder: Path, family: str, vocab_size: int = 320) -> int:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = _SPECIALS["gpt2" if family == "gpt2" else "gemma"]
+    specials = _SPECIALS.get(family, _SPECIALS["gemma"])
     special_tokens = list(dict.fromkeys(specials.values()))
-    if family != "gpt2":
+    chat = family.startswith("gemma")
+    if chat:
         special_tokens += ["<start_of_turn>", "<end_of_turn>"]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -49,7 +53,7 @@ def write_tokenizer(folder: Path, family: str, vocab_size: int = 320) -> int:
     tokenizer.train_from_iterator([_CORPUS] * 4, trainer)
     named = {"extra_special_tokens": GEMMA3_IMAGE_TOKENS} if family == "gemma3" else {}
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **specials, **named)
-    if family != "gpt2":
+    if chat:
         wrapped.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
     wrapped.save_pretrained(folder)
     return len(wrapped)
@@ -57,12 +61,18 @@ def write_tokenizer(folder: Path, family: str, vocab_size: int = 320) -> int:
 
 def hf_config(family: str, vocab_size: int, **overrides):
     """A small transformers config of the family (2 layers, d_model 32)."""
-    from transformers import Gemma2Config, Gemma3Config, Gemma3TextConfig, GemmaConfig, GPT2Config, SiglipVisionConfig
+    from transformers import (Gemma2Config, Gemma3Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTNeoXConfig,
+                              SiglipVisionConfig)
 
     if family == "gpt2":
         kwargs = dict(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=4,
                       bos_token_id=0, eos_token_id=0)
         return GPT2Config(**{**kwargs, **overrides})
+    if family == "gpt_neox":  # Pythia's shape: parallel blocks, a quarter of each head rotates, untied head
+        kwargs = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, max_position_embeddings=128, rotary_pct=0.25,
+                      use_parallel_residual=True, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+        return GPTNeoXConfig(**{**kwargs, **overrides})
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
                   pad_token_id=2, bos_token_id=0, eos_token_id=1)

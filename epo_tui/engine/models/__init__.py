@@ -30,6 +30,7 @@ FAMILIES = {
     "gemma2": "epo_tui.engine.models.gemma",
     "gemma3_text": "epo_tui.engine.models.gemma3",
     "gemma3": "epo_tui.engine.models.gemma3",
+    "gpt_neox": "epo_tui.engine.models.gpt_neox",
 }
 
 
