@@ -366,13 +366,14 @@ def test_gemma_scope_2_sae_loads_offline_from_the_hub_cache(tmp_path):
     save_file(weights, folder / "params.safetensors")
     (folder / "config.json").write_text(json.dumps({"architecture": "jump_relu", "model_name": "gemma-v3-1b-pt",
                                                     "hf_hook_point_in": "model.layers.13.output"}))
-    _in_hub_cache(folder, "google/gemma-scope-2-1b-pt", "resid_post/layer_13_width_16k_l0_medium")
-    cfg = SAEConfig(release="gemma-scope-2-1b-pt-res", id="layer_13_width_16k_l0_medium")
+    # (the small-L0 one: the sample config's medium one is laid out by tests/test_samples.py)
+    _in_hub_cache(folder, "google/gemma-scope-2-1b-pt", "resid_post/layer_13_width_16k_l0_small")
+    cfg = SAEConfig(release="gemma-scope-2-1b-pt-res", id="layer_13_width_16k_l0_small")
     params = sae_mod.load_sae(cfg, cache_root=tmp_path / "cache")
     assert (params.architecture, params.d_in, params.d_sae) == ("jumprelu", D_IN, D_SAE)
     assert (params.hook_name, params.read_hook) == ("blocks.13.hook_resid_post", "model.layers.13.output")
     assert params.model_name == "google/gemma-3-1b-pt"
-    assert params.neuronpedia_id == "gemma-3-1b/13-gemmascope-2-res-16k"
+    assert params.release == "gemma-scope-2-1b-pt-res" and params.neuronpedia_id is None  # none on Neuronpedia
     np.testing.assert_array_equal(np.asarray(params.W_enc_DxS), weights["w_enc"])
     np.testing.assert_array_equal(np.asarray(params.threshold_S), weights["threshold"])
 
