@@ -1,6 +1,6 @@
 """Tiny random checkpoints, SAEs and configs, for tests and for trying the commands offline.
 
-    python -m epo_tui.engine.tiny DIR [--family gpt2|gemma|gemma2] [--architecture standard|jumprelu|topk]
+    python -m epo_tui.engine.tiny DIR [--family gpt2|gemma|gemma2|llama|...] [--architecture standard|jumprelu|topk]
 
 writes DIR/model (a Hugging Face checkpoint with a small trained BPE tokenizer), DIR/sae (a sae-lens
 folder with random weights) and DIR/config.toml pointing at both. Weights are random: activations
@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-FAMILIES = ("gpt2", "gemma", "gemma2")
+LLAMAS = ("llama", "mistral", "qwen2", "qwen3")  # models/llama.py
+FAMILIES = ("gpt2", "gemma", "gemma2", *LLAMAS)
 ARCHITECTURES = ("standard", "jumprelu", "topk")
 
 # Training text for the tiny tokenizer: enough variety that common English words get merged.
@@ -25,7 +26,15 @@ Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation! Questions? Yes: no; maybe - (perhap
 _SPECIALS = {
     "gpt2": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
     "gemma": {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"},
+    "llama": {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": "<|pad|>"},
 }
+# chat-turn tokens, special like the real tokenizers' (never proposed)
+_CHAT_TOKENS = {"gemma": ["<start_of_turn>", "<end_of_turn>"],
+                "llama": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+
+
+def _tokenizer_kind(family: str) -> str:
+    return "llama" if family in LLAMAS else "gpt2" if family == "gpt2" else "gemma"
 
 
 def write_tokenizer(folder: Path, family: str, vocab_size: int = 320) -> int:
@@ -33,10 +42,9 @@ def write_tokenizer(folder: Path, family: str, vocab_size: int = 320) -> int:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = _SPECIALS["gpt2" if family == "gpt2" else "gemma"]
-    special_tokens = list(dict.fromkeys(specials.values()))
-    if family != "gpt2":
-        special_tokens += ["<start_of_turn>", "<end_of_turn>"]
+    kind = _tokenizer_kind(family)
+    specials, chat = _SPECIALS[kind], _CHAT_TOKENS.get(kind, [])
+    special_tokens = list(dict.fromkeys(specials.values())) + chat
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -44,15 +52,15 @@ def write_tokenizer(folder: Path, family: str, vocab_size: int = 320) -> int:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator([_CORPUS] * 4, trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **specials)
-    if family != "gpt2":
-        wrapped.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    if chat:
+        wrapped.add_special_tokens({"additional_special_tokens": chat})
     wrapped.save_pretrained(folder)
     return len(wrapped)
 
 
 def hf_config(family: str, vocab_size: int, **overrides):
     """A small transformers config of the family (2 layers, d_model 32)."""
-    from transformers import Gemma2Config, GemmaConfig, GPT2Config
+    from transformers import AutoConfig, Gemma2Config, GemmaConfig, GPT2Config
 
     if family == "gpt2":
         kwargs = dict(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=4,
@@ -63,6 +71,8 @@ def hf_config(family: str, vocab_size: int, **overrides):
                   pad_token_id=2, bos_token_id=0, eos_token_id=1)
     if family == "gemma":
         return GemmaConfig(**{**common, **overrides})
+    if family in LLAMAS:
+        return AutoConfig.for_model(family, **{**common, **overrides})
     return Gemma2Config(**{**common, "sliding_window": 4, "query_pre_attn_scalar": 8, **overrides})
 
 

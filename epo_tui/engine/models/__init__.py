@@ -25,6 +25,10 @@ FAMILIES = {
     "gpt2": "epo_tui.engine.models.gpt2",
     "gemma": "epo_tui.engine.models.gemma",
     "gemma2": "epo_tui.engine.models.gemma",
+    "llama": "epo_tui.engine.models.llama",
+    "mistral": "epo_tui.engine.models.llama",
+    "qwen2": "epo_tui.engine.models.llama",
+    "qwen3": "epo_tui.engine.models.llama",
 }
 
 
