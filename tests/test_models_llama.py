@@ -1,4 +1,4 @@
-"""The Llama-style family (models/llama.py: llama, mistral, qwen2, qwen3) against PyTorch:
+"""The Llama-style family (models/llama.py: llama, mistral, qwen2, qwen3, qwen3_moe) against PyTorch:
 transformers for logits and module outputs, TransformerLens for every hook point where TL runs the
 architecture, and a short EPO search on a tiny Llama.
 
@@ -9,7 +9,8 @@ scaling (original context 16, so every frequency is slowed or smoothed) and an u
 attention and MLP biases, `linear` RoPE and head_dim != d_model / heads; Mistral with a sliding
 window of 4 on the 12-token texts; Qwen 2 with q/k/v biases (TL's hook_z folds b_V away), and again
 with its upper layer sliding; Qwen 3 with q/k norms, head_dim 12 and a tied head, and again with attention biases
-and a sliding first layer from `layer_types`.
+and a sliding first layer from `layer_types`; Qwen 3 MoE with 4 experts, top 2, renormalised, and a
+dense first layer (`mlp_only_layers`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ CASES = {
     "qwen3": ("qwen3", dict(head_dim=12, tie_word_embeddings=True)),  # as Qwen3-0.6B ... 4B
     "qwen3-sliding-biases": ("qwen3", dict(**SLIDING, head_dim=12, attention_bias=True,
                                            layer_types=["sliding_attention", "full_attention"])),
+    "qwen3_moe": ("qwen3_moe", dict(head_dim=12, mlp_only_layers=[0])),
 }
 
 
@@ -53,7 +55,7 @@ def _fast(*names: str) -> list:
 
 
 # TransformerLens runs these as transformers does (its Llama ignores an explicit head_dim and biases,
-# and its Qwen 2 ignores sliding windows)
+# its Qwen 2 ignores sliding windows, and it has no Qwen 3 MoE)
 TL_CASES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -97,6 +99,9 @@ def test_each_case_runs_the_variant_it_names(cases):
     assert cfgs["qwen2-sliding"].sliding_layers == (False, True)
     assert cfgs["qwen3"].qk_norm and not cfgs["qwen3"].qkv_bias
     assert cfgs["qwen3-sliding-biases"].sliding_layers == (True, False) and cfgs["qwen3-sliding-biases"].o_bias
+    assert cfgs["qwen3_moe"].moe_layers == (False, True)
+    assert (cfgs["qwen3_moe"].n_experts, cfgs["qwen3_moe"].experts_per_token) == (4, 2)
+    assert cfgs["qwen3_moe"].norm_topk_prob
 
     def off(name, **changes):
         case = cases[name]
@@ -108,6 +113,7 @@ def test_each_case_runs_the_variant_it_names(cases):
     assert off("llama-biases", rope=dataclasses.replace(cfgs["llama-biases"].rope, scaling=("default",))) > 100 * ATOL
     for name in ("mistral", "qwen2-sliding", "qwen3-sliding-biases"):
         assert off(name, sliding_layers=(False, False)) > 100 * ATOL, name
+    assert off("qwen3_moe", norm_topk_prob=False) > 100 * ATOL
 
 
 def test_untied_head_matches_transformers(cases):
@@ -180,7 +186,7 @@ def test_hook_points_match_transformer_lens(cases, name, monkeypatch):
         assert _max_diff(raw["model.layers.0.self_attn.o_proj.input"], expected.reshape(2, SEQ_LEN, -1)) < ATOL
 
 
-@pytest.mark.parametrize("name", _fast("llama", "qwen3-sliding-biases"))
+@pytest.mark.parametrize("name", _fast("qwen3-sliding-biases", "qwen3_moe"))
 def test_bfloat16_logits_close_to_float32(cases, name):
     """As test_models_parity's bf16 test: within 10% of the logit scale, and no further from float32
     than twice transformers' own bfloat16 forward."""
@@ -218,7 +224,7 @@ def test_a_prefix_computed_once_gives_the_same_logits_and_hooks(cases, name):
         assert _max_diff(acts[hook], full_acts[hook][:, 7:]) < ATOL, hook
 
 
-@pytest.mark.parametrize("name", _fast("llama"))
+@pytest.mark.parametrize("name", _fast("qwen3_moe"))
 def test_without_logits_stops_early_and_one_hot_input_equals_ids(cases, name):
     case = cases[name]
     ids = case.ids()
@@ -229,6 +235,36 @@ def test_without_logits_stops_early_and_one_hot_input_equals_ids(cases, name):
     assert _max_diff(acts[hook], full[hook]) < 1e-6
     from_onehot, _ = case.model.forward(jax.nn.one_hot(ids, case.model.vocab_size))
     assert _max_diff(from_onehot, full_logits) < 1e-5
+
+
+def test_moe_layers_have_no_dense_mlp_points(cases):
+    names = llama.hook_names(cases["qwen3_moe"].model.cfg)
+    assert "mlp.hook_pre" not in names.tl_points and "hook_mlp_out" in names.tl_points
+    with pytest.raises(UserError, match="unknown hook point 'mlp.hook_post'"):
+        cases["qwen3_moe"].model.hook_point("blocks.0.mlp.hook_post")
+    assert "mlp.hook_pre" in llama.hook_names(cases["qwen3"].model.cfg).tl_points
+
+
+def test_moe_reads_fused_experts_too(cases, tmp_path):
+    """A checkpoint holding `mlp.experts.gate_up_proj` (E x 2F x D: gate rows, then up rows) and
+    `mlp.experts.down_proj` instead of one tensor per expert gives the same model."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    case = cases["qwen3_moe"]
+    folder = tmp_path / "fused"
+    shutil.copytree(case.folder, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    prefix, E = "model.layers.1.mlp.experts.", case.model.cfg.n_experts
+    per_expert = {name: np.stack([tensors.pop(f"{prefix}{e}.{name}.weight") for e in range(E)])
+                  for name in ("gate_proj", "up_proj", "down_proj")}
+    tensors[prefix + "gate_up_proj"] = np.concatenate([per_expert["gate_proj"], per_expert["up_proj"]], axis=1)
+    tensors[prefix + "down_proj"] = per_expert["down_proj"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    fused = load_model(ModelConfig(name=None, path=str(folder)))
+    ids = case.ids()
+    assert _max_diff(fused.forward(ids)[0], case.model.forward(ids)[0]) == 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +294,7 @@ def test_unsupported_variants_are_one_line(tmp_path, model_type, changes, messag
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama"])
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
 def test_search_improves_on_its_start_and_reports_the_plain_forward(tmp_path, family):
     """`python -m epo_tui.engine.tiny DIR --family X`, then a search: the best objective rises above
     the starting elites', and the elites' act and xent equal a plain forward pass over the prompt."""

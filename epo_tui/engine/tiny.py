@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-LLAMAS = ("llama", "mistral", "qwen2", "qwen3")  # models/llama.py
+LLAMAS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")  # models/llama.py
 FAMILIES = ("gpt2", "gemma", "gemma2", *LLAMAS)
 ARCHITECTURES = ("standard", "jumprelu", "topk")
 
@@ -71,6 +71,8 @@ def hf_config(family: str, vocab_size: int, **overrides):
                   pad_token_id=2, bos_token_id=0, eos_token_id=1)
     if family == "gemma":
         return GemmaConfig(**{**common, **overrides})
+    if family == "qwen3_moe":  # 4 experts, top 2, renormalised (as Qwen3-30B-A3B)
+        common.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True)
     if family in LLAMAS:
         return AutoConfig.for_model(family, **{**common, **overrides})
     return Gemma2Config(**{**common, "sliding_window": 4, "query_pre_attn_scalar": 8, **overrides})

@@ -29,6 +29,7 @@ FAMILIES = {
     "mistral": "epo_tui.engine.models.llama",
     "qwen2": "epo_tui.engine.models.llama",
     "qwen3": "epo_tui.engine.models.llama",
+    "qwen3_moe": "epo_tui.engine.models.llama",
 }
 
 

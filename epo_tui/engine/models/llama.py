@@ -9,10 +9,12 @@ attention, SiLU-gated MLP), each read from its own config fields:
 - `qwen2` (Qwen 2/2.5): q/k/v biases always; sliding windows per `layer_types`
   (`use_sliding_window` + `max_window_layers`);
 - `qwen3`: RMSNorm of each query and key head (`q_norm`, `k_norm`) before RoPE, `attention_bias`,
-  sliding windows as Qwen 2.
+  sliding windows as Qwen 2;
+- `qwen3_moe` (Qwen3-30B-A3B): Qwen 3's attention with a sparse mixture of experts as the MLP of the
+  layers `decoder_sparse_step` / `mlp_only_layers` pick (models/moe.py).
 
 Shapes: B batch, L/S query/key positions, D d_model, H query heads, G key-value heads, K head dim,
-F MLP width, V vocabulary.
+F MLP width, E experts, V vocabulary.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from epo_tui.engine.models.hooks import (ATTN_INPUT, ATTN_Z, BLOCK_POINTS, MLP_I
                                          prefix_length)
 from epo_tui.engine.models.layers import (Rope, apply_rope, attend, gated_mlp, hf_rope_settings, rms_norm,
                                           rms_normalized, rope_from_hf)
+from epo_tui.engine.models.moe import moe_mlp
 from epo_tui.errors import UserError
 
 FAMILY = "llama"
@@ -39,6 +42,7 @@ _TYPES = {
     "mistral": ("Mistral", False, False, False),
     "qwen2": ("Qwen2", True, False, True),
     "qwen3": ("Qwen3", False, True, True),
+    "qwen3_moe": ("Qwen3-MoE", False, True, False),
 }
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -61,6 +65,11 @@ class LlamaConfig:
     qk_norm: bool  # Qwen 3: RMSNorm over each query/key head before RoPE
     sliding_window: int | None
     sliding_layers: tuple[bool, ...]  # per layer: sliding-window attention
+    moe_layers: tuple[bool, ...] = ()  # per layer: a sparse mixture of experts replaces the MLP
+    n_experts: int = 0
+    experts_per_token: int = 0
+    d_expert: int = 0  # each expert's MLP width (moe_intermediate_size)
+    norm_topk_prob: bool = False  # renormalise the chosen experts' probabilities to sum to 1
 
     @classmethod
     def from_hf(cls, hf) -> LlamaConfig:
@@ -72,6 +81,7 @@ class LlamaConfig:
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         attention_bias = bool(getattr(hf, "attention_bias", False))
         sliding_window, sliding = _sliding(hf, name, layer_typed)
+        moe = _moe_layers(hf) if hf.model_type == "qwen3_moe" else (False,) * n_layers
         return cls(
             n_layers=n_layers,
             d_model=hf.hidden_size,
@@ -89,6 +99,11 @@ class LlamaConfig:
             qk_norm=qk_norm,
             sliding_window=sliding_window if any(sliding) else None,
             sliding_layers=sliding,
+            moe_layers=moe,
+            n_experts=hf.num_experts if any(moe) else 0,
+            experts_per_token=hf.num_experts_per_tok if any(moe) else 0,
+            d_expert=hf.moe_intermediate_size if any(moe) else 0,
+            norm_topk_prob=bool(getattr(hf, "norm_topk_prob", False)) and any(moe),
         )
 
 
@@ -103,13 +118,15 @@ def _rope(hf, head_dim: int, name: str) -> Rope:
 
 
 def _sliding(hf, name: str, layer_typed: bool) -> tuple[int | None, tuple[bool, ...]]:
-    """(window, per-layer sliding) as transformers applies them: Mistral slides on every
+    """(window, per-layer sliding) as transformers applies them: Mistral and Qwen3-MoE slide on every
     layer when `sliding_window` is set; Qwen 2/3 on the layers `layer_types` names sliding (built from
     use_sliding_window and max_window_layers when the config has none). Llama has no window."""
     n = hf.num_hidden_layers
     if hf.model_type == "llama":
         return None, (False,) * n
     window = getattr(hf, "sliding_window", None)
+    if hf.model_type == "qwen3_moe" and not getattr(hf, "use_sliding_window", False):
+        window = None
     if not layer_typed:
         return window, (bool(window),) * n
     types = getattr(hf, "layer_types", None) or ["full_attention"] * n
@@ -124,17 +141,25 @@ def _sliding(hf, name: str, layer_typed: bool) -> tuple[int | None, tuple[bool, 
     return window, sliding
 
 
+def _moe_layers(hf) -> tuple[bool, ...]:
+    """Which layers hold a sparse MoE block, as Qwen3MoeDecoderLayer decides."""
+    step, only_dense = hf.decoder_sparse_step, set(getattr(hf, "mlp_only_layers", None) or ())
+    return tuple(i not in only_dense and hf.num_experts > 0 and (i + 1) % step == 0
+                 for i in range(hf.num_hidden_layers))
+
+
 def params_from_checkpoint(checkpoint: CheckpointTensors, cfg: LlamaConfig, n_layers: int) -> dict:
     """HF names (with or without the `model.` prefix) -> our pytree. Linear weights stay OutxIn.
 
-    Biases and q/k norms are there only where the config has them; `unembed_VxD` only when
+    Biases, q/k norms and experts are there only where the config has them; `unembed_VxD` only when
     the head is not the token embedding (see CheckpointTensors.embedding_and_head). Raises UserError
     for a missing or mis-shaped tensor.
     """
     H, G, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
     q_width, kv_width = "num_attention_heads*head_dim", "num_key_value_heads*head_dim"
     sizes = {"hidden_size": D, "intermediate_size": cfg.d_mlp, q_width: H * K, kv_width: G * K,
-             "head_dim": K}
+             "head_dim": K, "num_experts": cfg.n_experts, "moe_intermediate_size": cfg.d_expert,
+             "2*moe_intermediate_size": 2 * cfg.d_expert}
 
     def get(key: str, *dims: str, needed_by: str = "model_type") -> jnp.ndarray:
         # *ForCausalLM saves its body under `model.`, a bare *Model without it
@@ -165,13 +190,16 @@ def params_from_checkpoint(checkpoint: CheckpointTensors, cfg: LlamaConfig, n_la
         if cfg.qk_norm:
             block["q_norm_w_K"] = layer("self_attn.q_norm.weight", "head_dim", needed_by="model_type")
             block["k_norm_w_K"] = layer("self_attn.k_norm.weight", "head_dim", needed_by="model_type")
-        block["w_gate_FxD"] = layer("mlp.gate_proj.weight", "intermediate_size", "hidden_size")
-        block["w_up_FxD"] = layer("mlp.up_proj.weight", "intermediate_size", "hidden_size")
-        block["w_down_DxF"] = layer("mlp.down_proj.weight", "hidden_size", "intermediate_size")
-        if cfg.mlp_bias:
-            block["b_gate_F"] = layer("mlp.gate_proj.bias", "intermediate_size", needed_by="mlp_bias")
-            block["b_up_F"] = layer("mlp.up_proj.bias", "intermediate_size", needed_by="mlp_bias")
-            block["b_down_D"] = layer("mlp.down_proj.bias", "hidden_size", needed_by="mlp_bias")
+        if cfg.moe_layers[i]:
+            block.update(_experts(checkpoint, f"model.{p}mlp.", sizes))
+        else:
+            block["w_gate_FxD"] = layer("mlp.gate_proj.weight", "intermediate_size", "hidden_size")
+            block["w_up_FxD"] = layer("mlp.up_proj.weight", "intermediate_size", "hidden_size")
+            block["w_down_DxF"] = layer("mlp.down_proj.weight", "hidden_size", "intermediate_size")
+            if cfg.mlp_bias:
+                block["b_gate_F"] = layer("mlp.gate_proj.bias", "intermediate_size", needed_by="mlp_bias")
+                block["b_up_F"] = layer("mlp.up_proj.bias", "intermediate_size", needed_by="mlp_bias")
+                block["b_down_D"] = layer("mlp.down_proj.bias", "hidden_size", needed_by="mlp_bias")
         blocks.append(block)
     embed_VxD, unembed_VxD = checkpoint.embedding_and_head(
         "model.embed_tokens.weight", ("embed_tokens.weight",), [("vocab_size", cfg.vocab_size), ("hidden_size", D)])
@@ -179,6 +207,31 @@ def params_from_checkpoint(checkpoint: CheckpointTensors, cfg: LlamaConfig, n_la
     if unembed_VxD is not None:
         params["unembed_VxD"] = unembed_VxD
     return params
+
+
+def _experts(checkpoint: CheckpointTensors, prefix: str, sizes: dict) -> dict:
+    """One MoE block's router and experts: `mlp.experts.{e}.gate_proj.weight` etc. as the hub saves
+    them, or transformers 5's fused `mlp.experts.gate_up_proj` (ExFxD gate rows, then up rows)."""
+    short = prefix.removeprefix("model.")
+
+    def get(key: str, *dims: str) -> jnp.ndarray:
+        return checkpoint.get(prefix + key, [(d, sizes[d]) for d in dims], "num_experts", aliases=(short + key,))
+
+    E, F = sizes["num_experts"], sizes["moe_intermediate_size"]
+    out = {"w_router_ExD": get("gate.weight", "num_experts", "hidden_size")}
+    if checkpoint.find(prefix + "experts.gate_up_proj", (short + "experts.gate_up_proj",)):
+        gate_up = get("experts.gate_up_proj", "num_experts", "2*moe_intermediate_size", "hidden_size")
+        out["w_gate_ExFxD"], out["w_up_ExFxD"] = gate_up[:, :F], gate_up[:, F:]
+        out["w_down_ExDxF"] = get("experts.down_proj", "num_experts", "hidden_size", "moe_intermediate_size")
+        return out
+    per_expert = {name: [get(f"experts.{e}.{name}.weight", *dims) for e in range(E)]
+                  for name, dims in (("gate_proj", ("moe_intermediate_size", "hidden_size")),
+                                     ("up_proj", ("moe_intermediate_size", "hidden_size")),
+                                     ("down_proj", ("hidden_size", "moe_intermediate_size")))}
+    out["w_gate_ExFxD"] = jnp.stack(per_expert["gate_proj"])
+    out["w_up_ExFxD"] = jnp.stack(per_expert["up_proj"])
+    out["w_down_ExDxF"] = jnp.stack(per_expert["down_proj"])
+    return out
 
 
 def embed(params: dict, cfg: LlamaConfig, tokens_or_onehot: jnp.ndarray) -> jnp.ndarray:
@@ -233,7 +286,10 @@ def _block(block: dict, cfg: LlamaConfig, x_BxLxD: jnp.ndarray, layer: int, rec:
     rec.record(layer, "ln2.hook_normalized", rms_normalized(x_BxLxD, eps))
     normed_BxLxD = rms_norm(x_BxLxD, block["ln_mlp_w"], eps, gain_in_float32=False)
     rec.record(layer, MLP_INPUT, normed_BxLxD)
-    mlp_out = gated_mlp(block, normed_BxLxD, layer, rec, jax.nn.silu)
+    if cfg.moe_layers[layer]:
+        mlp_out = moe_mlp(block, normed_BxLxD, cfg.experts_per_token, cfg.norm_topk_prob, jax.nn.silu)
+    else:
+        mlp_out = gated_mlp(block, normed_BxLxD, layer, rec, jax.nn.silu)
     rec.record(layer, "hook_mlp_out", mlp_out)
     x_BxLxD = x_BxLxD + mlp_out
     rec.record(layer, "hook_resid_post", x_BxLxD)
@@ -258,17 +314,22 @@ def forward(params: dict, cfg: LlamaConfig, x_BxLxD: jnp.ndarray, rec: HookRecor
 
 
 def hook_names(cfg: LlamaConfig) -> HookNames:
-    """TransformerLens points and transformers modules (LlamaDecoderLayer and its kin)."""
+    """TransformerLens points and transformers modules (LlamaDecoderLayer and its kin). A model with
+    MoE layers has no single MLP width, so it lacks the MLP's inner points."""
     modules = {"input": "hook_resid_pre", "output": "hook_resid_post",
                "input_layernorm.output": ATTN_INPUT, "self_attn.input": ATTN_INPUT,
                "self_attn.o_proj.input": ATTN_Z,
                "self_attn.output": "hook_attn_out", "self_attn.o_proj.output": "hook_attn_out",
                "post_attention_layernorm.input": "hook_resid_mid",
                "post_attention_layernorm.output": MLP_INPUT, "mlp.input": MLP_INPUT,
-               "mlp.output": "hook_mlp_out", "mlp.gate_proj.output": "mlp.hook_pre",
-               "mlp.up_proj.output": "mlp.hook_pre_linear", "mlp.down_proj.input": "mlp.hook_post",
-               "mlp.down_proj.output": "hook_mlp_out"}
-    return HookNames(tl_points=BLOCK_POINTS, layer_prefixes=("model.layers", "layers"), modules=modules)
+               "mlp.output": "hook_mlp_out"}
+    points = BLOCK_POINTS
+    if any(cfg.moe_layers):
+        points = tuple(p for p in BLOCK_POINTS if p not in ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"))
+    else:
+        modules.update({"mlp.gate_proj.output": "mlp.hook_pre", "mlp.up_proj.output": "mlp.hook_pre_linear",
+                        "mlp.down_proj.input": "mlp.hook_post", "mlp.down_proj.output": "hook_mlp_out"})
+    return HookNames(tl_points=points, layer_prefixes=("model.layers", "layers"), modules=modules)
 
 
 def transformer_lens_config(cfg: LlamaConfig) -> LlamaConfig:
