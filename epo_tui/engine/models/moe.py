@@ -5,7 +5,9 @@ to 1); the block's output is the probability-weighted sum of those experts' SiLU
 every expert runs on every token and the unchosen ones get weight 0: exact, with static shapes (no
 gather or sort), and shardable over experts like any einsum. The price is FLOPs: 3·D·F·E
 multiply-adds per token and MoE layer instead of 3·D·F·k, E/k times the sparse cost (Qwen3-30B-A3B:
-128 experts, top 8, so 16x its active-expert MLP, about 29 GMAC per token over its 48 layers).
+128 experts, top 8, so 16x its active-expert MLP, about 29 GMAC per token over its 48 layers). Dense
+still wins where it was measured: one such layer (D 2048, F 768, E 128, k 8, bfloat16) on 20,480
+tokens took 38 ms on an H200 (656 TFLOP/s), the sorted `jax.lax.ragged_dot` version 306 ms (JAX 0.11).
 
 Shapes: B batch, L positions, D d_model, E experts, F each expert's MLP width.
 """
