@@ -244,25 +244,24 @@ def test_loaded_share_follows_families_architectures_hooks_and_loaders(directory
     # Llama: everything but the temporal SAEs loads (Llama Scope, a sae-lens-format SAE, and the Goodfire,
     # DeepSeek and andyrdt checkpoints that torch's weights-only loader reads)
     llama = {name for name, model in registry.MODELS.items() if model.model_type == "llama"}
-    monkeypatch.setitem(models.FAMILIES, "llama", "epo_tui.engine.models.llama")
-    assert loaded() == base["loaded"] + saes(lambda lookup: lookup.model in llama and lookup.conversion_func in
+    monkeypatch.delitem(models.FAMILIES, "llama")
+    assert loaded() == base["loaded"] - saes(lambda lookup: lookup.model in llama and lookup.conversion_func in
                                              ("llama_scope", "llama_scope_r1_distill", None, "goodfire",
                                               "deepseek_r1", "dictionary_learning_1"))
     monkeypatch.undo()
 
-    # Gemma Scope's Gemma 2 transcoders need both their architecture and their input hook
-    without = tuple(a for a in sae.ARCHITECTURES if a != "jumprelu_transcoder")
-    monkeypatch.setattr(sae, "ARCHITECTURES", without)
-    no_transcoders = loaded()
-    monkeypatch.setattr(sae, "ARCHITECTURES", (*without, "jumprelu_transcoder"))
+    # Transcoders need their architecture, and Gemma Scope's Gemma 2 ones their input hook too
+    monkeypatch.setattr(sae, "ARCHITECTURES", tuple(a for a in sae.ARCHITECTURES if a != "jumprelu_transcoder"))
+    assert loaded() < base["loaded"]
+    monkeypatch.undo()
     transcoders = saes(lambda lookup: lookup.conversion_func == "gemma_2_transcoder")
-    assert transcoders > 0 and loaded() == no_transcoders + transcoders
     monkeypatch.setattr(hooks, "BLOCK_POINTS", tuple(p for p in hooks.BLOCK_POINTS if p != "ln2.hook_normalized"))
-    assert loaded() == no_transcoders
+    assert transcoders > 0 and loaded() == base["loaded"] - transcoders
     monkeypatch.undo()
 
     monkeypatch.setattr(hooks, "BLOCK_POINTS", tuple(p for p in hooks.BLOCK_POINTS if p != "attn.hook_z"))
     hook_z = saes(lambda lookup: (lookup.conversion_func == "gemma_2" and "-att" in lookup.repo_id)
+                  or (lookup.conversion_func == "gemma_3" and "-att" in lookup.release)
                   or lookup.conversion_func == "connor_rob_hook_z")
     assert hook_z > 0 and loaded() == base["loaded"] - hook_z
     monkeypatch.undo()

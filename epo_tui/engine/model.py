@@ -140,10 +140,7 @@ class LanguageModel:
         The prefix may hold special tokens (a chat template's); the text may not (`prompt_ids`).
         `prefix = "chat"` is the user turn of the tokenizer's chat template (`chat_prefix`).
         """
-        bos = self.tokenizer.bos_token_id
-        if bos is None:
-            raise UserError(f"the tokenizer of '{self.name}' has no BOS token")
-        ids = [bos]
+        ids = [self.bos_id]
         if prefix == CHAT_PREFIX:
             prefix = self.chat_prefix()
         if prefix:
@@ -152,6 +149,17 @@ class LanguageModel:
         if text:
             ids += self.prompt_ids(text)
         return ids
+
+    @property
+    def bos_id(self) -> int:
+        """The id every sequence starts with: BOS, or where the tokenizer has none (Qwen), EOS, as
+        TransformerLens prepends it. Raises UserError when it has neither."""
+        bos = self.tokenizer.bos_token_id
+        if bos is None:
+            bos = self.tokenizer.eos_token_id
+        if bos is None:
+            raise UserError(f"the tokenizer of '{self.name}' has neither a BOS nor an EOS token to start a text with")
+        return bos
 
     def chat_prefix(self) -> str:
         """The text of the tokenizer's chat template for one user turn, up to where its content goes

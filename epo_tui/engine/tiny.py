@@ -1,6 +1,6 @@
 """Tiny random checkpoints, SAEs and configs, for tests and for trying the commands offline.
 
-    python -m epo_tui.engine.tiny DIR [--family gpt2|gemma|gemma2|gemma3_text|gemma3|gpt_neox]
+    python -m epo_tui.engine.tiny DIR [--family gpt2|gemma|gemma2|gemma3_text|gemma3|gpt_neox|llama|...]
                                      [--architecture standard|jumprelu|topk]
 
 writes DIR/model (a Hugging Face checkpoint with a small trained BPE tokenizer), DIR/sae (a sae-lens
@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-FAMILIES = ("gpt2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox")
+LLAMAS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")  # models/llama.py
+FAMILIES = ("gpt2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", *LLAMAS)
 ARCHITECTURES = ("standard", "jumprelu", "topk")
 
 # Training text for the tiny tokenizer: enough variety that common English words get merged.
@@ -29,10 +30,20 @@ _SPECIALS = {
     # Pythia's tokenizer: <|endoftext|> begins and ends texts, <|padding|> pads
     "gpt_neox": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                  "pad_token": "<|padding|>"},
+    "llama": {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": "<|pad|>"},
 }
+# chat-turn tokens, special like the real tokenizers' (never proposed)
+_CHAT_TOKENS = {"gemma": ["<start_of_turn>", "<end_of_turn>"],
+                "llama": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
 # A multimodal Gemma 3 tokenizer's image tokens, named as its tokenizer_config.json names them.
 GEMMA3_IMAGE_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                        "image_token": "<image_soft_token>"}
+
+
+def _tokenizer_kind(family: str) -> str:
+    if family in LLAMAS:
+        return "llama"
+    return family if family in ("gpt2", "gpt_neox") else "gemma"
 
 
 def write_tokenizer(folder: Path, family: str, vocab_size: int = 320) -> int:
@@ -40,11 +51,9 @@ def write_tokenizer(folder: Path, family: str, vocab_size: int = 320) -> int:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = _SPECIALS.get(family, _SPECIALS["gemma"])
-    special_tokens = list(dict.fromkeys(specials.values()))
-    chat = family.startswith("gemma")
-    if chat:
-        special_tokens += ["<start_of_turn>", "<end_of_turn>"]
+    kind = _tokenizer_kind(family)
+    specials, chat = _SPECIALS[kind], _CHAT_TOKENS.get(kind, [])
+    special_tokens = list(dict.fromkeys(specials.values())) + chat
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -54,15 +63,15 @@ def write_tokenizer(folder: Path, family: str, vocab_size: int = 320) -> int:
     named = {"extra_special_tokens": GEMMA3_IMAGE_TOKENS} if family == "gemma3" else {}
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **specials, **named)
     if chat:
-        wrapped.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+        wrapped.add_special_tokens({"additional_special_tokens": chat})
     wrapped.save_pretrained(folder)
     return len(wrapped)
 
 
 def hf_config(family: str, vocab_size: int, **overrides):
     """A small transformers config of the family (2 layers, d_model 32)."""
-    from transformers import (Gemma2Config, Gemma3Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTNeoXConfig,
-                              SiglipVisionConfig)
+    from transformers import (AutoConfig, Gemma2Config, Gemma3Config, Gemma3TextConfig, GemmaConfig, GPT2Config,
+                              GPTNeoXConfig, SiglipVisionConfig)
 
     if family == "gpt2":
         kwargs = dict(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=4,
@@ -78,6 +87,10 @@ def hf_config(family: str, vocab_size: int, **overrides):
                   pad_token_id=2, bos_token_id=0, eos_token_id=1)
     if family == "gemma":
         return GemmaConfig(**{**common, **overrides})
+    if family == "qwen3_moe":  # 4 experts, top 2, renormalised (as Qwen3-30B-A3B)
+        common.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True)
+    if family in LLAMAS:
+        return AutoConfig.for_model(family, **{**common, **overrides})
     if family == "gemma2":
         return Gemma2Config(**{**common, "sliding_window": 4, "query_pre_attn_scalar": 8, **overrides})
     # Gemma 3: a sliding and a global layer, each with its own RoPE (linear scaling on the global one)

@@ -31,6 +31,11 @@ FAMILIES = {
     "gemma3_text": "epo_tui.engine.models.gemma3",
     "gemma3": "epo_tui.engine.models.gemma3",
     "gpt_neox": "epo_tui.engine.models.gpt_neox",
+    "llama": "epo_tui.engine.models.llama",
+    "mistral": "epo_tui.engine.models.llama",
+    "qwen2": "epo_tui.engine.models.llama",
+    "qwen3": "epo_tui.engine.models.llama",
+    "qwen3_moe": "epo_tui.engine.models.llama",
 }
 
 
