@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from epo_tui.engine.checkpoint import CheckpointTensors
-from epo_tui.engine.models.hooks import ATTN_INPUT, ATTN_Z, BLOCK_POINTS, MLP_INPUT, HookNames, HookRecorder, prefix_length
+from epo_tui.engine.models.hooks import (ATTN_INPUT, ATTN_Z, BLOCK_POINTS, MLP_INPUT, HookNames, HookRecorder,
+                                         prefix_length)
 from epo_tui.engine.models.layers import (Rope, apply_rope, attend, hf_rope_settings, layer_norm, layer_normalized,
                                           rope_from_hf)
 from epo_tui.errors import UserError
