@@ -251,7 +251,7 @@ def test_loaded_share_follows_families_architectures_hooks_and_loaders(directory
     monkeypatch.undo()
 
     # Transcoders need their architecture, and Gemma Scope's Gemma 2 ones their input hook too
-    monkeypatch.setattr(sae, "ARCHITECTURES", tuple(a for a in sae.ARCHITECTURES if a != "jumprelu_transcoder"))
+    monkeypatch.setattr(sae, "SUPPORTED", tuple(a for a in sae.SUPPORTED if a != "jumprelu_transcoder"))
     assert loaded() < base["loaded"]
     monkeypatch.undo()
     transcoders = saes(lambda lookup: lookup.conversion_func == "gemma_2_transcoder")
@@ -266,35 +266,27 @@ def test_loaded_share_follows_families_architectures_hooks_and_loaders(directory
     assert hook_z > 0 and loaded() == base["loaded"] - hook_z
     monkeypatch.undo()
 
-    # an engine that refuses a loader's pickles (older epo-tui refused five) loses exactly its entries
-    assert "PyTorch pickles" not in base["not_loaded"]
-    monkeypatch.setattr(sae, "PICKLE_LOADERS", frozenset({"connor_rob_hook_z"}), raising=False)
-    report = registry.coverage(directory)
-    assert report["total"]["not_loaded"]["PyTorch pickles"] == 12
-    assert report["total"]["loaded"] == base["loaded"] - 12
-
 
 def test_support_reads_the_engine_now(monkeypatch):
     monkeypatch.setitem(models.FAMILIES, "qwen3", "epo_tui.engine.models.llama")
-    monkeypatch.setattr(sae, "ARCHITECTURES", ("standard", "transcoder"))
+    monkeypatch.setattr(sae, "SUPPORTED", ("standard", "transcoder"))
     support = registry.current_support()
     assert "qwen3" in support.model_types and support.architectures == {"standard", "transcoder"}
     assert support.hook_ok("hook_resid_post") and support.hook_ok("mlp.hook_in")
     assert not support.hook_ok("hook_embed") and not support.hook_ok("attn.hook_q")
-    monkeypatch.delattr(sae, "ARCHITECTURES")  # an engine without the name: nothing loads, no crash
+    monkeypatch.delattr(sae, "SUPPORTED")  # an engine without the name: nothing loads, no crash
     assert registry.current_support().architectures == frozenset()
 
 
 def test_reasons_in_order():
-    support = registry.Support(frozenset({"gpt2"}), frozenset({"standard"}), frozenset({"goodfire"}),
+    support = registry.Support(frozenset({"gpt2"}), frozenset({"standard"}),
                                lambda hook: hook == "hook_resid_pre")
     kind = registry.Kind("standard", "hook_resid_pre")
-    assert registry.why_not("gpt2-small", "sae_lens", kind, support) is None
-    assert registry.why_not("not-a-model", "sae_lens", kind, support) == registry.UNKNOWN_MODEL
-    assert registry.why_not("mistral-7b", "goodfire", kind, support) == "model type mistral"
-    assert registry.why_not("gpt2-small", "goodfire", kind, support) == "PyTorch pickles"
-    assert registry.why_not("gpt2-small", "sae_lens", registry.Kind("topk", "x"), support) == "architecture topk"
-    assert registry.why_not("gpt2-small", "sae_lens", registry.Kind("standard", "x"), support) == "hook x"
+    assert registry.why_not("gpt2-small", kind, support) is None
+    assert registry.why_not("not-a-model", kind, support) == registry.UNKNOWN_MODEL
+    assert registry.why_not("mistral-7b", kind, support) == "model type mistral"
+    assert registry.why_not("gpt2-small", registry.Kind("topk", "x"), support) == "architecture topk"
+    assert registry.why_not("gpt2-small", registry.Kind("standard", "x"), support) == "hook x"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ The registry is read through sae-lens's own reader (`get_pretrained_saes_directo
 is comes from what sae-lens's conversion loaders (`sae_lens/loading/pretrained_sae_loaders.py`) would
 make of it: `classify` mirrors them, using only what the registry holds (conversion function, repo id,
 release name, SAE id and folder). What epo-tui supports is read at run time from the engine
-(`models.FAMILIES`, `sae.ARCHITECTURES`, `sae.PICKLE_LOADERS`, `hooks.BLOCK_POINTS`), so the figures
+(`models.FAMILIES`, `sae.SUPPORTED`, `hooks.BLOCK_POINTS`), so the figures
 follow the code as it grows.
 """
 
@@ -306,11 +306,10 @@ def classify(lookup, sae_id: str) -> Kind:
 
 @dataclass(frozen=True)
 class Support:
-    """What the engine loads: model types, SAE architectures, refused sae-lens loaders, hook points."""
+    """What the engine loads: model types, SAE architectures, hook points."""
 
     model_types: frozenset[str]
     architectures: frozenset[str]
-    refused_loaders: frozenset[str]
     hook_ok: Callable[[str], bool] = field(compare=False)
 
 
@@ -319,8 +318,7 @@ def current_support() -> Support:
     from epo_tui.engine import models, sae
 
     return Support(model_types=frozenset(models.FAMILIES),
-                   architectures=frozenset(getattr(sae, "ARCHITECTURES", ())),
-                   refused_loaders=frozenset(getattr(sae, "PICKLE_LOADERS", ())),
+                   architectures=frozenset(getattr(sae, "SUPPORTED", ())),
                    hook_ok=_engine_hook_ok)
 
 
@@ -332,21 +330,18 @@ def _engine_hook_ok(hook: str) -> bool:
     return hook in hooks.BLOCK_POINTS
 
 
-PICKLES = "PyTorch pickles"
 UNKNOWN_MODEL = "model not in epo-tui's table"
 UNKNOWN_KIND = "kind unknown offline"
 
 
-def why_not(model_name: str, loader: str, kind: Kind, support: Support) -> str | None:
+def why_not(model_name: str, kind: Kind, support: Support) -> str | None:
     """None when epo-tui loads the entry, else the first reason it does not, in a few words: the
-    model family, then the loader, the architecture, the hook."""
+    model family, then the architecture, the hook."""
     model = MODELS.get(model_name)
     if model is None:
         return UNKNOWN_MODEL
     if model.model_type not in support.model_types:
         return f"model type {model.model_type}"
-    if loader in support.refused_loaders:
-        return PICKLES
     if kind.architecture is None:
         return UNKNOWN_KIND
     if kind.architecture not in support.architectures:
@@ -382,7 +377,7 @@ def coverage(directory: dict | None = None, support: Support | None = None,
         kinds: Counter[Kind] = Counter(classify(lookup, sae_id) for sae_id in lookup.saes_map)
         reasons: Counter[str] = Counter()
         for kind, count in kinds.items():
-            reason = why_not(lookup.model, loader, kind, support)
+            reason = why_not(lookup.model, kind, support)
             if reason is not None:
                 reasons[reason] += count
         total = sum(kinds.values())
@@ -415,8 +410,7 @@ def coverage(directory: dict | None = None, support: Support | None = None,
     return {
         "sae_lens_version": _sae_lens_version(),
         "release_filter": release_filter,
-        "supported": {"model_types": sorted(support.model_types), "architectures": sorted(support.architectures),
-                      "refused_loaders": sorted(support.refused_loaders)},
+        "supported": {"model_types": sorted(support.model_types), "architectures": sorted(support.architectures)},
         "releases": releases,
         "total": {"releases": len(releases), "saes": all_saes, "loaded": loaded,
                   "share": loaded / all_saes if all_saes else 0.0,
