@@ -48,7 +48,7 @@ def build_target(pair: ModelWithSAE, feature: FeatureConfig, source: str = "conf
     indices = feature.features
     if feature.kind == "direction" and sae.kind != "sae":
         # its decoder rows live where it writes (hook_name_out), not in the hook its latents read
-        writes_to = sae.hook_name_out or "its output hook"
+        writes_to = sae.write_hook
         raise ConfigError(source, "feature.kind", f"'direction' reads the SAE's hook along a decoder row, but this "
                           f"SAE is a {sae.kind}, whose decoder writes to {writes_to}; use kind 'sae' (its latents), "
                           "or 'neuron', 'logit' or 'vector'")
