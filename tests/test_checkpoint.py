@@ -83,5 +83,5 @@ def test_an_unsupported_model_type_is_named(gpt2_dir, tmp_path):
     shutil.copytree(gpt2_dir, folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
-    with pytest.raises(UserError, match="model type 'bert' is not supported"):
+    with pytest.raises(UserError, match="config.json's model_type 'bert' is not supported"):
         load_model(ModelConfig(name=None, path=str(folder)))

@@ -39,7 +39,9 @@ def test_wheel_ships_themes_and_samples_and_finds_them_at_run_time(tmp_path):
                           text=True, timeout=120, check=True)
     lines = proc.stdout.splitlines()
     assert lines[0].startswith(str(target))
-    assert lines[1] == "['gemma-2-2b-gemma-scope', 'gemma-2b-it-res-jb', 'gpt2-small-res-jb']"
+    assert lines[1] == ("['gemma-2-2b-gemma-scope', 'gemma-2b-it-res-jb', 'gemma-3-1b-it-transcoder', "
+                        "'gemma-3-1b-pt-gemma-scope-2', 'gpt2-small-res-jb', 'llama-3.1-8b-llama-scope', "
+                        "'pythia-70m-deduped-res-sm']")
     assert lines[2] == "['epo-dark', 'epo-light']"
     assert lines[3] == "234"
     assert lines[4] == str(target / "epo_tui" / "demo" / "pack" / "sae")
