@@ -28,7 +28,7 @@ class ModelWithSAE:
     model: LanguageModel
     sae: SAEParams
     log10_density_S: np.ndarray | None = None  # how often each latent fires (None: the SAE ships no record)
-    _placements: dict = field(default_factory=dict, repr=False)
+    _replicas: dict = field(default_factory=dict, repr=False)  # (params, sae) placed, per mesh
 
     @property
     def mesh(self) -> Mesh:
@@ -39,9 +39,9 @@ class ModelWithSAE:
     def placed(self, mesh: Mesh) -> tuple[dict, SAEParams]:
         """(params, sae) on `mesh`, each leaf split along "model" as its name says (engine/sharding.py)
         and whole along "data"; placed once per mesh (a batch reuses them per feature)."""
-        if mesh not in self._placements:
-            self._placements[mesh] = sharding.place((self.model.params, self.sae), mesh)
-        return self._placements[mesh]
+        if mesh not in self._replicas:
+            self._replicas[mesh] = sharding.place((self.model.params, self.sae), mesh)
+        return self._replicas[mesh]
 
     @property
     def trained_on_transformer_lens(self) -> bool:

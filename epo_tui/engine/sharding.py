@@ -89,7 +89,7 @@ def on_host():
     """A context in which new arrays go to host memory (jax's CPU device) where the CPU backend is on,
     so a checkpoint is read whole only there; elsewhere (JAX_PLATFORMS without cpu) it changes nothing."""
     try:
-        return jax.default_device(jax.devices("cpu")[0])
+        return jax.default_device(jax.local_devices(backend="cpu")[0])
     except RuntimeError:
         return contextlib.nullcontext()
 
