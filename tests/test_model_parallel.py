@@ -169,3 +169,26 @@ def test_a_configured_model_axis_reaches_score(on_four, tiny_pair):
     alone = score_text(tiny_pair, "The quick brown fox jumps over the lazy dog", 0)
     np.testing.assert_allclose(configured["activations"], alone["activations"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(configured["xent"], alone["xent"][1:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_the_worker_searches_on_a_configured_model_axis(on_four, tiny_dir, tmp_path):
+    """`epo-tui worker` on 4 devices with `[model] model_parallel = 2`: its ready event says so, and its
+    search ends on the elites the same layout gives in-process."""
+    from test_worker import WorkerProcess
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    w = WorkerProcess(tmp_path, env=env)
+    try:
+        w.expect("hello")
+        w.send("load", id="l", config_path=str(tiny_dir / "config-model-parallel.toml"))
+        ready = w.expect("ready", id="l", timeout=300)
+        assert ready["model_parallel"] == 2 and len(ready["devices"]) == 4
+        w.send("start", id="s", search={**SEARCH, "iterations": ITERATIONS}, checkpoint_seconds=0)
+        finished = w.expect("finished", timeout=300)
+    finally:
+        w.close()
+    result = json.loads((Path(finished["folder"]) / "result.json").read_text())
+    N = len(on_four["gpt2"]["4x2"]["tokens"][0])
+    assert [e["token_ids"][-N:] for e in result["elites"]] == on_four["gpt2"]["4x2"]["tokens"]
