@@ -133,8 +133,8 @@ def test_a_model_parallel_setting_that_cannot_be_is_a_config_error():
     assert sharding.choose_model_parallel(tiny, 2, what="t", n_devices=4, memory=None) == 2
     with pytest.raises(ConfigError) as info:
         sharding.choose_model_parallel(tiny, 3, what="t", n_devices=4, memory=None, source="c.toml")
-    assert str(info.value) == 'c.toml: model.model_parallel: 3 does not divide this host\'s 4 devices (choose 1, 2, 4 ' \
-                              'or "auto")'
+    assert str(info.value) == ("c.toml: model.model_parallel: 3 does not divide this host's 4 devices "
+                               '(choose 1, 2, 4 or "auto")')
     with pytest.raises(ConfigError) as info:
         sharding.choose_model_parallel(tiny, 8, what="t", n_devices=8, memory=None, source="c.toml")
     assert str(info.value) == "c.toml: model.model_parallel: 8 does not divide the model's 4 attention heads"

@@ -34,8 +34,10 @@ AUTO = "auto"
 SPLIT_LETTERS = "EHGFVS"
 # model_parallel must divide these (else a ConfigError): they hold nearly all the weights.
 REQUIRED_LETTERS = {"H": "attention heads", "F": "MLP width"}
-# Weights may take this share of a device's memory; the rest is for activations (an evaluation chunk's
-# BxNxV logits), the prefix's KV cache, the SAE and XLA's buffers.
+# Weights (and the SAE) may take this share of a device's memory; the rest is for activations. XLA's
+# buffer assignment (CPU, float32) at Gemma 3 27B's widths and the default search sizes, split 4 ways:
+# the evaluation's temporaries 0.7 GB per device (an EVAL_CHUNK of BxNxV logits), the gradient pass's
+# 0.07 GB per layer per device.
 WEIGHT_SHARE = 0.8
 
 
