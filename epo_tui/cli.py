@@ -160,7 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("id", metavar="ID", help="a session id (the full id)")
     delete.add_argument("--force", action="store_true",
                         help="delete even a session marked running (its worker was killed)")
+    _registry_options(commands, common)
     return parser
+
+
+def _registry_options(commands, common: argparse.ArgumentParser) -> None:
+    registry = commands.add_parser(
+        "registry", parents=[common], help="which SAEs of the installed sae-lens registry epo-tui loads",
+        description="List the installed sae-lens registry's releases by model: model type, epo-tui family, "
+                    "weight memory in bfloat16, SAE kinds, how many entries epo-tui loads and why not the "
+                    "others; then the share loaded. Offline: nothing is downloaded.")
+    registry.add_argument("--json", action="store_true", help="print one JSON document")
+    registry.add_argument("--release", metavar="SUBSTRING",
+                          help="only releases whose name contains SUBSTRING (any case)")
 
 
 def _search_options(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -475,6 +487,23 @@ def _bench_quality(args: argparse.Namespace, config: Config) -> int:
     return EXIT_INTERRUPTED if report["interrupted"] else 0
 
 
+def cmd_registry(args: argparse.Namespace, config: Config) -> int:
+    from epo_tui.engine import registry
+    from epo_tui.errors import did_you_mean
+    from epo_tui.terminal import print_registry
+
+    directory = registry.read_directory()
+    if args.release is not None and not any(args.release.lower() in name.lower() for name in directory):
+        raise UserError(f"--release: no release name contains '{args.release}'"
+                        f"{did_you_mean(args.release, directory)} ({len(directory)} releases)")
+    report = registry.coverage(directory, release_filter=args.release)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_registry(report)
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace, config: Config) -> int:
     """The Textual app; its worker loads the same config (or its own demo pack, with --demo)."""
     from epo_tui.client import worker_command
@@ -541,4 +570,4 @@ def _session_line(entry) -> str:
 
 
 COMMANDS = {"score": cmd_score, "features": cmd_features, "run": cmd_run, "batch": cmd_batch, "bench": cmd_bench,
-            "worker": cmd_worker, "sessions": cmd_sessions}
+            "worker": cmd_worker, "sessions": cmd_sessions, "registry": cmd_registry}

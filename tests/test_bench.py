@@ -13,6 +13,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from epo_tui import cli
 from epo_tui.engine import bench
 
@@ -93,3 +95,19 @@ def test_compile_cache_fills_its_folder(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(folder)
     assert any(folder.iterdir())
+
+
+@pytest.mark.slow
+def test_bench_shapes_runs_every_setup_and_reports_each(tmp_path):
+    """python -m epo_tui.engine.bench_shapes (the GPU figures in the README): every setup, with a family at
+    its real shapes loaded through load_model, reports its seconds per iteration (small search sizes here)."""
+    from epo_tui.engine.bench_shapes import main
+
+    out = tmp_path / "shapes.json"
+    assert main(["--out", str(out), "--iterations", "2", "--small", "--family", "pythia-70m"]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["setup"], r["dtype"]) for r in runs] == [("gpt2", "float32"), ("gpt2", "float32"),
+                                                      ("gpt2", "bfloat16"), ("gpt2", "bfloat16"),
+                                                      ("pythia-70m", "bfloat16")]
+    assert all(r["median_s"] > 0 and r["elites"] == 2 for r in runs)
+    assert runs[-1]["params"] > 60e6  # Pythia-70m's real shapes, not a tiny model

@@ -20,6 +20,7 @@ import torch
 
 from epo_tui.config import ModelConfig
 from epo_tui.engine.model import load_model
+from epo_tui.engine.models.hooks import TL_ALIASES
 from epo_tui.engine.models import family_module
 from epo_tui.engine.tiny import write_tiny_checkpoint
 
@@ -50,8 +51,8 @@ class Case:
         return np.random.default_rng(batch).integers(0, self.model.vocab_size, (batch, SEQ_LEN)).astype(np.int32)
 
     def all_hooks(self) -> tuple[str, ...]:
-        """Every TransformerLens point of every layer."""
-        points = self.model.family.hook_names(self.model.cfg).tl_points
+        """Every TransformerLens point of every layer (a HookedTransformer has; not TL_ALIASES's newer names)."""
+        points = [p for p in self.model.family.hook_names(self.model.cfg).tl_points if p not in TL_ALIASES]
         return tuple(f"blocks.{layer}.{point}" for layer in range(self.n_layers) for point in points)
 
     def hf_hooks(self) -> dict[str, tuple[int, str]]:
@@ -194,10 +195,13 @@ def test_transformers_module_names_read_exactly_what_the_module_returns_or_recei
     hooks = case.hf_hooks()
     caught = hf_module_activations(case.hf, case.hf.base_model.h if family == "gpt2" else case.hf.model.layers,
                                    hooks, ids)
-    _, acts = case.model.forward(ids, hooks=tuple(hooks), center_writes=True)
-    assert set(caught) == set(acts)
+    _, acts = case.model.forward(ids, hooks=(*hooks, "blocks.1.mlp.hook_in"), center_writes=True)
+    assert set(caught) | {"blocks.1.mlp.hook_in"} == set(acts)
     for name, ref in caught.items():
         assert _max_diff(acts[name], ref) < ATOL, name
+    # TransformerLens's newer name for the MLP's input (mwhanna's transcoders read it)
+    prefix = case.model.family.hook_names(case.model.cfg).layer_prefixes[0]
+    assert _max_diff(acts["blocks.1.mlp.hook_in"], caught[f"{prefix}.1.mlp.input"]) < ATOL
 
 
 def _transformer_lens_model(case: Case, gemma_act_fn: str = "gelu_pytorch_tanh"):

@@ -213,11 +213,20 @@ def test_local_path_that_is_not_an_sae_folder(tmp_path):
         load_sae(local(tmp_path / "nowhere"), cache_root=tmp_path / "cache")
 
 
-def test_unsupported_normalization(tmp_path):
-    folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, HOOK,
-                              normalize_activations="expected_average_only_in")
-    with pytest.raises(UserError, match="normalize_activations='expected_average_only_in'"):
-        load_sae(local(folder), cache_root=tmp_path / "cache")
+def test_unfolded_whitening_encodes_the_raw_input_as_sae_lens_and_warns(tmp_path):
+    """sae-lens's trainer folds covariance whitening into the weights; a config that still names it is
+    encoded on the raw input by sae-lens, and by us, with a warning."""
+    folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, HOOK, architecture="jumprelu", seed=6)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "covariance_whitening"}))
+    with pytest.warns(UserWarning, match="normalize_activations='covariance_whitening'"):
+        params = load_sae(local(folder), cache_root=tmp_path / "cache")
+    assert params.normalize_activations == "covariance_whitening"
+    x = random_input(2)
+    acts_ref, pre_ref, _ = sae_lens_outputs(folder, x)
+    np.testing.assert_allclose(np.asarray(activations(params, jnp.asarray(x.numpy()))), acts_ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(pre_activations(params, jnp.asarray(x.numpy()))), pre_ref, atol=1e-5,
+                               rtol=0)
 
 
 def fake_sae(d_in: int, d_sae: int, hook_name: str = HOOK, hf_hook_name: str | None = None) -> SAEParams:
@@ -244,7 +253,7 @@ def test_hook_not_in_model(tiny_pair):
         check_sae_fits(fake_sae(32, 64, "blocks.8.hook_resid_pre"), model)
     with pytest.raises(UserError, match=r"^sae: unknown hook point 'hook_q'"):
         check_sae_fits(fake_sae(32, 64, "blocks.0.hook_q"), model)
-    with pytest.raises(UserError, match=r"^sae: hook 'transformer.h.0.attn.c_q': this model has no module 'attn.c_q' in its layers"):
+    with pytest.raises(UserError, match=r"^sae: hook 'transformer.h.0.attn.c_q': this model has no module 'attn.c_q'"):
         check_sae_fits(fake_sae(32, 64, "blocks.0.hook_q", hf_hook_name="transformer.h.0.attn.c_q"), model)
     assert check_sae_fits(fake_sae(32, 64, "blocks.1.hook_resid_post"), model).layer == 1
     assert check_sae_fits(fake_sae(32, 64, "blocks.0.attn.hook_z"), model).point == "attn.hook_z"
@@ -341,6 +350,57 @@ def test_without_usable_densities_liveness_is_unknown(tmp_path, sparsity):
     assert sae_mod.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")[1] is None
 
 
-def test_releases_stored_as_pickles_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="sae.release: 'gpt2-small-hook-z-kk' is stored as PyTorch pickles"):
-        load_sae(SAEConfig(release="gpt2-small-hook-z-kk", id="blocks.0.hook_z"), cache_root=tmp_path)
+def test_gemma_scope_2_sae_loads_offline_from_the_hub_cache(tmp_path):
+    """sae-lens's Gemma Scope 2 loader asks the hub for the weights' shapes over HTTP even when the file
+    is cached; with HF_HUB_OFFLINE=1 (as every test runs) it must be served from the cache. Laid out as
+    google/gemma-scope-2-1b-pt holds it: <folder>/config.json + <folder>/params.safetensors."""
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "gs2"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    weights = {"w_enc": rng.normal(size=(D_IN, D_SAE)).astype(np.float32),
+               "w_dec": rng.normal(size=(D_SAE, D_IN)).astype(np.float32),
+               "b_enc": rng.normal(size=D_SAE).astype(np.float32), "b_dec": rng.normal(size=D_IN).astype(np.float32),
+               "threshold": rng.uniform(0, 1, size=D_SAE).astype(np.float32)}
+    save_file(weights, folder / "params.safetensors")
+    (folder / "config.json").write_text(json.dumps({"architecture": "jump_relu", "model_name": "gemma-v3-1b-pt",
+                                                    "hf_hook_point_in": "model.layers.13.output"}))
+    # (the small-L0 one: the sample config's medium one is laid out by tests/test_samples.py)
+    _in_hub_cache(folder, "google/gemma-scope-2-1b-pt", "resid_post/layer_13_width_16k_l0_small")
+    cfg = SAEConfig(release="gemma-scope-2-1b-pt-res", id="layer_13_width_16k_l0_small")
+    params = sae_mod.load_sae(cfg, cache_root=tmp_path / "cache")
+    assert (params.architecture, params.d_in, params.d_sae) == ("jumprelu", D_IN, D_SAE)
+    assert (params.hook_name, params.read_hook) == ("blocks.13.hook_resid_post", "model.layers.13.output")
+    assert params.model_name == "google/gemma-3-1b-pt"
+    assert params.release == "gemma-scope-2-1b-pt-res" and params.neuronpedia_id is None  # none on Neuronpedia
+    np.testing.assert_array_equal(np.asarray(params.W_enc_DxS), weights["w_enc"])
+    np.testing.assert_array_equal(np.asarray(params.threshold_S), weights["threshold"])
+
+
+def test_a_dictionary_learning_sae_is_read_on_the_raw_residual(tmp_path, tiny_pair):
+    """SAEBench's sae_bench_pythia70m_* SAEs (sae-lens loader dictionary_learning_1) were trained with
+    dictionary_learning on the transformers model: no TransformerLens centring on a LayerNorm model, though
+    their configs name no model class. Laid out as canrager/lm_sae holds them: <folder>/{config.json, ae.pt}
+    (a plain state dict, read by torch's weights-only loader)."""
+    from epo_tui.engine.pairing import ModelWithSAE
+
+    folder = tmp_path / "dl"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    torch.save({"encoder.weight": torch.tensor(rng.normal(size=(D_SAE, D_IN)), dtype=torch.float32),
+                "encoder.bias": torch.zeros(D_SAE), "decoder.weight": torch.tensor(rng.normal(size=(D_IN, D_SAE)),
+                                                                                  dtype=torch.float32),
+                "bias": torch.zeros(D_IN)}, folder / "ae.pt")
+    (folder / "config.json").write_text(json.dumps({
+        "trainer": {"layer": 3, "dict_class": "AutoEncoder", "activation_dim": D_IN, "dict_size": D_SAE,
+                    "lm_name": "EleutherAI/pythia-70m-deduped"}, "buffer": {"ctx_len": 128}}))
+    sae_id = "blocks.3.hook_resid_post__trainer_10"
+    _in_hub_cache(folder, "canrager/lm_sae", "pythia70m_sweep_standard_ctx128_0712/resid_post_layer_3/trainer_10")
+    params = sae_mod.load_sae(SAEConfig(release="sae_bench_pythia70m_sweep_standard_ctx128_0712", id=sae_id),
+                              cache_root=tmp_path / "cache")
+    assert (params.hook_name, params.model_class_name) == ("blocks.3.hook_resid_post", "AutoModelForCausalLM")
+    np.testing.assert_array_equal(np.asarray(params.W_enc_DxS), torch.load(folder / "ae.pt")["encoder.weight"].T)
+    gpt2 = tiny_pair.model  # a LayerNorm model, as Pythia: the raw residual for this SAE ...
+    assert ModelWithSAE(model=gpt2, sae=params).center_writes is False
+    assert ModelWithSAE(model=gpt2, sae=tiny_pair.sae).center_writes is True  # ... centred for a TL-trained one

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from epo_tui.config import parse_config
 from epo_tui.engine import sharding
+from epo_tui.engine.tiny import FAMILIES
 from epo_tui.errors import ConfigError, UserError
 
 M = "model"
@@ -45,21 +46,27 @@ def test_a_parameters_name_says_which_axis_is_split(name, shape, model_size, spe
     assert sharding.partition_spec(name, shape, model_size) == spec
 
 
-def test_every_head_and_mlp_weight_of_the_tiny_models_is_split(tiny_dir, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_head_and_mlp_weight_of_each_family_is_split(family, tmp_path):
+    """The name rule alone splits every family's attention and MLP weights (experts too) on a model axis of 2."""
     from epo_tui.config import ModelConfig
     from epo_tui.engine.model import load_model
     from epo_tui.engine.tiny import write_tiny_checkpoint
 
-    gemma2 = write_tiny_checkpoint(tmp_path / "gemma2", "gemma2")
-    for folder in (tiny_dir / "model", gemma2):
-        params = load_model(ModelConfig(name=None, path=str(folder))).params
-        specs = sharding.leaf_specs(params, 2)
-        for block in specs["blocks"]:
-            split = {name for name, spec in block.items() if spec != P()}
-            wanted = {name for name in block if any(a in name.rsplit("_", 1)[-1].split("x") for a in "HGF")}
-            assert split == wanted and split
-        weights = sharding.weights_of(params, 2)
-        assert weights.split > 5 * weights.whole  # norms, biases and positions stay whole
+    folder = write_tiny_checkpoint(tmp_path / family, family)
+    params = load_model(ModelConfig(name=None, path=str(folder))).params
+    sizes = sharding.letter_sizes(params)
+    assert sizes["H"] % 2 == 0 and sizes["F"] % 2 == 0
+    specs = sharding.leaf_specs(params, 2)
+    for block, block_specs in zip(params["blocks"], specs["blocks"]):
+        for name, leaf in block.items():
+            letters = sharding.shape_letters(name, leaf.ndim)
+            if letters is None:
+                assert block_specs[name] == P(), name
+            elif "H" in letters or "F" in letters:
+                assert block_specs[name] != P(), name
+    weights = sharding.weights_of(params, 2)
+    assert weights.split > 5 * weights.whole  # norms, biases and positions stay whole
 
 
 # ----------------------------------------------------------------------------------------------

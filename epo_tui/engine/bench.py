@@ -340,7 +340,7 @@ def analytic_flops(search) -> dict:
     linear = 2 * N * sum(_matmul_params_per_layer(b) for b in blocks)
     attention = len(blocks) * 2 * 2 * N * (P + N) * width
     unembed = 2 * N * D * V
-    sae_columns = sae.d_sae if (st.target.kind == "sae" and sae.architecture == "topk") else st.target.n_features
+    sae_columns = sae.d_sae if (st.target.kind == "sae" and sae.ranks_latents) else st.target.n_features
     target = 2 * N * D * sae_columns if st.target.kind in ("sae", "direction", "vector") else 0
     onehot = 2 * N * V * D
     forward_ids = linear + attention + unembed + target

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +60,10 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
-def read_safetensors(folder: Path, max_layer: int | None = None) -> dict[str, jnp.ndarray]:
-    """All tensors of a checkpoint folder as JAX arrays, skipping layers deeper than `max_layer`."""
+def read_safetensors(folder: Path, max_layer: int | None = None,
+                     keep: Callable[[str], bool] | None = None) -> dict[str, jnp.ndarray]:
+    """All tensors of a checkpoint folder as JAX arrays, skipping layers deeper than `max_layer` and,
+    with `keep`, every tensor whose name it refuses (never read into memory)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -75,6 +77,8 @@ def read_safetensors(folder: Path, max_layer: int | None = None) -> dict[str, jn
         try:
             with safe_open(folder / file, framework="flax") as handle:
                 for key in handle.keys():
+                    if keep is not None and not keep(key):
+                        continue
                     match = _LAYER_RE.search(key)
                     if max_layer is not None and match and int(match.group(1)) > max_layer:
                         continue

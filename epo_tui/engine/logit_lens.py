@@ -28,7 +28,13 @@ def _top_tokens(W_dec_CxD: jnp.ndarray, W_U_VxD: jnp.ndarray, banned_V: jnp.ndar
 
 
 def compute_catalog(pair: ModelWithSAE, k: int = TOP_TOKENS, show_progress: bool = True) -> list[FeatureEntry]:
-    model, W_dec_SxD = pair.model, pair.sae.W_dec_SxD
+    """Each latent's top tokens: its decoder row as the residual direction it writes (through W_O for
+    an attn.hook_z SAE, the down projection for mlp.hook_post; a transcoder's decoder writes its output
+    hook), read through the folded unembedding. None where no linear map reaches the residual."""
+    model, sae = pair.model, pair.sae
+    W_dec_SxD = model.residual_rows(sae.write_hook, sae.W_dec_SxD)
+    if W_dec_SxD is None:
+        return _entries(pair, np.zeros((sae.d_sae, 0), np.int32))
     W_U_VxD = model.folded_unembedding_VxD()
     banned_V = jnp.zeros(W_U_VxD.shape[0], dtype=bool).at[model.special_token_ids()].set(True)
     d_sae = W_dec_SxD.shape[0]
@@ -40,7 +46,11 @@ def compute_catalog(pair: ModelWithSAE, k: int = TOP_TOKENS, show_progress: bool
         for start in range(0, d_sae, CHUNK):
             ids.append(np.asarray(_top_tokens(W_dec_SxD[start:start + CHUNK], W_U_VxD, banned_V, k)))
             progress.update(task, advance=min(CHUNK, d_sae - start))
-    ids_SxK = np.concatenate(ids)[:d_sae]
+    return _entries(pair, np.concatenate(ids)[:d_sae])
+
+
+def _entries(pair: ModelWithSAE, ids_SxK: np.ndarray) -> list[FeatureEntry]:
+    model = pair.model
     used = np.unique(ids_SxK)
     text_of = dict(zip(used.tolist(), model.token_strings(used)))
     density_S = pair.log10_density_S

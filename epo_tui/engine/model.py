@@ -18,12 +18,16 @@ from epo_tui.config import ModelConfig
 from epo_tui.engine import sharding
 from epo_tui.engine.checkpoint import CheckpointTensors, read_safetensors, resolve_checkpoint_dir
 from epo_tui.engine.models import family_module
-from epo_tui.engine.models.hooks import HookPoint, HookRecorder, parse_hook
+from epo_tui.engine.models.hooks import ATTN_Z, HookPoint, HookRecorder, parse_hook
 from epo_tui.engine.token_bytes import TokenBytes
 from epo_tui.errors import UserError, first_line, require_utf8
 from epo_tui.text import token_text
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# hook points whose activations reach the residual through one linear map: that weight's name prefix
+WRITE_WEIGHTS = {"attn.hook_z": ("w_o_",), ATTN_Z: ("w_o_",), "mlp.hook_post": ("w_down_", "w_out_")}
+D_MLP_POINTS = frozenset({"mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"})
+CHAT_PREFIX = "chat"  # search.prefix that asks for the chat template's user turn
 
 
 def apply_model(params: dict, tokens_or_onehot: jnp.ndarray, prefix_kv=None, *, model_type: str, cfg: Any,
@@ -99,6 +103,26 @@ class LanguageModel:
         """How wide the hook's activations are (d_model, d_mlp, or n_heads * head_dim for attn.hook_z)."""
         return math.prod(getattr(self.cfg, f) for f in self.hook_point(name).width_fields)
 
+    def residual_rows(self, hook: str, rows_xW: jnp.ndarray) -> jnp.ndarray | None:
+        """Directions at `hook` (rows ...xW) as the residual-stream directions they write (...xD): as they are
+        at a residual-basis hook, through the layer's W_O at attn.hook_z (heads concatenated) and through
+        its down projection at mlp.hook_post; None where no linear map leads to the residual (mlp.hook_pre).
+
+        The weights are found by the families' parameter names, whose suffix gives their axes
+        (`w_o_DxHxK`, `w_o_HxKxD`, `w_down_DxF`, `w_out_FxD`).
+        """
+        point = self.hook_point(hook)
+        prefixes = WRITE_WEIGHTS.get(point.point, ())
+        if not prefixes:
+            return rows_xW if point.point not in D_MLP_POINTS else None
+        block = self.params["blocks"][point.layer]
+        name = next((k for k in block if k.startswith(prefixes)), None)
+        if name is None:  # e.g. a mixture of experts has no single down projection
+            return None
+        w = block[name]
+        w_WxD = w.reshape(w.shape[0], -1).T if name.rsplit("_", 1)[1].startswith("Dx") else w.reshape(-1, self.d_model)
+        return rows_xW.astype(jnp.float32) @ w_WxD.astype(jnp.float32)
+
     def folded_unembedding_VxD(self) -> jnp.ndarray:
         """The unembedding with the final norm's gain folded in: what a residual direction reads as."""
         return self.family.folded_unembedding_VxD(self.params)
@@ -118,17 +142,46 @@ class LanguageModel:
         """BOS, then the prefix, then the text: each tokenized on its own, as the search lays them out.
 
         The prefix may hold special tokens (a chat template's); the text may not (`prompt_ids`).
+        `prefix = "chat"` is the user turn of the tokenizer's chat template (`chat_prefix`).
         """
-        bos = self.tokenizer.bos_token_id
-        if bos is None:
-            raise UserError(f"the tokenizer of '{self.name}' has no BOS token")
-        ids = [bos]
+        ids = [self.bos_id]
+        if prefix == CHAT_PREFIX:
+            prefix = self.chat_prefix()
         if prefix:
             require_utf8(prefix, "search.prefix")
             ids += self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
         if text:
             ids += self.prompt_ids(text)
         return ids
+
+    @property
+    def bos_id(self) -> int:
+        """The id every sequence starts with: BOS, or where the tokenizer has none (Qwen), EOS, as
+        TransformerLens prepends it. Raises UserError when it has neither."""
+        bos = self.tokenizer.bos_token_id
+        if bos is None:
+            bos = self.tokenizer.eos_token_id
+        if bos is None:
+            raise UserError(f"the tokenizer of '{self.name}' has neither a BOS nor an EOS token to start a text with")
+        return bos
+
+    def chat_prefix(self) -> str:
+        """The text of the tokenizer's chat template for one user turn, up to where its content goes
+        (Gemma: `<start_of_turn>user\\n`), without the BOS the template starts with (encode adds it).
+
+        Raises UserError when the tokenizer has no chat template (a base model).
+        """
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise UserError(f"search.prefix = \"chat\" needs a chat template, and the tokenizer of '{self.name}' "
+                            "has none (a base model?): set search.prefix to the text itself, or to \"\"")
+        marker = "\x00EPO_TUI_CONTENT\x00"
+        try:
+            rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+        except Exception as err:  # noqa: BLE001 - a template is a program: any failure is the template's
+            raise UserError(f"the chat template of '{self.name}' fails on one user turn: {first_line(err)}") from None
+        head = rendered.split(marker)[0]
+        bos_text = self.tokenizer.bos_token or ""
+        return head[len(bos_text):] if bos_text and head.startswith(bos_text) else head
 
     def prompt_ids(self, text: str, what: str = "the text") -> list[int]:
         """The ids of a text a user typed as (part of) a prompt.
@@ -182,17 +235,18 @@ def load_model(model_cfg: ModelConfig, source: str = "config", sae: Any = None) 
     from transformers import AutoConfig, AutoTokenizer
 
     folder = resolve_checkpoint_dir(model_cfg.name, model_cfg.path)
-    try:  # transformers validates config.json's values itself (strict dataclasses)
+    try:  # transformers validates config.json's values itself (strict dataclasses; GPT-NeoX divides by the heads)
         hf_config = AutoConfig.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, StrictDataclassError) as err:
+    except (OSError, ValueError, ArithmeticError, StrictDataclassError) as err:
         raise UserError(f"cannot read the config or tokenizer in '{folder}': {first_line(err)}") from None
     family = family_module(hf_config.model_type)
     cfg = family.Config.from_hf(hf_config)
     _check_sizes(cfg, folder)
     dtype = DTYPES[model_cfg.dtype]
+    keep = getattr(family, "checkpoint_filter", lambda _: None)(hf_config)  # optional: models/__init__.py
     with sharding.on_host():  # no device holds the whole model before it is split
-        checkpoint = CheckpointTensors(folder, read_safetensors(folder), hf_config)
+        checkpoint = CheckpointTensors(folder, read_safetensors(folder, keep=keep), hf_config)
         params = family.params_from_checkpoint(checkpoint, cfg, cfg.n_layers)
         params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
     name = model_cfg.path or model_cfg.name

@@ -19,7 +19,7 @@ import numpy as np
 from epo_tui.config import FeatureConfig
 from epo_tui.engine.pairing import ModelWithSAE
 from epo_tui.engine.sae import SAEParams, check_feature_index, feature_pre_and_act
-from epo_tui.errors import UserError
+from epo_tui.errors import ConfigError, UserError
 
 LP_FLOOR = 1e-6  # keeps x**p differentiable where relu(a + offset) is 0
 
@@ -46,6 +46,12 @@ def build_target(pair: ModelWithSAE, feature: FeatureConfig, source: str = "conf
     """The target the config describes, checked against the model and SAE."""
     model, sae = pair.model, pair.sae
     indices = feature.features
+    if feature.kind == "direction" and sae.kind != "sae":
+        # its decoder rows live where it writes (hook_name_out), not in the hook its latents read
+        writes_to = sae.hook_name_out or "its output hook"
+        raise ConfigError(source, "feature.kind", f"'direction' reads the SAE's hook along a decoder row, but this "
+                          f"SAE is a {sae.kind}, whose decoder writes to {writes_to}; use kind 'sae' (its latents), "
+                          "or 'neuron', 'logit' or 'vector'")
     hook = sae.read_hook if feature.kind in ("sae", "direction") else feature.hook
     if feature.kind != "logit":
         model.hook_point(hook)

@@ -11,6 +11,9 @@
 - `CENTERS_WRITES_BY_DEFAULT`: TransformerLens's residual convention for the family,
 - `transformer_lens_config(cfg)`: the config as TransformerLens runs the model,
 - `Config.max_positions`: the longest sequence the model reads.
+
+Optional: `checkpoint_filter(hf_config)`, a predicate on tensor names saying which to read (None: all),
+for checkpoints that hold more than the language model (Gemma 3's vision tower).
 """
 
 from __future__ import annotations
@@ -25,10 +28,31 @@ FAMILIES = {
     "gpt2": "epo_tui.engine.models.gpt2",
     "gemma": "epo_tui.engine.models.gemma",
     "gemma2": "epo_tui.engine.models.gemma",
+    "gemma3_text": "epo_tui.engine.models.gemma3",
+    "gemma3": "epo_tui.engine.models.gemma3",
+    "gpt_neox": "epo_tui.engine.models.gpt_neox",
+    "llama": "epo_tui.engine.models.llama",
+    "mistral": "epo_tui.engine.models.llama",
+    "qwen2": "epo_tui.engine.models.llama",
+    "qwen3": "epo_tui.engine.models.llama",
+    "qwen3_moe": "epo_tui.engine.models.llama",
+}
+
+
+# Model types behind sae-lens registry entries that no family runs yet, and what they would take.
+NOT_YET = {
+    "qwen3_5": "Qwen 3.5 interleaves linear-attention (Gated DeltaNet) layers with full attention",
+    "qwen3_5_moe": "Qwen 3.5 interleaves linear-attention (Gated DeltaNet) layers with full attention, "
+                   "and its MLPs are mixtures of experts",
+    "qwen3_next": "Qwen3-Next interleaves linear-attention (Gated DeltaNet) layers with full attention",
+    "gpt_oss": "gpt-oss has attention sinks and a mixture of experts with its own activation",
 }
 
 
 def family_module(model_type: str) -> ModuleType:
+    """Our module for a Hugging Face `model_type`; UserError naming config.json's model_type otherwise."""
     if model_type not in FAMILIES:
-        raise UserError(f"model type '{model_type}' is not supported (supported: {', '.join(FAMILIES)})")
+        why = f": {NOT_YET[model_type]}, which epo-tui does not run yet" if model_type in NOT_YET else ""
+        raise UserError(f"config.json's model_type '{model_type}' is not supported{why} "
+                        f"(supported: {', '.join(FAMILIES)})")
     return importlib.import_module(FAMILIES[model_type])

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from epo_tui.engine.checkpoint import CheckpointTensors
-from epo_tui.engine.models.hooks import ATTN_INPUT, ATTN_Z, BLOCK_POINTS, MLP_INPUT, HookNames, HookRecorder, prefix_length
+from epo_tui.engine.models.hooks import (ATTN_INPUT, ATTN_Z, BLOCK_POINTS, MLP_INPUT, HookNames, HookRecorder,
+                                         prefix_length)
 from epo_tui.engine.models.layers import attend, layer_norm, layer_normalized
 from epo_tui.errors import UserError
 

@@ -32,6 +32,7 @@ BLOCK_POINTS = (
     "hook_resid_mid",
     "hook_mlp_in",  # what the MLP's norm reads (resid_mid; resid_pre in parallel blocks)
     "ln2.hook_normalized",
+    "mlp.hook_in",  # the MLP's input after its norm, gain included (TransformerLens's newer name)
     "mlp.hook_pre",
     "mlp.hook_pre_linear",  # gated MLPs: the up projection
     "mlp.hook_post",
@@ -47,6 +48,8 @@ ATTN_Z = "hf:attn_z"  # W_O's input: attn.hook_z with the value biases (BxLxHxK,
 ATTN_OUTPUT_RAW = "hf:attn_output_raw"  # the attention's output before a post-attention norm
 MLP_INPUT = "hf:mlp_input"  # the MLP's input with the norm's gain
 MLP_OUTPUT_RAW = "hf:mlp_output_raw"  # the MLP's output before a post-feedforward norm
+# TransformerLens names of the same activation as a point above or below.
+TL_ALIASES = {"mlp.hook_in": MLP_INPUT}
 # Points not d_model wide: config attribute(s) whose product is the width.
 POINT_WIDTHS = {"attn.hook_z": ("n_heads", "head_dim"), ATTN_Z: ("n_heads", "head_dim"), "mlp.hook_pre": ("d_mlp",),
                 "mlp.hook_pre_linear": ("d_mlp",), "mlp.hook_post": ("d_mlp",)}
@@ -88,7 +91,7 @@ def parse_hook(name: str, n_layers: int, names: HookNames) -> HookPoint:
         if point not in names.tl_points:
             raise UserError(f"unknown hook point '{point}' in '{name}'{did_you_mean(point, names.tl_points)}"
                             f" (this model has: {', '.join(names.tl_points)})")
-        return HookPoint(_checked_layer(layer, name, n_layers), point, name, True)
+        return HookPoint(_checked_layer(layer, name, n_layers), TL_ALIASES.get(point, point), name, True)
     for prefix in names.layer_prefixes:
         hf = re.match(rf"^{re.escape(prefix)}\.(\d+)(?:\.(.+))?$", name)
         if hf:

@@ -172,12 +172,13 @@ def gated_mlp(block: dict, x_BxLxD: jnp.ndarray, layer: int, rec: HookRecorder, 
     """down(activation(gate(x)) * up(x)) -> mlp_out_BxLxD (Gemma's and Llama's MLP), recording
     TransformerLens's GatedMLP points: hook_pre is the gate, hook_pre_linear the up projection.
 
-    The activation runs in float32 and is cast back to x's dtype. Weights: w_gate_FxD, w_up_FxD, w_down_DxF.
+    The activation runs in float32 and is cast back to x's dtype. Weights: w_gate_FxD, w_up_FxD, w_down_DxF,
+    and biases b_gate_F, b_up_F, b_down_D where the block has them (Llama's mlp_bias).
     """
-    gate_BxLxF = jnp.einsum("BLD,FD->BLF", x_BxLxD, block["w_gate_FxD"])
+    gate_BxLxF = jnp.einsum("BLD,FD->BLF", x_BxLxD, block["w_gate_FxD"]) + block.get("b_gate_F", 0)
     rec.record(layer, "mlp.hook_pre", gate_BxLxF)
-    up_BxLxF = jnp.einsum("BLD,FD->BLF", x_BxLxD, block["w_up_FxD"])
+    up_BxLxF = jnp.einsum("BLD,FD->BLF", x_BxLxD, block["w_up_FxD"]) + block.get("b_up_F", 0)
     rec.record(layer, "mlp.hook_pre_linear", up_BxLxF)
     post_BxLxF = activation(gate_BxLxF.astype(jnp.float32)).astype(x_BxLxD.dtype) * up_BxLxF
     rec.record(layer, "mlp.hook_post", post_BxLxF)
-    return jnp.einsum("BLF,DF->BLD", post_BxLxF, block["w_down_DxF"])
+    return jnp.einsum("BLF,DF->BLD", post_BxLxF, block["w_down_DxF"]) + block.get("b_down_D", 0)
