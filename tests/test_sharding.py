@@ -66,7 +66,7 @@ def test_every_head_and_mlp_weight_of_each_family_is_split(family, tmp_path):
             elif "H" in letters or "F" in letters:
                 assert block_specs[name] != P(), name
     weights = sharding.weights_of(params, 2)
-    assert weights.split > 5 * weights.whole  # norms, biases and positions stay whole
+    assert weights.split > weights.whole  # norms, biases, positions (and an odd vocabulary) stay whole
 
 
 # ----------------------------------------------------------------------------------------------
