@@ -34,6 +34,9 @@ class ModelConfig:
     name: str | None = "gpt2"  # Hugging Face hub id
     path: str | None = None  # or a local checkpoint directory
     dtype: str = field(default="float32", metadata=_limits(choices=DTYPES))
+    # devices that split each layer's weights (heads, MLP width): "auto" picks the fewest that hold the
+    # model (1 where the devices do not report their memory, as on CPU); the rest split the candidates
+    model_parallel: int | str = "auto"
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,8 @@ def _check_value(value: Any, hint: Any, limits: typing.Mapping, source: str, key
         return tuple(_check_value(v, item, limits, source, f"{key}[{i}]") for i, v in enumerate(value))
     allowed = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
     allowed.discard(type(None))
+    if len(allowed) > 1:  # e.g. int | str: the value's own type where it is one of them
+        return _check_union(value, allowed, source, key)
     expected = allowed.pop()
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -263,6 +268,19 @@ def _check_value(value: Any, hint: Any, limits: typing.Mapping, source: str, key
     if limits.get("max") is not None and value > limits["max"]:
         raise ConfigError(source, key, f"must be <= {limits['max']}, found {value}")
     return value
+
+
+def _check_union(value: Any, allowed: set[type], source: str, key: str) -> Any:
+    """A value of a key that takes a number or a word: only model.model_parallel ("auto" or >= 1)."""
+    if isinstance(value, int) and not isinstance(value, bool) and int in allowed:
+        if value < 1:
+            raise ConfigError(source, key, f"must be >= 1 or \"auto\", found {value}")
+        if value > INT_MAX:
+            raise ConfigError(source, key, f"{value} does not fit in a 64-bit integer (TOML's limit)")
+        return value
+    if value == "auto" and str in allowed:
+        return value
+    raise ConfigError(source, key, f"expected an integer >= 1 or \"auto\", found {_describe(value)}")
 
 
 def _resolve_choice(built, *, table: dict, source: str, section: str, remote: tuple[str, ...],

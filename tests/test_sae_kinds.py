@@ -466,7 +466,8 @@ def test_catalog_reads_every_decoder_as_the_residual_direction_it_writes(tiny_pa
     pair = dataclasses.replace(tiny_pair, sae=sae, log10_density_S=None)
     block = tiny_pair.model.params["blocks"][1]
     W_dec = np.asarray(sae.W_dec_SxD, np.float64)
-    maps_to_residual = {"hook_z": block["w_o_HKxD"], "mlp": block["w_out_FxD"], "transcoder": np.eye(32)}[kind]
+    maps_to_residual = {"hook_z": block["w_o_HxKxD"].reshape(-1, 32), "mlp": block["w_out_FxD"],
+                        "transcoder": np.eye(32)}[kind]
     rows = W_dec @ np.asarray(maps_to_residual, np.float64)
     logits = rows @ np.asarray(tiny_pair.model.folded_unembedding_VxD(), np.float64).T
     logits[:, tiny_pair.model.special_token_ids()] = -np.inf

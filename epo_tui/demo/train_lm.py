@@ -80,7 +80,7 @@ def model_config(spec: LMSpec, vocab_size: int) -> GPT2Config:
 def init_params(cfg: GPT2Config, seed: int) -> dict:
     """GPT-2's initialisation: N(0, 0.02), residual writes scaled by 1/sqrt(2 * layers), norms at 1."""
     keys = iter(jax.random.split(jax.random.PRNGKey(seed), 4 + 4 * cfg.n_layers))
-    D, F = cfg.d_model, cfg.d_mlp
+    D, F, H, K = cfg.d_model, cfg.d_mlp, cfg.n_heads, cfg.head_dim
 
     def normal(shape, std=0.02):
         return std * jax.random.normal(next(keys), shape, jnp.float32)
@@ -88,8 +88,8 @@ def init_params(cfg: GPT2Config, seed: int) -> dict:
     proj_std = 0.02 / math.sqrt(2 * cfg.n_layers)
     blocks = [{
         "ln1_g": jnp.ones(D), "ln1_b": jnp.zeros(D),
-        "w_qkv_Dx3HK": normal((D, 3 * D)), "b_qkv": jnp.zeros(3 * D),
-        "w_o_HKxD": normal((D, D), proj_std), "b_o": jnp.zeros(D),
+        "w_qkv_Dx3xHxK": normal((D, 3 * D)).reshape(D, 3, H, K), "b_qkv": jnp.zeros(3 * D),
+        "w_o_HxKxD": normal((D, D), proj_std).reshape(H, K, D), "b_o": jnp.zeros(D),
         "ln2_g": jnp.ones(D), "ln2_b": jnp.zeros(D),
         "w_in_DxF": normal((D, F)), "b_in": jnp.zeros(F),
         "w_out_FxD": normal((F, D), proj_std), "b_out": jnp.zeros(D),
@@ -98,19 +98,21 @@ def init_params(cfg: GPT2Config, seed: int) -> dict:
             "lnf_g": jnp.ones(D), "lnf_b": jnp.zeros(D), "blocks": blocks}
 
 
-_HF_NAMES = {"ln1_g": "ln_1.weight", "ln1_b": "ln_1.bias", "w_qkv_Dx3HK": "attn.c_attn.weight",
-             "b_qkv": "attn.c_attn.bias", "w_o_HKxD": "attn.c_proj.weight", "b_o": "attn.c_proj.bias",
+_HF_NAMES = {"ln1_g": "ln_1.weight", "ln1_b": "ln_1.bias", "w_qkv_Dx3xHxK": "attn.c_attn.weight",
+             "b_qkv": "attn.c_attn.bias", "w_o_HxKxD": "attn.c_proj.weight", "b_o": "attn.c_proj.bias",
              "ln2_g": "ln_2.weight", "ln2_b": "ln_2.bias", "w_in_DxF": "mlp.c_fc.weight", "b_in": "mlp.c_fc.bias",
              "w_out_FxD": "mlp.c_proj.weight", "b_out": "mlp.c_proj.bias"}
 
 
-def checkpoint_from_params(params: dict) -> dict[str, np.ndarray]:
+def checkpoint_from_params(params: dict, cfg: GPT2Config) -> dict[str, np.ndarray]:
     """The inverse of gpt2.params_from_checkpoint: HF GPT-2 names (transformer.*), float32 numpy."""
     out = {"transformer.wte.weight": params["wte_VxD"], "transformer.wpe.weight": params["wpe_PxD"],
            "transformer.ln_f.weight": params["lnf_g"], "transformer.ln_f.bias": params["lnf_b"]}
     for i, block in enumerate(params["blocks"]):
+        flat = {**block, "w_qkv_Dx3xHxK": block["w_qkv_Dx3xHxK"].reshape(cfg.d_model, -1),  # Conv1D: in x out
+                "w_o_HxKxD": block["w_o_HxKxD"].reshape(-1, cfg.d_model)}
         for ours, hf in _HF_NAMES.items():
-            out[f"transformer.h.{i}.{hf}"] = block[ours]
+            out[f"transformer.h.{i}.{hf}"] = flat[ours]
     return {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in out.items()}
 
 
@@ -128,7 +130,7 @@ def save_model(folder: Path, params: dict, cfg: GPT2Config) -> None:
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(checkpoint_from_params(params), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(checkpoint_from_params(params, cfg), str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the pack is shipped
     hf_config(cfg).save_pretrained(folder)
 

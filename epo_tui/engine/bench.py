@@ -132,7 +132,7 @@ def random_gpt2_params(cfg, seed: int = 0) -> dict:
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    D, F, V = cfg.d_model, cfg.d_mlp, cfg.vocab_size
+    D, F, V, H, K = cfg.d_model, cfg.d_mlp, cfg.vocab_size, cfg.n_heads, cfg.head_dim
 
     def normal(*shape, std=0.02):
         return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
@@ -145,8 +145,8 @@ def random_gpt2_params(cfg, seed: int = 0) -> dict:
 
     blocks = [{
         "ln1_g": ones(D), "ln1_b": zeros(D),
-        "w_qkv_Dx3HK": normal(D, 3 * D), "b_qkv": zeros(3 * D),
-        "w_o_HKxD": normal(D, D), "b_o": zeros(D),
+        "w_qkv_Dx3xHxK": normal(D, 3 * D).reshape(D, 3, H, K), "b_qkv": zeros(3 * D),
+        "w_o_HxKxD": normal(D, D).reshape(H, K, D), "b_o": zeros(D),
         "ln2_g": ones(D), "ln2_b": zeros(D),
         "w_in_DxF": normal(D, F), "b_in": zeros(F),
         "w_out_FxD": normal(F, D), "b_out": zeros(D),
@@ -248,11 +248,13 @@ def _step_inputs(search, state):
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from epo_tui.engine.sharding import data_size
+
     K, N = state.tokens_KxN.shape
     tokens = jnp.asarray(state.tokens_KxN)
     key = jax.random.wrap_key_data(jnp.asarray(state.key))
     B = K * search.st.children
-    B_padded = B + (-B) % search.mesh.size
+    B_padded = B + (-B) % data_size(search.mesh)
     children = jax.device_put(jnp.asarray(np.resize(state.tokens_KxN, (B_padded, N)), jnp.int32),
                               NamedSharding(search.mesh, PartitionSpec("data")))
     return tokens, key, children
@@ -279,6 +281,7 @@ def xla_flops(search, state) -> dict:
     import numpy as np
 
     from epo_tui.engine import search as search_module
+    from epo_tui.engine.sharding import data_size
 
     st = search.st
     tokens, key, children = _step_inputs(search, state)
@@ -290,7 +293,7 @@ def xla_flops(search, state) -> dict:
     propose_compiled = search_module.propose.lower(key, tokens, grads, next_logits, search.banned_V, st=st).compile()
     evaluate_compiled = search._evaluate.lower(search.params, search.sae, search.arrays, search.prefix,
                                                children).compile()
-    n_dev = search.mesh.size
+    n_dev = data_size(search.mesh)  # each data row evaluates its share (split over its model axis)
     b_local = children.shape[0] // n_dev
     chunk = min(search_module.EVAL_CHUNK, b_local)
     n_chunks = math.ceil(b_local / chunk)

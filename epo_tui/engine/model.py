@@ -12,8 +12,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from epo_tui.config import ModelConfig
+from epo_tui.engine import sharding
 from epo_tui.engine.checkpoint import CheckpointTensors, read_safetensors, resolve_checkpoint_dir
 from epo_tui.engine.models import family_module
 from epo_tui.engine.models.hooks import ATTN_Z, HookPoint, HookRecorder, parse_hook
@@ -54,6 +56,8 @@ class LanguageModel:
     params: dict
     tokenizer: Any  # transformers PreTrainedTokenizerBase
     dtype: str
+    # the ("data", "model") mesh `params` are placed on (engine/sharding.py); None: wherever they are
+    mesh: Mesh | None = None
 
     @property
     def family(self) -> ModuleType:
@@ -105,7 +109,7 @@ class LanguageModel:
         its down projection at mlp.hook_post; None where no linear map leads to the residual (mlp.hook_pre).
 
         The weights are found by the families' parameter names, whose suffix gives their axes
-        (`w_o_DxHxK`, `w_o_HKxD`, `w_down_DxF`, `w_out_FxD`).
+        (`w_o_DxHxK`, `w_o_HxKxD`, `w_down_DxF`, `w_out_FxD`).
         """
         point = self.hook_point(hook)
         prefixes = WRITE_WEIGHTS.get(point.point, ())
@@ -219,9 +223,14 @@ class LanguageModel:
         return [token_text(raw) for raw in self.token_bytes(ids)]
 
 
-def load_model(model_cfg: ModelConfig) -> LanguageModel:
-    """The checkpoint `model_cfg` names, loaded. Raises UserError (one line, naming the folder) for a
-    config, tokenizer or tensor that does not fit; never a bare exception for a checkpoint's content."""
+def load_model(model_cfg: ModelConfig, source: str = "config", sae: Any = None) -> LanguageModel:
+    """The checkpoint `model_cfg` names, loaded: read into host memory, then placed on a mesh of this
+    host's devices with each layer split over `model_cfg.model_parallel` of them (engine/sharding.py).
+    `sae`, when given, will go on the same mesh: its arrays count when checking the devices' memory.
+
+    Raises UserError (one line, naming the folder) for a config, tokenizer or tensor that does not fit,
+    and for weights the devices cannot hold (saying how many devices of what memory they need); never
+    a bare exception for a checkpoint's content. `source` names the config file in errors."""
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, AutoTokenizer
 
@@ -236,11 +245,20 @@ def load_model(model_cfg: ModelConfig) -> LanguageModel:
     _check_sizes(cfg, folder)
     dtype = DTYPES[model_cfg.dtype]
     keep = getattr(family, "checkpoint_filter", lambda _: None)(hf_config)  # optional: models/__init__.py
-    checkpoint = CheckpointTensors(folder, read_safetensors(folder, keep=keep), hf_config)
-    params = family.params_from_checkpoint(checkpoint, cfg, cfg.n_layers)
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
-    return LanguageModel(name=model_cfg.path or model_cfg.name, model_type=hf_config.model_type,
-                         cfg=cfg, params=params, tokenizer=tokenizer, dtype=model_cfg.dtype)
+    with sharding.on_host():  # no device holds the whole model before it is split
+        checkpoint = CheckpointTensors(folder, read_safetensors(folder, keep=keep), hf_config)
+        params = family.params_from_checkpoint(checkpoint, cfg, cfg.n_layers)
+        params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
+    name = model_cfg.path or model_cfg.name
+    devices = jax.local_devices()
+    what = f"{name} in {model_cfg.dtype}" + (" with its SAE" if sae is not None else "")
+    model_parallel = sharding.choose_model_parallel((params, sae), model_cfg.model_parallel, what=what,
+                                                    n_devices=len(devices), memory=sharding.device_memory(devices),
+                                                    source=source)
+    mesh = sharding.make_mesh(model_parallel, devices)
+    return LanguageModel(name=name, model_type=hf_config.model_type, cfg=cfg,
+                         params=sharding.place(params, mesh), tokenizer=tokenizer, dtype=model_cfg.dtype,
+                         mesh=mesh)
 
 
 _SIZES = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_mlp", "vocab_size", "max_positions")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from epo_tui.config import Config
+from epo_tui.engine import sharding
 from epo_tui.engine.model import LanguageModel, load_model
 from epo_tui.engine.models.hooks import HookPoint
 from epo_tui.engine.sae import SAEParams, check_feature_index, load_sae_with_density
@@ -28,13 +28,19 @@ class ModelWithSAE:
     model: LanguageModel
     sae: SAEParams
     log10_density_S: np.ndarray | None = None  # how often each latent fires (None: the SAE ships no record)
-    _replicas: dict = field(default_factory=dict, repr=False)
+    _replicas: dict = field(default_factory=dict, repr=False)  # (params, sae) placed, per mesh
 
-    def replicated(self, mesh: Mesh) -> tuple[dict, SAEParams]:
-        """(params, sae) copied once to every device of `mesh` (a batch reuses them per feature)."""
+    @property
+    def mesh(self) -> Mesh:
+        """The mesh the model was loaded onto ([model] model_parallel); all local devices along "data"
+        for a model built without one."""
+        return self.model.mesh if self.model.mesh is not None else sharding.make_mesh(1)
+
+    def placed(self, mesh: Mesh) -> tuple[dict, SAEParams]:
+        """(params, sae) on `mesh`, each leaf split along "model" as its name says (engine/sharding.py)
+        and whole along "data"; placed once per mesh (a batch reuses them per feature)."""
         if mesh not in self._replicas:
-            everywhere = NamedSharding(mesh, PartitionSpec())
-            self._replicas[mesh] = jax.device_put((self.model.params, self.sae), everywhere)
+            self._replicas[mesh] = sharding.place((self.model.params, self.sae), mesh)
         return self._replicas[mesh]
 
     @property
@@ -60,14 +66,15 @@ def load_model_with_sae(config: Config, feature: int | None = None,
 
     `feature_source` names where the feature came from in errors (default: the config file).
     """
-    sae, density = load_sae_with_density(config.sae, source=config.source)
+    with sharding.on_host():  # placed beside the model's weights below, split along its latents
+        sae, density = load_sae_with_density(config.sae, source=config.source)
     if feature is not None:
         check_feature_index(sae, feature, source=feature_source or config.source)
-    model = load_model(config.model)
+    model = load_model(config.model, source=config.source, sae=sae)
     check_sae_fits(sae, model)
     if trained_on_transformer_lens(sae):
         model = dataclasses.replace(model, cfg=model.family.transformer_lens_config(model.cfg))
-    return ModelWithSAE(model=model, sae=sae, log10_density_S=density)
+    return ModelWithSAE(model=model, sae=sharding.place(sae, model.mesh), log10_density_S=density)
 
 
 def trained_on_transformer_lens(sae: SAEParams) -> bool:

@@ -24,7 +24,7 @@ from epo_tui.config import Config
 from epo_tui.engine.pairing import ModelWithSAE
 from epo_tui.engine.runner import PlainSearch, Reporter, StopFlag, run_search
 from epo_tui.engine.sae import activations
-from epo_tui.engine.search import Search, local_mesh
+from epo_tui.engine.search import Search
 from epo_tui.engine.text_rows import countable, pack_rows, token_stream
 from epo_tui.errors import UserError
 
@@ -178,7 +178,7 @@ def run_quality(pair: ModelWithSAE, config: Config, heldout: list[str], latents:
         raise UserError(f"bench --quality: {latents} latents asked, {len(alive)} fire on the held-out sample")
     chosen = sorted(int(i) for i in np.random.default_rng(seed).choice(alive, size=latents, replace=False))
     search_config = dataclasses.replace(config, search=dataclasses.replace(config.search, iterations=iterations))
-    mesh = local_mesh()
+    mesh = pair.mesh
 
     def search_for(latent: int) -> Search:
         feature = dataclasses.replace(config.feature, index=latent, indices=())

@@ -23,7 +23,7 @@ from epo_tui.config import Config
 from epo_tui.engine.distributed import Cluster, gather_summaries, rows_per_process
 from epo_tui.engine.pairing import ModelWithSAE
 from epo_tui.engine.reporting import features_label
-from epo_tui.engine.search import Search, SearchState, local_mesh
+from epo_tui.engine.search import Search, SearchState
 from epo_tui.engine.session_search import RecordedSearch
 from epo_tui.errors import UserError
 
@@ -118,7 +118,7 @@ def run_one(pair: ModelWithSAE, config: Config, folder: Path, reporter: Reporter
     """One search for config.feature, recorded as a session: runs it, writes folder/result.json and
     report.md (and the same in the session folder), returns the result."""
     t0 = time.perf_counter()
-    search = Search(pair, config, mesh=mesh or local_mesh())  # its input errors come before any output
+    search = Search(pair, config, mesh=mesh)  # its input errors come before any output
     reporter.search_started(features_label(config), config.search.iterations)
     recorded = RecordedSearch.start(pair, config, search=search, root=sessions_root)
     return _run_recorded(recorded, time.perf_counter() - t0, folder, reporter, stop, cluster)
@@ -128,7 +128,7 @@ def resume_one(pair: ModelWithSAE, session: sessions.Session, folder: Path, repo
                iterations_total: int | None = None, mesh: Mesh | None = None) -> dict:
     """A stopped session continued exactly where its last checkpoint left it."""
     t0 = time.perf_counter()
-    recorded = RecordedSearch.resume(pair, session, mesh=mesh or local_mesh(), iterations_total=iterations_total)
+    recorded = RecordedSearch.resume(pair, session, mesh=mesh, iterations_total=iterations_total)
     reporter.search_started(features_label(recorded.search.config), recorded.iterations_total)
     return _run_recorded(recorded, time.perf_counter() - t0, folder, reporter, stop, Cluster())
 
@@ -180,7 +180,7 @@ def run_batch(pair: ModelWithSAE, config: Config, features: list[int], out: Path
     are gathered and process 0 writes out/index.json and index.md. Returns the index (every process
     gets it; only process 0 writes it)."""
     mine = cluster.share(features)
-    mesh = mesh or local_mesh()  # this host's devices: each process searches on its own
+    mesh = mesh or pair.mesh  # this host's devices: each process searches on its own
     reporter.batch_started(mine)
     summaries, interrupted = [], False
     try:

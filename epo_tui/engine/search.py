@@ -4,8 +4,8 @@ One iteration is three jitted functions with static shapes, then selection on th
   1. `gradients`: d f_k / d one-hot tokens of elite k (KxNxV), and each position's next-token logits;
   2. `propose`: C children per elite (resample positions from the parent's logits, masked to the
      top-k tokens by gradient unless skipped; sometimes swap two positions);
-  3. `evaluate`: objective, reported activation and xent of all KxC children, sharded over the local
-     devices;
+  3. `evaluate`: objective, reported activation and xent of all KxC children, split along the mesh's
+     "data" axis (its "model" axis splits every layer's weights: engine/sharding.py);
 then each elite k keeps the best f_k = objective - lambda_k * xent over itself, the other elites and
 the children whose text re-tokenizes to the same ids.
 
@@ -29,7 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from epo_tui.config import Config, SearchConfig
 from epo_tui.engine.frontier import Frontier
-from epo_tui.engine.model import apply_model
+from epo_tui.engine import sharding
+from epo_tui.engine.model import apply_model, run_model
 from epo_tui.engine.objective import Target, TargetArrays, build_target, combine, per_position, read
 from epo_tui.engine.pairing import ModelWithSAE
 from epo_tui.errors import UserError, require_utf8
@@ -209,17 +210,19 @@ def _evaluate_local(params, sae, arrays, prefix, children_BxN, st: Statics):
 
 @functools.lru_cache(maxsize=None)
 def _evaluator(st: Statics, mesh: Mesh):
-    """The evaluation step for a mesh: children sharded along 'data', everything else replicated."""
-    replicated, sharded = PartitionSpec(), PartitionSpec("data")
+    """The evaluation step for a mesh: children split along "data", each data row running its own share
+    chunk by chunk. Only "data" is manual here: along "model" the weights stay split as placed and jit
+    partitions each layer itself (Megatron style, an all-reduce after W_O and W_down)."""
+    whole, split = PartitionSpec(), PartitionSpec(sharding.DATA)
     body = jax.shard_map(functools.partial(_evaluate_local, st=st), mesh=mesh,
-                         in_specs=(replicated, replicated, replicated, replicated, sharded),
-                         out_specs=(sharded, sharded, sharded), check_vma=False)
+                         in_specs=(whole, whole, whole, whole, split), out_specs=(split, split, split),
+                         axis_names=frozenset({sharding.DATA}), check_vma=False)
     return jax.jit(body)
 
 
-def local_mesh() -> Mesh:
-    """All of this process's devices along one data-parallel axis."""
-    return Mesh(np.array(jax.local_devices()), ("data",))
+def local_mesh(model_parallel: int = 1) -> Mesh:
+    """This process's devices as a ("data", "model") mesh, `model_parallel` of them splitting each layer."""
+    return sharding.make_mesh(model_parallel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +237,7 @@ class Search:
         search = config.search
         model = pair.model
         self.target, self.arrays = build_target(pair, config.feature, config.source)
-        self.mesh = mesh or local_mesh()
+        self.mesh = mesh or pair.mesh
         hooks = () if self.target.kind == "logit" else (self.target.hook,)
         self.st = Statics(model_type=model.model_type, cfg=model.cfg, center_writes=pair.center_writes,
                           target=self.target, hooks=hooks, elites=search.elites, children=search.candidates,
@@ -249,10 +252,12 @@ class Search:
                             f"{len(self.prefix_ids)}-token prefix exceed the model's {model.cfg.max_positions}")
         self.banned_V = self._banned_tokens(search.banned_tokens)
         self._banned_np = np.asarray(self.banned_V)
-        replicate = NamedSharding(self.mesh, PartitionSpec())
-        self.params, self.sae = pair.replicated(self.mesh)
-        logits_1xPxV, _, kv = model.prefill(self.prefix_ids)
-        self.prefix = jax.device_put(Prefix(kv=kv, next_logits_V=logits_1xPxV[0, -1]), replicate)
+        self.params, self.sae = pair.placed(self.mesh)
+        logits_1xPxV, _, kv = run_model(self.params, jnp.asarray([self.prefix_ids], jnp.int32), None,
+                                        model_type=self.st.model_type, cfg=self.st.cfg, hooks=(), logits=True,
+                                        center_writes=self.st.center_writes, keep_kv=True)
+        self.prefix = jax.device_put(Prefix(kv=kv, next_logits_V=logits_1xPxV[0, -1]),
+                                     NamedSharding(self.mesh, PartitionSpec()))  # small: on every device
         self._evaluate = _evaluator(self.st, self.mesh)
         self._valid_cache: dict[bytes, bool] = {}
 
@@ -335,10 +340,10 @@ class Search:
     def evaluate(self, tokens_BxN: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(objective, act, xent) of any batch of optimized tokens, sharded over the mesh."""
         B = len(tokens_BxN)
-        n_dev = self.mesh.size
-        pad = (-B) % n_dev
+        pad = (-B) % sharding.data_size(self.mesh)
         tokens = np.concatenate([tokens_BxN, np.repeat(tokens_BxN[:1], pad, 0)]) if pad else tokens_BxN
-        sharded = jax.device_put(jnp.asarray(tokens, jnp.int32), NamedSharding(self.mesh, PartitionSpec("data")))
+        sharded = jax.device_put(jnp.asarray(tokens, jnp.int32),
+                                 NamedSharding(self.mesh, PartitionSpec(sharding.DATA)))
         outs = self._evaluate(self.params, self.sae, self.arrays, self.prefix, sharded)
         return tuple(np.asarray(o, np.float32)[:B] for o in outs)
 

@@ -205,6 +205,7 @@ class Worker:
                        hook=self.pair.sae.hook_name, d_sae=self.pair.sae.d_sae,
                        neuronpedia_id=self.pair.sae.neuronpedia_id, dtype=config.model.dtype,
                        devices=[str(d) for d in devices], device_kind=devices[0].device_kind,
+                       model_parallel=int(self.pair.mesh.shape["model"]),
                        config=config.to_dict(), labels=config.sae.labels)
         for level, message in label_notes:
             self.out.event("log", level=level, message=message)

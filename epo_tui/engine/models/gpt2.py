@@ -1,6 +1,7 @@
 """GPT-2 as a pure JAX function over a parameter pytree (weights from HF safetensors).
 
-Shapes: B batch, L sequence, D d_model, H heads, K head dim, F MLP width, V vocabulary.
+Shapes: B batch, L sequence, D d_model, H heads, K head dim, F MLP width, V vocabulary, P positions.
+Parameter names end in their shape letters (engine/sharding.py splits them by those).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def params_from_checkpoint(checkpoint: CheckpointTensors, cfg: GPT2Config, n_lay
     `unembed_VxD` is there only when the head is not the token embedding (see
     CheckpointTensors.embedding_and_head). Raises UserError for a missing or mis-shaped tensor.
     """
-    D, F = cfg.d_model, cfg.d_mlp
+    D, F, H, K = cfg.d_model, cfg.d_mlp, cfg.n_heads, cfg.head_dim
     sizes = {"n_embd": D, "3*n_embd": 3 * D, "n_inner": F, "vocab_size": cfg.vocab_size,
              "n_positions": cfg.max_positions}
 
@@ -75,9 +76,11 @@ def params_from_checkpoint(checkpoint: CheckpointTensors, cfg: GPT2Config, n_lay
 
         blocks.append({
             "ln1_g": block("ln_1.weight", "n_embd"), "ln1_b": block("ln_1.bias", "n_embd"),
-            "w_qkv_Dx3HK": block("attn.c_attn.weight", "n_embd", "3*n_embd"),
+            # c_attn's output columns are [q | k | v], each heads x head dim: split so heads can shard
+            "w_qkv_Dx3xHxK": block("attn.c_attn.weight", "n_embd", "3*n_embd").reshape(D, 3, H, K),
             "b_qkv": block("attn.c_attn.bias", "3*n_embd"),
-            "w_o_HKxD": block("attn.c_proj.weight", "n_embd", "n_embd"), "b_o": block("attn.c_proj.bias", "n_embd"),
+            "w_o_HxKxD": block("attn.c_proj.weight", "n_embd", "n_embd").reshape(H, K, D),
+            "b_o": block("attn.c_proj.bias", "n_embd"),
             "ln2_g": block("ln_2.weight", "n_embd"), "ln2_b": block("ln_2.bias", "n_embd"),
             "w_in_DxF": block("mlp.c_fc.weight", "n_embd", "n_inner"), "b_in": block("mlp.c_fc.bias", "n_inner"),
             "w_out_FxD": block("mlp.c_proj.weight", "n_inner", "n_embd"), "b_out": block("mlp.c_proj.bias", "n_embd"),
@@ -104,18 +107,17 @@ def embed(params: dict, cfg: GPT2Config, tokens_or_onehot: jnp.ndarray) -> jnp.n
 def _attention(block: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray, layer: int, rec: HookRecorder,
                past_kv: tuple[jnp.ndarray, jnp.ndarray] | None) -> jnp.ndarray:
     """Causal self-attention; `past_kv` (k, v of a fixed prefix, 1xPxHxK) is attended to first."""
-    B, L, _ = x_BxLxD.shape
-    qkv = x_BxLxD @ block["w_qkv_Dx3HK"] + block["b_qkv"]
-    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
-        t.reshape(B, L, cfg.n_heads, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1)
-    )
+    w_Dx3xHxK = block["w_qkv_Dx3xHxK"]
+    b_3xHxK = block["b_qkv"].reshape(w_Dx3xHxK.shape[1:])
+    qkv_BxLx3xHxK = jnp.einsum("BLD,DTHK->BLTHK", x_BxLxD, w_Dx3xHxK) + b_3xHxK
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
     z_BxLxHxK = attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, rec, past_kv, cfg.head_dim**-0.5)
     rec.record(layer, ATTN_Z, z_BxLxHxK)
     # TransformerLens folds ln_1's bias into b_V (fold_ln) and then b_V into b_O (fold_value_biases);
     # the attention probabilities sum to 1, so its hook_z is z minus that constant per head
-    b_v = (block["ln1_b"] @ block["w_qkv_Dx3HK"] + block["b_qkv"])[2 * cfg.d_model:]
-    rec.record(layer, "attn.hook_z", z_BxLxHxK - b_v.reshape(cfg.n_heads, cfg.head_dim))
-    return z_BxLxHxK.reshape(B, L, cfg.d_model) @ block["w_o_HKxD"] + block["b_o"]
+    b_v_HxK = jnp.einsum("D,DHK->HK", block["ln1_b"], w_Dx3xHxK[:, 2]) + b_3xHxK[2]
+    rec.record(layer, "attn.hook_z", z_BxLxHxK - b_v_HxK)
+    return jnp.einsum("BLHK,HKD->BLD", z_BxLxHxK, block["w_o_HxKxD"]) + block["b_o"]
 
 
 def _block(block: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray, layer: int,
