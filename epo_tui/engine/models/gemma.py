@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from epo_tui.engine.checkpoint import CheckpointTensors
 from epo_tui.engine.models.hooks import (ATTN_INPUT, ATTN_OUTPUT_RAW, ATTN_Z, BLOCK_POINTS, MLP_INPUT, MLP_OUTPUT_RAW,
                                          HookNames, HookRecorder, prefix_length)
-from epo_tui.engine.models.layers import (Rope, apply_rope, attend, gated_mlp, hf_rope_settings, rms_norm,
-                                          rms_normalized, rope_from_hf, softcap)
+from epo_tui.engine.models.layers import (Rope, apply_rope, attend, decoder_dims, gated_mlp, hf_rope_settings,
+                                          rms_norm, rms_normalized, rope_from_hf, run_blocks, softcap)
 from epo_tui.errors import UserError
 
 FAMILY = "gemma"
@@ -59,7 +59,8 @@ class GemmaConfig:
             raise UserError("Gemma with use_bidirectional_attention is not supported (causal models only)")
         if getattr(hf, "attention_bias", False):
             raise UserError("Gemma with attention_bias is not supported")
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        dims = decoder_dims(hf)
+        head_dim = dims["head_dim"]
         layer_types = getattr(hf, "layer_types", None) if gemma2 else None
         if gemma2 and layer_types is None:  # transformers < 4.53: even layers slide
             layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention"
@@ -67,15 +68,7 @@ class GemmaConfig:
         sliding_window = getattr(hf, "sliding_window", None) if gemma2 else None
         sliding = tuple(bool(sliding_window) and t == "sliding_attention" for t in (layer_types or ()))
         return cls(
-            n_layers=hf.num_hidden_layers,
-            d_model=hf.hidden_size,
-            n_heads=hf.num_attention_heads,
-            n_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
-            head_dim=head_dim,
-            d_mlp=hf.intermediate_size,
-            vocab_size=hf.vocab_size,
-            max_positions=hf.max_position_embeddings,
-            rms_norm_eps=hf.rms_norm_eps,
+            **dims,
             rope=_rope(hf, head_dim),
             gelu_approximate=_GELU_APPROXIMATE[act],
             query_scale=(hf.query_pre_attn_scalar if gemma2 else head_dim) ** -0.5,
@@ -215,11 +208,9 @@ def forward(params: dict, cfg: GemmaConfig, x_BxLxD: jnp.ndarray, rec: HookRecor
     Without logits, stops after the deepest block a recorded hook needs. With `prefix_kv` (per layer
     (k, v), 1xPxGxK, kept by an earlier pass over a fixed prefix), x continues from position P.
     """
-    n_run = len(params["blocks"]) if logits else rec.last_layer + 1
-    for layer in range(n_run):
-        past = prefix_kv[layer] if prefix_kv is not None else None
-        x_BxLxD = _block(params["blocks"][layer], cfg, x_BxLxD, layer, rec, prefix_length(prefix_kv), past)
-    if not logits:
+    x_BxLxD = run_blocks(params["blocks"], x_BxLxD, rec, logits, prefix_kv,
+                         lambda block, x, layer, past: _block(block, cfg, x, layer, rec, prefix_length(prefix_kv), past))
+    if x_BxLxD is None:
         return None
     x_BxLxD = rms_norm(x_BxLxD, params["lnf_w"], cfg.rms_norm_eps, offset=1.0)
     logits_BxLxV = jnp.einsum("BLD,VD->BLV", x_BxLxD, unembedding_VxD(params)).astype(jnp.float32)

@@ -27,8 +27,8 @@ from epo_tui.engine.checkpoint import CheckpointTensors
 from epo_tui.engine.models.gemma import embed, folded_unembedding_VxD, unembedding_VxD  # noqa: F401 (interface)
 from epo_tui.engine.models.hooks import (ATTN_INPUT, ATTN_OUTPUT_RAW, ATTN_Z, BLOCK_POINTS, MLP_INPUT, MLP_OUTPUT_RAW,
                                          HookNames, HookRecorder, prefix_length)
-from epo_tui.engine.models.layers import (Rope, apply_rope, attend, gated_mlp, rms_norm, rms_normalized, rope_from_hf,
-                                          softcap)
+from epo_tui.engine.models.layers import (Rope, apply_rope, attend, decoder_dims, gated_mlp, rms_norm,
+                                          rms_normalized, rope_from_hf, run_blocks, softcap)
 from epo_tui.errors import UserError
 
 FAMILY = "gemma3"
@@ -81,22 +81,14 @@ class Gemma3Config:
         if act not in _GELU_APPROXIMATE:
             raise UserError(f"Gemma 3 with hidden_activation '{act}' is not supported "
                             f"(supported: {', '.join(_GELU_APPROXIMATE)})")
-        n_layers = text.num_hidden_layers
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        dims = decoder_dims(text)
+        n_layers, head_dim = dims["n_layers"], dims["head_dim"]
         layer_types = tuple(_layer_types(text, n_layers))
         ropes = _ropes(text, head_dim, set(layer_types))
         sliding_window = getattr(text, "sliding_window", None)
         sliding = tuple(bool(sliding_window) and t == "sliding_attention" for t in layer_types)
         return cls(
-            n_layers=n_layers,
-            d_model=text.hidden_size,
-            n_heads=text.num_attention_heads,
-            n_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
-            head_dim=head_dim,
-            d_mlp=text.intermediate_size,
-            vocab_size=text.vocab_size,
-            max_positions=text.max_position_embeddings,
-            rms_norm_eps=text.rms_norm_eps,
+            **dims,
             ropes=tuple(ropes[t] for t in layer_types),
             gelu_approximate=_GELU_APPROXIMATE[act],
             query_scale=float(text.query_pre_attn_scalar) ** -0.5,
@@ -265,11 +257,9 @@ def forward(params: dict, cfg: Gemma3Config, x_BxLxD: jnp.ndarray, rec: HookReco
     Without logits, stops after the deepest block a recorded hook needs. With `prefix_kv` (per layer
     (k, v), 1xPxGxK, kept by an earlier pass over a fixed prefix), x continues from position P.
     """
-    n_run = len(params["blocks"]) if logits else rec.last_layer + 1
-    for layer in range(n_run):
-        past = prefix_kv[layer] if prefix_kv is not None else None
-        x_BxLxD = _block(params["blocks"][layer], cfg, x_BxLxD, layer, rec, prefix_length(prefix_kv), past)
-    if not logits:
+    x_BxLxD = run_blocks(params["blocks"], x_BxLxD, rec, logits, prefix_kv,
+                         lambda block, x, layer, past: _block(block, cfg, x, layer, rec, prefix_length(prefix_kv), past))
+    if x_BxLxD is None:
         return None
     x_BxLxD = rms_norm(x_BxLxD, params["lnf_w"], cfg.rms_norm_eps, offset=1.0)
     logits_BxLxV = jnp.einsum("BLD,VD->BLV", x_BxLxD, unembedding_VxD(params)).astype(jnp.float32)

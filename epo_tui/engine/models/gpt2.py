@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from epo_tui.engine.checkpoint import CheckpointTensors
 from epo_tui.engine.models.hooks import (ATTN_INPUT, ATTN_Z, BLOCK_POINTS, MLP_INPUT, HookNames, HookRecorder,
                                          prefix_length)
-from epo_tui.engine.models.layers import attend, layer_norm, layer_normalized
+from epo_tui.engine.models.layers import attend, layer_norm, layer_normalized, run_blocks
 from epo_tui.errors import UserError
 
 FAMILY = "gpt2"
@@ -155,11 +155,9 @@ def forward(params: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray, rec: HookRecord
     """
     L, P = x_BxLxD.shape[1], prefix_length(prefix_kv)
     x_BxLxD = x_BxLxD + params["wpe_PxD"][P:P + L]
-    n_run = len(params["blocks"]) if logits else rec.last_layer + 1
-    for layer in range(n_run):
-        past = prefix_kv[layer] if prefix_kv is not None else None
-        x_BxLxD = _block(params["blocks"][layer], cfg, x_BxLxD, layer, rec, past)
-    if not logits:
+    x_BxLxD = run_blocks(params["blocks"], x_BxLxD, rec, logits, prefix_kv,
+                         lambda block, x, layer, past: _block(block, cfg, x, layer, rec, past))
+    if x_BxLxD is None:
         return None
     x_BxLxD = layer_norm(x_BxLxD, params["lnf_g"], params["lnf_b"], cfg.layer_norm_eps)
     return jnp.einsum("BLD,VD->BLV", x_BxLxD, unembedding_VxD(params)).astype(jnp.float32)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from epo_tui.engine.checkpoint import CheckpointTensors
 from epo_tui.engine.models.hooks import (ATTN_INPUT, ATTN_Z, BLOCK_POINTS, MLP_INPUT, HookNames, HookRecorder,
                                          prefix_length)
-from epo_tui.engine.models.layers import (Rope, apply_rope, attend, hf_rope_settings, layer_norm, layer_normalized,
-                                          rope_from_hf)
+from epo_tui.engine.models.layers import (Rope, apply_rope, attend, hf_rope_settings, layer_norm,
+                                          layer_normalized, rope_from_hf, run_blocks)
 from epo_tui.errors import UserError
 
 FAMILY = "gpt_neox"
@@ -211,11 +211,9 @@ def forward(params: dict, cfg: GPTNeoXConfig, x_BxLxD: jnp.ndarray, rec: HookRec
     Without logits, stops after the deepest block a recorded hook needs. With `prefix_kv` (per layer
     (k, v), 1xPxHxK, kept by an earlier pass over a fixed prefix), x continues from position P.
     """
-    n_run = len(params["blocks"]) if logits else rec.last_layer + 1
-    for layer in range(n_run):
-        past = prefix_kv[layer] if prefix_kv is not None else None
-        x_BxLxD = _block(params["blocks"][layer], cfg, x_BxLxD, layer, rec, prefix_length(prefix_kv), past)
-    if not logits:
+    x_BxLxD = run_blocks(params["blocks"], x_BxLxD, rec, logits, prefix_kv,
+                         lambda block, x, layer, past: _block(block, cfg, x, layer, rec, prefix_length(prefix_kv), past))
+    if x_BxLxD is None:
         return None
     x_BxLxD = layer_norm(x_BxLxD, params["lnf_g"], params["lnf_b"], cfg.layer_norm_eps)
     return jnp.einsum("BLD,VD->BLV", x_BxLxD, unembedding_VxD(params)).astype(jnp.float32)

@@ -54,6 +54,22 @@ def layer_norm(x: jnp.ndarray, g: jnp.ndarray, b: jnp.ndarray, eps: float) -> jn
     return layer_normalized(x, eps) * g + b
 
 
+def decoder_dims(hf) -> dict[str, Any]:
+    """The sizes every RMSNorm decoder config (Gemma, Gemma 3, Llama and its kin) names alike, under our
+    field names. `head_dim` and `num_key_value_heads` fall back as transformers does when absent."""
+    return dict(
+        n_layers=hf.num_hidden_layers,
+        d_model=hf.hidden_size,
+        n_heads=hf.num_attention_heads,
+        n_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        d_mlp=hf.intermediate_size,
+        vocab_size=hf.vocab_size,
+        max_positions=hf.max_position_embeddings,
+        rms_norm_eps=hf.rms_norm_eps,
+    )
+
+
 def softcap(x: jnp.ndarray, cap: float | None) -> jnp.ndarray:
     """tanh(x / cap) * cap (Gemma 2/3's attention and final-logit soft-capping); x when cap is None."""
     return x if cap is None else jnp.tanh(x / cap) * cap
@@ -182,3 +198,15 @@ def gated_mlp(block: dict, x_BxLxD: jnp.ndarray, layer: int, rec: HookRecorder, 
     post_BxLxF = activation(gate_BxLxF.astype(jnp.float32)).astype(x_BxLxD.dtype) * up_BxLxF
     rec.record(layer, "mlp.hook_post", post_BxLxF)
     return jnp.einsum("BLF,DF->BLD", post_BxLxF, block["w_down_DxF"]) + block.get("b_down_D", 0)
+
+
+def run_blocks(blocks: list, x_BxLxD: jnp.ndarray, rec: HookRecorder, logits: bool, prefix_kv: tuple | None,
+               block_fn) -> jnp.ndarray | None:
+    """Runs `block_fn(block, x_BxLxD, layer, past_kv) -> x_BxLxD` over the blocks and returns the last
+    residual, or None when no logits are asked: then it stops after the deepest block a recorded hook
+    needs. `prefix_kv` holds one (k, v) per layer (1xPxGxK) from an earlier pass over a fixed prefix."""
+    n_run = len(blocks) if logits else rec.last_layer + 1
+    for layer in range(n_run):
+        past = prefix_kv[layer] if prefix_kv is not None else None
+        x_BxLxD = block_fn(blocks[layer], x_BxLxD, layer, past)
+    return x_BxLxD if logits else None

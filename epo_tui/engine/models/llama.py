@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from epo_tui.engine.checkpoint import CheckpointTensors
 from epo_tui.engine.models.hooks import (ATTN_INPUT, ATTN_Z, BLOCK_POINTS, MLP_INPUT, HookNames, HookRecorder,
                                          prefix_length)
-from epo_tui.engine.models.layers import (Rope, apply_rope, attend, gated_mlp, hf_rope_settings, rms_norm,
-                                          rms_normalized, rope_from_hf)
+from epo_tui.engine.models.layers import (Rope, apply_rope, attend, decoder_dims, gated_mlp, hf_rope_settings,
+                                          rms_norm, rms_normalized, rope_from_hf, run_blocks)
 from epo_tui.engine.models.moe import moe_mlp
 from epo_tui.errors import UserError
 
@@ -77,21 +77,13 @@ class LlamaConfig:
         act = getattr(hf, "hidden_act", "silu")
         if act != "silu":
             raise UserError(f"{name} with hidden_act '{act}' is not supported (hidden_act: silu)")
-        n_layers = hf.num_hidden_layers
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        dims = decoder_dims(hf)
+        n_layers, head_dim = dims["n_layers"], dims["head_dim"]
         attention_bias = bool(getattr(hf, "attention_bias", False))
         sliding_window, sliding = _sliding(hf, name, layer_typed)
         moe = _moe_layers(hf) if hf.model_type == "qwen3_moe" else (False,) * n_layers
         return cls(
-            n_layers=n_layers,
-            d_model=hf.hidden_size,
-            n_heads=hf.num_attention_heads,
-            n_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
-            head_dim=head_dim,
-            d_mlp=hf.intermediate_size,
-            vocab_size=hf.vocab_size,
-            max_positions=hf.max_position_embeddings,
-            rms_norm_eps=hf.rms_norm_eps,
+            **dims,
             rope=_rope(hf, head_dim, name),
             qkv_bias=qkv_bias_always or attention_bias,
             o_bias=attention_bias,
@@ -303,11 +295,9 @@ def forward(params: dict, cfg: LlamaConfig, x_BxLxD: jnp.ndarray, rec: HookRecor
     Without logits, stops after the deepest block a recorded hook needs. With `prefix_kv` (per layer
     (k, v), 1xPxGxK, kept by an earlier pass over a fixed prefix), x continues from position P.
     """
-    n_run = len(params["blocks"]) if logits else rec.last_layer + 1
-    for layer in range(n_run):
-        past = prefix_kv[layer] if prefix_kv is not None else None
-        x_BxLxD = _block(params["blocks"][layer], cfg, x_BxLxD, layer, rec, prefix_length(prefix_kv), past)
-    if not logits:
+    x_BxLxD = run_blocks(params["blocks"], x_BxLxD, rec, logits, prefix_kv,
+                         lambda block, x, layer, past: _block(block, cfg, x, layer, rec, prefix_length(prefix_kv), past))
+    if x_BxLxD is None:
         return None
     x_BxLxD = rms_norm(x_BxLxD, params["lnf_w"], cfg.rms_norm_eps, gain_in_float32=False)
     return jnp.einsum("BLD,VD->BLV", x_BxLxD, unembedding_VxD(params)).astype(jnp.float32)
