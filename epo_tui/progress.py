@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from epo_tui.text import inert
+
 
 def progress_reporter():
     """Live bars when stderr is a terminal, else a line now and then (logs stay readable)."""
@@ -29,6 +31,13 @@ class _Progress:
 
     def batch_started(self, features: list[int]) -> None:
         pass
+
+    def batch_skipped(self, features: list[int], out: Path) -> None:
+        self.line(f"epo-tui: batch: already done in {inert(str(out))}/, not run again: features "
+                  f"{', '.join(map(str, features))}")
+
+    def line(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
 
     def search_started(self, label: str, iterations: int) -> None:
         self.label, self.total, self.seconds = label, iterations, []
@@ -83,6 +92,9 @@ class _ProgressBars(_Progress):
 
     def __exit__(self, *exc) -> None:
         self.bars.stop()
+
+    def line(self, text: str) -> None:
+        self.bars.console.print(text, markup=False, highlight=False, soft_wrap=True)  # above the bars
 
     def batch_started(self, features: list[int]) -> None:
         self.batch_task = self.bars.add_task("features", total=len(features), status="")

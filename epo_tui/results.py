@@ -8,6 +8,7 @@ that came from a tokenizer, a path or a model name goes through `md_text` before
 
 from __future__ import annotations
 
+import json
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,10 +73,32 @@ def build_result(*, config: dict, feature: dict, model: str, sae: dict, timings:
 
 
 def write_result(folder: Path, result: dict) -> None:
-    """result.json and report.md in `folder` (created), each written atomically."""
+    """report.md, then result.json, in `folder` (created), each written atomically: result.json comes
+    last, so a folder with it holds both files whole (a batch rerun trusts exactly that)."""
     folder = Path(folder)
-    write_json_atomic(folder / "result.json", result)
     write_text_atomic(folder / "report.md", render_report(result))
+    write_json_atomic(folder / "result.json", result)
+
+
+def read_result(folder: Path) -> dict | None:
+    """folder/result.json as written by write_result; None when it is missing or not a result (a
+    damaged file, or one from elsewhere)."""
+    try:
+        result = json.loads((Path(folder) / "result.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return result if isinstance(result, dict) and isinstance(result.get("config"), dict) else None
+
+
+def finished(result: dict, folder: Path, feature: int) -> bool:
+    """Whether `result` (read from `folder`) is feature `feature`'s search run to its end, with its
+    report: what a batch rerun keeps instead of running that feature again."""
+    try:
+        return (result["version"] == RESULT_VERSION and result["feature"]["indices"] == [feature]
+                and result["timings"]["interrupted"] is False and bool(result["elites"])
+                and (Path(folder) / "report.md").is_file())
+    except (KeyError, TypeError):
+        return False
 
 
 def best_elite(result: dict) -> dict:

@@ -1,5 +1,6 @@
 """`epo-tui run` and `epo-tui batch` on the tiny helper model: the files they write, their agreement
-with `epo-tui score`, Ctrl-C, bad input, markdown safety, and a batch split over two processes."""
+with `epo-tui score`, Ctrl-C, bad input, markdown safety, a batch split over two processes, and batch
+reruns that continue where a stopped or killed batch left off."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -339,6 +341,71 @@ def test_batch_ctrl_c_writes_what_finished_and_the_index(tiny_dir, tmp_path, mon
     assert not (out / "feature-3").exists() and features[:2] == sorted(by_feature)
     assert "features not run: 3" in (out / "index.md").read_text()
 
+    # the same command again continues: feature 1 is kept, 2 (stopped) and 3 (never started) run
+    monkeypatch.undo()
+    kept = (out / "feature-1" / "result.json").read_bytes()
+    code, stdout, err = run_cli("batch", "--config", _config(tiny_dir), "--features", "1,2,3", "--iterations", 4,
+                                "--out", out)
+    assert code == 0 and stdout.startswith("ran 3/3 features"), err
+    assert f"already done in {out}/, not run again: features 1\n" in err
+    assert (out / "feature-1" / "result.json").read_bytes() == kept
+    index = json.loads((out / "index.json").read_text())
+    assert sorted(e["feature"] for e in index["features"]) == features and not index["interrupted"]
+    assert all(e["iterations_run"] == 4 and not e["interrupted"] for e in index["features"])
+
+
+def _batch_summaries(out: Path) -> dict[int, dict]:
+    return {e["feature"]: e for e in json.loads((out / "index.json").read_text())["features"]}
+
+
+def test_batch_rerun_runs_only_missing_and_half_written_features(tiny_dir, tmp_path, monkeypatch):
+    from epo_tui.engine import runner
+
+    out = tmp_path / "again"
+    same = ("batch", "--config", _config(tiny_dir), "--iterations", 2, "--out", out)
+    code, _, err = run_cli(*same, "--features", "1,2,3")
+    assert code == 0, err
+    first = _batch_summaries(out)
+    kept = {f: (out / f"feature-{f}" / "result.json").read_bytes() for f in (1, 2)}
+    # feature 3 as a process killed inside write_result leaves it: report.md written, result.json only
+    # a temp file (result.json is written last, atomically); then no index
+    (out / "feature-3" / "result.json").rename(out / "feature-3" / ".result.json.k1ll3d.tmp")
+    (out / "index.json").unlink()
+    (out / "index.md").unlink()
+    ran = []
+    real_run_one = runner.run_one
+    monkeypatch.setattr(runner, "run_one", lambda pair, config, *a, **k: ran.append(config.feature.index)
+                        or real_run_one(pair, config, *a, **k))
+
+    code, stdout, err = run_cli(*same, "--features", "1,2,3,4")
+    assert code == 0 and stdout.startswith("ran 4/4 features"), err
+    assert ran == [3, 4]
+    assert [line for line in err.splitlines() if "already done" in line] == [
+        f"epo-tui: batch: already done in {out}/, not run again: features 1, 2"]
+    assert all((out / f"feature-{f}" / "result.json").read_bytes() == kept[f] for f in kept)
+    assert sorted(p.name for p in out.iterdir()) == ["feature-1", "feature-2", "feature-3", "feature-4",
+                                                     "index.json", "index.md"]
+    assert sorted(p.name for p in (out / "feature-3").iterdir()) == ["report.md", "result.json"]
+    index = json.loads((out / "index.json").read_text())
+    assert [e["feature"] for e in index["features"]].count(1) == 1
+    assert sorted(e["feature"] for e in index["features"]) == [1, 2, 3, 4] and index["features_missing"] == []
+    again = _batch_summaries(out)
+    assert all(again[f] == first[f] for f in (1, 2)), "a kept feature's line changed"
+    for f in (3, 4):
+        best = results.best_elite(_load(out / f"feature-{f}"))
+        assert again[f]["act"] == pytest.approx(best["act"], abs=1e-6) and again[f]["prompt"] == best["text"]
+
+    # another config never mixes into the same folder: one line, exit 2, nothing run or written
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    for flag, there, now in (("--iterations", 2, 3), ("--seed", 0, 7)):
+        argv = [*same, "--features", "1,2,3,4", flag, now]
+        code, stdout, err = run_cli(*argv)
+        key = "search.iterations" if flag == "--iterations" else "search.seed"
+        assert code == 2 and stdout == "" and err.count("\n") == 1, err
+        assert err.startswith(f"epo-tui: error: --out {out}: holds results of another config (feature-1: "
+                              f"{key} {there} there, {now} now); "), err
+    assert ran == [3, 4] and {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
 
 # ----------------------------------------------------------------------------------------------
 # Several processes
@@ -413,3 +480,62 @@ def test_batch_over_two_processes(tiny_dir, tmp_path):
         best = results.best_elite(_load(out / entry["folder"]))
         assert entry["process_id"] == features.index(entry["feature"]) % 2
         assert abs(entry["act"] - best["act"]) < 1e-6 and entry["prompt"] == best["text"]
+
+
+def _start_two(tiny_dir: Path, features: list[int], out: Path, iterations: int) -> list[subprocess.Popen]:
+    port = _free_port()
+    return [subprocess.Popen([sys.executable, "-m", "epo_tui", "batch", "--config", _config(tiny_dir),
+                              "--features", ",".join(map(str, features)), "--iterations", str(iterations),
+                              "--out", str(out), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                              "--process-id", str(i)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+            for i in range(2)]
+
+
+@pytest.mark.slow
+def test_batch_over_two_processes_continues_after_one_dies(tiny_dir, tmp_path):
+    features, iterations = [0, 1, 2, 3, 4, 5], 60  # a feature takes long enough to be killed in
+    out = tmp_path / "killed"
+    ones = [f for position, f in enumerate(features) if position % 2 == 1]  # process 1's share
+    procs = _start_two(tiny_dir, features, out, iterations)
+    try:
+        # process 1 dies as a host would (SIGKILL) once one of its features is whole, before its last
+        deadline = time.monotonic() + 300
+        while not (out / f"feature-{ones[0]}" / "result.json").exists():
+            assert procs[1].poll() is None and time.monotonic() < deadline, procs[1].communicate()[1][-2000:]
+            time.sleep(0.02)
+        procs[1].kill()
+        procs[1].wait()
+        procs[0].kill()  # what jax does to it after its heartbeat timeout (about 100 s), sooner
+        procs[0].wait()
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    whole = {f for f in features if (out / f"feature-{f}" / "result.json").exists()}
+    assert ones[0] in whole and not set(ones) <= whole and not (out / "index.json").exists()
+    kept = {f: (out / f"feature-{f}" / "result.json").read_bytes() for f in whole}
+
+    procs = _start_two(tiny_dir, features, out, iterations)
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr[-2000:]
+    skipped = [line for _, stderr in outputs for line in stderr.splitlines() if "already done" in line]
+    assert sorted(int(f) for line in skipped for f in line.rsplit("features ", 1)[1].split(", ")) == sorted(whole)
+    assert all((out / f"feature-{f}" / "result.json").read_bytes() == kept[f] for f in whole)
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"feature-{f}" for f in features] +
+                                                           ["index.json", "index.md"])
+    index = json.loads((out / "index.json").read_text())
+    assert sorted(e["feature"] for e in index["features"]) == features  # each exactly once
+    assert index["features_missing"] == [] and not index["interrupted"]
+    for entry in index["features"]:
+        assert sorted(p.name for p in (out / entry["folder"]).iterdir()) == ["report.md", "result.json"]
+        result = _load(out / entry["folder"])
+        assert result["timings"]["iterations_run"] == iterations and not result["timings"]["interrupted"]
+        assert result["process"]["id"] == features.index(entry["feature"]) % 2 == entry["process_id"]
+        assert entry["act"] == pytest.approx(results.best_elite(result)["act"], abs=1e-6)

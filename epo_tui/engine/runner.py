@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import threading
@@ -26,6 +27,7 @@ from epo_tui.engine.reporting import features_label
 from epo_tui.engine.search import Search, SearchState
 from epo_tui.engine.session_search import RecordedSearch
 from epo_tui.errors import UserError
+from epo_tui.text import inert
 
 
 class Reporter:
@@ -33,6 +35,9 @@ class Reporter:
 
     def batch_started(self, features: list[int]) -> None:
         """The features this process will run, in order."""
+
+    def batch_skipped(self, features: list[int], out: Path) -> None:
+        """Features of this process that an earlier run of the batch finished in `out` (not run again)."""
 
     def search_started(self, label: str, iterations: int) -> None:
         """A search is set up (model on the devices, starting elites not yet sampled)."""
@@ -178,17 +183,28 @@ def run_batch(pair: ModelWithSAE, config: Config, features: list[int], out: Path
               stop: StopFlag, cluster: Cluster = Cluster(), mesh: Mesh | None = None) -> dict:
     """This process's share of `features`, each in out/feature-N/; then the summaries of all processes
     are gathered and process 0 writes out/index.json and index.md. Returns the index (every process
-    gets it; only process 0 writes it)."""
+    gets it; only process 0 writes it).
+
+    A rerun into the same `out` continues: features whose folder holds a finished result are read back,
+    not run again (the share of each process stays the same, so this holds for folders on each host's
+    own disk too). Results there from another config are refused (UserError)."""
+    out = Path(out)
     mine = cluster.share(features)
     mesh = mesh or pair.mesh  # this host's devices: each process searches on its own
-    reporter.batch_started(mine)
-    summaries, interrupted = [], False
+    before = _finished_before(config, out, mine)
+    if before:
+        reporter.batch_skipped(sorted(before), out)
+    summaries = [before[f] for f in mine if f in before]
+    todo = [f for f in mine if f not in before]
+    reporter.batch_started(todo)
+    interrupted = False
     try:
-        for feature in mine:
+        for feature in todo:
             if stop.requested:
                 interrupted = True
                 break
             one = dataclasses.replace(config, feature=dataclasses.replace(config.feature, index=feature, indices=()))
+            _clear_partial_writes(out / feature_folder(feature))
             result = run_one(pair, one, out / feature_folder(feature), reporter, stop, mesh, cluster)
             summaries.append(results.summary(result, feature_folder(feature)))
             if result["timings"]["interrupted"]:
@@ -202,6 +218,62 @@ def run_batch(pair: ModelWithSAE, config: Config, features: list[int], out: Path
     if cluster.is_leader:
         results.write_index(out, index)
     return index
+
+
+# Settings that do not change what a search finds: a rerun may differ in them
+_RERUN_MAY_CHANGE = ("feature.index", "feature.indices", "favorites", "sae.labels", "model.model_parallel",
+                     "search.time_budget")
+
+
+def _finished_before(config: Config, out: Path, mine: list[int]) -> dict[int, dict]:
+    """The index lines (summaries) of the features of `mine` that an earlier run of this batch finished
+    in `out`, by feature. Every result in out/feature-*/ (also of features not asked for now) must come
+    from the same config."""
+    if not out.is_dir():
+        return {}
+    now = _flat(json.loads(json.dumps(config.to_dict())))  # as result.json holds it: tuples as lists
+    names, found = {feature_folder(f): f for f in mine}, {}
+    for folder in sorted(out.glob("feature-*")):
+        result = results.read_result(folder)
+        if result is None:
+            continue  # not written to the end: run again if asked for
+        there = _flat(result["config"])
+        differ = [key for key in sorted(set(now) | set(there)) if now.get(key, _UNSET) != there.get(key, _UNSET)
+                  and not any(key == k or key.startswith(k + ".") for k in _RERUN_MAY_CHANGE)]
+        if differ:
+            shown = "; ".join(f"{key} {_shown(there, key)} there, {_shown(now, key)} now" for key in differ[:3])
+            more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+            raise UserError(f"--out {inert(str(out))}: holds results of another config ({folder.name}: "
+                            f"{inert(shown)}{more}); rerun with the same settings or use another --out")
+        feature = names.get(folder.name)
+        if feature is not None and results.finished(result, folder, feature):
+            found[feature] = results.summary(result, folder.name)
+    return found
+
+
+_UNSET = object()  # a key one side's config does not have (another epo-tui version wrote it)
+
+
+def _shown(flat: dict, key: str) -> str:
+    return repr(flat[key]) if key in flat else "unset"
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    """{"search": {"seed": 0}} as {"search.seed": 0}."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _clear_partial_writes(folder: Path) -> None:
+    """Temp files of an atomic write that a killed process left behind (atomic.py names them .NAME.*.tmp)."""
+    for name in ("result.json", "report.md"):
+        for partial in folder.glob(f".{name}.*.tmp"):
+            partial.unlink(missing_ok=True)
 
 
 def _index(pair: ModelWithSAE, gathered: list[dict], features: list[int], interrupted: bool,
