@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from epo_tui import __version__, paths
+from epo_tui.budget import EXAMPLES, budget_seconds, format_budget
 from epo_tui.config import COMBINES, INT_MAX, Config, load_config
 from epo_tui.errors import UserError, first_line
 from epo_tui.features import config_labels, with_labels
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "else gpt2-small, then tiny and its warm start)")
     bench.add_argument("--iterations", type=int, metavar="N",
                        help="EPO iterations per setup, the first compiles (default: gpt2-small 3, tiny 20, "
-                            f"config 5; --quality {QUALITY_ITERATIONS} per latent)")
+                            f"config 5; --quality {QUALITY_ITERATIONS} per latent, or no cap with --time-budget)")
     bench.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                        help="weights of the gpt2-small setup (default float32)")
     bench.add_argument("--no-warm-start", action="store_true",
@@ -101,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="held-out text: .jsonl of {\"text\": ...} or a plain text file (default with "
                               "--demo: the pack's held-out sample)")
     quality.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the latent draw (default 0)")
+    quality.add_argument("--time-budget", metavar="DURATION",
+                         help=f"wall clock per latent ({EXAMPLES}), instead of {QUALITY_ITERATIONS} iterations; "
+                              "with --iterations, whichever comes first (the config's search.time_budget is "
+                              "not used here)")
     from epo_tui.tui.bench_ui import add_options as add_ui_options  # --ui, --presses, --size
 
     add_ui_options(bench)
@@ -109,12 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         "run", parents=[common], help="one search; writes result.json and report.md",
         description="Run one EPO search with a progress bar on stderr, then write DIR/result.json and "
                     "DIR/report.md. Ctrl-C stops after the current iteration and still writes them "
-                    f"(exit code {EXIT_INTERRUPTED}).")
+                    f"(exit code {EXIT_INTERRUPTED}); so does a time budget running out (exit code 0).")
     run.add_argument("--feature", type=int, action="append", metavar="N",
                      help="SAE latent (default: the config's); repeat for several, combined by --combine")
     run.add_argument("--combine", choices=COMBINES,
                      help="how several features make one objective (default: feature.combine)")
-    _search_options(run, "./epo-runs/<time>-f<features>")
+    _search_options(run, "./epo-runs/<time>-f<features>",
+                    "stop after this much wall clock, set-up included")
     run.add_argument("--resume", metavar="ID",
                      help="continue a stopped session exactly where it stopped (its own config; see "
                           "`epo-tui sessions`); --iterations then sets the new total")
@@ -122,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch = commands.add_parser(
         "batch", parents=[common], help="one search per feature, with an index sorted by activation",
         description="One search per feature, each in DIR/feature-N/ (result.json, report.md), then "
-                    "DIR/index.md and DIR/index.json sorted by best activation. The model and SAE load once. "
+                    "DIR/index.md and DIR/index.json sorted by best activation. The model and SAE load once; "
+                    "a time budget is split equally between the features. "
                     "Several processes (hosts) split the features between them: see README, 'Run a search'. "
                     f"Ctrl-C writes what finished and the index (exit code {EXIT_INTERRUPTED}).")
     which = batch.add_mutually_exclusive_group(required=True)
@@ -130,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--random", type=int, metavar="N",
                        help="N distinct features drawn uniformly from 0..d_sae-1 by numpy's RNG seeded with "
                             "--seed (default search.seed): the same seed draws the same features")
-    _search_options(batch, "./epo-runs/<time>-batch-<count>")
+    _search_options(batch, "./epo-runs/<time>-batch-<count>",
+                    "the whole batch's wall clock: each feature gets BUDGET / number of features (with "
+                    "several processes, / this process's features), set-up included")
     hosts = batch.add_argument_group("several processes (all three flags, the same on every process but "
                                      "--process-id; or set by the environment: see README)")
     hosts.add_argument("--coordinator", metavar="HOST:PORT", help="where process 0 listens")
@@ -175,8 +184,11 @@ def _registry_options(commands, common: argparse.ArgumentParser) -> None:
                           help="only releases whose name contains SUBSTRING (any case)")
 
 
-def _search_options(parser: argparse.ArgumentParser, default_out: str) -> None:
+def _search_options(parser: argparse.ArgumentParser, default_out: str, budget_help: str) -> None:
     parser.add_argument("--iterations", type=int, metavar="I", help="iterations (default: search.iterations)")
+    parser.add_argument("--time-budget", metavar="DURATION",
+                        help=f"{budget_help}: {EXAMPLES}, or none; the iterations still cap it, whichever comes "
+                             "first (default: search.time_budget)")
     parser.add_argument("--seed", type=int, metavar="S", help="random seed (default: search.seed)")
     parser.add_argument("--out", metavar="DIR", help=f"output folder (default: {default_out})")
 
@@ -297,7 +309,18 @@ def _search_overrides(args: argparse.Namespace, config: Config) -> Config:
         if not 0 <= args.seed <= INT_MAX:
             raise UserError(f"--seed: must be 0..{INT_MAX}, found {args.seed}")
         search = dataclasses.replace(search, seed=args.seed)
+    if args.time_budget is not None:
+        search = dataclasses.replace(search, time_budget=_time_budget(args.time_budget))
     return dataclasses.replace(config, search=search)
+
+
+def _time_budget(text: str) -> str:
+    """--time-budget as search.time_budget writes it ("" for none); a bad value is a UserError."""
+    try:
+        seconds = budget_seconds(text)
+    except ValueError as err:
+        raise UserError(f"--time-budget: {err}") from None
+    return "" if seconds is None else format_budget(seconds)
 
 
 def _feature_overrides(args: argparse.Namespace, config: Config) -> Config:
@@ -357,7 +380,12 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 def _print_run_line(result: dict, out: Path) -> int:
     timings, best = result["timings"], max(result["elites"], key=lambda e: e["act"])
     ran = f"{timings['iterations_run']}/{timings['iterations_requested']} iterations"
-    head = f"interrupted after {ran}" if timings["interrupted"] else f"ran {ran}"
+    if timings["interrupted"]:
+        head = f"interrupted after {ran}"
+    elif timings["budget_ran_out"]:
+        head = f"time budget {format_budget(timings['time_budget_s'])} ran out after {ran}"
+    else:
+        head = f"ran {ran}"
     print(f"{head} in {timings['total_s']:.1f} s; best act {best['act']:.3f} (xent {best['xent']:.3f}); "
           f"results in {inert(str(out))}/ (result.json, report.md); session {result['session']}")
     return EXIT_INTERRUPTED if timings["interrupted"] else 0
@@ -372,6 +400,7 @@ def _resume_run(args: argparse.Namespace) -> int:
         raise UserError(f"--resume: the session keeps its own config; drop {', '.join(given)}")
     if args.iterations is not None and args.iterations < 1:
         raise UserError(f"--iterations: must be >= 1, found {args.iterations}")
+    budget = _time_budget(args.time_budget) if args.time_budget is not None else None
     session = sessions.find_session(args.resume)
     from epo_tui.engine.compile_cache import enable_compile_cache
     from epo_tui.engine.runner import StopFlag, resume_one
@@ -382,7 +411,7 @@ def _resume_run(args: argparse.Namespace) -> int:
     pair = _load_pair(config, config.feature.features, f"session {session.id}")
     out = Path(args.out) if args.out else _default_out(f"resume-{session.id}")
     with StopFlag() as stop, progress_reporter() as reporter:
-        result = resume_one(pair, session, out, reporter, stop, iterations_total=args.iterations)
+        result = resume_one(pair, session, out, reporter, stop, iterations_total=args.iterations, time_budget=budget)
     return _print_run_line(result, out)
 
 
@@ -399,7 +428,7 @@ def cmd_batch(args: argparse.Namespace, config: Config) -> int:
         raise UserError("--out: required with several processes (they all write into one folder)")
     cluster = distributed.connect(spec)  # before anything else touches jax
     from epo_tui.engine.compile_cache import enable_compile_cache
-    from epo_tui.engine.runner import StopFlag, random_features, run_batch
+    from epo_tui.engine.runner import StopFlag, budget_share, random_features, run_batch
 
     enable_compile_cache()
 
@@ -412,11 +441,12 @@ def cmd_batch(args: argparse.Namespace, config: Config) -> int:
     out = Path(args.out) if args.out else _default_out(f"batch-{len(features)}")
     with StopFlag() as stop, progress_reporter() as reporter:
         index = run_batch(pair, config, features, out, reporter, stop, cluster)
-    _print_batch_line(index, cluster, out, time.perf_counter() - started)
+    each = budget_share(config, len(cluster.share(features))).search.time_budget
+    _print_batch_line(index, cluster, out, time.perf_counter() - started, each)
     return EXIT_INTERRUPTED if index["interrupted"] else 0
 
 
-def _print_batch_line(index: dict, cluster, out: Path, seconds: float) -> None:
+def _print_batch_line(index: dict, cluster, out: Path, seconds: float, budget_each: str = "") -> None:
     where = inert(str(out))
     if not cluster.is_leader:
         mine = [e["feature"] for e in index["features"] if e["process_id"] == cluster.process_id]
@@ -427,7 +457,8 @@ def _print_batch_line(index: dict, cluster, out: Path, seconds: float) -> None:
     head = f"interrupted: {done}/{asked} features" if index["interrupted"] else f"ran {done}/{asked} features"
     best = index["features"][0] if index["features"] else None
     top = f"; best feature {best['feature']} (act {best['act']:.3f})" if best else ""
-    print(f"{head} in {seconds:.1f} s{top}; index in {where}/index.md")
+    share = f"; time budget {budget_each} per feature" if budget_each else ""
+    print(f"{head} in {seconds:.1f} s{top}{share}; index in {where}/index.md")
 
 
 def _progress_line(message: str) -> None:
@@ -435,6 +466,8 @@ def _progress_line(message: str) -> None:
 
 
 def cmd_bench(args: argparse.Namespace, config: Config) -> int:
+    if args.time_budget is not None and not args.quality:
+        raise UserError("--time-budget: a budget per latent of --quality (the speed benchmarks run fixed iterations)")
     if args.ui:  # the UI's key-press-to-repaint latency while a search runs
         from epo_tui.tui.bench_ui import cmd_bench_ui
 
@@ -469,6 +502,7 @@ def _bench_quality(args: argparse.Namespace, config: Config) -> int:
         heldout = paths.demo_pack() / "heldout.jsonl"
     else:
         raise UserError("--quality: needs a held-out text: --heldout PATH, or --demo for the pack's sample")
+    budget = budget_seconds(_time_budget(args.time_budget)) if args.time_budget is not None else None
     from epo_tui.engine import quality
 
     texts = quality.read_heldout(heldout)
@@ -477,9 +511,11 @@ def _bench_quality(args: argparse.Namespace, config: Config) -> int:
     from epo_tui.engine.runner import StopFlag
 
     with StopFlag() as stop:
-        report = quality.run_quality(pair, config, texts, latents=args.latents,
-                                     iterations=args.iterations or QUALITY_ITERATIONS, seed=args.seed,
-                                     labels=labels, progress=_progress_line, stop=stop)
+        # a budget replaces the fixed iteration count; --iterations then still caps it
+        iterations = args.iterations or (None if budget else QUALITY_ITERATIONS)
+        report = quality.run_quality(pair, config, texts, latents=args.latents, iterations=iterations,
+                                     time_budget_s=budget, seed=args.seed, labels=labels,
+                                     progress=_progress_line, stop=stop)
     if args.json:
         print(quality.report_json(report))
     else:

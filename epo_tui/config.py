@@ -18,6 +18,7 @@ from typing import Any
 import tomli
 
 from epo_tui import paths
+from epo_tui.budget import budget_seconds
 from epo_tui.errors import ConfigError, UserError, did_you_mean
 
 DTYPES = ("float32", "bfloat16")
@@ -78,6 +79,9 @@ class FeatureConfig:
 @dataclass(frozen=True)
 class SearchConfig:
     iterations: int = field(default=750, metadata=_limits(minimum=1))
+    # wall clock after which the search stops, set-up included ("90s", "2m", "1m30s", "1h"; "" none):
+    # whichever of it and `iterations` comes first
+    time_budget: str = ""
     elites: int = field(default=8, metadata=_limits(minimum=1))
     candidates: int = field(default=128, metadata=_limits(minimum=1))
     prompt_tokens: int = field(default=20, metadata=_limits(minimum=1))
@@ -180,6 +184,9 @@ def config_from_data(document: dict, source: str = "<data>", base_dir: Path | No
         raise ConfigError(source, "", f"expected a table of sections, found {_describe(document)}")
     document = {name: ({k: v for k, v in table.items() if v is not None} if isinstance(table, dict) else table)
                 for name, table in document.items()}
+    budget = document.get("search", {}).get("time_budget") if isinstance(document.get("search"), dict) else None
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):  # TOML `time_budget = 90`: seconds
+        document["search"]["time_budget"] = str(budget)
     for name in document:
         if name not in SECTIONS:
             raise ConfigError(
@@ -215,6 +222,10 @@ def config_from_data(document: dict, source: str = "<data>", base_dir: Path | No
             source, "search.penalty_min",
             f"{search.penalty_min} is larger than search.penalty_max ({search.penalty_max})",
         )
+    try:
+        budget_seconds(search.time_budget)
+    except ValueError as err:
+        raise ConfigError(source, "search.time_budget", str(err)) from None
     if search.penalty_min <= 0:
         raise ConfigError(source, "search.penalty_min",
                           f"must be > 0 (penalties are log-spaced), found {search.penalty_min}")

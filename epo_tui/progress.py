@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from epo_tui.budget import format_budget
 from epo_tui.text import inert
 
 
@@ -21,7 +22,7 @@ class _Progress:
     """What both progress displays track (implements epo_tui.engine.runner.Reporter)."""
 
     def __init__(self):
-        self.label, self.total, self.seconds = "", 0, []
+        self.label, self.total, self.seconds, self.deadline = "", 0, [], None
 
     def __enter__(self):
         return self
@@ -39,8 +40,9 @@ class _Progress:
     def line(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    def search_started(self, label: str, iterations: int) -> None:
+    def search_started(self, label: str, iterations: int, deadline=None) -> None:
         self.label, self.total, self.seconds = label, iterations, []
+        self.deadline = deadline if deadline is not None and deadline.seconds is not None else None
 
     def iteration_done(self, state, seconds: float) -> None:
         self.seconds.append(seconds)
@@ -48,29 +50,69 @@ class _Progress:
     def search_finished(self, result: dict, folder: Path) -> None:
         pass
 
+    def limits(self) -> str:
+        """`150 iterations`, or `150 iterations or 2m, whichever comes first` with a time budget."""
+        if self.deadline is None:
+            return f"{self.total} iterations"
+        return f"{self.total} iterations or {self.deadline.describe()}, whichever comes first"
+
     def status(self, state) -> str:
         later = self.seconds[1:] or self.seconds  # the first iteration compiles
         rate = len(later) / sum(later) if sum(later) > 0 else 0.0
-        return f"{rate:.1f} it/s · best act {state.act_K.max():.3f} · best xent {state.xent_K.min():.3f}"
+        eta = seconds_left(state.iteration, self.total, self.seconds, self.budget_left())
+        tail = f" · ETA {format_budget(round(eta))}" if eta else ""
+        return f"{rate:.1f} it/s · best act {state.act_K.max():.3f} · best xent {state.xent_K.min():.3f}{tail}"
+
+    def budget_left(self) -> float | None:
+        return self.deadline.left_s() if self.deadline is not None else None
+
+    def completed(self, iteration: int) -> float:
+        """Progress in iterations: the iterations done, or as far as the time budget has gone when it is
+        further along (it ends the search sooner)."""
+        if self.deadline is None or not self.total:
+            return float(iteration)
+        spent = min(1.0, self.deadline.spent_s() / self.deadline.seconds)
+        return max(float(iteration), spent * self.total)
+
+
+def seconds_left(iteration: int, total: int, seconds: list[float], budget_left: float | None) -> float | None:
+    """Seconds until the search ends: the iterations left at the mean time of those after the first
+    (which compiles), or the time budget left when that ends it sooner; None while unknown."""
+    later = seconds[1:]
+    by_iterations = (total - iteration) * sum(later) / len(later) if later else None
+    if budget_left is None:
+        return by_iterations
+    return budget_left if by_iterations is None else min(by_iterations, budget_left)
 
 
 class _ProgressLines(_Progress):
-    """Progress on stderr that is not a terminal: the first iteration, every tenth of the run, the last."""
+    """Progress on stderr that is not a terminal: the first iteration, every tenth of the run (of its
+    iterations, and of its time budget), the last."""
 
     def batch_started(self, features: list[int]) -> None:
         print(f"epo-tui: batch: {len(features)} features here: {', '.join(map(str, features))}",
               file=sys.stderr, flush=True)
 
-    def search_started(self, label: str, iterations: int) -> None:
-        super().search_started(label, iterations)
-        print(f"epo-tui: {label}: starting, {iterations} iterations", file=sys.stderr, flush=True)
+    def search_started(self, label: str, iterations: int, deadline=None) -> None:
+        super().search_started(label, iterations, deadline)
+        self.budget_tenths = 0
+        print(f"epo-tui: {label}: starting, {self.limits()}", file=sys.stderr, flush=True)
 
     def iteration_done(self, state, seconds: float) -> None:
         super().iteration_done(state, seconds)
         i, every = state.iteration, max(1, self.total // 10)
-        if i == 1 or i % every == 0 or i == self.total:
+        if i == 1 or i % every == 0 or i == self.total or self._budget_tenth():
             print(f"epo-tui: {self.label}: iteration {i}/{self.total} · {self.status(state)}",
                   file=sys.stderr, flush=True)
+
+
+    def _budget_tenth(self) -> bool:
+        """Whether another tenth of the time budget has gone since the last line."""
+        if self.deadline is None:
+            return False
+        tenths = int(10 * self.deadline.spent_s() / self.deadline.seconds)
+        passed, self.budget_tenths = tenths > self.budget_tenths, max(tenths, self.budget_tenths)
+        return passed
 
 
 class _ProgressBars(_Progress):
@@ -78,12 +120,13 @@ class _ProgressBars(_Progress):
 
     def __init__(self):
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, Progress, TextColumn
 
         super().__init__()
-        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-                             console=Console(file=sys.stderr), transient=True)
+        # the ETA is in the status (iterations or the time budget, whichever ends first), and the
+        # count is the iterations even when the bar follows the budget
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
+                             TextColumn("{task.fields[status]}"), console=Console(file=sys.stderr), transient=True)
         self.batch_task = self.task = None
 
     def __enter__(self):
@@ -97,18 +140,24 @@ class _ProgressBars(_Progress):
         self.bars.console.print(text, markup=False, highlight=False, soft_wrap=True)  # above the bars
 
     def batch_started(self, features: list[int]) -> None:
-        self.batch_task = self.bars.add_task("features", total=len(features), status="")
+        self.features_done, self.features_total = 0, len(features)
+        self.batch_task = self.bars.add_task("features", total=len(features), status="", count=f"0/{len(features)}")
 
-    def search_started(self, label: str, iterations: int) -> None:
-        super().search_started(label, iterations)
+    def search_started(self, label: str, iterations: int, deadline=None) -> None:
+        super().search_started(label, iterations, deadline)
         if self.task is not None:
             self.bars.remove_task(self.task)
-        self.task = self.bars.add_task(label, total=iterations, status="compiling…")
+        budget = f" or {self.deadline.describe()}" if self.deadline is not None else ""
+        self.task = self.bars.add_task(label, total=iterations, status=f"compiling…{budget}",
+                                       count=f"0/{iterations}")
 
     def iteration_done(self, state, seconds: float) -> None:
         super().iteration_done(state, seconds)
-        self.bars.update(self.task, completed=state.iteration, status=self.status(state))
+        self.bars.update(self.task, completed=self.completed(state.iteration), count=f"{state.iteration}/{self.total}",
+                         status=self.status(state))
 
     def search_finished(self, result: dict, folder: Path) -> None:
         if self.batch_task is not None:
-            self.bars.advance(self.batch_task)
+            self.features_done += 1
+            self.bars.update(self.batch_task, completed=self.features_done,
+                             count=f"{self.features_done}/{self.features_total}")

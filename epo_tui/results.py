@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from epo_tui.atomic import write_json_atomic, write_text_atomic
+from epo_tui.budget import format_budget
 from epo_tui.text import inert
 
 RESULT_VERSION = 1
@@ -31,7 +32,9 @@ class RunTimings:
     iterations_requested: int
     setup_s: float = 0.0
     iteration_s: list[float] = field(default_factory=list)
-    interrupted: bool = False
+    interrupted: bool = False  # Ctrl-C (or a stop) before the last iteration
+    time_budget_s: float | None = None  # search.time_budget, when one was set
+    budget_ran_out: bool = False  # stopped by the time budget before the last iteration (not interrupted)
 
     @property
     def iterations_run(self) -> int:
@@ -47,6 +50,8 @@ class RunTimings:
             "iterations_run": self.iterations_run,
             "iterations_requested": self.iterations_requested,
             "interrupted": self.interrupted,
+            "time_budget_s": self.time_budget_s,
+            "budget_ran_out": self.budget_ran_out,
         }
 
 
@@ -200,7 +205,12 @@ def _timing_line(result: dict) -> str:
     t = result["timings"]
     search = result["config"]["search"]
     ran = f"{t['iterations_run']} of {t['iterations_requested']} iterations"
-    head = f"Interrupted after {ran}" if t["interrupted"] else f"{ran.capitalize()}"
+    if t["interrupted"]:
+        head = f"Interrupted after {ran}"
+    elif t.get("budget_ran_out"):
+        head = f"Stopped by the time budget ({format_budget(t['time_budget_s'])}) after {ran}"
+    else:
+        head = ran.capitalize()
     detail = f" in {t['total_s']:.1f} s"
     if t["first_iteration_s"] is not None:
         detail += f" (first iteration {t['first_iteration_s']:.2f} s with compilation"

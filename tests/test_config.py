@@ -129,7 +129,7 @@ def test_bad_config_errors_name_file_key_found_and_allowed(text, expected):
 
 def test_unknown_key_lists_what_is_allowed():
     message = _error("[search]\nbanana = 1\n")
-    assert "allowed in [search]: iterations, elites, candidates" in message
+    assert "allowed in [search]: iterations, time_budget, elites, candidates" in message
 
 
 def test_invalid_utf8_is_reported(tmp_path):

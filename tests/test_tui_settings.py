@@ -220,3 +220,27 @@ def test_every_field_is_reachable_by_tab_and_scrolled_into_view_at_80x24():
         assert host.screen is screen
 
     run_form(scenario)
+
+
+def test_time_budget_is_checked_in_place_and_round_trips_into_the_config():
+    from epo_tui.config import config_from_data
+
+    config = Config(search=SearchConfig(time_budget="2m"))
+
+    async def scenario(pilot, screen, host):
+        assert field(screen, "time_budget").value == "2m"
+        await type_into(pilot, screen, "time_budget", "soon")
+        assert message(screen, "time_budget").startswith("expected a duration such as 90, 90s, 2m, 1m30s or 1h")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert host.result is NOT_DISMISSED
+        await type_into(pilot, screen, "time_budget", "1m30s")
+        assert message(screen, "time_budget") == ""
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+
+    host = run_form(scenario, config)
+    assert host.result == {"time_budget": "1m30s"}
+    data = config.to_dict()  # what the worker's start command validates (session_search.with_overrides)
+    data["search"].update(host.result)
+    assert config_from_data(data).search.time_budget == "1m30s"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from epo_tui.budget import Deadline, format_budget
 from epo_tui.config import Config
 from epo_tui.engine.pairing import ModelWithSAE
 from epo_tui.engine.runner import PlainSearch, Reporter, StopFlag, run_search
@@ -159,12 +161,27 @@ class _IterationLines(Reporter):
             self.progress(f"{self.label}: iteration {state.iteration}, best act {float(state.act_K.max()):.3f}")
 
 
-def run_quality(pair: ModelWithSAE, config: Config, heldout: list[str], latents: int, iterations: int,
+def per_latent(iterations: int | None, time_budget_s: float | None) -> str:
+    """How long each latent's search runs, in words: "50 iterations", "2m", or "2m or 50 iterations,
+    whichever comes first"."""
+    if time_budget_s is None:
+        return f"{iterations} iterations"
+    if iterations is None:
+        return format_budget(time_budget_s)
+    return f"{format_budget(time_budget_s)} or {iterations} iterations, whichever comes first"
+
+
+def run_quality(pair: ModelWithSAE, config: Config, heldout: list[str], latents: int, iterations: int | None,
                 seed: int = 0, labels: dict[int, str] | None = None,
-                progress: Progress = lambda _: None, stop: StopFlag | None = None) -> dict:
-    """The quality benchmark as one JSON-able dict (see the module docstring)."""
+                progress: Progress = lambda _: None, stop: StopFlag | None = None,
+                time_budget_s: float | None = None) -> dict:
+    """The quality benchmark as one JSON-able dict (see the module docstring). Each latent's search runs
+    `iterations`, or for `time_budget_s` of wall clock (its set-up included), or whichever comes first
+    when both are given."""
     if config.feature.kind != "sae":
         raise UserError("bench --quality: needs feature.kind = 'sae' (it measures SAE latents)")
+    if iterations is None and time_budget_s is None:
+        raise ValueError("run_quality: give iterations, time_budget_s or both")
     started = time.perf_counter()
     stop = stop or StopFlag()
     tokens, mask = heldout_rows(pair, heldout)
@@ -177,7 +194,9 @@ def run_quality(pair: ModelWithSAE, config: Config, heldout: list[str], latents:
     if len(alive) < latents:
         raise UserError(f"bench --quality: {latents} latents asked, {len(alive)} fire on the held-out sample")
     chosen = sorted(int(i) for i in np.random.default_rng(seed).choice(alive, size=latents, replace=False))
-    search_config = dataclasses.replace(config, search=dataclasses.replace(config.search, iterations=iterations))
+    cap = iterations if iterations is not None else sys.maxsize  # no cap: the budget alone stops each search
+    search_config = dataclasses.replace(config, search=dataclasses.replace(
+        config.search, iterations=iterations or config.search.iterations, time_budget=""))
     mesh = pair.mesh
 
     def search_for(latent: int) -> Search:
@@ -197,11 +216,12 @@ def run_quality(pair: ModelWithSAE, config: Config, heldout: list[str], latents:
         if stop.requested:
             break
         label = f"[{n}/{latents}] latent {latent}"
-        progress(f"{label}: dataset max {maxima_S[latent]:.3f}; searching {iterations} iterations")
+        progress(f"{label}: dataset max {maxima_S[latent]:.3f}; searching {per_latent(iterations, time_budget_s)}")
+        deadline = Deadline(time_budget_s)  # the search's set-up counts, as in `run`
         search = search_for(latent)
         t0 = time.perf_counter()
-        stepper = PlainSearch(search, iterations)
-        timings = run_search(stepper, _IterationLines(progress, label), stop)
+        stepper = PlainSearch(search, cap)
+        timings = run_search(stepper, _IterationLines(progress, label), stop, deadline)
         state = stepper.state
         search_seconds.append(time.perf_counter() - t0)
         best = best_prompts(search, state, limit)
@@ -209,7 +229,8 @@ def run_quality(pair: ModelWithSAE, config: Config, heldout: list[str], latents:
         rows.append({"latent": latent, "label": (labels or {}).get(latent),
                      "dataset_max": float(maxima_S[latent]),
                      "dataset_context": context_snippet(pair, tokens, where_S[latent]),
-                     **best, "iterations_run": timings.iterations_run, "beat": bool(beat)})
+                     **best, "iterations_run": timings.iterations_run, "budget_ran_out": timings.budget_ran_out,
+                     "beat": bool(beat)})
         fluent = "none" if best["fluent_act"] is None else f"{best['fluent_act']:.3f}"
         progress(f"{label}: best act {best['best_act']:.3f} (xent {best['best_xent']:.3f}); at xent <= "
                  f"{limit:.2f}: {fluent}; {'beats' if beat else 'does not beat'} the dataset")
@@ -219,7 +240,8 @@ def run_quality(pair: ModelWithSAE, config: Config, heldout: list[str], latents:
         "heldout": {"documents": len(heldout), "tokens": int(mask.sum()), "windows": int(len(windows)),
                     "window_tokens": config.search.prompt_tokens, "median_window_xent": median,
                     "alive_latents": int(len(alive)), "latents": int(pair.sae.d_sae)},
-        "search": {"iterations": iterations, "elites": config.search.elites,
+        "search": {"per_latent": per_latent(iterations, time_budget_s), "iterations": iterations,
+                   "time_budget_s": time_budget_s, "elites": config.search.elites,
                    "candidates": config.search.candidates, "prompt_tokens": config.search.prompt_tokens,
                    "penalty_min": config.search.penalty_min, "penalty_max": config.search.penalty_max,
                    "seed": config.search.seed},
@@ -241,7 +263,7 @@ def print_quality(report: dict) -> None:
     h, s = report["heldout"], report["search"]
     console.print(f"{inert(report['model'])} + {inert(report['sae'])} at {report['hook']}; held-out "
                   f"{h['tokens']:,} tokens, median xent {h['median_window_xent']:.3f} over {h['windows']:,} "
-                  f"windows of {h['window_tokens']} tokens; {s['iterations']} iterations of {s['elites']} x "
+                  f"windows of {h['window_tokens']} tokens; {s['per_latent']} of {s['elites']} x "
                   f"{s['candidates']} per latent")
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column, justify in (("latent", "right"), ("label", "left"), ("dataset max", "right"),

@@ -1,8 +1,8 @@
 """The headless search loop (`epo-tui run`) and the batch loop (`epo-tui batch`).
 
 Both stop cleanly between iterations on Ctrl-C (SIGINT sets a flag; a KeyboardInterrupt out of a step
-keeps the last finished state) and still write their results. Progress goes to a `Reporter`: rich
-bars in the CLI, protocol events in the worker.
+keeps the last finished state) or once `search.time_budget` has run out, and still write their
+results. Progress goes to a `Reporter`: rich bars in the CLI, protocol events in the worker.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from epo_tui import results, sessions
+from epo_tui.budget import Deadline, budget_seconds, format_budget
 from epo_tui.config import Config
 from epo_tui.engine.distributed import Cluster, gather_summaries, rows_per_process
 from epo_tui.engine.pairing import ModelWithSAE
@@ -39,8 +40,9 @@ class Reporter:
     def batch_skipped(self, features: list[int], out: Path) -> None:
         """Features of this process that an earlier run of the batch finished in `out` (not run again)."""
 
-    def search_started(self, label: str, iterations: int) -> None:
-        """A search is set up (model on the devices, starting elites not yet sampled)."""
+    def search_started(self, label: str, iterations: int, deadline: Deadline | None = None) -> None:
+        """A search is set up (model on the devices, starting elites not yet sampled); `deadline`: its
+        time budget, when it has one."""
 
     def iteration_done(self, state: SearchState, seconds: float) -> None:
         """One more iteration finished (state.iteration counts them)."""
@@ -101,20 +103,25 @@ class PlainSearch:
         self.state, _ = self.search.step(self.state)
 
 
-def run_search(stepper, reporter: Reporter, stop: StopFlag) -> results.RunTimings:
-    """Steps until done; stops early (interrupted) on Ctrl-C. `stepper` is a PlainSearch or a
-    RecordedSearch (already set up: its set-up time is the caller's to record)."""
+def run_search(stepper, reporter: Reporter, stop: StopFlag, deadline: Deadline | None = None) -> results.RunTimings:
+    """Steps until done; stops early on Ctrl-C (interrupted) or once `deadline` has passed (the budget
+    ran out: not interrupted). `stepper` is a PlainSearch or a RecordedSearch (already set up: its
+    set-up time is the caller's to record)."""
     start_iteration = stepper.state.iteration
-    timings = results.RunTimings(iterations_requested=stepper.iterations_total - start_iteration)
+    timings = results.RunTimings(iterations_requested=stepper.iterations_total - start_iteration,
+                                 time_budget_s=deadline.seconds if deadline else None)
     try:
         while not stepper.done and not stop.requested:
+            if deadline is not None and deadline.expired:
+                timings.budget_ran_out = True
+                break
             t0 = time.perf_counter()
             stepper.step()
             timings.iteration_s.append(time.perf_counter() - t0)
             reporter.iteration_done(stepper.state, timings.iteration_s[-1])
     except KeyboardInterrupt:  # mid-iteration: the state before it is complete, so keep that
         stop.request()
-    timings.interrupted = not stepper.done
+    timings.interrupted = not stepper.done and not timings.budget_ran_out
     return timings
 
 
@@ -123,25 +130,30 @@ def run_one(pair: ModelWithSAE, config: Config, folder: Path, reporter: Reporter
     """One search for config.feature, recorded as a session: runs it, writes folder/result.json and
     report.md (and the same in the session folder), returns the result."""
     t0 = time.perf_counter()
+    deadline = Deadline(budget_seconds(config.search.time_budget))  # set-up counts too
     search = Search(pair, config, mesh=mesh)  # its input errors come before any output
-    reporter.search_started(features_label(config), config.search.iterations)
+    reporter.search_started(features_label(config), config.search.iterations, deadline)
     recorded = RecordedSearch.start(pair, config, search=search, root=sessions_root)
-    return _run_recorded(recorded, time.perf_counter() - t0, folder, reporter, stop, cluster)
+    return _run_recorded(recorded, time.perf_counter() - t0, folder, reporter, stop, cluster, deadline)
 
 
 def resume_one(pair: ModelWithSAE, session: sessions.Session, folder: Path, reporter: Reporter, stop: StopFlag,
-               iterations_total: int | None = None, mesh: Mesh | None = None) -> dict:
-    """A stopped session continued exactly where its last checkpoint left it."""
+               iterations_total: int | None = None, mesh: Mesh | None = None, time_budget: str | None = None) -> dict:
+    """A stopped session continued exactly where its last checkpoint left it, with a fresh time budget:
+    `time_budget`, else the session's own search.time_budget."""
     t0 = time.perf_counter()
+    deadline = Deadline(None)  # set-up counts too
     recorded = RecordedSearch.resume(pair, session, mesh=mesh, iterations_total=iterations_total)
-    reporter.search_started(features_label(recorded.search.config), recorded.iterations_total)
-    return _run_recorded(recorded, time.perf_counter() - t0, folder, reporter, stop, Cluster())
+    own = recorded.search.config.search.time_budget
+    deadline.seconds = budget_seconds(own if time_budget is None else time_budget)
+    reporter.search_started(features_label(recorded.search.config), recorded.iterations_total, deadline)
+    return _run_recorded(recorded, time.perf_counter() - t0, folder, reporter, stop, Cluster(), deadline)
 
 
 def _run_recorded(recorded: RecordedSearch, setup_s: float, folder: Path, reporter: Reporter, stop: StopFlag,
-                  cluster: Cluster) -> dict:
+                  cluster: Cluster, deadline: Deadline | None = None) -> dict:
     try:
-        timings = run_search(recorded, reporter, stop)
+        timings = run_search(recorded, reporter, stop, deadline)
     except sessions.SessionGone as err:
         _lost_session(recorded, err, folder, cluster)
     except BaseException as err:  # a crash (a full disk too) still leaves the last iterations checkpointed
@@ -196,6 +208,7 @@ def run_batch(pair: ModelWithSAE, config: Config, features: list[int], out: Path
         reporter.batch_skipped(sorted(before), out)
     summaries = [before[f] for f in mine if f in before]
     todo = [f for f in mine if f not in before]
+    config = budget_share(config, len(todo))  # a rerun's budget goes to the features still to run
     reporter.batch_started(todo)
     interrupted = False
     try:
@@ -274,6 +287,16 @@ def _clear_partial_writes(folder: Path) -> None:
     for name in ("result.json", "report.md"):
         for partial in folder.glob(f".{name}.*.tmp"):
             partial.unlink(missing_ok=True)
+
+
+def budget_share(config: Config, features: int) -> Config:
+    """The config each of `features` searches runs with: an equal share of search.time_budget (a
+    batch's budget is its wall clock, split between the features this process runs)."""
+    seconds = budget_seconds(config.search.time_budget)
+    if seconds is None or features < 1:
+        return config
+    share = format_budget(seconds / features)
+    return dataclasses.replace(config, search=dataclasses.replace(config.search, time_budget=share))
 
 
 def _index(pair: ModelWithSAE, gathered: list[dict], features: list[int], interrupted: bool,

@@ -1,7 +1,8 @@
 """`epo-tui worker`: the engine served over stdin/stdout (protocol.py; PROTOCOL.md describes it).
 
 One thread reads commands (a bounded queue); the main thread runs the search and, between two
-iterations, every command that arrived, so `pause` and `score` take effect within one iteration.
+iterations, every command that arrived, so `pause` and `score` take effect within one iteration. A
+search whose `search.time_budget` has run out (paused time not counted) stops there as `stop` would.
 Events go out through one lock-guarded writer. Stdout carries only protocol lines: the real stdout is
 kept for them and file descriptor 1 is pointed at stderr, so a library's print can never corrupt the
 stream. Stdin closing (the client died, the SSH link dropped), SIGTERM and SIGHUP checkpoint the
@@ -28,7 +29,8 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from epo_tui import __version__, paths, protocol, sessions
+from epo_tui import __version__, paths, protocol, results, sessions
+from epo_tui.budget import Deadline, budget_seconds
 from epo_tui.config import Config, config_from_data, load_config
 from epo_tui.errors import ConfigError, UserError
 
@@ -111,6 +113,7 @@ class Worker:
         self.pair = None
         self.labels: dict[int, str] = {}  # from the config's sae.labels, checked against the loaded SAE
         self.active = None  # RecordedSearch
+        self.deadline = Deadline(None)  # the active search's time budget (search.time_budget)
         self.paused = False
         self.running = True
 
@@ -249,6 +252,7 @@ class Worker:
         every = float(cmd.get("checkpoint_seconds", CHECKPOINT_SECONDS))
         if not 0 <= every <= CHECKPOINT_SECONDS:
             raise UserError(f"start: checkpoint_seconds must be between 0 and {CHECKPOINT_SECONDS:g}")
+        deadline = Deadline(None)  # set-up counts too, as in `epo-tui run`
         self.set_state("compiling", "starting prompts")
         try:
             if cmd.get("resume"):
@@ -273,6 +277,8 @@ class Worker:
             raise
         self.paused = False
         active = self.active
+        deadline.seconds = budget_seconds(active.search.config.search.time_budget)  # a resumed one: afresh
+        self.deadline = deadline
         self.out.event("started", id=cmd.id, session=active.session.id, label=active.label(),
                        feature=feature_record(active.search),
                        iteration=active.state.iteration, iterations_total=active.iterations_total,
@@ -286,15 +292,28 @@ class Worker:
 
     def iterate(self) -> None:
         active = self.active
+        if self.deadline.expired:  # ran out during the set-up, or while commands were handled
+            self.stop_out_of_time()
+            return
         changed = active.advance()
         self.out.event("progress", session=active.session.id, iteration=active.state.iteration,
                        iterations_total=active.iterations_total, it_per_s=active.iterations_per_second(),
+                       budget_left_s=self.deadline.left_s(),
                        elites=active.elites(), frontier_new=changed["frontier_new"],
                        best_objective=active.state.best_objective_history[-1])
         if self.checkpoint_or_say(active.checkpoint_if_due):
             self.out.event("checkpointed", session=active.session.id, iteration=active.state.iteration)
         if active.done:
             self.stop_active("finished")
+        elif self.deadline.expired:
+            self.stop_out_of_time()
+
+    def stop_out_of_time(self) -> None:
+        """The time budget ran out: stopped as `stop` would, but its result says why (not interrupted)."""
+        active = self.active
+        timings = results.RunTimings(iterations_requested=active.iterations_total, iteration_s=list(active.seconds),
+                                     time_budget_s=self.deadline.seconds, budget_ran_out=True)
+        self.stop_active("stopped", timings=timings, reason=f"its time budget ({self.deadline.describe()}) ran out")
 
     def checkpoint_or_say(self, checkpoint, *args) -> bool:
         """Runs a checkpoint of the active search; a write that fails (disk full) becomes one `error`
@@ -319,12 +338,13 @@ class Worker:
                        f"{active.state.iteration}", id=id_)
         self.set_state("idle")
 
-    def stop_active(self, status: str, error: str | None = None, id_: Any = None) -> None:
+    def stop_active(self, status: str, error: str | None = None, id_: Any = None,
+                    timings: results.RunTimings | None = None, reason: str | None = None) -> None:
         active, self.active, self.paused = self.active, None, False
         if active is None:
             return
         try:
-            active.finish(status, error)
+            active.finish(status, error, timings=timings)
         except sessions.SessionError as err:  # stopped all the same; the session keeps its last good checkpoint
             with contextlib.suppress(Exception):
                 active.release()
@@ -336,7 +356,7 @@ class Worker:
         self.out.event("checkpointed", session=active.session.id, iteration=active.state.iteration)
         self.out.event("finished", id=id_, session=active.session.id, status=status,
                        iteration=active.state.iteration, iterations_total=active.iterations_total,
-                       folder=str(active.session.folder))
+                       folder=str(active.session.folder), reason=reason)
         self.set_state("idle")
 
     def cmd_pause(self, cmd) -> None:
@@ -344,6 +364,7 @@ class Worker:
             raise UserError("pause: no search is running")
         if not self.paused:
             self.paused = True
+            self.deadline.pause()  # a paused search spends none of its time budget
             if self.checkpoint_or_say(self.active.checkpoint, "paused"):
                 self.out.event("checkpointed", session=self.active.session.id,
                                iteration=self.active.state.iteration)
@@ -364,6 +385,7 @@ class Worker:
         if self.active is None:
             raise UserError("resume: no search is paused (to continue a stopped session: start with resume)")
         self.paused = False
+        self.deadline.resume()
         self.active.session.update_meta(status="running")
         self.set_state("running", id_=cmd.id)
 

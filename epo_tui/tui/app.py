@@ -154,15 +154,17 @@ class EpoApp(App):
             self.query_one(FrontierPane).reset()
             self.query_one(ElitesPane).update_elites(event["elites"])
             self.status(session=event["session"], label=event.get("label"),
-                        iteration=event["iteration"], total=event["iterations_total"])
+                        iteration=event["iteration"], total=event["iterations_total"], budget_left=None)
         elif kind == "progress":
             self.query_one(ElitesPane).update_elites(event["elites"])
             self.query_one(FrontierPane).add_progress(event)
-            self.status(iteration=event["iteration"], total=event["iterations_total"], rate=event["it_per_s"])
+            self.status(iteration=event["iteration"], total=event["iterations_total"], rate=event["it_per_s"],
+                        budget_left=event.get("budget_left_s"))
         elif kind == "finished":
-            self.last_outcome = event["status"]
-            self.status(iteration=event["iteration"], total=event["iterations_total"], rate=None)
-            self.notify(f"search {event['status']} at iteration {event['iteration']}; results in "
+            why = f": {event['reason']}" if event.get("reason") else ""  # e.g. the time budget ran out
+            self.last_outcome = event["status"] + why
+            self.status(iteration=event["iteration"], total=event["iterations_total"], rate=None, budget_left=None)
+            self.notify(f"search {event['status']} at iteration {event['iteration']}{inert(why)}; results in "
                         f"{inert(event['folder'])}", title="finished")
         elif kind == "error":
             self._show_error(event)

@@ -332,7 +332,7 @@ def run_bench_ui(config, presses: int = DEFAULT_PRESSES, size: tuple[int, int] =
         raise UserError(f"--presses: must be >= 1, found {presses}")
     columns, rows = size
     rng = random.Random(seed)
-    search = dataclasses.replace(config.search, iterations=SEARCH_ITERATIONS)
+    search = dataclasses.replace(config.search, iterations=SEARCH_ITERATIONS, time_budget="")  # runs to the end
     data = dataclasses.replace(config, search=search).to_dict()
     load_start, cpu_start = os.getloadavg(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="epo-bench-ui-") as folder:

@@ -40,6 +40,7 @@ SOURCE = "settings"  # what config_from_data's messages name as their source (st
 # (with no help); tests/test_tui_settings.py insists on one.
 FIELD_HELP: dict[str, str] = {
     "iterations": "how many iterations the search runs",
+    "time_budget": "stop after this much wall clock (90s, 2m, 1m30s, 1h); empty: none",
     "elites": "prompts kept per iteration, one per penalty λ",
     "candidates": "children proposed and scored per iteration",
     "prompt_tokens": "length of the optimized prompt, in tokens",

@@ -10,11 +10,13 @@ from textual.widgets import Static
 from epo_tui.text import inert
 
 
-def eta_text(iteration: int | None, total: int | None, rate: float | None) -> str:
-    """`ETA 3m12s` from iterations left and iterations per second; empty when unknown."""
+def eta_text(iteration: int | None, total: int | None, rate: float | None, budget_left: float | None = None) -> str:
+    """`ETA 3m12s` from iterations left and iterations per second, or from the time budget left when
+    that ends the search sooner; empty when unknown."""
     if not iteration or not total or not rate or rate <= 0 or iteration >= total:
         return ""
-    seconds = round((total - iteration) / rate)
+    seconds = (total - iteration) / rate
+    seconds = round(min(seconds, budget_left) if budget_left is not None else seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
     return "ETA " + (f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s")
@@ -24,7 +26,7 @@ class StatusBar(Static):
     """One line: state · iteration i/N · it/s · ETA · feature · model / SAE @ hook · devices.
 
     `show(**fields)` updates any of: state, devices, model, sae, hook, label, session, iteration, total,
-    rate; the rest keep their values."""
+    rate, budget_left; the rest keep their values."""
 
     DEFAULT_CSS = "StatusBar { height: 1; background: $panel; color: $foreground; padding: 0 1; }"
 
@@ -45,7 +47,7 @@ class StatusBar(Static):
             parts.append(f"iteration {f.get('iteration') or 0}/{f['total']}")
         if f.get("rate"):
             parts.append(f"{f['rate']:.2f} it/s")
-        eta = eta_text(f.get("iteration"), f.get("total"), f.get("rate"))
+        eta = eta_text(f.get("iteration"), f.get("total"), f.get("rate"), f.get("budget_left"))
         if eta:
             parts.append(eta)
         if f.get("label"):
