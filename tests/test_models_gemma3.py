@@ -466,8 +466,8 @@ def test_a_short_search_improves_and_reports_what_a_plain_forward_gives(cases, t
     assert len(search.prefix_ids) > case.model.cfg.sliding_window
     special = set(case.model.special_token_ids().tolist())
     proposed = []
-    evaluate = search.evaluate
-    search.evaluate = lambda tokens: proposed.append(np.array(tokens)) or evaluate(tokens)
+    evaluate = search.evaluate_children
+    search.evaluate_children = lambda tokens, *rest: proposed.append(np.array(tokens)) or evaluate(tokens, *rest)
     start = search.initial_state()
     state = start
     for _ in range(12):

@@ -298,7 +298,7 @@ def test_without_logits_stops_after_the_last_layer_it_needs(cases, name, monkeyp
     monkeypatch.setattr(gpt_neox, "_block", lambda *args: ran.append(args[3]) or block(*args))
     rec = HookRecorder((hook,), case.n_layers, gpt_neox.hook_names(case.model.cfg))
     params, cfg = case.model.params, case.model.cfg
-    assert gpt_neox.forward(params, cfg, gpt_neox.embed(params, cfg, ids), rec, logits=False) is None
+    assert gpt_neox.forward(params, cfg, gpt_neox.embed(params, cfg, ids), rec, all_layers=False) is None
     assert ran == [0] and set(rec.out) == {hook}
     monkeypatch.undo()
     _, full = case.model.forward(ids, hooks=(hook,))

@@ -43,16 +43,16 @@ def retokenizes(tokenizer, ids) -> bool:
 
 
 def spy_on_evaluate(search: Search) -> list:
-    """Records every (tokens, objective, act, xent) that `search.evaluate` returns from now on."""
+    """Records every (children, objective, act, xent) that `search.evaluate_children` returns from now on."""
     calls = []
-    original = search.evaluate
+    original = search.evaluate_children
 
-    def recorded(tokens_BxN):
-        out = original(tokens_BxN)
-        calls.append((np.array(tokens_BxN), *(np.array(o) for o in out)))
+    def recorded(children_BxN, state, parents):
+        out = original(children_BxN, state, parents)
+        calls.append((np.array(children_BxN), *(np.array(o) for o in out)))
         return out
 
-    search.evaluate = recorded
+    search.evaluate_children = recorded
     return calls
 
 
@@ -225,8 +225,9 @@ def test_gradients_and_next_token_logits_match_the_plain_forward_pass(tiny_confi
     search = Search(tiny_pair, config)
     state = search.initial_state()
     tokens = state.tokens_KxN
-    grads, next_logits = gradients(search.params, search.sae, search.arrays, search.prefix, jnp.asarray(tokens),
-                                   jnp.asarray(search.lambdas_K), st=search.st)
+    grads, parents = gradients(search.params, search.sae, search.arrays, search.prefix, jnp.asarray(tokens),
+                               jnp.asarray(search.lambdas_K), st=search.st)
+    next_logits = parents.next_logits_KxNxV
     _, _, _, full, _, logits = _independent_numbers(tiny_pair, search, tokens)
     P, N = len(search.prefix_ids), tokens.shape[1]
     np.testing.assert_allclose(np.asarray(next_logits), logits[:, P - 1:P + N - 1], atol=1e-4, rtol=0)

@@ -28,13 +28,15 @@ SCRIPT = textwrap.dedent("""
     config = replace(config, search=replace(config.search, elites=3, candidates=7, seed=3))
     search = Search(load_model_with_sae(config), config)
     inputs = []
-    evaluate = search._evaluate
+    split = search.scorer._split
 
-    def spy(*args):
-        inputs.append(args[-1])  # the children, as placed on the mesh
-        return evaluate(*args)
+    def spy(array):
+        placed = split(array)
+        if placed.ndim == 2:
+            inputs.append(placed)  # a call's prompts, as placed on the mesh
+        return placed
 
-    search._evaluate = spy
+    search.scorer._split = spy
     state = search.initial_state()
     for _ in range(10):
         state, _ = search.step(state)
@@ -75,8 +77,9 @@ def test_one_device_and_four_devices_agree(tiny_dir):
     assert one["local_devices"] == 1 and one["mesh_devices"] == 1 and one["children_devices"] == 1
     assert four["local_devices"] == 4 and four["mesh_devices"] == 4
     assert four["children_devices"] == 4  # the evaluation's input spans all four
-    assert four["children_shape"] == [24, 6] and four["children_shards"] == [[6, 6]] * 4  # 21 padded to 24
-    assert one["children_shape"] == [21, 6]
+    # 21 children go in calls of 8 per device (the smallest call), padded; 32 on four devices
+    assert four["children_shape"] == [32, 6] and four["children_shards"] == [[8, 6]] * 4
+    assert one["children_shape"] == [8, 6]
 
     assert four["tokens"] == one["tokens"]
     assert four["frontier_tokens"] == one["frontier_tokens"]

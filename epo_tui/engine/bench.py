@@ -43,7 +43,7 @@ GPT2_SMALL_SAE = dict(d_sae=24576, hook_name="blocks.8.hook_resid_pre")
 # starting prompts for models with random weights (sampling them rarely re-tokenizes to itself)
 SEED_TEXT = ("The quick brown fox jumps over the lazy dog. Hello world, this is a tiny model. "
              "Legalization of cannabis was debated; officials refused to comment on the new law.")
-GOALS = {"mfu": 0.5, "warm_start_s": 3.0}
+GOALS = {"mfu": 0.5, "warm_start_s": 3.0, "evaluation_vs_full_forward": 0.65}
 PEAK_SIZES = (1024, 2048, 4096)
 WARM_RUNS = 2  # warm processes after the cold one; the best counts
 PREFIX_CHECK_EXTRA = 32  # prefix positions added to see what the evaluation's cost grows by
@@ -241,84 +241,69 @@ def _xla_flops(compiled) -> float:
     return float(analysis.get("flops", 0.0)) if analysis else 0.0
 
 
-def _step_inputs(search, state):
-    """The arguments Search.step passes to the jitted steps (same shapes and shardings)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from epo_tui.engine.sharding import data_size
-
-    K, N = state.tokens_KxN.shape
-    tokens = jnp.asarray(state.tokens_KxN)
-    key = jax.random.wrap_key_data(jnp.asarray(state.key))
-    B = K * search.st.children
-    B_padded = B + (-B) % data_size(search.mesh)
-    children = jax.device_put(jnp.asarray(np.resize(state.tokens_KxN, (B_padded, N)), jnp.int32),
-                              NamedSharding(search.mesh, PartitionSpec("data")))
-    return tokens, key, children
-
-
 def _one_chunk_scorer(st):
     import jax
 
-    from epo_tui.engine import search as search_module
+    from epo_tui.engine import evaluation
 
-    return jax.jit(lambda params, sae, arrays, prefix, tokens: search_module._score(
+    return jax.jit(lambda params, sae, arrays, prefix, tokens: evaluation.score(
         params, sae, arrays, prefix, tokens, st)[:3])
 
 
-def xla_flops(search, state) -> dict:
-    """FLOPs per iteration by XLA's cost analysis of the compiled steps (already compiled by the first
-    iteration, so this only looks them up).
+def xla_flops(search, state, calls: dict[int, int], children: int, iterations: int) -> dict:
+    """FLOPs per iteration by XLA's cost analysis of the compiled steps.
 
-    XLA counts a while loop's body once: the evaluation's lax.map over EVAL_CHUNK-sized chunks is
-    therefore counted as one chunk (`evaluation_loop_body_once`); `evaluation` is one chunk's compiled
-    cost times the chunks per device times the devices.
+    The evaluation's count is what it ran: per bucket start (engine/evaluation.py), the calls made over
+    `iterations` iterations times one call's count, per iteration. `evaluation_per_child` divides by the
+    `children` proposed, and `evaluation_vs_full_forward` compares that with running every child's
+    every position (one full call's count per prompt in it).
     """
     import jax.numpy as jnp
-    import numpy as np
 
     from epo_tui.engine import search as search_module
-    from epo_tui.engine.sharding import data_size
 
     st = search.st
-    tokens, key, children = _step_inputs(search, state)
+    tokens, key = jnp.asarray(state.tokens_KxN), _key_of(state)
     lambdas = jnp.asarray(search.lambdas_K)
     grads_compiled = search_module.gradients.lower(search.params, search.sae, search.arrays, search.prefix, tokens,
                                                    lambdas, st=st).compile()
-    grads, next_logits = search_module.gradients(search.params, search.sae, search.arrays, search.prefix, tokens,
-                                                 lambdas, st=st)
-    propose_compiled = search_module.propose.lower(key, tokens, grads, next_logits, search.banned_V, st=st).compile()
-    evaluate_compiled = search._evaluate.lower(search.params, search.sae, search.arrays, search.prefix,
-                                               children).compile()
-    n_dev = data_size(search.mesh)  # each data row evaluates its share (split over its model axis)
-    b_local = children.shape[0] // n_dev
-    chunk = min(search_module.EVAL_CHUNK, b_local)
-    n_chunks = math.ceil(b_local / chunk)
-    chunk_tokens = jnp.asarray(np.resize(state.tokens_KxN, (chunk, st.prompt_tokens)), jnp.int32)  # one device
-    one_chunk = _one_chunk_scorer(st).lower(search.params, search.sae, search.arrays, search.prefix,
-                                            chunk_tokens).compile()
-    per_chunk = _xla_flops(one_chunk)
+    grads, parents = search_module.gradients(search.params, search.sae, search.arrays, search.prefix, tokens,
+                                             lambdas, st=st)
+    propose_compiled = search_module.propose.lower(key, tokens, grads, parents.next_logits_KxNxV, search.banned_V,
+                                                   st=st).compile()
+    scorer = search.scorer
+    per_call = {start: _xla_flops(scorer.compiled_call(start)) for start in sorted(set(calls) | {0})}
+    evaluation = sum(n * per_call[start] for start, n in calls.items()) / max(iterations, 1)
+    full_per_child = per_call[0] / scorer.chunk
+    per_child = evaluation * max(iterations, 1) / max(children, 1)
     out = {
         "gradients": _xla_flops(grads_compiled),
         "proposals": _xla_flops(propose_compiled),
-        "evaluation": per_chunk * n_chunks * n_dev,
-        "evaluation_loop_body_once": _xla_flops(evaluate_compiled),
-        "evaluation_chunk": chunk,
-        "evaluation_chunks_per_device": n_chunks,
-        "devices": n_dev,
+        "evaluation": evaluation,
+        "evaluation_per_call": {str(k): v for k, v in per_call.items()},
+        "evaluation_calls": {str(k): v for k, v in sorted(calls.items())},
+        "evaluation_per_child": per_child,
+        "full_forward_per_child": full_per_child,
+        "evaluation_vs_full_forward": per_child / full_per_child if full_per_child else float("nan"),
+        "evaluation_chunk": scorer.chunk,
+        "devices": search.mesh.size,
     }
     out["total"] = out["gradients"] + out["proposals"] + out["evaluation"]
     return out
+
+
+def _key_of(state):
+    import jax
+    import jax.numpy as jnp
+
+    return jax.random.wrap_key_data(jnp.asarray(state.key))
 
 
 def _matmul_params_per_layer(block: dict) -> int:
     return sum(int(math.prod(a.shape)) for a in block.values() if getattr(a, "ndim", 0) >= 2)
 
 
-def analytic_flops(search) -> dict:
+def analytic_flops(search, positions_share: float = 1.0) -> dict:
     """FLOPs per iteration counted from the shapes (multiply-adds x 2), as the code computes them:
 
     forward per row of N optimized tokens after P prefix positions:
@@ -328,7 +313,9 @@ def analytic_flops(search) -> dict:
       + 2 N D * SAE columns                                      -- the target (1 column, all for TopK)
       + 2 N V D for a one-hot input                              -- the gradient pass's embedding
     gradient pass = forward + activation gradients (the same matmuls again, attention twice):
-    no weight gradients. `gradients_if_weight_grads` adds them, for comparison.
+    no weight gradients. `gradients_if_weight_grads` adds them, for comparison. The evaluation runs
+    `positions_share` of its children's positions (engine/evaluation.py: suffixes, reused scores);
+    `evaluation_if_every_position` is the plain forward of every child.
     """
     st, model, sae = search.st, search.pair.model, search.pair.sae
     cfg = model.cfg
@@ -351,7 +338,9 @@ def analytic_flops(search) -> dict:
         "gradients": K * (forward_onehot + backward),
         "gradients_if_weight_grads": K * (forward_onehot + backward + weight_grads),
         "proposals": 0.0,
-        "evaluation": K * C * forward_ids,
+        "evaluation": K * C * forward_ids * positions_share,
+        "evaluation_if_every_position": K * C * forward_ids,
+        "evaluation_positions_share": positions_share,
         "per_row": {"linear": linear, "attention": attention, "unembedding": unembed, "target": target,
                     "onehot_embedding": onehot},
         "gradient_rows": K,
@@ -382,7 +371,7 @@ def prefix_check(search) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from epo_tui.engine import search as search_module
+    from epo_tui.engine import evaluation
 
     model, st = search.pair.model, search.st
     ids = list(search.prefix_ids)
@@ -392,8 +381,8 @@ def prefix_check(search) -> dict:
     filler = int(np.flatnonzero(~np.asarray(search.banned_V))[0])
     longer_ids = ids + [filler] * extra
     logits, _, kv = model.prefill(longer_ids)
-    longer = search_module.Prefix(kv=kv, next_logits_V=logits[0, -1])
-    chunk = min(search_module.EVAL_CHUNK, st.elites * st.children)
+    longer = evaluation.Prefix(kv=kv, next_logits_V=logits[0, -1])
+    chunk = search.scorer.chunk
     tokens = jnp.zeros((chunk, st.prompt_tokens), jnp.int32) + filler
     scorer = _one_chunk_scorer(st)
 
@@ -459,10 +448,20 @@ def bench_setup(setup: Setup, iterations: int, progress: Progress = _quiet) -> d
     K, C, N = st.elites, st.children, st.prompt_tokens
 
     per_iteration, last_print = [], 0.0
+    calls: dict[int, int] = {}  # evaluation calls per bucket start, steady iterations
+    children = positions = 0
     for i in range(iterations):
         start, cpu = time.perf_counter(), time.process_time()
         state, timings = search.step(state)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        if i == 0:
+            search.scorer.compile_all()  # the steady iterations run with every bucket (compiled meanwhile)
+        if i > 0 or iterations == 1:
+            counts = search.scorer.last
+            children += counts.children
+            positions += counts.positions
+            for bucket, n in (counts.calls or {}).items():
+                calls[bucket] = calls.get(bucket, 0) + n
         per_iteration.append({"gradients": timings.gradients, "proposals": timings.proposals,
                               "evaluation": timings.evaluation, "selection": timings.selection,
                               "total": timings.total, "wall": wall, "cpu": cpu})
@@ -474,8 +473,8 @@ def bench_setup(setup: Setup, iterations: int, progress: Progress = _quiet) -> d
                      + (" (compiles)" if i == 0 else ""))
 
     progress(f"[{setup.name}] FLOP counts")
-    xla = xla_flops(search, state)
-    analytic = analytic_flops(search)
+    xla = xla_flops(search, state, calls, children, max(iterations - 1, 1))
+    analytic = analytic_flops(search, positions / max(children * N, 1))
     steady = per_iteration[1:] or per_iteration
     mean = {k: statistics.fmean(r[k] for r in steady) for k in per_iteration[0]}
     model, sae = setup.pair.model, setup.pair.sae
@@ -629,6 +628,10 @@ def goals(report: dict) -> list[dict]:
             out.append({"goal": f"[{setup['name']}] fixed prefix computed once (evaluation cost grows by "
                                 "attention only)", "target": "< 0.25", "measured": prefix["added_over_recomputed"],
                         "met": prefix["prefix_computed_once"]})
+        share = setup["flops_per_iteration"]["xla"]["evaluation_vs_full_forward"]
+        out.append({"goal": f"[{setup['name']}] evaluation FLOPs per child / a full forward (XLA)",
+                    "target": f"<= {GOALS['evaluation_vs_full_forward']}", "measured": share,
+                    "met": bool(share <= GOALS["evaluation_vs_full_forward"])})
         grads = setup["checks"]["gradients"]
         out.append({"goal": f"[{setup['name']}] gradient pass computes no weight gradients",
                     "target": "xla/activation-only ~ 1", "measured": grads["xla_over_activation_only"],
@@ -720,6 +723,7 @@ def print_report(report: dict) -> None:
     row("tokens/s", lambda s: _si(s["tokens_per_s"]))
     row("FLOPs/iteration (XLA)", lambda s: _si(s["flops_per_iteration"]["xla"]["total"]))
     row("FLOPs/iteration (analytic)", lambda s: _si(s["flops_per_iteration"]["analytic"]["total"]))
+    row("evaluation FLOPs/child vs full", lambda s: f"{s['flops_per_iteration']['xla']['evaluation_vs_full_forward']:.2f}")
     row("FLOP/s iteration (XLA)", lambda s: _si(s["flops_per_s"]["iteration_xla"]))
     row("MFU iteration (XLA | analytic)", lambda s: f"{s['mfu']['iteration_xla']:.1%} | "
         f"{s['mfu']['iteration_analytic']:.1%}")

@@ -31,21 +31,27 @@ CHAT_PREFIX = "chat"  # search.prefix that asks for the chat template's user tur
 
 
 def apply_model(params: dict, tokens_or_onehot: jnp.ndarray, prefix_kv=None, *, model_type: str, cfg: Any,
-                hooks: tuple[str, ...], logits: bool, center_writes: bool, keep_kv: bool = False):
+                hooks: tuple[str, ...], logits: bool, center_writes: bool, keep_kv: bool = False,
+                logit_positions: int | None = None):
     """(logits_BxLxV or None, {hook: activations}, kv) for ids BxL or one-hot BxLxV (pure; jit it).
 
-    `prefix_kv` continues after a fixed prefix; `keep_kv` returns this pass's per-layer (k, v) so it
-    can serve as the prefix of later passes (else kv is None).
+    `prefix_kv` continues after a fixed prefix (per layer (k, v), 1xPx.. or BxPx..); `keep_kv` returns
+    this pass's per-layer (k, v) so it can serve as the prefix of later passes (else kv is None).
+    `logit_positions` limits the logits to the first that many positions (the unembedding is a third of
+    a small model's FLOPs; a search never needs the last position's prediction).
     """
     family = family_module(model_type)
     recorder = HookRecorder(hooks, cfg.n_layers, family.hook_names(cfg), center_writes, keep_kv=keep_kv)
     x_BxLxD = family.embed(params, cfg, tokens_or_onehot)
-    logits_out = family.forward(params, cfg, x_BxLxD, recorder, logits, prefix_kv)
+    residual_BxLxD = family.forward(params, cfg, x_BxLxD, recorder, logits, prefix_kv)
+    logits_out = None
+    if logits:
+        logits_out = family.head(params, cfg, residual_BxLxD[:, :logit_positions])
     return logits_out, recorder.out, (tuple(recorder.kv) if keep_kv else None)
 
 
 run_model = jax.jit(apply_model, static_argnames=("model_type", "cfg", "hooks", "logits", "center_writes",
-                                                  "keep_kv"))
+                                                  "keep_kv", "logit_positions"))
 
 
 @dataclass

@@ -1,11 +1,13 @@
 """Evolutionary prompt optimization (DESIGN.md §3): K elites along the activation/fluency frontier.
 
 One iteration is three jitted functions with static shapes, then selection on the host:
-  1. `gradients`: d f_k / d one-hot tokens of elite k (KxNxV), and each position's next-token logits;
+  1. `gradients`: d f_k / d one-hot tokens of elite k (KxNxV), each position's next-token logits, and
+     what the elites' children may reuse of their pass (keys and values, per-position values);
   2. `propose`: C children per elite (resample positions from the parent's logits, masked to the
      top-k tokens by gradient unless skipped; sometimes swap two positions);
-  3. `evaluate`: objective, reported activation and xent of all KxC children, split along the mesh's
-     "data" axis (its "model" axis splits every layer's weights: engine/sharding.py);
+  3. evaluation (engine/evaluation.py): objective, reported activation and xent of all KxC children,
+     each running only from (about) its first changed position, split along the mesh's "data" axis
+     (its "model" axis splits every layer's weights: engine/sharding.py);
 then each elite k keeps the best f_k = objective - lambda_k * xent over itself, the other elites and
 the children whose text re-tokenizes to the same ids.
 
@@ -20,7 +22,6 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,43 +31,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from epo_tui.config import Config, SearchConfig
 from epo_tui.engine.frontier import Frontier
 from epo_tui.engine import sharding
+from epo_tui.engine.evaluation import ChildScorer, Parents, Prefix, Statics, score
 from epo_tui.engine.model import apply_model, run_model
-from epo_tui.engine.objective import Target, TargetArrays, build_target, combine, per_position, read
+from epo_tui.engine.objective import build_target, combine, per_position
 from epo_tui.engine.pairing import ModelWithSAE
 from epo_tui.errors import UserError, require_utf8
 from epo_tui.text import token_text
 
 SAMPLING_ATTEMPTS = 20  # model samples tried per elite before falling back to copies of valid ones
-EVAL_CHUNK = 64  # children per forward inside one device: bounds the BxNxV logits in memory
-
-
-@dataclass(frozen=True)
-class Statics:
-    """Everything the jitted steps specialize on (hashable): no array, no feature index."""
-
-    model_type: str
-    cfg: Any
-    center_writes: bool
-    target: Target
-    hooks: tuple[str, ...]
-    elites: int
-    children: int
-    prompt_tokens: int
-    topk: int
-    unmasked_top: int
-    extra_resample: float
-    skip_gradient_mask: float
-    swap: float
-    temperature_max: float
-
-
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
-class Prefix:
-    """BOS + prefix, computed once per run."""
-
-    kv: tuple  # per layer (k, v), 1xPx...
-    next_logits_V: jax.Array  # the prediction for the first optimized token
 
 
 @dataclass
@@ -98,44 +70,17 @@ def penalties(search: SearchConfig) -> np.ndarray:
     return np.geomspace(search.penalty_min, search.penalty_max, search.elites).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------------------------
-# The model + objective for a batch of optimized tokens after the fixed prefix
-
-
-def _score(params, sae, arrays: TargetArrays, prefix: Prefix, tokens_or_onehot, st: Statics):
-    """(objective_B, act_B, xent_B, next_logits_BxNxV) for optimized tokens after the prefix."""
-    logits_BxNxV, acts, _ = apply_model(params, tokens_or_onehot, prefix.kv, model_type=st.model_type,
-                                        cfg=st.cfg, hooks=st.hooks, logits=True,
-                                        center_writes=st.center_writes)
-    hook_acts = acts.get(st.target.hook)
-    optimized_BxNxF, reported_BxNxF = per_position(st.target, arrays, sae, hook_acts, logits_BxNxV)
-    objective_B, position_B = read(st.target, combine(st.target, optimized_BxNxF))
-    reported_BxN = combine(st.target, reported_BxNxF)
-    act_B = jnp.take_along_axis(reported_BxN, position_B[:, None], axis=-1)[:, 0]
-    # position j is predicted by the prefix (j = 0) or by position j - 1
-    B = logits_BxNxV.shape[0]
-    first_Bx1xV = jnp.broadcast_to(prefix.next_logits_V, (B, 1, prefix.next_logits_V.shape[-1]))
-    next_logits_BxNxV = jnp.concatenate([first_Bx1xV, logits_BxNxV[:, :-1]], axis=1)
-    if tokens_or_onehot.ndim == 3:  # the gradient pass: d xent / d one-hot includes -log p itself
-        logprobs_BxNxV = jax.nn.log_softmax(next_logits_BxNxV, axis=-1)
-        xent_B = -(tokens_or_onehot * logprobs_BxNxV).sum(-1).mean(-1)
-    else:  # logsumexp and one gather: no BxNxV one-hot or log-probabilities in memory
-        picked_BxN = jnp.take_along_axis(next_logits_BxNxV, tokens_or_onehot[..., None], axis=-1)[..., 0]
-        xent_B = (jax.nn.logsumexp(next_logits_BxNxV, axis=-1) - picked_BxN).mean(-1)
-    return objective_B, act_B, xent_B, next_logits_BxNxV
-
-
 @functools.partial(jax.jit, static_argnames=("st",))
 def gradients(params, sae, arrays, prefix, tokens_KxN, lambdas_K, *, st: Statics):
-    """(grad_KxNxV of f_k w.r.t. elite k's one-hot tokens, next-token logits_KxNxV)."""
+    """(grad_KxNxV of f_k w.r.t. elite k's one-hot tokens, the elites' `Parents`: what their children
+    reuse, with the next-token logits_KxNxV the proposals draw from)."""
 
     def total_fitness(onehot_KxNxV):
-        objective_K, _, xent_K, next_logits = _score(params, sae, arrays, prefix, onehot_KxNxV, st)
-        return (objective_K - lambdas_K * xent_K).sum(), next_logits
+        objective_K, _, xent_K, parents = score(params, sae, arrays, prefix, onehot_KxNxV, st, keep=True)
+        return (objective_K - lambdas_K * xent_K).sum(), parents
 
     onehot = jax.nn.one_hot(tokens_KxN, st.cfg.vocab_size, dtype=jnp.float32)
-    grads, next_logits = jax.grad(total_fitness, has_aux=True)(onehot)
-    return grads, next_logits
+    return jax.grad(total_fitness, has_aux=True)(onehot)
 
 
 @functools.partial(jax.jit, static_argnames=("st",))
@@ -193,33 +138,6 @@ def propose(key, tokens_KxN, grads_KxNxV, next_logits_KxNxV, banned_V, *, st: St
     return jnp.where(do_swap_KxC[..., None], swapped, children)
 
 
-def _evaluate_local(params, sae, arrays, prefix, children_BxN, st: Statics):
-    """(objective_B, act_B, xent_B) for this device's children, EVAL_CHUNK at a time."""
-    B, N = children_BxN.shape
-    chunk = min(EVAL_CHUNK, B)
-    pad = (-B) % chunk
-    padded = jnp.concatenate([children_BxN, jnp.broadcast_to(children_BxN[:1], (pad, N))]) if pad else children_BxN
-
-    def one_chunk(tokens_cxN):
-        objective, act, xent, _ = _score(params, sae, arrays, prefix, tokens_cxN, st)
-        return objective, act, xent
-
-    outs = jax.lax.map(one_chunk, padded.reshape(-1, chunk, N))
-    return tuple(o.reshape(-1)[:B] for o in outs)
-
-
-@functools.lru_cache(maxsize=None)
-def _evaluator(st: Statics, mesh: Mesh):
-    """The evaluation step for a mesh: children split along "data", each data row running its own share
-    chunk by chunk. Only "data" is manual here: along "model" the weights stay split as placed and jit
-    partitions each layer itself (Megatron style, an all-reduce after W_O and W_down)."""
-    whole, split = PartitionSpec(), PartitionSpec(sharding.DATA)
-    body = jax.shard_map(functools.partial(_evaluate_local, st=st), mesh=mesh,
-                         in_specs=(whole, whole, whole, whole, split), out_specs=(split, split, split),
-                         axis_names=frozenset({sharding.DATA}), check_vma=False)
-    return jax.jit(body)
-
-
 def local_mesh(model_parallel: int = 1) -> Mesh:
     """This process's devices as a ("data", "model") mesh, `model_parallel` of them splitting each layer."""
     return sharding.make_mesh(model_parallel)
@@ -258,7 +176,7 @@ class Search:
                                         center_writes=self.st.center_writes, keep_kv=True)
         self.prefix = jax.device_put(Prefix(kv=kv, next_logits_V=logits_1xPxV[0, -1]),
                                      NamedSharding(self.mesh, PartitionSpec()))  # small: on every device
-        self._evaluate = _evaluator(self.st, self.mesh)
+        self.scorer = ChildScorer(self.st, self.mesh, self.params, self.sae, self.arrays, self.prefix)
         self._valid_cache: dict[bytes, bool] = {}
 
     # -- set-up
@@ -338,14 +256,16 @@ class Search:
     # -- one iteration
 
     def evaluate(self, tokens_BxN: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(objective, act, xent) of any batch of optimized tokens, sharded over the mesh."""
-        B = len(tokens_BxN)
-        pad = (-B) % sharding.data_size(self.mesh)
-        tokens = np.concatenate([tokens_BxN, np.repeat(tokens_BxN[:1], pad, 0)]) if pad else tokens_BxN
-        sharded = jax.device_put(jnp.asarray(tokens, jnp.int32),
-                                 NamedSharding(self.mesh, PartitionSpec(sharding.DATA)))
-        outs = self._evaluate(self.params, self.sae, self.arrays, self.prefix, sharded)
-        return tuple(np.asarray(o, np.float32)[:B] for o in outs)
+        """(objective, act, xent) of any batch of optimized tokens, every position run, sharded over the mesh."""
+        return self.scorer.full(tokens_BxN)
+
+    def evaluate_children(self, children_BxN: np.ndarray, state: SearchState, parents: Parents
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(objective, act, xent) of the elites' children, C per elite in order; each runs only from
+        (about) its first change on, reusing its parent's pass (`parents`, from `gradients`)."""
+        parent_B = np.repeat(np.arange(self.st.elites), self.st.children)
+        return self.scorer.children(children_BxN, parent_B, state.tokens_KxN,
+                                    (state.objective_K, state.act_K, state.xent_K), parents)
 
     def step(self, state: SearchState) -> tuple[SearchState, Timings]:
         timings = Timings()
@@ -353,14 +273,14 @@ class Search:
         tokens = jnp.asarray(state.tokens_KxN)
 
         t0 = time.perf_counter()
-        grads, next_logits = gradients(self.params, self.sae, self.arrays, self.prefix, tokens,
-                                       jnp.asarray(self.lambdas_K), st=self.st)
+        grads, parents = gradients(self.params, self.sae, self.arrays, self.prefix, tokens,
+                                   jnp.asarray(self.lambdas_K), st=self.st)
         jax.block_until_ready(grads)
         t1 = time.perf_counter()
-        children = propose(key, tokens, grads, next_logits, self.banned_V, st=self.st)
+        children = propose(key, tokens, grads, parents.next_logits_KxNxV, self.banned_V, st=self.st)
         children_BxN = np.asarray(children).reshape(-1, self.st.prompt_tokens)
         t2 = time.perf_counter()
-        objective, act, xent = self.evaluate(children_BxN)
+        objective, act, xent = self.evaluate_children(children_BxN, state, parents)
         t3 = time.perf_counter()
         state = self._select(state, children_BxN, objective, act, xent)
         t4 = time.perf_counter()

@@ -250,17 +250,20 @@ def _block(block: dict, cfg: Gemma3Config, x_BxLxD: jnp.ndarray, layer: int, rec
 
 
 def forward(params: dict, cfg: Gemma3Config, x_BxLxD: jnp.ndarray, rec: HookRecorder,
-            logits: bool = True, prefix_kv: tuple | None = None) -> jnp.ndarray | None:
-    """Runs the blocks on token embeddings; returns logits_BxLxV (float32; soft-capped where the text
-    model's config says) or None when not asked.
+            all_layers: bool = True, prefix_kv: tuple | None = None) -> jnp.ndarray | None:
+    """Runs the blocks on token embeddings; returns the last residual_BxLxD (before the final norm, see
+    `head`), or None when not `all_layers`: then it stops after the deepest block a recorded hook needs.
 
-    Without logits, stops after the deepest block a recorded hook needs. With `prefix_kv` (per layer
+    With `prefix_kv` (per layer
     (k, v), 1xPxGxK, kept by an earlier pass over a fixed prefix), x continues from position P.
     """
-    x_BxLxD = run_blocks(params["blocks"], x_BxLxD, rec, logits, prefix_kv,
-                         lambda block, x, layer, past: _block(block, cfg, x, layer, rec, prefix_length(prefix_kv), past))
-    if x_BxLxD is None:
-        return None
+    return run_blocks(params["blocks"], x_BxLxD, rec, all_layers, prefix_kv,
+                      lambda block, x, layer, past: _block(block, cfg, x, layer, rec, prefix_length(prefix_kv), past))
+
+
+def head(params: dict, cfg: Gemma3Config, x_BxLxD: jnp.ndarray) -> jnp.ndarray:
+    """logits_BxLxV (float32) of final residuals: the final norm, then the unembedding
+    (soft-capped where the config says)."""
     x_BxLxD = rms_norm(x_BxLxD, params["lnf_w"], cfg.rms_norm_eps, offset=1.0)
     logits_BxLxV = jnp.einsum("BLD,VD->BLV", x_BxLxD, unembedding_VxD(params)).astype(jnp.float32)
     return softcap(logits_BxLxV, cfg.final_softcap)
@@ -285,6 +288,7 @@ _MODULES = {
 # Gemma Scope 2 writes `model.layers.L` for every size; a multimodal checkpoint's own module paths
 # (transformers 5, then older) and a bare Gemma3TextModel's name the same layers.
 LAYER_PREFIXES = ("model.layers", "model.language_model.layers", "language_model.model.layers", "layers")
+
 
 
 def hook_names(cfg: Gemma3Config) -> HookNames:

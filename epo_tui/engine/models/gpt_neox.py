@@ -205,18 +205,22 @@ def _block(block: dict, cfg: GPTNeoXConfig, x_BxLxD: jnp.ndarray, layer: int, re
 
 
 def forward(params: dict, cfg: GPTNeoXConfig, x_BxLxD: jnp.ndarray, rec: HookRecorder,
-            logits: bool = True, prefix_kv: tuple | None = None) -> jnp.ndarray | None:
-    """Runs the blocks on token embeddings; returns logits_BxLxV (float32) or None when not asked.
+            all_layers: bool = True, prefix_kv: tuple | None = None) -> jnp.ndarray | None:
+    """Runs the blocks on token embeddings; returns the last residual_BxLxD (before the final norm, see
+    `head`), or None when not `all_layers`: then it stops after the deepest block a recorded hook needs.
 
-    Without logits, stops after the deepest block a recorded hook needs. With `prefix_kv` (per layer
+    With `prefix_kv` (per layer
     (k, v), 1xPxHxK, kept by an earlier pass over a fixed prefix), x continues from position P.
     """
-    x_BxLxD = run_blocks(params["blocks"], x_BxLxD, rec, logits, prefix_kv,
-                         lambda block, x, layer, past: _block(block, cfg, x, layer, rec, prefix_length(prefix_kv), past))
-    if x_BxLxD is None:
-        return None
+    return run_blocks(params["blocks"], x_BxLxD, rec, all_layers, prefix_kv,
+                      lambda block, x, layer, past: _block(block, cfg, x, layer, rec, prefix_length(prefix_kv), past))
+
+
+def head(params: dict, cfg: GPTNeoXConfig, x_BxLxD: jnp.ndarray) -> jnp.ndarray:
+    """logits_BxLxV (float32) of final residuals: the final norm, then the unembedding."""
     x_BxLxD = layer_norm(x_BxLxD, params["lnf_g"], params["lnf_b"], cfg.layer_norm_eps)
     return jnp.einsum("BLD,VD->BLV", x_BxLxD, unembedding_VxD(params)).astype(jnp.float32)
+
 
 
 def hook_names(cfg: GPTNeoXConfig) -> HookNames:

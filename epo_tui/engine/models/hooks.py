@@ -161,7 +161,8 @@ def prefix_length(prefix_kv) -> int:
 
 
 def with_past(past_kv, k_BxLxNxK: jnp.ndarray, v_BxLxNxK: jnp.ndarray):
-    """(k, v) over prefix + new positions: the prefix's (1xPxNxK) broadcast over the batch."""
+    """(k, v) over past + new positions: a fixed prefix's (1xPxNxK) broadcast over the batch, or one past
+    per row (BxPxNxK: a parent's keys and values before the first changed position)."""
     if past_kv is None:
         return k_BxLxNxK, v_BxLxNxK
     B = k_BxLxNxK.shape[0]

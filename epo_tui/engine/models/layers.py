@@ -200,13 +200,13 @@ def gated_mlp(block: dict, x_BxLxD: jnp.ndarray, layer: int, rec: HookRecorder, 
     return jnp.einsum("BLF,DF->BLD", post_BxLxF, block["w_down_DxF"]) + block.get("b_down_D", 0)
 
 
-def run_blocks(blocks: list, x_BxLxD: jnp.ndarray, rec: HookRecorder, logits: bool, prefix_kv: tuple | None,
+def run_blocks(blocks: list, x_BxLxD: jnp.ndarray, rec: HookRecorder, all_layers: bool, prefix_kv: tuple | None,
                block_fn) -> jnp.ndarray | None:
     """Runs `block_fn(block, x_BxLxD, layer, past_kv) -> x_BxLxD` over the blocks and returns the last
-    residual, or None when no logits are asked: then it stops after the deepest block a recorded hook
+    residual, or None when not `all_layers`: then it stops after the deepest block a recorded hook
     needs. `prefix_kv` holds one (k, v) per layer (1xPxGxK) from an earlier pass over a fixed prefix."""
-    n_run = len(blocks) if logits else rec.last_layer + 1
+    n_run = len(blocks) if all_layers else rec.last_layer + 1
     for layer in range(n_run):
         past = prefix_kv[layer] if prefix_kv is not None else None
         x_BxLxD = block_fn(blocks[layer], x_BxLxD, layer, past)
-    return x_BxLxD if logits else None
+    return x_BxLxD if all_layers else None

@@ -1,0 +1,132 @@
+"""The search's evaluation: children scored from their first change on (reusing their parent's pass),
+duplicates and repeats scored once, equal to running every position of every child."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from epo_tui.config import load_config
+from epo_tui.engine.evaluation import bucket_starts, first_changes
+from epo_tui.engine.pairing import load_model_with_sae
+from epo_tui.engine.search import Search, gradients, propose
+from epo_tui.engine.tiny import main as write_tiny
+
+ATOL = 1e-4
+# every family; the sliding-window ones attend across a window (4) shorter than prefix + prompt
+FAST = ("gpt2", "gemma3_text")
+SLOW = ("gemma", "gemma2", "gpt_neox", "llama", "mistral", "qwen3", "qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def setups(tmp_path_factory):
+    made = {}
+
+    def setup(family: str):
+        if family not in made:
+            folder = tmp_path_factory.mktemp(family)
+            assert write_tiny([str(folder), "--family", family]) == 0
+            config = load_config(str(folder / "config.toml"))
+            made[family] = (config, load_model_with_sae(config))
+        return made[family]
+
+    return setup
+
+
+def _search(config, pair, feature=None, **search) -> Search:
+    search = {"prompt_tokens": 10, "prefix": "The quick brown", "elites": 4, "candidates": 16, **search}
+    config = replace(config, search=replace(config.search, **search))
+    if feature:
+        config = replace(config, feature=replace(config.feature, **feature))
+    return Search(pair, config)
+
+
+def _children_both_ways(search: Search, iterations: int = 4):
+    """Per iteration: (children, fast scores, plain scores, what the fast route ran)."""
+    search.scorer.compile_all()
+    state = search.initial_state("The quick brown fox jumps over")
+    out = []
+    for i in range(iterations):
+        key = jax.random.fold_in(jax.random.key(7), i)
+        tokens = jnp.asarray(state.tokens_KxN)
+        grads, parents = gradients(search.params, search.sae, search.arrays, search.prefix, tokens,
+                                   jnp.asarray(search.lambdas_K), st=search.st)
+        children = np.asarray(propose(key, tokens, grads, parents.next_logits_KxNxV, search.banned_V,
+                                      st=search.st)).reshape(-1, search.st.prompt_tokens)
+        fast = search.evaluate_children(children, state, parents)
+        out.append((children, fast, search.evaluate(children), search.scorer.last))
+        state, _ = search.step(state)
+    return out
+
+
+def _assert_same(runs):
+    starts, reused = set(), 0
+    for children, fast, plain, counts in runs:
+        for name, a, b in zip(("objective", "act", "xent"), fast, plain):
+            np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=name)
+        starts |= set(counts.calls)
+        reused += counts.children - counts.run
+    assert starts - {0}, "no child ran from a later start"
+    assert reused > 0, "every child ran, even repeated ones"
+
+
+@pytest.mark.parametrize("family", [*FAST, *(pytest.param(f, marks=pytest.mark.slow) for f in SLOW)])
+def test_children_from_their_first_change_equal_the_plain_forward(setups, family):
+    config, pair = setups(family)
+    _assert_same(_children_both_ways(_search(config, pair)))
+
+
+@pytest.mark.parametrize("feature", [
+    {"kind": "logit", "index": 5},  # reads the logits at every position, the last one included
+    {"indices": (0, 1, 2), "read": "max", "combine": "lp"},  # several latents, the largest position
+    {"kind": "neuron", "index": 3, "hook": "blocks.1.mlp.hook_post"},
+])
+def test_every_target_kind_scores_the_same_either_way(setups, feature):
+    config, pair = setups("gpt2")
+    _assert_same(_children_both_ways(_search(config, pair, feature=feature)))
+
+
+def test_a_bfloat16_model_scores_children_close_to_the_plain_forward(setups, tmp_path):
+    config, _ = setups("gpt2")
+    config = replace(config, model=replace(config.model, dtype="bfloat16"))
+    for children, fast, plain, _ in _children_both_ways(_search(config, load_model_with_sae(config)), 2):
+        for a, b in zip(fast, plain):  # bfloat16 rounding of a different batch shape, not a different sum
+            np.testing.assert_allclose(a, b, atol=5e-2, rtol=2e-2)
+
+
+def test_a_batch_seen_before_runs_nothing_and_repeats_in_a_batch_run_once(setups):
+    config, pair = setups("gpt2")
+    search = _search(config, pair)
+    state = search.initial_state("The quick brown fox jumps over")
+    grads, parents = gradients(search.params, search.sae, search.arrays, search.prefix,
+                               jnp.asarray(state.tokens_KxN), jnp.asarray(search.lambdas_K), st=search.st)
+    K, N = state.tokens_KxN.shape
+    children = np.repeat(state.tokens_KxN, search.st.children, axis=0)  # every child its parent, at first
+    children[::2, -1] = (children[::2, -1] + 1) % 40 + 50  # half change their last token...
+    children[1::4] = children[0]  # ...and a quarter repeat the first child (a child of elite 0)
+    first = search.evaluate_children(children, state, parents)
+    counts = search.scorer.last
+    distinct_changed = {row.tobytes() for row, f in zip(children, first_changes(children, np.repeat(
+        state.tokens_KxN, search.st.children, axis=0))) if f < N}
+    assert counts.run == len(distinct_changed)
+    again = search.evaluate_children(children, state, parents)
+    assert search.scorer.last.run == 0
+    for a, b, c in zip(first, again, search.evaluate(children)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, c, atol=ATOL, rtol=0)
+    # a child equal to its parent carries the parent's own score
+    unchanged = np.flatnonzero((children == np.repeat(state.tokens_KxN, search.st.children, axis=0)).all(-1))
+    np.testing.assert_array_equal(first[0][unchanged], state.objective_K[unchanged // search.st.children])
+
+
+def test_bucket_starts_and_first_changes():
+    assert bucket_starts(20) == (0, 2, 4, 6, 8, 10, 12, 14, 16, 18)
+    assert bucket_starts(6) == (0, 1, 2, 3, 4, 5)
+    assert bucket_starts(1) == (0,)
+    parents = np.array([[1, 2, 3], [1, 2, 3], [1, 2, 3]])
+    children = np.array([[1, 2, 3], [1, 9, 3], [9, 2, 3]])
+    assert first_changes(children, parents).tolist() == [3, 1, 0]
