@@ -205,8 +205,8 @@ def forward(params: dict, cfg: GemmaConfig, x_BxLxD: jnp.ndarray, rec: HookRecor
     """Runs the blocks on token embeddings; returns the last residual_BxLxD (before the final norm, see
     `head`), or None when not `all_layers`: then it stops after the deepest block a recorded hook needs.
 
-    With `prefix_kv` (per layer
-    (k, v), 1xPxGxK, kept by an earlier pass over a fixed prefix), x continues from position P.
+    With `prefix_kv` (per layer (k, v), 1xPxGxK, kept by an earlier pass over a fixed prefix), x continues
+    from position P.
     """
     return run_blocks(params["blocks"], x_BxLxD, rec, all_layers, prefix_kv,
                       lambda block, x, layer, past: _block(block, cfg, x, layer, rec, prefix_length(prefix_kv), past))
@@ -218,7 +218,6 @@ def head(params: dict, cfg: GemmaConfig, x_BxLxD: jnp.ndarray) -> jnp.ndarray:
     x_BxLxD = rms_norm(x_BxLxD, params["lnf_w"], cfg.rms_norm_eps, offset=1.0)
     logits_BxLxV = jnp.einsum("BLD,VD->BLV", x_BxLxD, unembedding_VxD(params)).astype(jnp.float32)
     return softcap(logits_BxLxV, cfg.final_softcap)
-
 
 
 def hook_names(cfg: GemmaConfig) -> HookNames:

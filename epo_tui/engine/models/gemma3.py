@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 
 from epo_tui.engine.checkpoint import CheckpointTensors
-from epo_tui.engine.models.gemma import embed, folded_unembedding_VxD, unembedding_VxD  # noqa: F401 (interface)
+from epo_tui.engine.models.gemma import embed, folded_unembedding_VxD, head, unembedding_VxD  # noqa: F401 (interface)
 from epo_tui.engine.models.hooks import (ATTN_INPUT, ATTN_OUTPUT_RAW, ATTN_Z, BLOCK_POINTS, MLP_INPUT, MLP_OUTPUT_RAW,
                                          HookNames, HookRecorder, prefix_length)
 from epo_tui.engine.models.layers import (Rope, apply_rope, attend, decoder_dims, gated_mlp, rms_norm,
-                                          rms_normalized, rope_from_hf, run_blocks, softcap)
+                                          rms_normalized, rope_from_hf, run_blocks)
 from epo_tui.errors import UserError
 
 FAMILY = "gemma3"
@@ -192,12 +192,12 @@ def params_from_checkpoint(checkpoint: CheckpointTensors, cfg: Gemma3Config, n_l
             "w_down_DxF": layer("mlp.down_proj.weight", "hidden_size", "intermediate_size"),
             "ln_mlp_post_w": layer("post_feedforward_layernorm.weight", "hidden_size"),
         })
-    head = "lm_head.weight"
+    head_name = "lm_head.weight"
     if cfg.multimodal:
-        head = checkpoint.find(_MULTIMODAL_HEADS[0], _MULTIMODAL_HEADS[1:]) or head
+        head_name = checkpoint.find(_MULTIMODAL_HEADS[0], _MULTIMODAL_HEADS[1:]) or head_name
     embed_VxD, unembed_VxD = checkpoint.embedding_and_head(
         first + "embed_tokens.weight", tuple(p + "embed_tokens.weight" for p in others),
-        [("vocab_size", cfg.vocab_size), ("hidden_size", D)], head=head)
+        [("vocab_size", cfg.vocab_size), ("hidden_size", D)], head=head_name)
     params = {"embed_VxD": embed_VxD, "lnf_w": get("norm.weight", "hidden_size"), "blocks": blocks}
     if unembed_VxD is not None:
         params["unembed_VxD"] = unembed_VxD
@@ -254,19 +254,11 @@ def forward(params: dict, cfg: Gemma3Config, x_BxLxD: jnp.ndarray, rec: HookReco
     """Runs the blocks on token embeddings; returns the last residual_BxLxD (before the final norm, see
     `head`), or None when not `all_layers`: then it stops after the deepest block a recorded hook needs.
 
-    With `prefix_kv` (per layer
-    (k, v), 1xPxGxK, kept by an earlier pass over a fixed prefix), x continues from position P.
+    With `prefix_kv` (per layer (k, v), 1xPxGxK, kept by an earlier pass over a fixed prefix), x continues
+    from position P.
     """
     return run_blocks(params["blocks"], x_BxLxD, rec, all_layers, prefix_kv,
                       lambda block, x, layer, past: _block(block, cfg, x, layer, rec, prefix_length(prefix_kv), past))
-
-
-def head(params: dict, cfg: Gemma3Config, x_BxLxD: jnp.ndarray) -> jnp.ndarray:
-    """logits_BxLxV (float32) of final residuals: the final norm, then the unembedding
-    (soft-capped where the config says)."""
-    x_BxLxD = rms_norm(x_BxLxD, params["lnf_w"], cfg.rms_norm_eps, offset=1.0)
-    logits_BxLxV = jnp.einsum("BLD,VD->BLV", x_BxLxD, unembedding_VxD(params)).astype(jnp.float32)
-    return softcap(logits_BxLxV, cfg.final_softcap)
 
 
 # Gemma3DecoderLayer's modules (relative to the layer, `.input`/`.output`) -> the point holding the same
@@ -288,7 +280,6 @@ _MODULES = {
 # Gemma Scope 2 writes `model.layers.L` for every size; a multimodal checkpoint's own module paths
 # (transformers 5, then older) and a bare Gemma3TextModel's name the same layers.
 LAYER_PREFIXES = ("model.layers", "model.language_model.layers", "language_model.model.layers", "layers")
-
 
 
 def hook_names(cfg: Gemma3Config) -> HookNames:

@@ -209,8 +209,8 @@ def forward(params: dict, cfg: GPTNeoXConfig, x_BxLxD: jnp.ndarray, rec: HookRec
     """Runs the blocks on token embeddings; returns the last residual_BxLxD (before the final norm, see
     `head`), or None when not `all_layers`: then it stops after the deepest block a recorded hook needs.
 
-    With `prefix_kv` (per layer
-    (k, v), 1xPxHxK, kept by an earlier pass over a fixed prefix), x continues from position P.
+    With `prefix_kv` (per layer (k, v), 1xPxHxK, kept by an earlier pass over a fixed prefix), x continues
+    from position P.
     """
     return run_blocks(params["blocks"], x_BxLxD, rec, all_layers, prefix_kv,
                       lambda block, x, layer, past: _block(block, cfg, x, layer, rec, prefix_length(prefix_kv), past))
@@ -220,7 +220,6 @@ def head(params: dict, cfg: GPTNeoXConfig, x_BxLxD: jnp.ndarray) -> jnp.ndarray:
     """logits_BxLxV (float32) of final residuals: the final norm, then the unembedding."""
     x_BxLxD = layer_norm(x_BxLxD, params["lnf_g"], params["lnf_b"], cfg.layer_norm_eps)
     return jnp.einsum("BLD,VD->BLV", x_BxLxD, unembedding_VxD(params)).astype(jnp.float32)
-
 
 
 def hook_names(cfg: GPTNeoXConfig) -> HookNames:
