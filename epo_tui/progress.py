@@ -44,6 +44,13 @@ class _Progress:
         self.label, self.total, self.seconds = label, iterations, []
         self.deadline = deadline if deadline is not None and deadline.seconds is not None else None
 
+    def elites_ready(self, state, texts: list[str]) -> None:
+        """One line as soon as the starting elites exist: the first iteration compiles, so it may be a
+        while before the next."""
+        best = int(state.act_K.argmax())
+        self.line(f"epo-tui: {self.label}: {len(texts)} starting elites (iteration {state.iteration}) · best act "
+                  f"{state.act_K[best]:.3f} at xent {state.xent_K[best]:.3f}: \"{inert(texts[best])}\"")
+
     def iteration_done(self, state, seconds: float) -> None:
         self.seconds.append(seconds)
 

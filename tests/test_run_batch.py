@@ -45,6 +45,7 @@ def run_dir(tiny_dir, tmp_path_factory) -> Path:
     code, stdout, stderr = run_cli("run", "--config", _config(tiny_dir), "--iterations", ITERATIONS, "--out", out)
     assert code == 0, stderr
     assert stdout.startswith(f"ran {ITERATIONS}/{ITERATIONS} iterations") and f"results in {out}/" in stdout
+    (out.parent / "stderr.txt").write_text(stderr)
     return out
 
 
@@ -76,6 +77,17 @@ def test_run_writes_result_json_with_the_documented_keys(run_dir, tiny_dir):
         assert set(results.ELITE_KEYS) <= set(elite)
         n = len(elite["token_ids"])
         assert len(elite["tokens"]) == len(elite["activations"]) == n
+
+
+def test_run_shows_the_starting_elites_before_the_first_iteration(run_dir):
+    """The first iteration compiles: the starting elites are shown as soon as they exist."""
+    lines = (run_dir.parent / "stderr.txt").read_text().splitlines()
+    starting = [i for i, line in enumerate(lines) if "starting elites (iteration 0)" in line]
+    first = [i for i, line in enumerate(lines) if f"iteration 1/{ITERATIONS}" in line]
+    assert len(starting) == 1 and first and starting[0] < first[0], lines
+    elites = _load(run_dir)["config"]["search"]["elites"]
+    assert re.search(rf": {elites} starting elites \(iteration 0\) · best act -?\d+\.\d{{3}} at xent \d+\.\d{{3}}: \".+\"$",
+                     lines[starting[0]]), lines[starting[0]]
 
 
 def test_run_writes_a_readable_report(run_dir):

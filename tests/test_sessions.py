@@ -307,3 +307,16 @@ def test_elites_write_failing_after_the_checkpoint_leaves_session_json_behind(ro
         session.write_checkpoint(_arrays(1), 2, [])
     assert session.read_meta()["checkpoint_iteration"] == 1
     assert session.read_checkpoint()[1]["iteration"] == "2"  # the newer state is complete on disk
+
+
+def test_the_rate_behind_the_eta_leaves_out_the_compiling_first_iteration():
+    from types import SimpleNamespace
+
+    from epo_tui.engine.session_search import RecordedSearch
+
+    def rate(seconds):
+        return RecordedSearch.iterations_per_second(SimpleNamespace(seconds=seconds), window=3)
+
+    assert rate([]) is None and rate([25.0]) is None  # no ETA from a compile
+    assert rate([25.0, 2.0]) == pytest.approx(0.5)
+    assert rate([25.0, 1.0, 1.0, 4.0, 4.0, 4.0]) == pytest.approx(0.25)  # the last 3 after the first

@@ -250,12 +250,16 @@ class ChildScorer:
     # -- any batch, every position
 
     def full(self, tokens_BxN: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(objective, act, xent) of any batch of optimized tokens, every position run."""
+        """(objective, act, xent) of any batch of optimized tokens, every position run; in calls of
+        `chunk` prompts, the shape the children's whole-prompt calls have too (one executable for both)."""
         B = len(tokens_BxN)
-        pad = (-B) % sharding.data_size(self.mesh)
-        tokens = np.concatenate([tokens_BxN, np.repeat(tokens_BxN[:1], pad, 0)]) if pad else tokens_BxN
-        outs = self._full(self.params, self.sae, self.arrays, self.prefix, self._split(tokens))
-        return tuple(np.asarray(o, np.float32)[:B] for o in outs)
+        out = np.zeros((3, B), np.float32)
+        for lo in range(0, B, self.chunk):
+            rows = tokens_BxN[lo:lo + self.chunk]
+            padded = np.concatenate([rows, np.repeat(rows[:1], self.chunk - len(rows), 0)])
+            outs = self._full(self.params, self.sae, self.arrays, self.prefix, self._split(padded))
+            out[:, lo:lo + len(rows)] = np.stack([np.asarray(o, np.float32) for o in outs])[:, :len(rows)]
+        return out[0], out[1], out[2]
 
     def _split(self, array: np.ndarray) -> jax.Array:
         return jax.device_put(jnp.asarray(array, jnp.int32), NamedSharding(self.mesh, PartitionSpec(sharding.DATA)))

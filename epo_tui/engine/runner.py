@@ -44,6 +44,10 @@ class Reporter:
         """A search is set up (model on the devices, starting elites not yet sampled); `deadline`: its
         time budget, when it has one."""
 
+    def elites_ready(self, state: SearchState, texts: list[str]) -> None:
+        """The elites a search starts (or resumes) from exist, before its first iteration (which
+        compiles); `texts` are their prompts."""
+
     def iteration_done(self, state: SearchState, seconds: float) -> None:
         """One more iteration finished (state.iteration counts them)."""
 
@@ -152,6 +156,8 @@ def resume_one(pair: ModelWithSAE, session: sessions.Session, folder: Path, repo
 
 def _run_recorded(recorded: RecordedSearch, setup_s: float, folder: Path, reporter: Reporter, stop: StopFlag,
                   cluster: Cluster, deadline: Deadline | None = None) -> dict:
+    model = recorded.search.pair.model
+    reporter.elites_ready(recorded.state, [model.decode(row) for row in recorded.state.tokens_KxN])
     try:
         timings = run_search(recorded, reporter, stop, deadline)
     except sessions.SessionGone as err:
