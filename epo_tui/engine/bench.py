@@ -272,7 +272,7 @@ def xla_flops(search, state, calls: dict[int, int], children: int, iterations: i
     propose_compiled = search_module.propose.lower(key, tokens, grads, parents.next_logits_KxNxV, search.banned_V,
                                                    st=st).compile()
     scorer = search.scorer
-    per_call = {start: _xla_flops(scorer.compiled_call(start)) for start in sorted(set(calls) | {0})}
+    per_call = {start: _xla_flops(scorer.compiled_call(start, parents)) for start in sorted(set(calls) | {0})}
     evaluation = sum(n * per_call[start] for start, n in calls.items()) / max(iterations, 1)
     full_per_child = per_call[0] / scorer.chunk
     per_child = evaluation * max(iterations, 1) / max(children, 1)
@@ -454,8 +454,6 @@ def bench_setup(setup: Setup, iterations: int, progress: Progress = _quiet) -> d
         start, cpu = time.perf_counter(), time.process_time()
         state, timings = search.step(state)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-        if i == 0:
-            search.scorer.compile_all()  # the steady iterations run with every bucket (compiled meanwhile)
         if i > 0 or iterations == 1:
             counts = search.scorer.last
             children += counts.children

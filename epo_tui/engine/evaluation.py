@@ -5,8 +5,11 @@ Two routes to the same numbers (to float rounding):
 - `ChildScorer.children` scores an iteration's children. A child equals its parent up to its first
   changed position s, so it reuses what the parent's pass kept (`Parents`: keys and values, per-position
   feature values and xent terms) before a bucket start b <= s, and runs only positions b..N-1. Children
-  equal to their parent, repeated in the batch, or scored in an earlier iteration (a bounded cache) do
-  not run at all.
+  equal to their parent, or repeated in the batch, do not run at all.
+
+Which route scores a child depends only on the batch, never on timing or on earlier iterations (no
+score cache, no executable used only once compiled): routes differ by float rounding, so anything else
+would let a resumed search drift from the one it continues.
 
 Shapes: K elites (parents), B prompts, c prompts per call, N optimized tokens, V vocabulary,
 F features, P prefix length (BOS + prefix).
@@ -14,10 +17,8 @@ F features, P prefix length (BOS + prefix).
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,6 @@ from epo_tui.engine.objective import Target, combine, per_position, read
 
 EVAL_CHUNK = 64  # prompts per forward inside one device: bounds the BxNxV logits in memory
 SUFFIX_BUCKETS = 10  # start positions a child's suffix may begin at: one compiled executable each
-SCORE_CACHE_SIZE = 100_000  # prompts whose scores are kept across iterations
 
 
 @dataclass(frozen=True)
@@ -223,13 +223,9 @@ class EvaluationCounts:
 
 
 class ChildScorer:
-    """Scores batches of prompts on a mesh; children through their parents' suffix buckets.
-
-    Each bucket start is its own executable. In a single process they compile on a background thread
-    while the search goes on with the buckets it has (the whole prompt at worst), so the first iterations
-    do not wait for every compile. Several processes (jax.distributed) must run the same programs in the
-    same order, so there each bucket compiles on first use.
-    """
+    """Scores batches of prompts on a mesh; children through their parents' suffix buckets. Each bucket
+    start is its own executable, compiled the first time a batch needs it (the persistent compilation
+    cache keeps it for later runs)."""
 
     def __init__(self, st: Statics, mesh: Mesh, params, sae, arrays, prefix: Prefix, chunk: int | None = None):
         self.st, self.mesh = st, mesh
@@ -239,12 +235,6 @@ class ChildScorer:
         self.chunk = per_device * n_data  # prompts per call, split along "data"
         self.starts = bucket_starts(st.prompt_tokens)
         self._full = full_evaluator(st, mesh)
-        self._compiled: dict[int, Any] = {}
-        self._pending: dict[int, concurrent.futures.Future] = {}
-        self._background = jax.process_count() == 1
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="epo-compile") \
-            if self._background else None
-        self._cache: OrderedDict[bytes, tuple[float, float, float]] = OrderedDict()
         self.last = EvaluationCounts()
 
     # -- any batch, every position
@@ -278,36 +268,26 @@ class ChildScorer:
         out = np.zeros((3, B), np.float32)
         first_B = first_changes(children_BxN, elites_KxN[parent_B])
         counts = EvaluationCounts(children=B)
-        # a child equal to its parent has the parent's score; one seen before, the score it had then
+        # a child equal to its parent has the parent's score
         same = first_B == N
         out[:, same] = np.stack(elite_scores)[:, parent_B[same]]
-        todo: dict[bytes, tuple[int, list[int]]] = {}  # prompt -> (representative child, all its children)
+        todo: dict[bytes, tuple[int, list[int]]] = {}  # prompt -> (the child that runs, all its copies)
         for b in np.flatnonzero(~same):
             key = children_BxN[b].tobytes()
-            cached = self._cache.get(key)
-            if cached is not None:
-                self._cache.move_to_end(key)
-                out[:, b] = cached
-            elif key in todo:
+            if key in todo:
                 rep, members = todo[key]
                 members.append(b)
-                if first_B[b] > first_B[rep]:  # the relative it shares the longest start with runs
+                if first_B[b] > first_B[rep]:  # the copy sharing the longest start with its parent runs
                     todo[key] = (b, members)
             else:
                 todo[key] = (b, [b])
         reps = np.array([rep for rep, _ in todo.values()], np.int64)
         if len(reps):
             results = self._run(children_BxN[reps], parent_B[reps], first_B[reps], parents, counts)
-            for (rep, members), result in zip(todo.values(), results.T):
+            for (_, members), result in zip(todo.values(), results.T):
                 out[:, members] = result[:, None]
-                self._remember(children_BxN[rep].tobytes(), tuple(float(x) for x in result))
         self.last = counts
         return out[0], out[1], out[2]
-
-    def _remember(self, key: bytes, result: tuple[float, float, float]) -> None:
-        self._cache[key] = result
-        if len(self._cache) > SCORE_CACHE_SIZE:
-            self._cache.popitem(last=False)
 
     def _run(self, tokens_RxN, parent_R, first_R, parents: Parents, counts: EvaluationCounts) -> np.ndarray:
         """3xR scores of distinct prompts: sorted by first change (latest first), cut into calls of
@@ -319,79 +299,27 @@ class ChildScorer:
         for lo in range(0, R, self.chunk):
             rows = order[lo:lo + self.chunk]
             padded = np.concatenate([rows, np.repeat(rows[:1], self.chunk - len(rows))])
-            start = self._start_for(int(first_R[rows].min()))
+            start = max(s for s in self.starts if s <= first_R[rows].min())
             counts.add_call(start)
             counts.positions += self.chunk * (N - start)
             tokens = self._split(tokens_RxN[padded])
             if start == 0:
                 outs = self._full(self.params, self.sae, self.arrays, self.prefix, tokens)
             else:
-                outs = self._compiled[start](self.params, self.sae, self.arrays, self.prefix, parents, tokens,
-                                             self._split(parent_R[padded]))
+                outs = suffix_evaluator(self.st, self.mesh, start)(self.params, self.sae, self.arrays, self.prefix,
+                                                                   parents, tokens, self._split(parent_R[padded]))
             results[:, rows] = np.stack([np.asarray(o, np.float32) for o in outs])[:, :len(rows)]
         return results
 
-    def _start_for(self, first_change: int) -> int:
-        """The latest bucket start <= first_change that is compiled (0, the whole prompt, always is).
-        Starts not yet compiled are compiled: in the background, or here with several processes."""
-        wanted = max(s for s in self.starts if s <= first_change)
-        if wanted and wanted not in self._compiled:
-            self._compile(wanted)
-        return max((s for s in self._compiled if s <= wanted), default=0)
-
-    def _compile(self, start: int) -> None:
-        if start in self._pending:
-            future = self._pending[start]
-            if future.done():
-                self._compiled[start] = future.result()
-                del self._pending[start]
-            return
-        if self._background:
-            self._pending[start] = self._pool.submit(self._lower, start)
-        else:
-            self._compiled[start] = self._lower(start)
-
-    def _lower(self, start: int):
-        """The compiled executable for one bucket start, for this scorer's shapes and shardings."""
-        K, N = self.st.elites, self.st.prompt_tokens
-        tokens = self._split(np.zeros((self.chunk, N), np.int32))
+    def compiled_call(self, start: int, parents: Parents):
+        """The compiled executable of one call at this bucket start (0: every position), for XLA's cost
+        analysis; `parents` as `children` gets them."""
+        tokens = self._split(np.zeros((self.chunk, self.st.prompt_tokens), np.int32))
+        if not start:
+            return self._full.lower(self.params, self.sae, self.arrays, self.prefix, tokens).compile()
         parent = self._split(np.zeros(self.chunk, np.int32))
-        parents = self._parents_shape(K, N)
         return suffix_evaluator(self.st, self.mesh, start).lower(self.params, self.sae, self.arrays, self.prefix,
-                                                                 parents, tokens, parent).compile()
-
-    def _parents_shape(self, K: int, N: int):
-        """Abstract `Parents` with the gradient pass's output shapes, placed whole on every device."""
-        ones_KxN = jnp.ones((K, N), jnp.int32)
-        shapes = jax.eval_shape(lambda tokens: _parents_of(self.params, self.sae, self.arrays, self.prefix, tokens,
-                                                           self.st), ones_KxN)
-        whole = NamedSharding(self.mesh, PartitionSpec())
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=whole), shapes)
+                                                                 self._whole(parents), tokens, parent).compile()
 
     def _whole(self, parents: Parents) -> Parents:
         return jax.device_put(parents, NamedSharding(self.mesh, PartitionSpec()))
-
-    def compiled_call(self, start: int):
-        """The compiled executable one call at this bucket start runs (0: every position), for XLA's
-        cost analysis."""
-        if start:
-            self.compile_all()
-            return self._compiled[start]
-        tokens = self._split(np.zeros((self.chunk, self.st.prompt_tokens), np.int32))
-        return self._full.lower(self.params, self.sae, self.arrays, self.prefix, tokens).compile()
-
-    def compile_all(self) -> None:
-        """Waits until every bucket start is compiled (bench, tests)."""
-        for start in self.starts[1:]:
-            if start not in self._compiled:
-                self._compiled[start] = self._pending.pop(start).result() if start in self._pending \
-                    else self._lower(start)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _parents_of(params, sae, arrays, prefix, tokens_KxN, st: Statics) -> Parents:
-    """The `Parents` of a batch of prompts, as the gradient pass keeps it (shapes only are used)."""
-    return score(params, sae, arrays, prefix, tokens_KxN, st, keep=True)[3]

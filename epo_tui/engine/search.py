@@ -217,7 +217,10 @@ class Search:
             n_start = len(seed_ids)
             start[:, :n_start] = seed_ids
         tokens, valid = start.copy(), np.zeros(K, bool)
-        for attempt in range(SAMPLING_ATTEMPTS):
+        attempts = SAMPLING_ATTEMPTS
+        if n_start == N:  # the seed fills every position: nothing to sample
+            valid[:], attempts = self.is_valid(start[0]), 0
+        for attempt in range(attempts):
             sampled = np.asarray(_sample_continuations(self.params, self.prefix, jax.random.fold_in(setup_key, attempt),
                                                        jnp.asarray(start), n_start, self.banned_V, st=self.st))
             newly = ~valid & np.array([self.is_valid(row) for row in sampled])
