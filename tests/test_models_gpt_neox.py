@@ -288,19 +288,19 @@ def test_a_prefix_computed_once_gives_the_same_logits_and_hooks(cases, name):
 
 
 @pytest.mark.parametrize("name", ["pythia", "sequential"])
-def test_without_logits_stops_after_the_last_layer_it_needs(cases, name, monkeypatch):
+def test_without_logits_stops_after_the_last_layer_it_needs(cases, name):
     from epo_tui.engine.models.hooks import HookRecorder
+    from epo_tui.engine.models.layers import forward_of
 
     case = cases[name]
     ids = case.ids()
     hook = "blocks.0.hook_resid_post"
-    ran, block = [], gpt_neox._block
-    monkeypatch.setattr(gpt_neox, "_block", lambda *args: ran.append(args[3]) or block(*args))
+    ran = []
+    forward = forward_of(lambda *args: ran.append(args[3]) or gpt_neox._block(*args))  # gpt_neox.forward, spied
     rec = HookRecorder((hook,), case.n_layers, gpt_neox.hook_names(case.model.cfg))
     params, cfg = case.model.params, case.model.cfg
-    assert gpt_neox.forward(params, cfg, gpt_neox.embed(params, cfg, ids), rec, all_layers=False) is None
+    assert forward(params, cfg, gpt_neox.embed(params, cfg, ids), rec, all_layers=False) is None
     assert ran == [0] and set(rec.out) == {hook}
-    monkeypatch.undo()
     _, full = case.model.forward(ids, hooks=(hook,))
     assert _max_diff(rec.out[hook], full[hook]) < ATOL
 

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 from epo_tui.engine.checkpoint import CheckpointTensors
 from epo_tui.engine.models.gemma import embed, folded_unembedding_VxD, head, unembedding_VxD  # noqa: F401 (interface)
 from epo_tui.engine.models.hooks import (ATTN_INPUT, ATTN_OUTPUT_RAW, ATTN_Z, BLOCK_POINTS, MLP_INPUT, MLP_OUTPUT_RAW,
-                                         HookNames, HookRecorder, prefix_length)
-from epo_tui.engine.models.layers import (Rope, apply_rope, attend, decoder_dims, gated_mlp, rms_norm,
-                                          rms_normalized, rope_from_hf, run_blocks)
+                                         HookNames, HookRecorder)
+from epo_tui.engine.models.layers import (Rope, apply_rope, attend, decoder_dims, forward_of, gated_mlp,
+                                          rms_norm, rms_normalized, rope_from_hf)
 from epo_tui.errors import UserError
 
 FAMILY = "gemma3"
@@ -249,16 +249,7 @@ def _block(block: dict, cfg: Gemma3Config, x_BxLxD: jnp.ndarray, layer: int, rec
     return x_BxLxD
 
 
-def forward(params: dict, cfg: Gemma3Config, x_BxLxD: jnp.ndarray, rec: HookRecorder,
-            all_layers: bool = True, prefix_kv: tuple | None = None) -> jnp.ndarray | None:
-    """Runs the blocks on token embeddings; returns the last residual_BxLxD (before the final norm, see
-    `head`), or None when not `all_layers`: then it stops after the deepest block a recorded hook needs.
-
-    With `prefix_kv` (per layer (k, v), 1xPxGxK, kept by an earlier pass over a fixed prefix), x continues
-    from position P.
-    """
-    return run_blocks(params["blocks"], x_BxLxD, rec, all_layers, prefix_kv,
-                      lambda block, x, layer, past: _block(block, cfg, x, layer, rec, prefix_length(prefix_kv), past))
+forward = forward_of(_block)
 
 
 # Gemma3DecoderLayer's modules (relative to the layer, `.input`/`.output`) -> the point holding the same

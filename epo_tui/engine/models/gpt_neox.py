@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from epo_tui.engine.checkpoint import CheckpointTensors
-from epo_tui.engine.models.hooks import (ATTN_INPUT, ATTN_Z, BLOCK_POINTS, MLP_INPUT, HookNames, HookRecorder,
-                                         prefix_length)
-from epo_tui.engine.models.layers import (Rope, apply_rope, attend, hf_rope_settings, layer_norm,
-                                          layer_normalized, rope_from_hf, run_blocks)
+from epo_tui.engine.models.hooks import (ATTN_INPUT, ATTN_Z, BLOCK_POINTS, MLP_INPUT, HookNames,
+                                         HookRecorder)
+from epo_tui.engine.models.layers import (Rope, apply_rope, attend, forward_of, hf_rope_settings, layer_norm,
+                                          layer_normalized, rope_from_hf)
 from epo_tui.errors import UserError
 
 FAMILY = "gpt_neox"
@@ -204,16 +204,7 @@ def _block(block: dict, cfg: GPTNeoXConfig, x_BxLxD: jnp.ndarray, layer: int, re
     return x_BxLxD
 
 
-def forward(params: dict, cfg: GPTNeoXConfig, x_BxLxD: jnp.ndarray, rec: HookRecorder,
-            all_layers: bool = True, prefix_kv: tuple | None = None) -> jnp.ndarray | None:
-    """Runs the blocks on token embeddings; returns the last residual_BxLxD (before the final norm, see
-    `head`), or None when not `all_layers`: then it stops after the deepest block a recorded hook needs.
-
-    With `prefix_kv` (per layer (k, v), 1xPxHxK, kept by an earlier pass over a fixed prefix), x continues
-    from position P.
-    """
-    return run_blocks(params["blocks"], x_BxLxD, rec, all_layers, prefix_kv,
-                      lambda block, x, layer, past: _block(block, cfg, x, layer, rec, prefix_length(prefix_kv), past))
+forward = forward_of(_block)
 
 
 def head(params: dict, cfg: GPTNeoXConfig, x_BxLxD: jnp.ndarray) -> jnp.ndarray:

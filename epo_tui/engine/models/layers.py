@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from epo_tui.engine.models.hooks import HookRecorder, causal_mask, with_past
+from epo_tui.engine.models.hooks import HookRecorder, causal_mask, prefix_length, with_past
 from epo_tui.errors import UserError
 
 
@@ -210,3 +210,20 @@ def run_blocks(blocks: list, x_BxLxD: jnp.ndarray, rec: HookRecorder, all_layers
         past = prefix_kv[layer] if prefix_kv is not None else None
         x_BxLxD = block_fn(blocks[layer], x_BxLxD, layer, past)
     return x_BxLxD if all_layers else None
+
+
+def forward_of(block_fn):
+    """A family's `forward` from its `block_fn(block, cfg, x_BxLxD, layer, rec, start, past_kv)`, where
+    `start` is the absolute position of x's first row (RoPE needs it)."""
+
+    def forward(params: dict, cfg, x_BxLxD: jnp.ndarray, rec: HookRecorder, all_layers: bool = True,
+                prefix_kv: tuple | None = None) -> jnp.ndarray | None:
+        """Runs the blocks on token embeddings; returns the last residual_BxLxD (before the final norm,
+        see `head`), or None when not `all_layers`: then it stops after the deepest block a recorded hook
+        needs. With `prefix_kv` (per layer (k, v), 1xPxGxK or BxPxGxK, kept by an earlier pass), x
+        continues from position P."""
+        start = prefix_length(prefix_kv)
+        return run_blocks(params["blocks"], x_BxLxD, rec, all_layers, prefix_kv,
+                          lambda block, x, layer, past: block_fn(block, cfg, x, layer, rec, start, past))
+
+    return forward
