@@ -462,17 +462,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _start_two(tiny_dir: Path, features: list[int], out: Path, iterations: int) -> list[subprocess.Popen]:
+    """The same `batch` command as processes 0 and 1 of two, on a fresh local coordinator port."""
+    port = _free_port()
+    return [subprocess.Popen([sys.executable, "-m", "epo_tui", "batch", "--config", _config(tiny_dir),
+                              "--features", ",".join(map(str, features)), "--iterations", str(iterations),
+                              "--out", str(out), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                              "--process-id", str(i)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+            for i in range(2)]
+
+
 @pytest.mark.slow
 def test_batch_over_two_processes(tiny_dir, tmp_path):
     feature = _feature(tiny_dir)
     features = [feature] + [i for i in range(10) if i != feature][:3]
-    out, port = tmp_path / "two", _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "epo_tui", "batch", "--config", _config(tiny_dir),
-                               "--features", ",".join(map(str, features)), "--iterations", "3", "--out", str(out),
-                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
-             for i in range(2)]
+    out = tmp_path / "two"
+    procs = _start_two(tiny_dir, features, out, iterations=3)
     try:
         outputs = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -495,16 +502,6 @@ def test_batch_over_two_processes(tiny_dir, tmp_path):
         assert entry["process_id"] == features.index(entry["feature"]) % 2
         assert abs(entry["act"] - best["act"]) < 1e-6 and entry["prompt"] == best["text"]
 
-
-def _start_two(tiny_dir: Path, features: list[int], out: Path, iterations: int) -> list[subprocess.Popen]:
-    port = _free_port()
-    return [subprocess.Popen([sys.executable, "-m", "epo_tui", "batch", "--config", _config(tiny_dir),
-                              "--features", ",".join(map(str, features)), "--iterations", str(iterations),
-                              "--out", str(out), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                              "--process-id", str(i)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
-            for i in range(2)]
 
 
 @pytest.mark.slow
