@@ -204,7 +204,8 @@ def run_blocks(blocks: list, x_BxLxD: jnp.ndarray, rec: HookRecorder, all_layers
                block_fn) -> jnp.ndarray | None:
     """Runs `block_fn(block, x_BxLxD, layer, past_kv) -> x_BxLxD` over the blocks and returns the last
     residual, or None when not `all_layers`: then it stops after the deepest block a recorded hook
-    needs. `prefix_kv` holds one (k, v) per layer (1xPxGxK) from an earlier pass over a fixed prefix."""
+    needs. `prefix_kv` holds one (k, v) per layer (1xPxGxK, or BxPxGxK: one past per row) from an earlier
+    pass."""
     n_run = len(blocks) if all_layers else rec.last_layer + 1
     for layer in range(n_run):
         past = prefix_kv[layer] if prefix_kv is not None else None
