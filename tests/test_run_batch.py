@@ -474,19 +474,25 @@ def _start_two(tiny_dir: Path, features: list[int], out: Path, iterations: int) 
             for i in range(2)]
 
 
+def _finish_two(procs: list[subprocess.Popen]) -> list[tuple[str, str]]:
+    """(stdout, stderr) of both processes, each of which must exit 0."""
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr[-2000:]
+    return outputs
+
+
 @pytest.mark.slow
 def test_batch_over_two_processes(tiny_dir, tmp_path):
     feature = _feature(tiny_dir)
     features = [feature] + [i for i in range(10) if i != feature][:3]
     out = tmp_path / "two"
     procs = _start_two(tiny_dir, features, out, iterations=3)
-    try:
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (stdout, stderr) in zip(procs, outputs):
-        assert p.returncode == 0, stderr[-2000:]
+    outputs = _finish_two(procs)
     assert "process 1/2: ran features" in outputs[1][0] and "process 0 writes the index" in outputs[1][0]
     for position, f in enumerate(features):
         result = _load(out / f"feature-{f}")
@@ -529,13 +535,7 @@ def test_batch_over_two_processes_continues_after_one_dies(tiny_dir, tmp_path):
     kept = {f: (out / f"feature-{f}" / "result.json").read_bytes() for f in whole}
 
     procs = _start_two(tiny_dir, features, out, iterations)
-    try:
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (stdout, stderr) in zip(procs, outputs):
-        assert p.returncode == 0, stderr[-2000:]
+    outputs = _finish_two(procs)
     skipped = [line for _, stderr in outputs for line in stderr.splitlines() if "already done" in line]
     assert sorted(int(f) for line in skipped for f in line.rsplit("features ", 1)[1].split(", ")) == sorted(whole)
     assert all((out / f"feature-{f}" / "result.json").read_bytes() == kept[f] for f in whole)
