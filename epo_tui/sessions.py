@@ -75,9 +75,10 @@ def sessions_dir(root: Path | None = None) -> Path:
 
 
 def new_session_id(now: datetime | None = None) -> str:
-    """`YYYYMMDD-HHMMSS-<6 hex>` in UTC: sorts by creation time, unique enough to type a prefix of."""
-    now = now or _utc_now()
-    return f"{now.astimezone(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    """`YYYYMMDD-HHMMSS-<6 hex>` in UTC. The tail is the microsecond (5 hex digits) and one random digit,
+    so ids sort by creation time even within one second, and a prefix of the tail is easy to type."""
+    now = (now or _utc_now()).astimezone(timezone.utc)
+    return f"{now:%Y%m%d-%H%M%S}-{now.microsecond:05x}{secrets.token_hex(1)[0]}"
 
 
 def _utc_now() -> datetime:

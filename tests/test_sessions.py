@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import re
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,10 @@ def with_ids(monkeypatch):
 def test_ids_sort_by_time_and_default_root_is_in_the_cache():
     first = sessions.new_session_id()
     assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", first)
+    second = datetime(2026, 12, 1, 6, 10, 4, 2, tzinfo=timezone.utc)
+    ids = [sessions.new_session_id(second.replace(microsecond=m)) for m in (999_999, 2, 65_536, 10)]
+    assert [i[:21] for i in sorted(ids)] == ["20261201-061004-00002", "20261201-061004-0000a",
+                                            "20261201-061004-10000", "20261201-061004-f423f"]
     assert sessions.sessions_dir() == sessions.paths.cache_dir() / "sessions"
 
 
