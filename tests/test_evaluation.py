@@ -13,7 +13,8 @@ import pytest
 from epo_tui.config import load_config
 from epo_tui.engine.evaluation import bucket_starts, first_changes
 from epo_tui.engine.pairing import load_model_with_sae
-from epo_tui.engine.search import Search, gradients, propose
+from epo_tui.engine.model import run_model
+from epo_tui.engine.search import Search, _sample_continuations, cached_step, empty_cache, gradients, propose
 from epo_tui.engine.tiny import main as write_tiny
 
 ATOL = 1e-4
@@ -129,3 +130,36 @@ def test_bucket_starts_and_first_changes():
     parents = np.array([[1, 2, 3], [1, 2, 3], [1, 2, 3]])
     children = np.array([[1, 2, 3], [1, 9, 3], [9, 2, 3]])
     assert first_changes(children, parents).tolist() == [3, 1, 0]
+
+
+@pytest.mark.parametrize("family", [*FAST, *(pytest.param(f, marks=pytest.mark.slow) for f in SLOW)])
+def test_a_kv_cache_step_by_step_gives_the_full_forward_logits_and_the_sampler_uses_it(setups, family):
+    """Starting elites are sampled one token per step against a KV cache. Fed a prompt token by token,
+    the cache's logits equal one full forward's at every position (past the sliding windows too), and
+    each token the sampler picks is the full forward's pick with the same key (categorical = argmax of
+    the logits plus that key's Gumbel noise)."""
+    config, pair = setups(family)
+    search = _search(config, pair)
+    st, K, N, n_start = search.st, search.st.elites, search.st.prompt_tokens, 2
+    start = np.zeros((K, N), np.int32)
+    start[:, :n_start] = pair.model.prompt_ids(" fox jumps")[:n_start]
+    key = jax.random.key(3)
+    sampled = np.asarray(_sample_continuations(search.params, search.prefix, key, jnp.asarray(start), n_start,
+                                               search.banned_V, st=st))
+    assert (sampled[:, :n_start] == start[:, :n_start]).all()
+    P = len(search.prefix_ids)
+    full = np.concatenate([np.broadcast_to(np.asarray(search.prefix_ids, np.int32), (K, P)), sampled], axis=1)
+    logits_KxLxV, _, _ = run_model(search.params, jnp.asarray(full), model_type=st.model_type, cfg=st.cfg, hooks=(),
+                                   logits=True, center_writes=st.center_writes)
+    expected_KxNxV = np.asarray(logits_KxLxV, np.float32)[:, P:]
+    cache, step = empty_cache(search.prefix, K, N), jax.jit(cached_step, static_argnames=("st",))
+    for j in range(N):
+        logits_KxV, cache = step(search.params, cache, jnp.asarray(sampled[:, j:j + 1]), st=st)
+        np.testing.assert_allclose(np.asarray(logits_KxV, np.float32), expected_KxNxV[:, j], atol=ATOL, rtol=0,
+                                   err_msg=f"after position {j}")
+    banned = np.asarray(search.banned_V)
+    for j in range(n_start, N):
+        before = np.asarray(logits_KxLxV, np.float32)[:, P + j - 1]
+        gumbel = np.asarray(jax.random.gumbel(jax.random.fold_in(key, j), before.shape))
+        np.testing.assert_array_equal(sampled[:, j], np.argmax(np.where(banned, -np.inf, before) + gumbel, axis=-1),
+                                      err_msg=f"position {j}")

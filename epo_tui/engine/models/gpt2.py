@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from epo_tui.engine.checkpoint import CheckpointTensors
-from epo_tui.engine.models.hooks import (ATTN_INPUT, ATTN_Z, BLOCK_POINTS, MLP_INPUT, HookNames, HookRecorder,
-                                         prefix_length)
+from epo_tui.engine.models.hooks import ATTN_INPUT, ATTN_Z, BLOCK_POINTS, MLP_INPUT, HookNames, HookRecorder
+from epo_tui.engine.models.past import prefix_length
 from epo_tui.engine.models.layers import attend, layer_norm, layer_normalized, run_blocks
 from epo_tui.errors import UserError
 
@@ -155,7 +155,7 @@ def forward(params: dict, cfg: GPT2Config, x_BxLxD: jnp.ndarray, rec: HookRecord
     from position P.
     """
     L, P = x_BxLxD.shape[1], prefix_length(prefix_kv)
-    x_BxLxD = x_BxLxD + params["wpe_PxD"][P:P + L]
+    x_BxLxD = x_BxLxD + jax.lax.dynamic_slice_in_dim(params["wpe_PxD"], P, L)  # P may be traced
     return run_blocks(params["blocks"], x_BxLxD, rec, all_layers, prefix_kv,
                       lambda block, x, layer, past: _block(block, cfg, x, layer, rec, past))
 

@@ -149,33 +149,3 @@ class HookRecorder:
             if self.center_writes and hook.transformer_lens and point in RESIDUAL_POINTS:
                 value = value - value.mean(axis=-1, keepdims=True)
             self.out[hook.name] = value
-
-
-# ----------------------------------------------------------------------------------------------
-# A fixed prefix's keys and values, computed once and attended to by every later pass.
-
-
-def prefix_length(prefix_kv) -> int:
-    """P, the number of prefix positions in per-layer (k, v) pairs shaped 1xPx...; 0 for none."""
-    return 0 if prefix_kv is None else prefix_kv[0][0].shape[1]
-
-
-def with_past(past_kv, k_BxLxNxK: jnp.ndarray, v_BxLxNxK: jnp.ndarray):
-    """(k, v) over past + new positions: a fixed prefix's (1xPxNxK) broadcast over the batch, or one past
-    per row (BxPxNxK: a parent's keys and values before the first changed position)."""
-    if past_kv is None:
-        return k_BxLxNxK, v_BxLxNxK
-    B = k_BxLxNxK.shape[0]
-    past_k, past_v = (jnp.broadcast_to(t, (B,) + t.shape[1:]).astype(k_BxLxNxK.dtype) for t in past_kv)
-    return jnp.concatenate([past_k, k_BxLxNxK], axis=1), jnp.concatenate([past_v, v_BxLxNxK], axis=1)
-
-
-def causal_mask(L: int, S: int, window: int | None = None) -> jnp.ndarray:
-    """allowed_LxS for L new queries after S - L prefix positions (absolute query position S - L + l);
-    with `window`, keys further back than window - 1 positions are masked too (sliding attention)."""
-    q_L = jnp.arange(S - L, S)[:, None]
-    k_S = jnp.arange(S)[None, :]
-    allowed = k_S <= q_L
-    if window is not None:
-        allowed &= k_S > q_L - window
-    return allowed

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from epo_tui.engine.models.hooks import HookRecorder, causal_mask, prefix_length, with_past
+from epo_tui.engine.models.hooks import HookRecorder
+from epo_tui.engine.models.past import causal_mask, filled, layer_past, prefix_length, with_past
 from epo_tui.errors import UserError
 
 
@@ -106,10 +107,10 @@ class Rope:
             return np.where(medium, smoothed, slowed).astype(np.float32)
         return inv.astype(np.float32)
 
-    def tables(self, L: int, dtype, start: int = 0) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def tables(self, L: int, dtype, start=0) -> tuple[jnp.ndarray, jnp.ndarray]:
         """cos_LxR and sin_LxR (R = rotary_dim) for positions start..start+L-1, computed in float32
         and cast to the activations' dtype, as transformers does."""
-        positions_L = jnp.arange(start, start + L, dtype=jnp.float32)
+        positions_L = start + jnp.arange(L, dtype=jnp.float32)  # start may be traced (models/past.py)
         freqs_LxR = jnp.tile(positions_L[:, None] * jnp.asarray(self.inv_freq())[None, :], (1, 2))
         return jnp.cos(freqs_LxR).astype(dtype), jnp.sin(freqs_LxR).astype(dtype)
 
@@ -162,8 +163,8 @@ def attend(q_BxLxHxK: jnp.ndarray, k_BxLxGxK: jnp.ndarray, v_BxLxGxK: jnp.ndarra
            past_kv, scale: float, softcap_at: float | None = None, window: int | None = None) -> jnp.ndarray:
     """Causal (or sliding-window) grouped-query attention -> z_BxLxHxK, each head's output before W_O.
 
-    Keeps this pass's (k, v) on `rec` when it is computing a prefix; `past_kv` (1xPxGxK each, a fixed
-    prefix's) comes first. Scores are float32: q.k * scale, soft-capped, masked, softmax; then cast to
+    Keeps this pass's (k, v) on `rec` when it is computing a prefix; `past_kv` (k, v: 1xPxGxK or
+    BxPxGxK) comes first; a third element says how many of its slots are filled (models/past.py). Scores are float32: q.k * scale, soft-capped, masked, softmax; then cast to
     the activations' dtype for the values, as transformers' eager attention does.
     """
     B, L, H, K = q_BxLxHxK.shape
@@ -173,7 +174,7 @@ def attend(q_BxLxHxK: jnp.ndarray, k_BxLxGxK: jnp.ndarray, v_BxLxGxK: jnp.ndarra
     q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K)  # query head h uses kv head h // R
     scores_BxGxRxLxS = jnp.einsum("BLGRK,BSGK->BGRLS", q_BxLxGxRxK, k_BxSxGxK).astype(jnp.float32)
     scores_BxGxRxLxS = softcap(scores_BxGxRxLxS * scale, softcap_at)
-    allowed_LxS = causal_mask(L, k_BxSxGxK.shape[1], window)
+    allowed_LxS = causal_mask(L, k_BxSxGxK.shape[1], window, filled(past_kv))
     scores_BxGxRxLxS = jnp.where(allowed_LxS, scores_BxGxRxLxS, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores_BxGxRxLxS, axis=-1).astype(q_BxLxHxK.dtype)
     z_BxLxGxRxK = jnp.einsum("BGRLS,BSGK->BLGRK", probs, v_BxSxGxK)
@@ -208,7 +209,7 @@ def run_blocks(blocks: list, x_BxLxD: jnp.ndarray, rec: HookRecorder, all_layers
     pass."""
     n_run = len(blocks) if all_layers else rec.last_layer + 1
     for layer in range(n_run):
-        past = prefix_kv[layer] if prefix_kv is not None else None
+        past = layer_past(prefix_kv, layer)
         x_BxLxD = block_fn(blocks[layer], x_BxLxD, layer, past)
     return x_BxLxD if all_layers else None
 
