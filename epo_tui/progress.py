@@ -84,11 +84,17 @@ class _Progress:
 
 def seconds_left(iteration: int, total: int, seconds: list[float], budget_left: float | None) -> float | None:
     """Seconds until the search ends: the iterations left at the mean time of those after the first
-    (which compiles), or the time budget left when that ends it sooner; None while unknown."""
+    (which compiles), or the time budget left when that ends it sooner; None while unknown (after the
+    first iteration without a budget) and once every iteration has run. With a budget and only the first
+    iteration timed, the iterations left at its time bound the budget."""
+    if iteration >= total:
+        return None
     later = seconds[1:]
     by_iterations = (total - iteration) * sum(later) / len(later) if later else None
     if budget_left is None:
         return by_iterations
+    if by_iterations is None and seconds:
+        by_iterations = (total - iteration) * seconds[0]  # the compiling iteration is the slowest
     return budget_left if by_iterations is None else min(by_iterations, budget_left)
 
 

@@ -269,6 +269,8 @@ def test_eta_follows_whichever_ends_the_search_first():
     assert seconds_left(10, 100, [9.0] + [1.0] * 9, 30.0) == 30.0  # the budget ends it sooner
     assert seconds_left(10, 100, [9.0] + [1.0] * 9, 300.0) == 90.0
     assert seconds_left(1, 100, [9.0], 30.0) == 30.0 and seconds_left(1, 100, [9.0], None) is None
+    assert seconds_left(1, 3, [9.0], 110.0) == 18.0  # the first iteration's time bounds the rest
+    assert seconds_left(3, 3, [9.0, 1.0, 1.0], 110.0) is None and seconds_left(1, 1, [9.0], 110.0) is None
 
 
 def test_progress_bar_follows_the_budget_when_it_ends_sooner():
