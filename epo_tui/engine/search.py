@@ -401,8 +401,9 @@ def _sample_continuations(params, prefix: Prefix, key, start_KxN, n_start, banne
 def empty_cache(prefix: Prefix, K: int, N: int) -> FilledPast:
     """A KV cache for K prompts of N tokens after the prefix: the prefix's keys and values, then N empty
     slots per layer (each KxSxGxK, S = P + N)."""
-    kv = tuple(tuple(jnp.concatenate([jnp.broadcast_to(t, (K,) + t.shape[1:]), jnp.zeros((K, N) + t.shape[2:], t.dtype)],
-                                     axis=1) for t in layer_kv) for layer_kv in prefix.kv)
+    kv = tuple(tuple(jnp.concatenate([jnp.broadcast_to(t, (K,) + t.shape[1:]),
+                                      jnp.zeros((K, N) + t.shape[2:], t.dtype)], axis=1) for t in layer_kv)
+               for layer_kv in prefix.kv)
     return FilledPast(kv, jnp.int32(prefix_length(prefix.kv)))
 
 

@@ -164,8 +164,9 @@ def attend(q_BxLxHxK: jnp.ndarray, k_BxLxGxK: jnp.ndarray, v_BxLxGxK: jnp.ndarra
     """Causal (or sliding-window) grouped-query attention -> z_BxLxHxK, each head's output before W_O.
 
     Keeps this pass's (k, v) on `rec` when it is computing a prefix; `past_kv` (k, v: 1xPxGxK or
-    BxPxGxK) comes first; a third element says how many of its slots are filled (models/past.py). Scores are float32: q.k * scale, soft-capped, masked, softmax; then cast to
-    the activations' dtype for the values, as transformers' eager attention does.
+    BxPxGxK) comes first, and a third element, where present, says how many of its slots hold positions
+    (models/past.py). Scores are float32: q.k * scale, soft-capped, masked, softmax; then cast to the
+    activations' dtype for the values, as transformers' eager attention does.
     """
     B, L, H, K = q_BxLxHxK.shape
     G = k_BxLxGxK.shape[2]
