@@ -47,7 +47,8 @@ def _search(config, pair, feature=None, **search) -> Search:
 
 
 def _children_both_ways(search: Search, iterations: int = 4):
-    """Per iteration: (children, fast scores, plain scores, what the fast route ran)."""
+    """Per iteration: (children, fast scores, plain scores, what the fast route ran); the fast route
+    knows the scores of the prompts the search has run so far."""
     state = search.initial_state("The quick brown fox jumps over")
     out = []
     for i in range(iterations):
@@ -57,7 +58,7 @@ def _children_both_ways(search: Search, iterations: int = 4):
                                    jnp.asarray(search.lambdas_K), st=search.st)
         children = np.asarray(propose(key, tokens, grads, parents.next_logits_KxNxV, search.banned_V,
                                       st=search.st)).reshape(-1, search.st.prompt_tokens)
-        fast = search.evaluate_children(children, state, parents)
+        fast = search.evaluate_children(children, state, parents, state.scored.copy())
         out.append((children, fast, search.evaluate(children), search.scorer.last))
         state, _ = search.step(state)
     return out
@@ -121,6 +122,37 @@ def test_repeats_in_a_batch_run_once_and_a_batch_always_scores_the_same(setups):
     # a child equal to its parent carries the parent's own score
     unchanged = np.flatnonzero((children == np.repeat(state.tokens_KxN, search.st.children, axis=0)).all(-1))
     np.testing.assert_array_equal(first[0][unchanged], state.objective_K[unchanged // search.st.children])
+
+
+def test_children_scored_in_an_earlier_iteration_are_not_run_again_and_keep_their_scores(setups):
+    config, pair = setups("gpt2")
+    search = _search(config, pair)
+    st = search.st
+    state = search.initial_state("The quick brown fox jumps over")
+    tokens = jnp.asarray(state.tokens_KxN)
+    grads, parents = gradients(search.params, search.sae, search.arrays, search.prefix, tokens,
+                               jnp.asarray(search.lambdas_K), st=st)
+
+    def children(seed):
+        return np.asarray(propose(jax.random.key(seed), tokens, grads, parents.next_logits_KxNxV, search.banned_V,
+                                  st=st)).reshape(-1, st.prompt_tokens)
+
+    scored = state.scored.copy()
+    old = children(1)
+    first = search.evaluate_children(old, state, parents, scored)
+    assert 0 < search.scorer.last.run and len(scored) == len(state.scored) + search.scorer.last.run
+    # every second old child again, then new ones: only new ones run, the old keep their first scores bitwise
+    half = len(old) // 2
+    second = search.evaluate_children(np.concatenate([old[::2], children(2)[::2]]), state, parents, scored)
+    parent_B = np.repeat(np.arange(st.elites), st.children)
+    ran_before = {row.tobytes() for row, f in zip(old, first_changes(old, state.tokens_KxN[parent_B]))
+                  if f < st.prompt_tokens}
+    assert search.scorer.last.known >= len(ran_before & {row.tobytes() for row in old[::2]}) > 0
+    for name, a, b in zip(("objective", "act", "xent"), second, first):
+        np.testing.assert_array_equal(a[:half], b[::2], err_msg=name)
+    for name, a, b in zip(("objective", "act", "xent"), second,
+                          search.evaluate(np.concatenate([old[::2], children(2)[::2]]))):
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=name)
 
 
 def test_bucket_starts_and_first_changes():

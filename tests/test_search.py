@@ -47,8 +47,8 @@ def spy_on_evaluate(search: Search) -> list:
     calls = []
     original = search.evaluate_children
 
-    def recorded(children_BxN, state, parents):
-        out = original(children_BxN, state, parents)
+    def recorded(children_BxN, state, parents, scored=None):
+        out = original(children_BxN, state, parents, scored)
         calls.append((np.array(children_BxN), *(np.array(o) for o in out)))
         return out
 

@@ -449,7 +449,7 @@ def bench_setup(setup: Setup, iterations: int, progress: Progress = _quiet) -> d
 
     per_iteration, last_print = [], 0.0
     calls: dict[int, int] = {}  # evaluation calls per bucket start, steady iterations
-    children = positions = 0
+    children = positions = ran = known = 0
     for i in range(iterations):
         start, cpu = time.perf_counter(), time.process_time()
         state, timings = search.step(state)
@@ -458,6 +458,7 @@ def bench_setup(setup: Setup, iterations: int, progress: Progress = _quiet) -> d
             counts = search.scorer.last
             children += counts.children
             positions += counts.positions
+            ran, known = ran + counts.run, known + counts.known
             for bucket, n in (counts.calls or {}).items():
                 calls[bucket] = calls.get(bucket, 0) + n
         per_iteration.append({"gradients": timings.gradients, "proposals": timings.proposals,
@@ -492,6 +493,8 @@ def bench_setup(setup: Setup, iterations: int, progress: Progress = _quiet) -> d
         "initial_state_s": t2 - t1,
         "first_iteration_s": per_iteration[0]["total"],
         "time_to_first_iteration_s": setup.load_s + (t2 - t0) + per_iteration[0]["wall"],
+        # steady iterations' children: run, and distinct ones scored in an earlier iteration (not run)
+        "children": {"proposed": children, "run": ran, "known": known},
         "per_iteration": per_iteration,
         "steady_iterations": len(steady),
         "mean_s": mean,
@@ -722,6 +725,8 @@ def print_report(report: dict) -> None:
     row("FLOPs/iteration (XLA)", lambda s: _si(s["flops_per_iteration"]["xla"]["total"]))
     row("FLOPs/iteration (analytic)", lambda s: _si(s["flops_per_iteration"]["analytic"]["total"]))
     row("evaluation FLOPs/child vs full", lambda s: f"{s['flops_per_iteration']['xla']['evaluation_vs_full_forward']:.2f}")
+    row("children run | known from before", lambda s: " | ".join(
+        f"{s['children'][k] / max(s['children']['proposed'], 1):.0%}" for k in ("run", "known")))
     row("FLOP/s iteration (XLA)", lambda s: _si(s["flops_per_s"]["iteration_xla"]))
     row("MFU iteration (XLA | analytic)", lambda s: f"{s['mfu']['iteration_xla']:.1%} | "
         f"{s['mfu']['iteration_analytic']:.1%}")

@@ -1,7 +1,8 @@
 """A search's state as plain arrays, for session checkpoints, and back: an exact resume.
 
 Each step draws its randomness from fold_in(key, iteration), so the arrays below (the elites, the
-key, the frontier and the best-objective history) are everything the next iteration depends on.
+key, the frontier, the best-objective history and the scores already computed) are everything the
+next iteration depends on. Checkpoints written before the score cache existed resume with it empty.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from epo_tui.engine.frontier import Frontier
+from epo_tui.engine.score_cache import ScoreCache
 from epo_tui.engine.search import SearchState
 
 STATE_KEYS = ("iteration", "tokens_KxN", "objective_K", "act_K", "xent_K", "key", "frontier_xent",
@@ -18,6 +20,7 @@ STATE_KEYS = ("iteration", "tokens_KxN", "objective_K", "act_K", "xent_K", "key"
 def state_arrays(state: SearchState) -> dict[str, np.ndarray]:
     f = state.frontier
     n_tokens = state.tokens_KxN.shape[1]
+    scored_tokens, scored_values = state.scored.to_arrays(n_tokens)
     return {
         "iteration": np.asarray([state.iteration], np.int64),
         "tokens_KxN": np.asarray(state.tokens_KxN, np.int32),
@@ -30,6 +33,8 @@ def state_arrays(state: SearchState) -> dict[str, np.ndarray]:
         "frontier_act": np.asarray(f.act, np.float32),
         "frontier_tokens": np.asarray(f.tokens, np.int32).reshape(len(f), n_tokens),
         "best_objective_history": np.asarray(state.best_objective_history, np.float32),
+        "scored_tokens": scored_tokens,
+        "scored_values": scored_values,
     }
 
 
@@ -52,7 +57,19 @@ def state_from_arrays(arrays: dict[str, np.ndarray], elites: int, prompt_tokens:
                        act_K=np.asarray(arrays["act_K"], np.float32),
                        xent_K=np.asarray(arrays["xent_K"], np.float32),
                        key=np.asarray(arrays["key"], np.uint32), frontier=frontier,
-                       best_objective_history=[float(x) for x in arrays["best_objective_history"]])
+                       best_objective_history=[float(x) for x in arrays["best_objective_history"]],
+                       scored=_score_cache(arrays, prompt_tokens))
+
+
+def _score_cache(arrays: dict[str, np.ndarray], prompt_tokens: int) -> ScoreCache:
+    if "scored_tokens" not in arrays or "scored_values" not in arrays:  # an older checkpoint
+        return ScoreCache()
+    tokens = np.asarray(arrays["scored_tokens"], np.int32)
+    values = np.asarray(arrays["scored_values"], np.float32)
+    if tokens.ndim != 2 or tokens.shape[1:] != (prompt_tokens,) or values.shape != (len(tokens), 3):
+        raise ValueError(f"the checkpoint's score cache is shaped {tokens.shape} and {values.shape}, the search "
+                         f"holds prompts of {prompt_tokens} tokens")
+    return ScoreCache.from_arrays(tokens, values)
 
 
 def new_frontier_points(before: Frontier, after: Frontier) -> np.ndarray:

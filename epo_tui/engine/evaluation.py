@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from epo_tui.engine import sharding
 from epo_tui.engine.model import apply_model
 from epo_tui.engine.objective import Target, combine, per_position, read
+from epo_tui.engine.score_cache import ScoreCache
 
 EVAL_CHUNK = 64  # prompts per forward inside one device: bounds the BxNxV logits in memory
 SUFFIX_BUCKETS = 10  # start positions a child's suffix may begin at: one compiled executable each
@@ -214,6 +215,7 @@ class EvaluationCounts:
 
     children: int = 0  # proposed
     run: int = 0  # actually run through the model (the rest reused a score)
+    known: int = 0  # distinct children scored in an earlier iteration (a ScoreCache held them)
     positions: int = 0  # optimized positions run, padding included
     calls: dict[int, int] | None = None  # per bucket start: calls made
 
@@ -257,11 +259,12 @@ class ChildScorer:
     # -- an iteration's children
 
     def children(self, children_BxN: np.ndarray, parent_B: np.ndarray, elites_KxN: np.ndarray,
-                 elite_scores: tuple[np.ndarray, np.ndarray, np.ndarray], parents: Parents
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 elite_scores: tuple[np.ndarray, np.ndarray, np.ndarray], parents: Parents,
+                 known: ScoreCache | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(objective_B, act_B, xent_B) of children (child b of elite parent_B[b]).
 
-        `parents` is the gradient pass's `Parents` of `elites_KxN`, whose scores are `elite_scores`.
+        `parents` is the gradient pass's `Parents` of `elites_KxN`, whose scores are `elite_scores`. A
+        child `known` holds is not run; the children that run are added to it.
         """
         B, N = children_BxN.shape
         parents = self._whole(parents)
@@ -281,11 +284,17 @@ class ChildScorer:
                     todo[key] = (b, members)
             else:
                 todo[key] = (b, [b])
+        if known is not None:
+            for key in [key for key in todo if known.get(key) is not None]:
+                out[:, todo.pop(key)[1]] = np.asarray(known.get(key), np.float32)[:, None]
+                counts.known += 1
         reps = np.array([rep for rep, _ in todo.values()], np.int64)
         if len(reps):
             results = self._run(children_BxN[reps], parent_B[reps], first_B[reps], parents, counts)
             for (_, members), result in zip(todo.values(), results.T):
                 out[:, members] = result[:, None]
+            if known is not None:
+                known.add(children_BxN[reps], *results)
         self.last = counts
         return out[0], out[1], out[2]
 

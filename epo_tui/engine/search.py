@@ -36,6 +36,7 @@ from epo_tui.engine.model import apply_model, run_model
 from epo_tui.engine.models.past import FilledPast, prefix_length
 from epo_tui.engine.objective import build_target, combine, per_position
 from epo_tui.engine.pairing import ModelWithSAE
+from epo_tui.engine.score_cache import ScoreCache
 from epo_tui.errors import UserError, require_utf8
 from epo_tui.text import token_text
 
@@ -54,6 +55,7 @@ class SearchState:
     key: np.ndarray  # raw jax PRNG key data (uint32)
     frontier: Frontier = field(default_factory=Frontier)
     best_objective_history: list[float] = field(default_factory=list)
+    scored: ScoreCache = field(default_factory=ScoreCache)  # prompts already run, not run again
 
 
 @dataclass
@@ -238,6 +240,7 @@ class Search:
         state = SearchState(iteration=0, tokens_KxN=tokens, objective_K=objective, act_K=act, xent_K=xent,
                             key=np.asarray(jax.random.key_data(steps_key)))
         state.frontier = state.frontier.merged(xent, objective, act, tokens)
+        state.scored.add(tokens, objective, act, xent)
         return state
 
     def _round_tripping_prompt(self, start_N: np.ndarray, n_start: int, rng: np.random.Generator,
@@ -265,13 +268,14 @@ class Search:
         """(objective, act, xent) of any batch of optimized tokens, every position run, sharded over the mesh."""
         return self.scorer.full(tokens_BxN)
 
-    def evaluate_children(self, children_BxN: np.ndarray, state: SearchState, parents: Parents
-                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def evaluate_children(self, children_BxN: np.ndarray, state: SearchState, parents: Parents,
+                          scored: ScoreCache | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(objective, act, xent) of the elites' children, C per elite in order; each runs only from
-        (about) its first change on, reusing its parent's pass (`parents`, from `gradients`)."""
+        (about) its first change on, reusing its parent's pass (`parents`, from `gradients`). Children
+        `scored` holds are not run; those that run are added to it."""
         parent_B = np.repeat(np.arange(self.st.elites), self.st.children)
         return self.scorer.children(children_BxN, parent_B, state.tokens_KxN,
-                                    (state.objective_K, state.act_K, state.xent_K), parents)
+                                    (state.objective_K, state.act_K, state.xent_K), parents, scored)
 
     def step(self, state: SearchState) -> tuple[SearchState, Timings]:
         timings = Timings()
@@ -286,14 +290,15 @@ class Search:
         children = propose(key, tokens, grads, parents.next_logits_KxNxV, self.banned_V, st=self.st)
         children_BxN = np.asarray(children).reshape(-1, self.st.prompt_tokens)
         t2 = time.perf_counter()
-        objective, act, xent = self.evaluate_children(children_BxN, state, parents)
+        scored = state.scored.copy()  # the state stepped from stays as it was
+        objective, act, xent = self.evaluate_children(children_BxN, state, parents, scored)
         t3 = time.perf_counter()
-        state = self._select(state, children_BxN, objective, act, xent)
+        state = self._select(state, children_BxN, objective, act, xent, scored)
         t4 = time.perf_counter()
         timings.gradients, timings.proposals, timings.evaluation, timings.selection = t1 - t0, t2 - t1, t3 - t2, t4 - t3
         return state, timings
 
-    def _select(self, state: SearchState, children_BxN, objective, act, xent) -> SearchState:
+    def _select(self, state: SearchState, children_BxN, objective, act, xent, scored: ScoreCache) -> SearchState:
         """Each elite keeps the best f_k among the elites and the valid children (elites win ties)."""
         pool_tokens = np.concatenate([state.tokens_KxN, children_BxN])
         pool_obj = np.concatenate([state.objective_K, objective])
@@ -311,7 +316,7 @@ class Search:
         frontier = self._update_frontier(state.frontier, children_BxN, objective, act, xent)
         return SearchState(iteration=state.iteration + 1, tokens_KxN=pool_tokens[chosen].copy(),
                            objective_K=pool_obj[chosen], act_K=pool_act[chosen], xent_K=pool_xent[chosen],
-                           key=state.key, frontier=frontier,
+                           key=state.key, frontier=frontier, scored=scored,
                            best_objective_history=[*state.best_objective_history, float(pool_obj[chosen].max())])
 
     def _update_frontier(self, frontier: Frontier, tokens, objective, act, xent) -> Frontier:
