@@ -285,9 +285,11 @@ class ChildScorer:
             else:
                 todo[key] = (b, [b])
         if known is not None:
-            for key in [key for key in todo if known.get(key) is not None]:
-                out[:, todo.pop(key)[1]] = np.asarray(known.get(key), np.float32)[:, None]
-                counts.known += 1
+            for key in list(todo):
+                scores = known.get(key)
+                if scores is not None:
+                    out[:, todo.pop(key)[1]] = np.asarray(scores, np.float32)[:, None]
+                    counts.known += 1
         reps = np.array([rep for rep, _ in todo.values()], np.int64)
         if len(reps):
             results = self._run(children_BxN[reps], parent_B[reps], first_B[reps], parents, counts)
