@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +21,23 @@ os.environ.update({
     "TOKENIZERS_PARALLELISM": "false",
     "JAX_PLATFORMS": "cpu",
 })
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_executables():
+    """Drops every compiled executable after each test module. Each one keeps its machine code mapped
+    (a few memory maps apiece), and the whole suite compiles thousands: kept to the end, one process
+    passes Linux's 65,530 maps per process and XLA's next compile crashes (segfault or abort)."""
+    yield
+    if "jax" in sys.modules:
+        import jax
+
+        from epo_tui.engine import evaluation
+
+        evaluation.full_evaluator.cache_clear()
+        evaluation.suffix_evaluator.cache_clear()
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")
