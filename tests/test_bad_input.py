@@ -240,7 +240,7 @@ def test_random_bytes_in_a_file_load_or_fail_in_one_line(tmp_path_factory, raw):
     ("[feature]\nindices = [1, 99999999999999999999]\n", "feature.indices[1]: 99999999999999999999 does not fit"),
     ('[search]\n"a\\nb\\u001b[31m" = 1\n', "search.a\\nb\\x1b[31m: unknown key"),
     ('["x\\ny"]\n', "x\\ny: unknown section"),
-    ('[model]\ndtype = "f\\n\\u0007"\n', "model.dtype: 'f\\n\\x07' is not one of float32, bfloat16"),
+    ('[model]\ndtype = "f\\n\\u0007"\n', "model.dtype: 'f\\n\\x07' is not one of auto, float32, bfloat16"),
     ("[search]\nswap = 1.5\n", "search.swap: must be <= 1.0, found 1.5"),
     ("[search]\nbanned_tokens = [1, 2]\n", "search.banned_tokens[0]: expected a string, found 1 (integer)"),
     ("[feature]\nindices = \"1,2\"\n", "feature.indices: expected an array, found '1,2' (string)"),

@@ -91,7 +91,7 @@ def test_gemma_it_sample_uses_the_chat_prefix():
 def test_relative_paths_resolve_against_the_config_folder(tmp_path):
     (tmp_path / "c.toml").write_text('[model]\npath = "m"\n[sae]\npath = "../s"\n')
     config = load_config(str(tmp_path / "c.toml"))
-    assert config.model == ModelConfig(name=None, path=str(tmp_path / "m"), dtype="float32")
+    assert config.model == ModelConfig(name=None, path=str(tmp_path / "m"), dtype="auto")
     assert config.sae == SAEConfig(release=None, id=None, path=str(tmp_path / "../s"))
 
 
@@ -113,7 +113,7 @@ def _error(text: str) -> str:
     ("[search]\nelites = 0\n", "my.toml: search.elites: must be >= 1, found 0"),
     ("[feature]\nindex = -3\n", "my.toml: feature.index: must be >= 0, found -3"),
     ("[model]\ndtype = \"bfloat61\"\n",
-     "my.toml: model.dtype: 'bfloat61' is not one of float32, bfloat16; did you mean 'bfloat16'?"),
+     "my.toml: model.dtype: 'bfloat61' is not one of auto, float32, bfloat16; did you mean 'bfloat16'?"),
     ("[model]\nname = \"gpt2\"\npath = \"/x\"\n",
      "my.toml: model.name: give either model.path or model.name, not both"),
     ("[sae]\nrelease = \"gpt2-small-res-jb\"\n",

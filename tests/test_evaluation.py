@@ -14,7 +14,8 @@ from epo_tui.config import load_config
 from epo_tui.engine.evaluation import bucket_starts, first_changes
 from epo_tui.engine.pairing import load_model_with_sae
 from epo_tui.engine.model import run_model
-from epo_tui.engine.search import Search, _sample_continuations, cached_step, empty_cache, gradients, propose
+from epo_tui.engine.search import (Search, _sample_continuations, cached_step, elite_reports, empty_cache, gradients,
+                                   propose)
 from epo_tui.engine.tiny import main as write_tiny
 
 ATOL = 1e-4
@@ -97,6 +98,31 @@ def test_a_bfloat16_model_scores_children_close_to_the_plain_forward(setups, tmp
     for children, fast, plain, _ in _children_both_ways(_search(config, load_model_with_sae(config)), 2):
         for a, b in zip(fast, plain):  # bfloat16 rounding of a different batch shape, not a different sum
             np.testing.assert_allclose(a, b, atol=5e-2, rtol=2e-2)
+
+
+def test_a_bfloat16_search_reports_its_elites_in_float32(setups):
+    """It selects by its own bfloat16 figures, but each elite's reported act, xent, objective and
+    per-position activations are those of a float32 pass over the same (bfloat16-valued) weights."""
+    config, _ = setups("gpt2")
+    config16 = replace(config, model=replace(config.model, dtype="bfloat16"))
+    pair16 = load_model_with_sae(config16)
+    assert pair16.model.dtype == "bfloat16"
+    search16 = _search(config16, pair16)
+    state = search16.initial_state("The quick brown fox jumps over")
+    for _ in range(2):
+        state, _ = search16.step(state)
+    reports = elite_reports(search16, state)
+
+    as_float32 = jax.tree.map(lambda a: np.asarray(a, np.float32), pair16.model.params)
+    pair32 = replace(pair16, model=replace(pair16.model, params=as_float32, dtype="float32"), _replicas={})
+    search32 = _search(config16, pair32)
+    expected = dict(zip(("objective", "act", "xent"), search32.evaluate(state.tokens_KxN)))
+    for name, values in expected.items():
+        np.testing.assert_allclose([r[name] for r in reports], values, atol=ATOL, rtol=0, err_msg=name)
+    plain = elite_reports(search32, state)
+    np.testing.assert_allclose([r["activations"] for r in reports], [r["activations"] for r in plain], atol=ATOL)
+    # the search's own figures are bfloat16's: the reports were recomputed, not copied
+    assert np.abs(np.array([r["xent"] for r in reports]) - state.xent_K).max() > ATOL
 
 
 def test_repeats_in_a_batch_run_once_and_a_batch_always_scores_the_same(setups):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from epo_tui.config import ModelConfig
-from epo_tui.engine.model import load_model
+from epo_tui.engine.model import load_model, resolve_dtype
 from epo_tui.engine.models.hooks import TL_ALIASES
 from epo_tui.engine.models import family_module
 from epo_tui.engine.tiny import write_tiny_checkpoint
@@ -318,6 +318,24 @@ def test_bfloat16_logits_close_to_float32(cases, family):
     assert error < 0.1 * float(jnp.abs(logits32).max())
     assert error <= 2 * _max_diff(hf_logits16, logits32)
     assert float((logits16.argmax(-1) == logits32.argmax(-1)).mean()) >= 0.9  # near-ties may flip
+
+
+class _Device:
+    def __init__(self, platform: str):
+        self.platform = platform
+
+
+@pytest.mark.parametrize(("platform", "expected"), [("cpu", "float32"), ("gpu", "bfloat16"), ("tpu", "bfloat16")])
+def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpus(platform, expected):
+    assert resolve_dtype("auto", [_Device(platform)]) == expected
+    for named in ("float32", "bfloat16"):
+        assert resolve_dtype(named, [_Device(platform)]) == named
+
+
+def test_auto_dtype_loads_float32_weights_on_this_cpu(cases):
+    case = cases["gpt2"]
+    model = load_model(ModelConfig(name=None, path=str(case.folder), dtype="auto"))
+    assert model.dtype == "float32" and all(a.dtype == jnp.float32 for a in jax.tree.leaves(model.params))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
@@ -24,6 +25,9 @@ from epo_tui.errors import UserError, first_line, require_utf8
 from epo_tui.text import token_text
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# platforms where "auto" picks bfloat16: their matmul units take it at full rate with float32
+# accumulation. CPUs stay float32: XLA's CPU bfloat16 dot measured slower than float32 (README).
+BFLOAT16_PLATFORMS = frozenset({"gpu", "cuda", "rocm", "tpu"})
 # hook points whose activations reach the residual through one linear map: that weight's name prefix
 WRITE_WEIGHTS = {"attn.hook_z": ("w_o_",), ATTN_Z: ("w_o_",), "mlp.hook_post": ("w_down_", "w_out_")}
 D_MLP_POINTS = frozenset({"mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"})
@@ -61,7 +65,7 @@ class LanguageModel:
     cfg: Any  # the family's frozen Config
     params: dict
     tokenizer: Any  # transformers PreTrainedTokenizerBase
-    dtype: str
+    dtype: str  # of params as loaded: "float32" or "bfloat16" (model.dtype "auto" resolved)
     # the ("data", "model") mesh `params` are placed on (engine/sharding.py); None: wherever they are
     mesh: Mesh | None = None
 
@@ -229,6 +233,15 @@ class LanguageModel:
         return [token_text(raw) for raw in self.token_bytes(ids)]
 
 
+def resolve_dtype(name: str, devices: Sequence[Any] | None = None) -> str:
+    """`model.dtype` as loaded: "float32" or "bfloat16" as named; "auto" is bfloat16 when the devices
+    (default: this host's) are GPUs or TPUs, float32 otherwise."""
+    if name != "auto":
+        return name
+    platform = (devices or jax.local_devices())[0].platform.lower()
+    return "bfloat16" if platform in BFLOAT16_PLATFORMS else "float32"
+
+
 def load_model(model_cfg: ModelConfig, source: str = "config", sae: Any = None) -> LanguageModel:
     """The checkpoint `model_cfg` names, loaded: read into host memory, then placed on a mesh of this
     host's devices with each layer split over `model_cfg.model_parallel` of them (engine/sharding.py).
@@ -249,21 +262,22 @@ def load_model(model_cfg: ModelConfig, source: str = "config", sae: Any = None) 
     family = family_module(hf_config.model_type)
     cfg = family.Config.from_hf(hf_config)
     _check_sizes(cfg, folder)
-    dtype = DTYPES[model_cfg.dtype]
+    devices = jax.local_devices()
+    dtype_name = resolve_dtype(model_cfg.dtype, devices)
+    dtype = DTYPES[dtype_name]
     keep = getattr(family, "checkpoint_filter", lambda _: None)(hf_config)  # optional: models/__init__.py
     with sharding.on_host():  # no device holds the whole model before it is split
         checkpoint = CheckpointTensors(folder, read_safetensors(folder, keep=keep), hf_config)
         params = family.params_from_checkpoint(checkpoint, cfg, cfg.n_layers)
         params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
     name = model_cfg.path or model_cfg.name
-    devices = jax.local_devices()
-    what = f"{name} in {model_cfg.dtype}" + (" with its SAE" if sae is not None else "")
+    what = f"{name} in {dtype_name}" + (" with its SAE" if sae is not None else "")
     model_parallel = sharding.choose_model_parallel((params, sae), model_cfg.model_parallel, what=what,
                                                     n_devices=len(devices), memory=sharding.device_memory(devices),
                                                     source=source)
     mesh = sharding.make_mesh(model_parallel, devices)
     return LanguageModel(name=name, model_type=hf_config.model_type, cfg=cfg,
-                         params=sharding.place(params, mesh), tokenizer=tokenizer, dtype=model_cfg.dtype,
+                         params=sharding.place(params, mesh), tokenizer=tokenizer, dtype=dtype_name,
                          mesh=mesh)
 
 

@@ -183,6 +183,14 @@ class Search:
                                      NamedSharding(self.mesh, PartitionSpec()))  # small: on every device
         self.scorer = ChildScorer(self.st, self.mesh, self.params, self.sae, self.arrays, self.prefix)
         self._valid_cache: dict[bytes, bool] = {}
+        self._ahead = None  # a CompileAhead building the iteration's executables, until the first step
+
+    def start_compiling_ahead(self) -> None:
+        """Builds what an iteration runs on a thread (engine/compile_ahead.py), while the caller samples
+        the starting elites; the first `step` waits for it. Changes no number, only when things compile."""
+        from epo_tui.engine.compile_ahead import CompileAhead
+
+        self._ahead = CompileAhead(self).start()
 
     # -- set-up
 
@@ -278,6 +286,9 @@ class Search:
                                     (state.objective_K, state.act_K, state.xent_K), parents, scored)
 
     def step(self, state: SearchState) -> tuple[SearchState, Timings]:
+        if self._ahead is not None:
+            self._ahead.wait()
+            self._ahead = None
         timings = Timings()
         key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(state.key)), state.iteration)
         tokens = jnp.asarray(state.tokens_KxN)
@@ -427,9 +438,16 @@ def cached_step(params, cache: FilledPast, newest_Kx1, *, st: Statics) -> tuple[
 # Reporting: what a reader needs of each elite
 
 
-@functools.partial(jax.jit, static_argnames=("st",))
-def _whole_prompt_activations(params, sae, arrays, full_tokens_KxL, *, st: Statics):
-    """(combined_KxL, per_feature_KxLxF) reported activations at every position of BOS+prefix+prompt."""
+def _upcast(params):
+    """The weights in float32, cast inside a jitted function (so no float32 copy outlives it)."""
+    return jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+
+
+@functools.partial(jax.jit, static_argnames=("st", "upcast"))
+def _whole_prompt_activations(params, sae, arrays, full_tokens_KxL, *, st: Statics, upcast: bool):
+    """(combined_KxL, per_feature_KxLxF) reported activations at every position of BOS+prefix+prompt;
+    with `upcast`, computed in float32 from bfloat16 weights."""
+    params = _upcast(params) if upcast else params
     logits, acts, _ = apply_model(params, full_tokens_KxL, None, model_type=st.model_type, cfg=st.cfg,
                                   hooks=st.hooks, logits=st.target.kind == "logit",
                                   center_writes=st.center_writes)
@@ -437,14 +455,33 @@ def _whole_prompt_activations(params, sae, arrays, full_tokens_KxL, *, st: Stati
     return combine(st.target, reported_KxLxF), reported_KxLxF
 
 
+@functools.partial(jax.jit, static_argnames=("st",))
+def _float32_scores(params, sae, arrays, prefix_ids_1xP, tokens_KxN, *, st: Statics):
+    """(objective_K, act_K, xent_K) of prompts after the prefix, in float32 whatever the weights' dtype:
+    what a bfloat16 search reports of its elites."""
+    params = _upcast(params)
+    logits_1xPxV, _, kv = apply_model(params, prefix_ids_1xP, None, model_type=st.model_type, cfg=st.cfg, hooks=(),
+                                      logits=True, center_writes=st.center_writes, keep_kv=True)
+    return score(params, sae, arrays, Prefix(kv=kv, next_logits_V=logits_1xPxV[0, -1]), tokens_KxN, st)[:3]
+
+
 def elite_reports(search: Search, state: SearchState) -> list[dict]:
     """Per elite: penalty, token ids/strings/bytes (hex) of the whole prompt (BOS and prefix included), the
-    reported activation at every position, act, xent, objective, and the prompt's text."""
+    reported activation at every position, act, xent, objective, and the prompt's text.
+
+    A search whose weights are not float32 (bfloat16) selects by its own figures, but reports each
+    elite's act, xent, objective and activations recomputed in float32 from the same weights."""
     model = search.pair.model
     prefix = np.asarray(search.prefix_ids, np.int32)
     full = np.concatenate([np.broadcast_to(prefix, (len(state.tokens_KxN), len(prefix))), state.tokens_KxN], axis=1)
+    upcast = model.dtype != "float32"
     combined_KxL, per_feature_KxLxF = (np.asarray(a) for a in _whole_prompt_activations(
-        search.params, search.sae, search.arrays, jnp.asarray(full), st=search.st))
+        search.params, search.sae, search.arrays, jnp.asarray(full), st=search.st, upcast=upcast))
+    objective_K, act_K, xent_K = state.objective_K, state.act_K, state.xent_K
+    if upcast:
+        objective_K, act_K, xent_K = (np.asarray(a) for a in _float32_scores(
+            search.params, search.sae, search.arrays, jnp.asarray(prefix[None]), jnp.asarray(state.tokens_KxN),
+            st=search.st))
     features = [int(i) for i in np.asarray(search.arrays.indices_F)]
     raw_bytes = [model.token_bytes(ids) for ids in full]
     reports = []
@@ -455,9 +492,9 @@ def elite_reports(search: Search, state: SearchState) -> list[dict]:
             "tokens": [token_text(b) for b in raw_bytes[k]],
             "token_bytes": [b.hex() for b in raw_bytes[k]],
             "activations": [float(a) for a in combined_KxL[k]],
-            "act": float(state.act_K[k]),
-            "xent": float(state.xent_K[k]),
-            "objective": float(state.objective_K[k]),
+            "act": float(act_K[k]),
+            "xent": float(xent_K[k]),
+            "objective": float(objective_K[k]),
             "prompt_start": len(prefix),
             "text": model.decode(state.tokens_KxN[k]),
         }

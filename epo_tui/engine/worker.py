@@ -206,7 +206,7 @@ class Worker:
         devices = jax.local_devices()
         self.out.event("ready", id=id_, model=self.pair.model.name, sae=self.pair.sae.display_name,
                        hook=self.pair.sae.hook_name, d_sae=self.pair.sae.d_sae,
-                       neuronpedia_id=self.pair.sae.neuronpedia_id, dtype=config.model.dtype,
+                       neuronpedia_id=self.pair.sae.neuronpedia_id, dtype=self.pair.model.dtype,
                        devices=[str(d) for d in devices], device_kind=devices[0].device_kind,
                        model_parallel=int(self.pair.mesh.shape["model"]),
                        config=config.to_dict(), labels=config.sae.labels)
