@@ -5,11 +5,12 @@ Two routes to the same numbers (to float rounding):
 - `ChildScorer.children` scores an iteration's children. A child equals its parent up to its first
   changed position s, so it reuses what the parent's pass kept (`Parents`: keys and values, per-position
   feature values and xent terms) before a bucket start b <= s, and runs only positions b..N-1. Children
-  equal to their parent, or repeated in the batch, do not run at all.
+  equal to their parent, repeated in the batch, or held by the search's score cache (scored in an
+  earlier iteration: engine/score_cache.py) do not run at all.
 
-Which route scores a child depends only on the batch, never on timing or on earlier iterations (no
-score cache, no executable used only once compiled): routes differ by float rounding, so anything else
-would let a resumed search drift from the one it continues.
+Which route scores a child depends only on the batch and on the search state's score cache (part of
+every checkpoint), never on timing or on what happens to be compiled: routes differ by float rounding,
+so anything else would let a resumed search drift from the one it continues.
 
 Shapes: K elites (parents), B prompts, c prompts per call, N optimized tokens, V vocabulary,
 F features, P prefix length (BOS + prefix).
@@ -34,6 +35,9 @@ from epo_tui.engine.score_cache import ScoreCache
 
 EVAL_CHUNK = 64  # prompts per forward inside one device: bounds the BxNxV logits in memory
 SUFFIX_BUCKETS = 10  # start positions a child's suffix may begin at: one compiled executable each
+# searches (distinct Statics) whose evaluators a long-lived worker keeps compiled; older ones are
+# dropped, so their machine code is unmapped
+KEPT_SEARCHES = 16
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,7 @@ def _score_local(params, sae, arrays, prefix, tokens_BxN, st: Statics):
     return tuple(o.reshape(-1)[:B] for o in outs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=KEPT_SEARCHES)
 def full_evaluator(st: Statics, mesh: Mesh):
     """jit(params, sae, arrays, prefix, tokens_BxN) -> (objective_B, act_B, xent_B), B split along "data"."""
     whole, split = PartitionSpec(), PartitionSpec(sharding.DATA)
@@ -183,7 +187,7 @@ def full_evaluator(st: Statics, mesh: Mesh):
     return jax.jit(body)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=KEPT_SEARCHES * SUFFIX_BUCKETS)
 def suffix_evaluator(st: Statics, mesh: Mesh, start: int):
     """jit(params, sae, arrays, prefix, parents, tokens_BxN, parent_B) -> (objective_B, act_B, xent_B)."""
     whole, split = PartitionSpec(), PartitionSpec(sharding.DATA)

@@ -183,14 +183,6 @@ class Search:
                                      NamedSharding(self.mesh, PartitionSpec()))  # small: on every device
         self.scorer = ChildScorer(self.st, self.mesh, self.params, self.sae, self.arrays, self.prefix)
         self._valid_cache: dict[bytes, bool] = {}
-        self._ahead = None  # a CompileAhead building the iteration's executables, until the first step
-
-    def start_compiling_ahead(self) -> None:
-        """Builds what an iteration runs on a thread (engine/compile_ahead.py), while the caller samples
-        the starting elites; the first `step` waits for it. Changes no number, only when things compile."""
-        from epo_tui.engine.compile_ahead import CompileAhead
-
-        self._ahead = CompileAhead(self).start()
 
     # -- set-up
 
@@ -286,9 +278,6 @@ class Search:
                                     (state.objective_K, state.act_K, state.xent_K), parents, scored)
 
     def step(self, state: SearchState) -> tuple[SearchState, Timings]:
-        if self._ahead is not None:
-            self._ahead.wait()
-            self._ahead = None
         timings = Timings()
         key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(state.key)), state.iteration)
         tokens = jnp.asarray(state.tokens_KxN)
