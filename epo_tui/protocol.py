@@ -32,7 +32,6 @@ COMMANDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
 
 EVENTS = ("hello", "ready", "state", "features", "started", "progress", "checkpointed", "finished", "scored",
           "injected", "error", "log", "bye")
-STATES = ("idle", "loading", "compiling", "running", "paused", "stopping")
 # a bad line, a bad config, a refused command, a session file not written (disk full, folder deleted), a bug
 ERROR_KINDS = ("protocol", "config", "input", "session", "internal")
 

@@ -15,7 +15,6 @@ import contextlib
 import errno
 import json
 import os
-import re
 import secrets
 import shutil
 import time
@@ -47,7 +46,6 @@ LOCK_TIMEOUT_S = 10.0
 RUNNER_LOCK_FILE = ".runner.lock"
 REQUIRED_META = ("config", "feature", "lambdas", "model", "sae", "iterations_total")
 FIXED_META = ("version", "id", "created")  # set once by create_session
-ID_PATTERN = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
 
 
 class SessionError(UserError):

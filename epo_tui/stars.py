@@ -69,9 +69,6 @@ class Stars:
         self._change(index, star=starred)
         return starred
 
-    def set_star(self, index: int, starred: bool) -> None:
-        self._change(index, star=bool(starred))
-
     def set_note(self, index: int, text: str) -> None:
         """Sets the note of a feature (an empty or blank text removes it)."""
         self._change(index, note=text.strip())

@@ -35,7 +35,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-MODELS = ("gpt2-small", "tiny", "config")
 DEFAULT_ITERATIONS = {"gpt2-small": 3, "tiny": 20, "config": 5}
 GPT2_SMALL = dict(n_layers=12, d_model=768, n_heads=12, d_mlp=3072, vocab_size=50257, max_positions=1024,
                   layer_norm_eps=1e-5)
