@@ -298,12 +298,17 @@ def cmd_features(args: argparse.Namespace, config: Config) -> int:
 # run and batch
 
 
+def _require_at_least_one(option: str, value: int | None) -> None:
+    """Raises UserError for a count option given below 1 (None: not given)."""
+    if value is not None and value < 1:
+        raise UserError(f"{option}: must be >= 1, found {value}")
+
+
 def _search_overrides(args: argparse.Namespace, config: Config) -> Config:
     """--iterations and --seed over the config's [search]."""
     search = config.search
     if args.iterations is not None:
-        if args.iterations < 1:
-            raise UserError(f"--iterations: must be >= 1, found {args.iterations}")
+        _require_at_least_one("--iterations", args.iterations)
         search = dataclasses.replace(search, iterations=args.iterations)
     if args.seed is not None:
         if not 0 <= args.seed <= INT_MAX:
@@ -398,8 +403,7 @@ def _resume_run(args: argparse.Namespace) -> int:
                                       ("--combine", args.combine), ("--seed", args.seed)) if value]
     if given:
         raise UserError(f"--resume: the session keeps its own config; drop {', '.join(given)}")
-    if args.iterations is not None and args.iterations < 1:
-        raise UserError(f"--iterations: must be >= 1, found {args.iterations}")
+    _require_at_least_one("--iterations", args.iterations)
     budget = _time_budget(args.time_budget) if args.time_budget is not None else None
     session = sessions.find_session(args.resume)
     from epo_tui.engine.compile_cache import enable_compile_cache
@@ -421,8 +425,7 @@ def cmd_batch(args: argparse.Namespace, config: Config) -> int:
     config = _search_overrides(args, config)
     if config.feature.kind == "vector":
         raise UserError(f"{config.source}: feature.kind 'vector' has no feature indices to run a batch over")
-    if args.random is not None and args.random < 1:
-        raise UserError(f"--random: must be >= 1, found {args.random}")
+    _require_at_least_one("--random", args.random)
     spec = distributed.launch_spec(args.coordinator, args.num_processes, args.process_id, args.distributed)
     if spec is not None and args.out is None:
         raise UserError("--out: required with several processes (they all write into one folder)")
@@ -472,8 +475,7 @@ def cmd_bench(args: argparse.Namespace, config: Config) -> int:
         from epo_tui.tui.bench_ui import cmd_bench_ui
 
         return cmd_bench_ui(args, config, progress=_progress_line)
-    if args.iterations is not None and args.iterations < 1:
-        raise UserError(f"--iterations: must be >= 1, found {args.iterations}")
+    _require_at_least_one("--iterations", args.iterations)
     if args.quality:
         return _bench_quality(args, config)
     from epo_tui.engine.bench import print_report, run_bench
@@ -492,8 +494,7 @@ def cmd_bench(args: argparse.Namespace, config: Config) -> int:
 def _bench_quality(args: argparse.Namespace, config: Config) -> int:
     if args.model not in (None, "config"):
         raise UserError(f"--quality: measures the model and SAE of --config or --demo, not --model {args.model}")
-    if args.latents < 1:
-        raise UserError(f"--latents: must be >= 1, found {args.latents}")
+    _require_at_least_one("--latents", args.latents)
     if args.seed < 0:
         raise UserError(f"--seed: must be >= 0, found {args.seed}")
     if args.heldout:
