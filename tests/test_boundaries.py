@@ -38,6 +38,17 @@ def test_cli_help_and_config_errors_load_no_heavy_library(tmp_path):
     assert json.loads(proc.stdout) == []
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["run", "--help"], ["batch", "--help"]])
+def test_help_loads_neither_a_heavy_library_nor_the_ui_stack(argv):
+    """`epo-tui --help` answers at once: no JAX, torch, Textual, or pyte (which only `bench --ui` reads with)."""
+    avoided = (*HEAVY, "textual", "pyte")
+    code = ("import sys, json\nfrom epo_tui.cli import main\ntry:\n"
+            f"    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {avoided!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(proc.stdout.splitlines()[-1]) == []
+
+
 def _imports(path: Path, top_level_only: bool) -> set[str]:
     tree = ast.parse(path.read_text())
     nodes = tree.body if top_level_only else list(ast.walk(tree))

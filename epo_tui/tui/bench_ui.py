@@ -44,8 +44,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pyte
-
 from epo_tui.errors import UserError
 
 DEFAULT_PRESSES = 200
@@ -84,6 +82,8 @@ class Output:
     pyte has every byte up to a frame's end when `on_frame` is called. `frames` counts frame ends."""
 
     def __init__(self, columns: int, rows: int):
+        import pyte  # here, not at the top: `epo-tui --help` builds this module's options without it
+
         self.screen = pyte.Screen(columns, rows)
         self.stream = pyte.ByteStream(self.screen)
         self.held = b""  # the start of a frame mark at the end of a read
@@ -301,6 +301,8 @@ class _Terminal:
 
     def last_words(self) -> str:
         """The last line of text the child wrote (a traceback's last line), without escape codes."""
+        import pyte
+
         words = _Text()
         pyte.ByteStream(words, strict=False).feed(self.tail)
         text = "".join(words.parts)
