@@ -34,6 +34,10 @@ FAMILIES = tuple(CASES)
 GEMMAS = ("gemma", "gemma2")
 SEQ_LEN = 12
 ATOL = 1e-4
+# our bfloat16 logits may be this many times further from float32 than transformers' own bfloat16
+# forward: XLA's CPU rounds bfloat16 dots differently by instruction set (2.005x measured for the
+# Qwen 3 case on an AVX2-only CPU, under 2x with AVX-512); a missing norm or scale is 10x and more
+BF16_VS_TRANSFORMERS = 3.0
 
 
 class Case:
@@ -300,7 +304,7 @@ def test_bfloat16_logits_close_to_float32(cases, family):
     """bfloat16 keeps 8 significant bits (relative step 2**-8 = 0.4%); after a few roundings per layer
     the logits here move by ~3% of their largest magnitude, as transformers' own bfloat16 forward does
     (measured: ours 0.10-0.20, HF 0.13-0.16 on logits up to ~7). So: within 10% of the logit scale,
-    and no further from float32 than twice HF's bfloat16 error. A missing norm, scale or cap moves
+    and no further from float32 than BF16_VS_TRANSFORMERS times HF's bfloat16 error. A missing norm, scale or cap moves
     logits by their own size."""
     from transformers import AutoModelForCausalLM
 
@@ -316,7 +320,7 @@ def test_bfloat16_logits_close_to_float32(cases, family):
         hf_logits16 = hf16(torch.from_numpy(ids).long()).logits.float().numpy()
     error = _max_diff(logits16, logits32)
     assert error < 0.1 * float(jnp.abs(logits32).max())
-    assert error <= 2 * _max_diff(hf_logits16, logits32)
+    assert error <= BF16_VS_TRANSFORMERS * _max_diff(hf_logits16, logits32)
     assert float((logits16.argmax(-1) == logits32.argmax(-1)).mean()) >= 0.9  # near-ties may flip
 
 
