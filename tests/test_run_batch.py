@@ -287,7 +287,7 @@ def _compiled_counts() -> tuple[int, ...]:
     jitted = (search.gradients, search.propose, search._sample_continuations, search._whole_prompt_activations)
     # one whole-prompt evaluator per search statics: a feature changes none of them (its suffix
     # evaluators are keyed by the same statics, one per start)
-    return (*(f._cache_size() for f in jitted), evaluation.full_evaluator.cache_info().currsize)
+    return (*(f.cache_size() for f in jitted), evaluation.full_evaluator.cache_info().currsize)
 
 
 def test_batch_writes_folders_and_an_index_sorted_by_activation(tiny_dir, tmp_path, monkeypatch):

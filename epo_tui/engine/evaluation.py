@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from epo_tui.engine import sharding
+from epo_tui.engine.export_cache import ExportedJit
 from epo_tui.engine.model import apply_model
 from epo_tui.engine.objective import Target, combine, per_position, read
 from epo_tui.engine.score_cache import ScoreCache
@@ -184,7 +185,7 @@ def full_evaluator(st: Statics, mesh: Mesh):
     body = jax.shard_map(functools.partial(_score_local, st=st), mesh=mesh,
                          in_specs=(whole, whole, whole, whole, split), out_specs=(split, split, split),
                          axis_names=frozenset({sharding.DATA}), check_vma=False)
-    return jax.jit(body)
+    return ExportedJit(body, "full_evaluator", key=(st, mesh))
 
 
 @functools.lru_cache(maxsize=KEPT_SEARCHES * SUFFIX_BUCKETS)
@@ -194,7 +195,7 @@ def suffix_evaluator(st: Statics, mesh: Mesh, start: int):
     body = jax.shard_map(functools.partial(score_suffix, st=st, start=start), mesh=mesh,
                          in_specs=(whole, whole, whole, whole, whole, split, split), out_specs=(split, split, split),
                          axis_names=frozenset({sharding.DATA}), check_vma=False)
-    return jax.jit(body)
+    return ExportedJit(body, f"suffix_evaluator/{start}", key=(st, mesh, start))
 
 
 def bucket_starts(n_tokens: int, buckets: int = SUFFIX_BUCKETS) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from epo_tui.config import ModelConfig
 from epo_tui.engine import sharding
 from epo_tui.engine.checkpoint import CheckpointTensors, read_safetensors, resolve_checkpoint_dir
+from epo_tui.engine.export_cache import ExportedJit
 from epo_tui.engine.models import family_module
 from epo_tui.engine.models.hooks import ATTN_Z, HookPoint, HookRecorder, parse_hook
 from epo_tui.engine.token_bytes import TokenBytes
@@ -54,8 +55,8 @@ def apply_model(params: dict, tokens_or_onehot: jnp.ndarray, prefix_kv=None, *, 
     return logits_out, recorder.out, (tuple(recorder.kv) if keep_kv else None)
 
 
-run_model = jax.jit(apply_model, static_argnames=("model_type", "cfg", "hooks", "logits", "center_writes",
-                                                  "keep_kv", "logit_positions"))
+run_model = ExportedJit(apply_model, "run_model", static_argnames=("model_type", "cfg", "hooks", "logits",
+                                                                   "center_writes", "keep_kv", "logit_positions"))
 
 
 @dataclass

@@ -18,7 +18,6 @@ P prefix length (BOS + prefix).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from epo_tui.config import Config, SearchConfig
 from epo_tui.engine.frontier import Frontier
 from epo_tui.engine import sharding
 from epo_tui.engine.evaluation import ChildScorer, Parents, Prefix, Statics, score
+from epo_tui.engine.export_cache import exported_jit
 from epo_tui.engine.model import apply_model, run_model
 from epo_tui.engine.models.past import FilledPast, prefix_length
 from epo_tui.engine.objective import build_target, combine, per_position
@@ -75,7 +75,7 @@ def penalties(search: SearchConfig) -> np.ndarray:
     return np.geomspace(search.penalty_min, search.penalty_max, search.elites).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("st",))
+@exported_jit(static_argnames=("st",))
 def gradients(params, sae, arrays, prefix, tokens_KxN, lambdas_K, *, st: Statics):
     """(grad_KxNxV of f_k w.r.t. elite k's one-hot tokens, the elites' `Parents`: what their children
     reuse, with the next-token logits_KxNxV the proposals draw from)."""
@@ -88,7 +88,7 @@ def gradients(params, sae, arrays, prefix, tokens_KxN, lambdas_K, *, st: Statics
     return jax.grad(total_fitness, has_aux=True)(onehot)
 
 
-@functools.partial(jax.jit, static_argnames=("st",))
+@exported_jit(static_argnames=("st",))
 def propose(key, tokens_KxN, grads_KxNxV, next_logits_KxNxV, banned_V, *, st: Statics):
     """children_KxCxN: each resamples one uniform position plus each other with p = extra/N, from the
     parent's next-token logits / T (T ~ U(0, T_max)), restricted to the top-k tokens by gradient except
@@ -382,7 +382,7 @@ class Search:
                                    act_K=state.act_K[take], xent_K=state.xent_K[take], frontier=frontier)
 
 
-@functools.partial(jax.jit, static_argnames=("st",))
+@exported_jit(static_argnames=("st",))
 def _sample_continuations(params, prefix: Prefix, key, start_KxN, n_start, banned_V, *, st: Statics):
     """Positions n_start.. sampled one by one from the model at temperature 1 (banned tokens never).
 
@@ -432,7 +432,7 @@ def _upcast(params):
     return jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
 
 
-@functools.partial(jax.jit, static_argnames=("st", "upcast"))
+@exported_jit(static_argnames=("st", "upcast"))
 def _whole_prompt_activations(params, sae, arrays, full_tokens_KxL, *, st: Statics, upcast: bool):
     """(combined_KxL, per_feature_KxLxF) reported activations at every position of BOS+prefix+prompt;
     with `upcast`, computed in float32 from bfloat16 weights."""
@@ -444,7 +444,7 @@ def _whole_prompt_activations(params, sae, arrays, full_tokens_KxL, *, st: Stati
     return combine(st.target, reported_KxLxF), reported_KxLxF
 
 
-@functools.partial(jax.jit, static_argnames=("st",))
+@exported_jit(static_argnames=("st",))
 def _float32_scores(params, sae, arrays, prefix_ids_1xP, tokens_KxN, *, st: Statics):
     """(objective_K, act_K, xent_K) of prompts after the prefix, in float32 whatever the weights' dtype:
     what a bfloat16 search reports of its elites."""
