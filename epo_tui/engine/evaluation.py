@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from epo_tui.engine import sharding
-from epo_tui.engine.export_cache import ExportedJit
+from epo_tui.engine.export_cache import ExportedJit, register_dataclass_output
 from epo_tui.engine.model import apply_model
 from epo_tui.engine.objective import Target, combine, per_position, read
 from epo_tui.engine.score_cache import ScoreCache
@@ -70,6 +70,7 @@ class Prefix:
     next_logits_V: jax.Array  # the prediction for the first optimized token
 
 
+@register_dataclass_output  # the gradient pass returns it: export_cache serializes it
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class Parents:

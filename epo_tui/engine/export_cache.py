@@ -20,13 +20,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import functools
 import hashlib
-import io
-import pickle
 from pathlib import Path
-from typing import Any
 
 import jax
 
@@ -35,7 +31,7 @@ from epo_tui.atomic import write_bytes_atomic
 SUBFOLDER = "exported"
 KEPT_SIGNATURES = 64  # per step: argument signatures whose loaded executables stay in memory
 KEPT_ENTRIES = 1000  # files on disk (each 0.1-1 MB); past it, the least recently written go
-FORMAT = 1  # of the files: bumped when what is pickled changes
+FORMAT = 2  # of the files (jax.export's own serialization): bumped when what is written changes
 
 
 @functools.cache
@@ -73,7 +69,7 @@ class ExportedJit:
         self.fun, self.name, self.key = fun, name, key
         self.static_argnames = tuple(static_argnames)
         self.jitted = jax.jit(fun, static_argnames=self.static_argnames)
-        self._loaded: collections.OrderedDict = collections.OrderedDict()  # signature -> (call, out_tree)
+        self._loaded: collections.OrderedDict = collections.OrderedDict()  # signature -> jitted call, or None
 
     def lower(self, *args, **static):
         return self.jitted.lower(*args, **static)
@@ -98,10 +94,9 @@ class ExportedJit:
                 self._loaded.popitem(last=False)
         else:
             self._loaded.move_to_end(signature)
-        call, out_tree = entry
-        if call is None:  # not exportable: plain jit
+        if entry is None:  # not exportable: plain jit
             return self.jitted(*args, **static)
-        return jax.tree.unflatten(out_tree, call(*leaves))
+        return entry(*leaves)
 
     def _entry_path(self, folder: Path, leaves: list, in_tree, static: dict) -> Path | None:
         text = repr((FORMAT, self.name, self.key, sorted(static.items()), str(in_tree),
@@ -111,56 +106,48 @@ class ExportedJit:
             return None
         return folder / f"{self.name.replace('/', '-')}-{hashlib.sha256(text.encode()).hexdigest()[:32]}.bin"
 
-    def _load_or_export(self, folder: Path, leaves: list, in_tree, static: dict) -> tuple[Any, Any]:
+    def _load_or_export(self, folder: Path, leaves: list, in_tree, static: dict):
+        """The jitted call of the exported step (None: not exportable, so plain jit)."""
         path = self._entry_path(folder, leaves, in_tree, static)
         if path is None:
-            return None, None
+            return None
         try:
-            blob, out_tree = _TreeUnpickler(io.BytesIO(path.read_bytes())).load()
-            exported = jax.export.deserialize(bytearray(blob))
+            exported = jax.export.deserialize(bytearray(path.read_bytes()))
         except Exception:  # noqa: BLE001 - missing, cut short or from another version: export it afresh
             try:
-                exported, out_tree = self._export(leaves, in_tree, static)
+                exported = self._export(leaves, in_tree, static)
             except Exception:  # noqa: BLE001 - not exportable: plain jit, which raises any real error itself
-                return None, None
-            # an entry that cannot be written only means the next process traces again
-            with contextlib.suppress(OSError, ImportError):  # ImportError: no flatbuffers to serialize with
-                write_bytes_atomic(path, pickle.dumps((bytes(exported.serialize()), out_tree)))
+                return None
+            # an entry that cannot be written (no flatbuffers, an output type without a serialization, a
+            # full disk) only means the next process traces again
+            with contextlib.suppress(Exception):
+                write_bytes_atomic(path, bytes(exported.serialize()))
                 _drop_oldest(folder)
-        return jax.jit(exported.call), out_tree
+        return jax.jit(exported.call)
 
     def _export(self, leaves: list, in_tree, static: dict):
-        out_trees = []
+        """The step exported over its arguments' leaves (jax.export serializes no custom input tree); its
+        outputs keep their tree, which needs each node type registered (`register_dataclass_output`)."""
 
-        def flat(*flat_args):
-            out = self.fun(*jax.tree.unflatten(in_tree, flat_args), **static)
-            flat_out, out_tree = jax.tree.flatten(out)
-            out_trees.append(out_tree)
-            return flat_out
+        def over_leaves(*flat_args):
+            return self.fun(*jax.tree.unflatten(in_tree, flat_args), **static)
 
-        exported = jax.export.export(jax.jit(flat))(*leaves)
-        return exported, out_trees[0]
+        return jax.export.export(jax.jit(over_leaves))(*leaves)
+
+
+def register_dataclass_output(cls):
+    """Class decorator: lets jax.export serialize a `jax.tree_util.register_dataclass` type without
+    static fields when a step returns it (its node data is the empty tuple)."""
+    jax.export.register_pytree_node_serialization(
+        cls, serialized_name=f"{cls.__module__}.{cls.__qualname__}",
+        serialize_auxdata=lambda aux: b"", deserialize_auxdata=lambda data: ())
+    return cls
 
 
 def _drop_oldest(folder: Path) -> None:
     entries = sorted(folder.glob("*.bin"), key=lambda p: p.stat().st_mtime)
     for path in entries[:max(0, len(entries) - KEPT_ENTRIES)]:
         path.unlink(missing_ok=True)
-
-
-class _TreeUnpickler(pickle.Unpickler):
-    """Reads an entry: bytes and a PyTreeDef whose nodes are epo-tui's dataclasses. Any other global
-    (a function to call, another module's class) is refused: unpickling an entry calls nothing else.
-    (The compilation cache beside it holds machine code, so the folder must be the user's own anyway.)"""
-
-    ALLOWED = {("jaxlib._jax.pytree", "PyTreeDef"), ("jax._src.tree_util", "default_registry")}
-
-    def find_class(self, module: str, name: str):
-        found = super().find_class(module, name) if ((module, name) in self.ALLOWED
-                                                      or module.startswith("epo_tui.engine.")) else None
-        if (module, name) in self.ALLOWED or (isinstance(found, type) and dataclasses.is_dataclass(found)):
-            return found
-        raise pickle.UnpicklingError(f"{module}.{name} may not appear in an exported entry")
 
 
 def exported_jit(static_argnames: tuple[str, ...] = ()):
