@@ -86,13 +86,13 @@ class ExportedJit:
         leaves, in_tree = jax.tree.flatten(args)
         signature = (in_tree, tuple(static.items()),
                      tuple((jax.typeof(leaf), getattr(leaf, "sharding", None)) for leaf in leaves))
-        entry = self._loaded.get(signature)
-        if entry is None:
+        if signature not in self._loaded:  # once per signature, even when it is not exportable (None)
             entry = self._load_or_export(folder, leaves, in_tree, static)
             self._loaded[signature] = entry
             if len(self._loaded) > KEPT_SIGNATURES:
                 self._loaded.popitem(last=False)
         else:
+            entry = self._loaded[signature]
             self._loaded.move_to_end(signature)
         if entry is None:  # not exportable: plain jit
             return self.jitted(*args, **static)
