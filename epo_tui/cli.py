@@ -249,6 +249,7 @@ def _feature_index(args: argparse.Namespace, config: Config) -> tuple[int, str]:
 def cmd_score(args: argparse.Namespace, config: Config) -> int:
     from epo_tui.engine.pairing import load_model_with_sae
     from epo_tui.engine.scoring import score_text
+    from epo_tui.protocol import Scored
     from epo_tui.terminal import print_score
 
     feature, feature_source = _feature_index(args, config)
@@ -257,7 +258,7 @@ def cmd_score(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json_line(scored))
     else:
-        print_score(scored, feature)
+        print_score(Scored(feature=feature, **scored))
     return 0
 
 

@@ -8,34 +8,36 @@ takes the UI down; this module turns such a death into an ordinary `error` event
 Two parts:
 
 - `WorkerClient` owns one worker process at a time. A reader task consumes the worker's stdout without
-  pause, so the worker never blocks on a full pipe because the UI is slow, and publishes every event to
-  a `Bus`. `request()` pairs a command with its answer by `id`.
-- `Bus` fans events out to `Subscription`s. Nothing in it grows without bound: `progress` events are
+  pause, so the worker never blocks on a full pipe because the UI is slow, and publishes every event,
+  parsed into its `protocol` dataclass, to a `Bus`. `request()` pairs a command with its answer by `id`.
+- `Bus` fans events out to `Subscription`s. Nothing in it grows without bound: `Progress` events are
   coalesced (a slow reader gets the newest state, never a backlog) and other events wait in a bounded
   deque that drops its oldest entries when full.
 
 Besides the worker's own events (PROTOCOL.md), the client publishes:
 
-- `{"type": "worker_started", "pid", "command"}` when it starts a worker process;
-- `{"type": "error", "kind": "protocol", "origin": "client", ...}` for a stdout line it cannot use;
-- `{"type": "error", "kind": "worker_died", "message", "stderr_tail", "returncode"}` when the worker
-  ends without having said `bye`;
-- `{"type": "worker_exited", "returncode", "message"}` when it ends after `bye` or `close()`.
+- `WorkerStarted` (pid, command) when it starts a worker process;
+- `Error` of kind "protocol" with origin "client" for a stdout line it cannot use (not JSON, an unknown
+  event, a field of the wrong type);
+- `Error` of kind "worker_died" (message, stderr_tail, returncode) when the worker ends without having
+  said `bye`;
+- `WorkerExited` (returncode, message) when it ends after `bye` or `close()`.
 
-Everything here runs on one asyncio event loop; nothing is thread-safe. Event dicts are shared between
-subscribers: treat them as read-only.
+Everything here runs on one asyncio event loop; nothing is thread-safe. Events are frozen dataclasses,
+shared between subscribers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import shlex
 import signal
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 from epo_tui import protocol
 from epo_tui.errors import UserError
@@ -47,17 +49,15 @@ STDERR_LINES = 200  # kept for error reports
 STDERR_TAIL = 20  # of those, sent along in a worker_died event
 STDERR_LINE_CHARS = 2000  # a longer stderr line is cut: 200 lines must stay small
 SUBSCRIPTION_LIMIT = 1000  # discrete events waiting per subscription
-COALESCED = frozenset({"progress"})  # event types of which only the newest pending one is kept
+COALESCED = frozenset({protocol.Progress})  # event types of which only the newest pending one is kept
 FRONTIER_LIMIT = 1000  # frontier points carried over when progress events are coalesced
 YIELD_EVERY = 64  # lines read from an already full buffer before letting other tasks run
 EXIT_GRACE_S = 2.0  # how long stdout's end and the process's exit may lag behind each other
 
-# Client-side error kinds, next to protocol.ERROR_KINDS (the worker's own).
-WORKER_DIED = "worker_died"
-WORKER_EXITED = "worker_exited"  # also a client-side event type
-TIMEOUT = "timeout"
-NOT_RUNNING = "not_running"
-WORKER_STARTED = "worker_started"  # a client-side event type
+# Client-side error kinds (protocol.CLIENT_ERROR_KINDS), next to protocol.ERROR_KINDS (the worker's own).
+WORKER_DIED, WORKER_EXITED, TIMEOUT, NOT_RUNNING = protocol.CLIENT_ERROR_KINDS
+EventType = type[protocol.Event]
+E = TypeVar("E", bound=protocol.Event)
 
 
 class WorkerError(Exception):
@@ -67,7 +67,7 @@ class WorkerError(Exception):
     'timeout', 'not_running'); `event` is the error event when there was one.
     """
 
-    def __init__(self, kind: str, message: str, event: Mapping[str, Any] | None = None):
+    def __init__(self, kind: str, message: str, event: protocol.Event | None = None):
         super().__init__(message)
         self.kind = kind
         self.message = message
@@ -117,17 +117,16 @@ def describe_exit(returncode: int | None) -> str:
 # ---------------------------------------------------------------------------------------------- bus
 
 
-def _merge_coalesced(older: dict[str, Any], newer: dict[str, Any]) -> dict[str, Any]:
+def _merge_coalesced(older: protocol.Progress, newer: protocol.Progress) -> protocol.Progress:
     """The newer event, carrying over what only the older one knew.
 
     A progress event is a snapshot except for `frontier_new` (points that entered the frontier in that
     iteration): replacing it would silently lose frontier points, so those are concatenated (the newest
-    FRONTIER_LIMIT kept). A new dict: events are shared between subscriptions.
+    FRONTIER_LIMIT kept). A new event: events are shared between subscriptions.
     """
-    old_points, new_points = older.get("frontier_new"), newer.get("frontier_new")
-    if not old_points or not isinstance(old_points, list) or not isinstance(new_points, list):
+    if not older.frontier_new:
         return newer
-    return {**newer, "frontier_new": (old_points + new_points)[-FRONTIER_LIMIT:]}
+    return dataclasses.replace(newer, frontier_new=(older.frontier_new + newer.frontier_new)[-FRONTIER_LIMIT:])
 
 
 class Subscription:
@@ -138,7 +137,7 @@ class Subscription:
     one replaces the pending one's content but keeps its place in the order.
     """
 
-    def __init__(self, bus: Bus, types: Iterable[str] | None, limit: int = SUBSCRIPTION_LIMIT):
+    def __init__(self, bus: Bus, types: Iterable[EventType] | None, limit: int = SUBSCRIPTION_LIMIT):
         if limit < 1:
             raise ValueError("a subscription needs room for at least one event")
         self._bus = bus
@@ -147,12 +146,12 @@ class Subscription:
         self.dropped = 0
         self.closed = False
         self._order = itertools.count()  # arrival positions, to merge the two stores in order
-        self._events: deque[tuple[int, dict[str, Any]]] = deque()
-        self._coalesced: dict[str, tuple[int, dict[str, Any]]] = {}  # type -> (first arrival, newest)
-        self._latest: dict[str, dict[str, Any]] = {}
+        self._events: deque[tuple[int, protocol.Event]] = deque()
+        self._coalesced: dict[EventType, tuple[int, protocol.Event]] = {}  # type -> (first arrival, newest)
+        self._latest: dict[EventType, protocol.Event] = {}
         self._wakeup = asyncio.Event()
 
-    def wants(self, type_: str) -> bool:
+    def wants(self, type_: EventType) -> bool:
         return self.types is None or type_ in self.types
 
     @property
@@ -160,9 +159,9 @@ class Subscription:
         """Events waiting to be read (at most limit + the number of coalesced types)."""
         return len(self._events) + len(self._coalesced)
 
-    def put(self, event: dict[str, Any]) -> None:
+    def put(self, event: protocol.Event) -> None:
         """Called by the bus for each event this subscription wants."""
-        type_ = event.get("type")
+        type_ = type(event)
         self._latest[type_] = event
         position = next(self._order)
         if type_ in COALESCED:
@@ -176,7 +175,7 @@ class Subscription:
             self._events.append((position, event))
         self._wakeup.set()
 
-    def get_nowait(self) -> dict[str, Any] | None:
+    def get_nowait(self) -> protocol.Event | None:
         """The next event, or None when none is waiting (for widgets on a timer)."""
         first = min(self._coalesced.items(), key=lambda item: item[1][0], default=None)
         if first is not None and (not self._events or first[1][0] < self._events[0][0]):
@@ -186,7 +185,7 @@ class Subscription:
             return self._events.popleft()[1]
         return None
 
-    async def get(self) -> dict[str, Any]:
+    async def get(self) -> protocol.Event:
         """The next event, waiting for one; BusClosed once closed and drained."""
         while True:
             event = self.get_nowait()
@@ -197,7 +196,7 @@ class Subscription:
             self._wakeup.clear()
             await self._wakeup.wait()
 
-    def latest(self, type_: str) -> dict[str, Any] | None:
+    def latest(self, type_: type[E]) -> E | None:
         """The newest event of this type seen so far, read or not (for widgets that poll)."""
         return self._latest.get(type_)
 
@@ -208,10 +207,10 @@ class Subscription:
             self._bus.unsubscribe(self)
             self._wakeup.set()
 
-    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+    def __aiter__(self) -> AsyncIterator[protocol.Event]:
         return self
 
-    async def __anext__(self) -> dict[str, Any]:
+    async def __anext__(self) -> protocol.Event:
         try:
             return await self.get()
         except BusClosed:
@@ -223,10 +222,10 @@ class Bus:
 
     def __init__(self) -> None:
         self._subscriptions: list[Subscription] = []
-        self._latest: dict[str, dict[str, Any]] = {}
+        self._latest: dict[EventType, protocol.Event] = {}
         self.closed = False
 
-    def subscribe(self, types: Iterable[str] | None = None, limit: int = SUBSCRIPTION_LIMIT) -> Subscription:
+    def subscribe(self, types: Iterable[EventType] | None = None, limit: int = SUBSCRIPTION_LIMIT) -> Subscription:
         """A subscription to the events of these types (all when None), from now on."""
         subscription = Subscription(self, types, limit)
         if self.closed:
@@ -240,14 +239,14 @@ class Bus:
             self._subscriptions.remove(subscription)
             subscription.close()
 
-    def publish(self, event: dict[str, Any]) -> None:
-        type_ = event.get("type")
+    def publish(self, event: protocol.Event) -> None:
+        type_ = type(event)
         self._latest[type_] = event
         for subscription in list(self._subscriptions):
             if subscription.wants(type_):
                 subscription.put(event)
 
-    def latest(self, type_: str) -> dict[str, Any] | None:
+    def latest(self, type_: type[E]) -> E | None:
         """The newest event of this type published so far."""
         return self._latest.get(type_)
 
@@ -306,12 +305,12 @@ class WorkerClient:
         self.bus = bus if bus is not None else Bus()
         self._owns_bus = bus is None
         self.on_stderr = on_stderr  # e.g. the CLI mirroring the worker's stderr
-        self.hello: dict[str, Any] | None = None  # the worker's start-up hello
-        self.last_load: dict[str, Any] | None = None  # fields of the last `load` sent, for restart()
+        self.hello: protocol.Hello | None = None  # the worker's start-up hello
+        self.last_load: protocol.LoadCommand | None = None  # the last `load` sent, for restart()
         self.last_session: str | None = None  # from the last `started` event, for resume_last()
         self.returncode: int | None = None
         self._ids = itertools.count(1)
-        self._waiting: dict[Any, asyncio.Future[dict[str, Any]]] = {}
+        self._waiting: dict[Any, asyncio.Future[protocol.Event]] = {}
         self._stderr: deque[str] = deque(maxlen=STDERR_LINES)
         self._write_lock = asyncio.Lock()
         self._process: asyncio.subprocess.Process | None = None
@@ -353,7 +352,7 @@ class WorkerClient:
         reader = asyncio.create_task(self._read_stdout(process.stdout))
         stderr_reader = asyncio.create_task(self._read_stderr(process.stderr))
         self._watcher = asyncio.create_task(self._watch(process, reader, stderr_reader))
-        self.bus.publish({"type": WORKER_STARTED, "pid": process.pid, "command": list(self.command)})
+        self.bus.publish(protocol.WorkerStarted(pid=process.pid, command=list(self.command)))
 
     async def close(self, shutdown_timeout: float = 5.0, terminate_timeout: float = 2.0) -> None:
         """Asks the worker to shut down; SIGTERM, then SIGKILL, when it does not exit in time.
@@ -364,7 +363,7 @@ class WorkerClient:
         if self._owns_bus:
             self.bus.close()
 
-    async def restart(self, *, resume: bool = False, timeout: float | None = None) -> dict[str, Any] | None:
+    async def restart(self, *, resume: bool = False, timeout: float | None = None) -> protocol.Event | None:
         """A fresh worker with the same command: the UI's answer to a crash.
 
         Stops the current worker if it still runs, replays the last `load` (awaiting `ready`), and with
@@ -375,16 +374,16 @@ class WorkerClient:
         await self.start()
         answer = None
         if self.last_load is not None:
-            answer = await self.request("load", timeout=timeout, **self.last_load)
+            answer = await self.request(self.last_load, timeout=timeout)
         if resume:
             answer = await self.resume_last(timeout=timeout)
         return answer
 
-    async def resume_last(self, timeout: float | None = None) -> dict[str, Any]:
+    async def resume_last(self, timeout: float | None = None) -> protocol.Event:
         """Sends `start` resuming the last session seen in a `started` event; returns that answer."""
         if self.last_session is None:
             raise UserError("nothing to resume: no search has started through this client")
-        return await self.request("start", timeout=timeout, resume=self.last_session)
+        return await self.request(protocol.StartCommand(resume=self.last_session), timeout=timeout)
 
     async def __aenter__(self) -> WorkerClient:
         if not self.running:
@@ -396,36 +395,35 @@ class WorkerClient:
 
     # -- commands
 
-    async def send(self, type_: str, /, **fields: Any) -> int:
+    async def send(self, command: protocol.Command) -> int:
         """Sends a command without waiting for its answer; returns its id (answers echo it)."""
-        id_, _ = await self._send(type_, fields, expect_answer=False)
+        id_, _ = await self._send(command, expect_answer=False)
         return id_
 
-    async def request(self, type_: str, /, timeout: float | None = 30.0, **fields: Any) -> dict[str, Any]:
+    async def request(self, command: protocol.Command, timeout: float | None = 30.0) -> protocol.Event:
         """Sends a command and returns the first event answering it (same id).
 
         Raises WorkerError: the worker's `error` answer (its kind), 'timeout' after `timeout` seconds
         (None: wait as long as the worker lives), 'worker_died' or 'worker_exited' when it ends first.
         """
-        id_, answer = await self._send(type_, fields, expect_answer=True)
+        id_, answer = await self._send(command, expect_answer=True)
         try:
             return await asyncio.wait_for(answer, timeout)
         except asyncio.TimeoutError:
-            raise WorkerError(TIMEOUT, f"no answer to {type_!r} within {timeout:g} s") from None
+            raise WorkerError(TIMEOUT, f"no answer to {command.TYPE!r} within {timeout:g} s") from None
         finally:
             self._waiting.pop(id_, None)
 
-    async def _send(self, type_: str, fields: dict[str, Any], expect_answer: bool
-                    ) -> tuple[int, asyncio.Future[dict[str, Any]] | None]:
+    async def _send(self, command: protocol.Command, expect_answer: bool
+                    ) -> tuple[int, asyncio.Future[protocol.Event] | None]:
         process = self._process
         if process is None or not self.running or process.stdin is None:
             raise WorkerError(NOT_RUNNING, "the worker is not running"
                               + (f" ({describe_exit(self.returncode)})" if self.returncode is not None else ""))
         id_ = next(self._ids)
-        line = protocol.command(type_, id=id_, **fields)
-        protocol.parse_command(line)  # a malformed command is a bug here: fail now, not in the worker
-        if type_ == "load":
-            self.last_load = dict(fields)
+        line = protocol.encode(dataclasses.replace(command, id=id_))
+        if isinstance(command, protocol.LoadCommand):
+            self.last_load = command
         answer = None
         if expect_answer:  # registered before writing: the answer can come before drain() returns
             answer = asyncio.get_running_loop().create_future()
@@ -446,11 +444,8 @@ class WorkerClient:
         return list(self._stderr)[-lines:] if lines > 0 else []
 
     def _protocol_error(self, message: str, line: bytes | None = None) -> None:
-        event: dict[str, Any] = {"type": "error", "kind": "protocol", "message": message, "traceback": None,
-                                 "origin": "client"}
-        if line is not None:
-            event["excerpt"] = line[:120].decode("utf-8", "replace").rstrip("\r\n")
-        self.bus.publish(event)
+        excerpt = line[:120].decode("utf-8", "replace").rstrip("\r\n") if line is not None else None
+        self.bus.publish(protocol.Error(kind="protocol", message=message, origin="client", excerpt=excerpt))
 
     async def _read_stdout(self, stream: asyncio.StreamReader) -> None:
         """Reads and publishes every event as it comes, so the worker never waits on a full pipe."""
@@ -472,21 +467,18 @@ class WorkerClient:
                 continue
             self._dispatch(event)
 
-    def _dispatch(self, event: dict[str, Any]) -> None:
-        type_ = event["type"]
-        if type_ == "hello" and self.hello is None:
+    def _dispatch(self, event: protocol.Event) -> None:
+        if isinstance(event, protocol.Hello) and self.hello is None:
             self.hello = event
-        elif type_ == "started" and isinstance(event.get("session"), str):
-            self.last_session = event["session"]
-        elif type_ == "bye":
+        elif isinstance(event, protocol.Started):
+            self.last_session = event.session
+        elif isinstance(event, protocol.Bye):
             self._said_bye = True
-        id_ = event.get("id")
-        answer = self._waiting.pop(id_, None) if isinstance(id_, (str, int)) else None
+        answer = self._waiting.pop(event.id, None) if event.id is not None else None
         self.bus.publish(event)
         if answer is not None and not answer.done():
-            if type_ == "error":
-                answer.set_exception(WorkerError(str(event.get("kind", "internal")),
-                                                 str(event.get("message", "")), event))
+            if isinstance(event, protocol.Error):
+                answer.set_exception(WorkerError(event.kind, event.message, event))
             else:
                 answer.set_result(event)
 
@@ -533,14 +525,15 @@ class WorkerClient:
         self.returncode = returncode
         waiting, self._waiting = self._waiting, {}
         how = describe_exit(returncode)
+        event: protocol.Event
         if self._said_bye or self._closing:
             kind, message = WORKER_EXITED, f"the worker exited: {how}"
-            event = {"type": WORKER_EXITED, "returncode": returncode, "message": message}
+            event = protocol.WorkerExited(returncode=returncode, message=message)
         else:
             kind = WORKER_DIED
             message = f"the worker died: {how}" + (" without saying bye" if returncode == 0 else "")
-            event = {"type": "error", "kind": WORKER_DIED, "message": message, "traceback": None,
-                     "stderr_tail": self.stderr_tail(STDERR_TAIL), "returncode": returncode}
+            event = protocol.Error(kind=WORKER_DIED, message=message, stderr_tail=self.stderr_tail(STDERR_TAIL),
+                                   returncode=returncode)
         self.bus.publish(event)
         for answer in waiting.values():
             if not answer.done():
@@ -553,7 +546,7 @@ class WorkerClient:
         self._closing = True
         if not watcher.done():
             try:
-                await self.send("shutdown")
+                await self.send(protocol.ShutdownCommand())
             except WorkerError:
                 pass
             if process.stdin is not None:

@@ -19,6 +19,7 @@ import filelock
 
 from epo_tui import atomic, paths
 from epo_tui.errors import UserError
+from epo_tui.protocol import Elite
 from epo_tui.results import code_span, marked_prompt, md_text, md_token, number
 from epo_tui.sessions import utc_text
 from epo_tui.text import inert
@@ -35,9 +36,8 @@ def favorites_path(config) -> Path:
     return paths.expand_user(config.favorites.path) if config.favorites.path else paths.data_dir() / "favorites.md"
 
 
-def favorite_from_elite(session_meta: dict, elite: dict, saved: datetime | str | None = None) -> dict[str, Any]:
-    """A favorite from a session's metadata and one entry of its elites.json."""
-    start = elite.get("prompt_start", 0)
+def favorite_from_elite(session_meta: dict, elite: Elite, saved: datetime | str | None = None) -> dict[str, Any]:
+    """A favorite from a session's metadata and one of its elites."""
     sae = session_meta.get("sae") or {}
     return {
         "features": list((session_meta.get("feature") or {}).get("indices") or []),
@@ -45,14 +45,14 @@ def favorite_from_elite(session_meta: dict, elite: dict, saved: datetime | str |
         "model": session_meta.get("model", ""),
         "sae": sae.get("name", ""),
         "hook": sae.get("hook", ""),
-        "prompt": elite.get("text", "".join(elite["tokens"][start:])),
-        "tokens": list(elite["tokens"]),
-        "token_ids": list(elite.get("token_ids", [])),
-        "activations": list(elite["activations"]),
-        "prompt_start": start,
-        "act": elite["act"],
-        "xent": elite["xent"],
-        "penalty": elite["penalty"],
+        "prompt": elite.text,
+        "tokens": list(elite.tokens),
+        "token_ids": list(elite.token_ids),
+        "activations": list(elite.activations),
+        "prompt_start": elite.prompt_start,
+        "act": elite.act,
+        "xent": elite.xent,
+        "penalty": elite.penalty,
         "saved": saved if saved is not None else datetime.now(timezone.utc),
         "session": session_meta.get("id"),
     }

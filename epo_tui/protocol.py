@@ -4,74 +4,394 @@ Every message is one JSON object on one line with the protocol version `v` and a
 carry an `id` (any JSON string or integer); the events that answer it echo that `id`. Plain Python,
 shared by the worker (engine side) and the client (UI side). The full description, with examples, is
 in PROTOCOL.md next to this file.
+
+Each command and each event is a frozen dataclass here, checked field by field by pydantic in strict
+mode (no "1" read as 1, no 1 read as true) whether it is built in Python or read from a line. `encode`
+writes any of them as a line; `parse_command` and `parse_event` read one back, and turn anything
+malformed into one `ProtocolError` line. Commands refuse unknown fields; events ignore them, so a
+client reads a newer worker that added a field.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import field
+from functools import cache
+from typing import Any, ClassVar, Literal
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+from epo_tui.features import FeatureEntry
 
 VERSION = 1
 MAX_LINE_BYTES = 1 << 20  # a longer line is refused (and skipped), never buffered without bound
 
-# command type -> {field: (allowed JSON types, required)}
-COMMANDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
-    "hello": {"client": ((str,), False)},
-    "load": {"config": ((dict,), False), "config_path": ((str,), False), "demo": ((bool,), False)},
-    "features": {},
-    "start": {"feature": ((dict,), False), "search": ((dict,), False), "seed_prompt": ((str,), False),
-              "resume": ((str,), False), "checkpoint_seconds": ((int, float), False)},
-    "pause": {},
-    "resume": {},
-    "stop": {},
-    "score": {"text": ((str,), True), "feature": ((int,), False)},
-    "inject": {"text": ((str,), True)},
-    "shutdown": {},
-}
-
-EVENTS = ("hello", "ready", "state", "features", "started", "progress", "checkpointed", "finished", "scored",
-          "injected", "error", "log", "bye")
 # a bad line, a bad config, a refused command, a session file not written (disk full, folder deleted), a bug
 ERROR_KINDS = ("protocol", "config", "input", "session", "internal")
+# kinds the client (client.py) gives errors of its own: the worker's end, no answer in time, a command
+# sent to no worker
+CLIENT_ERROR_KINDS = ("worker_died", "worker_exited", "timeout", "not_running")
+STATES = Literal["idle", "loading", "compiling", "running", "paused", "stopping"]
+Id = str | int | None
+
+_COMMAND_CONFIG = ConfigDict(strict=True, extra="forbid")
+_EVENT_CONFIG = ConfigDict(strict=True, extra="ignore")  # a newer worker's added fields are skipped
 
 
 class ProtocolError(ValueError):
-    """A line that is not a valid command; `id` is the command's id when it could be read."""
+    """A line that is not a valid message; `id` is the command's id when it could be read."""
 
     def __init__(self, message: str, id: Any = None):
         super().__init__(message)
         self.id = id
 
 
-@dataclass(frozen=True)
+# ------------------------------------------------------------------------------------------ commands
+
+
+@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
 class Command:
-    type: str
-    fields: dict[str, Any]
-    id: Any = None
+    """A command, client -> worker; `TYPE` is its `type` on the wire."""
 
-    def get(self, name: str, default: Any = None) -> Any:
-        return self.fields.get(name, default)
+    TYPE: ClassVar[str] = ""
+    id: Id = None
 
 
-def encode(message: dict[str, Any]) -> bytes:
-    """One line of JSON (no raw newlines inside: json escapes them), the version first."""
-    return (json.dumps({"v": VERSION, **message}, ensure_ascii=False, allow_nan=False,
+@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+class HelloCommand(Command):
+    TYPE: ClassVar[str] = "hello"
+    client: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+class LoadCommand(Command):
+    """One of: `config` (the config's sections), `config_path` (a file on the worker's host), `demo`."""
+
+    TYPE: ClassVar[str] = "load"
+    config: dict[str, Any] | None = None
+    config_path: str | None = None
+    demo: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+class FeaturesCommand(Command):
+    TYPE: ClassVar[str] = "features"
+
+
+@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+class StartCommand(Command):
+    """A new search (`feature`, `search`: keys of those config sections to override) or, with `resume`
+    (a session id or unique prefix), a stopped one; `checkpoint_seconds` in 0..30."""
+
+    TYPE: ClassVar[str] = "start"
+    feature: dict[str, Any] | None = None
+    search: dict[str, Any] | None = None
+    seed_prompt: str | None = None
+    resume: str | None = None
+    checkpoint_seconds: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+class PauseCommand(Command):
+    TYPE: ClassVar[str] = "pause"
+
+
+@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+class ResumeCommand(Command):
+    TYPE: ClassVar[str] = "resume"
+
+
+@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+class StopCommand(Command):
+    TYPE: ClassVar[str] = "stop"
+
+
+@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+class ScoreCommand(Command):
+    TYPE: ClassVar[str] = "score"
+    text: str
+    feature: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+class InjectCommand(Command):
+    TYPE: ClassVar[str] = "inject"
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+class ShutdownCommand(Command):
+    TYPE: ClassVar[str] = "shutdown"
+
+
+COMMANDS: dict[str, type[Command]] = {c.TYPE: c for c in (
+    HelloCommand, LoadCommand, FeaturesCommand, StartCommand, PauseCommand, ResumeCommand, StopCommand,
+    ScoreCommand, InjectCommand, ShutdownCommand)}
+
+
+# ------------------------------------------------------------------------------------ shared records
+
+
+class _Record:
+    """A record that events carry and files keep: to and from its JSON object."""
+
+    def to_json(self) -> dict[str, Any]:
+        return _dump(type(self), self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Any:
+        """The record from a JSON object (a file's, an event's); pydantic's ValidationError when malformed
+        (a missing or mistyped field)."""
+        return _adapter(cls).validate_json(json.dumps(data))
+
+
+@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+class Elite(_Record):
+    """One elite prompt as reported: `tokens`, `token_bytes` (each token's raw bytes in hex) and
+    `activations` cover BOS and the prefix too; the optimized prompt starts at `prompt_start`. `act`
+    and `activations` are the feature's activation, `xent` the prompt's cross-entropy in nats per
+    token, `objective` = act - penalty * xent. `feature_activations` (feature index as a string -> one
+    activation per position) only when several features are combined."""
+
+    penalty: float
+    token_ids: list[int]
+    tokens: list[str]
+    token_bytes: list[str] = field(default_factory=list)  # empty in files written before it existed
+    activations: list[float]
+    act: float
+    xent: float
+    objective: float
+    prompt_start: int = 0
+    text: str
+    feature_activations: dict[str, list[float]] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The elite as a JSON object (result.json, a session's elites.json); no null fields."""
+        data = super().to_json()
+        if data["feature_activations"] is None:
+            del data["feature_activations"]
+        return data
+
+
+@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+class FrontierPoint(_Record):
+    """A prompt that entered the (xent, act) Pareto frontier at `iteration`."""
+
+    iteration: int
+    xent: float
+    objective: float
+    act: float
+    token_ids: list[int]
+    text: str
+
+
+# -------------------------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+class Event:
+    """An event, worker -> client (or published by the client itself); `TYPE` is its `type` on the wire."""
+
+    TYPE: ClassVar[str] = ""
+    id: Id = None
+
+
+@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+class Hello(Event):
+    TYPE: ClassVar[str] = "hello"
+    worker: str
+    protocol: int
+    pid: int
+
+
+@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+class State(Event):
+    TYPE: ClassVar[str] = "state"
+    state: STATES
+    detail: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+class Ready(Event):
+    """The model and SAE are loaded. `neuronpedia_id` is the SAE's "<modelId>/<layer>" (None when its
+    metadata has none, or from a worker older than the field); `dtype` as loaded ("auto" resolved);
+    `model_parallel` devices split each layer's weights."""
+
+    TYPE: ClassVar[str] = "ready"
+    model: str
+    sae: str
+    hook: str
+    d_sae: int
+    neuronpedia_id: str | None = None
+    dtype: str
+    devices: list[str]
+    device_kind: str
+    model_parallel: int = 1
+    config: dict[str, Any]
+    labels: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+class FeatureList(Event):
+    TYPE: ClassVar[str] = "features"
+    features: list[FeatureEntry]
+
+
+@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+class Started(Event):
+    """A search started (or resumed at `iteration`); `feature` says what is optimized (kind, indices,
+    combine, ...)."""
+
+    TYPE: ClassVar[str] = "started"
+    session: str
+    label: str | None = None
+    feature: dict[str, Any] = field(default_factory=dict)
+    iteration: int
+    iterations_total: int
+    lambdas: list[float]
+    elites: list[Elite]
+
+
+@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+class Progress(Event):
+    """One iteration done: a snapshot, except `frontier_new` (only this iteration's new points).
+    `it_per_s` over the last 10 iterations; `budget_left_s` of `search.time_budget`, paused time not
+    counted (None without a budget)."""
+
+    TYPE: ClassVar[str] = "progress"
+    session: str
+    iteration: int
+    iterations_total: int
+    it_per_s: float | None = None
+    budget_left_s: float | None = None
+    elites: list[Elite]
+    frontier_new: list[FrontierPoint] = field(default_factory=list)
+    best_objective: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+class Checkpointed(Event):
+    TYPE: ClassVar[str] = "checkpointed"
+    session: str
+    iteration: int
+
+
+@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+class Finished(Event):
+    """A search ended; `folder` holds result.json and report.md; `reason` says why when it was not
+    asked to stop (a time budget ran out)."""
+
+    TYPE: ClassVar[str] = "finished"
+    session: str
+    status: Literal["finished", "stopped", "crashed"]
+    iteration: int
+    iterations_total: int
+    folder: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+class Scored(Event):
+    """A text scored (`epo-tui score --json`), BOS and prefix included: positions from `prompt_start` on
+    are the text's. `xent[i]` = -log p(token i | tokens before it) in nats, None for the first token."""
+
+    TYPE: ClassVar[str] = "scored"
+    feature: int
+    tokens: list[str]
+    token_bytes: list[str]
+    token_ids: list[int]
+    activations: list[float]
+    xent: list[float | None]
+    prompt_start: int
+
+
+@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+class Injected(Event):
+    TYPE: ClassVar[str] = "injected"
+    elite: int  # the index it replaced
+    act: float
+    xent: float
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+class Error(Event):
+    """`kind`: one of ERROR_KINDS from the worker, CLIENT_ERROR_KINDS from the client. The client's own
+    errors add `origin` "client" and an `excerpt` of an unreadable line, or, for a dead worker, its
+    `returncode` and the last lines of its stderr."""
+
+    TYPE: ClassVar[str] = "error"
+    kind: str
+    message: str
+    traceback: str | None = None
+    origin: str | None = None
+    excerpt: str | None = None
+    stderr_tail: list[str] = field(default_factory=list)
+    returncode: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+class Log(Event):
+    TYPE: ClassVar[str] = "log"
+    level: str
+    message: str
+
+
+@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+class Bye(Event):
+    TYPE: ClassVar[str] = "bye"
+    reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+class WorkerStarted(Event):
+    """Published by the client when it starts a worker process (never on the wire)."""
+
+    TYPE: ClassVar[str] = "worker_started"
+    pid: int
+    command: list[str]
+
+
+@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+class WorkerExited(Event):
+    """Published by the client when the worker ended after `bye` or the client's own close()."""
+
+    TYPE: ClassVar[str] = "worker_exited"
+    returncode: int | None = None
+    message: str
+
+
+EVENTS: dict[str, type[Event]] = {e.TYPE: e for e in (
+    Hello, State, Ready, FeatureList, Started, Progress, Checkpointed, Finished, Scored, Injected, Error,
+    Log, Bye)}
+
+
+# ------------------------------------------------------------------------------------ (de)serialising
+
+
+@cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def _dump(cls: type, message: Any) -> dict[str, Any]:
+    return _adapter(cls).dump_python(message, mode="json")
+
+
+def to_json(message: Command | Event) -> dict[str, Any]:
+    """The message as its JSON object, `type` first (without the version). An `id` of None is left out,
+    and so is a command's field left at None: a worker of an earlier release refuses a null there."""
+    data = _dump(type(message), message)
+    leave_out = {k for k, v in data.items() if v is None and (k == "id" or isinstance(message, Command))}
+    return {"type": message.TYPE, **{k: v for k, v in data.items() if k not in leave_out}}
+
+
+def encode(message: Command | Event) -> bytes:
+    """One line of JSON (no raw newlines inside: json escapes them), the version first. ValueError for a
+    NaN or an infinity: JSON has none."""
+    return (json.dumps({"v": VERSION, **to_json(message)}, ensure_ascii=False, allow_nan=False,
                        separators=(",", ":")) + "\n").encode("utf-8")
-
-
-def command(type_: str, id: Any = None, **fields: Any) -> bytes:
-    """A command line, as a client sends it."""
-    return encode({"type": type_, **({"id": id} if id is not None else {}), **fields})
-
-
-def event(type_: str, id: Any = None, **fields: Any) -> bytes:
-    """An event line, as the worker sends it."""
-    return encode({"type": type_, **({"id": id} if id is not None else {}), **fields})
-
-
-def error_event(kind: str, message: str, id: Any = None, traceback: str | None = None) -> bytes:
-    return event("error", id=id, kind=kind, message=message, traceback=traceback)
 
 
 def _object(line: bytes) -> dict[str, Any]:
@@ -88,6 +408,22 @@ def _object(line: bytes) -> dict[str, Any]:
     return message
 
 
+def problem_text(err: ValidationError) -> str:
+    """A message's (or record's) first problem as a few words, naming its field: "missing field 'text'"."""
+    problem = err.errors()[0]
+    where = ".".join(str(part) for part in problem["loc"]) or "the message"
+    if problem["type"] == "missing":
+        return f"missing field {where!r}"
+    if problem["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        return f"unknown field {where!r}"
+    return f"field {where!r}: {problem['msg'][0].lower()}{problem['msg'][1:]}"
+
+
+def _fields_of(cls: type, message: dict[str, Any]) -> Any:
+    """The message without its envelope (`v`, `type`) as a `cls`; ValidationError when malformed."""
+    return _adapter(cls).validate_json(json.dumps({k: v for k, v in message.items() if k not in ("v", "type")}))
+
+
 def parse_command(line: bytes) -> Command:
     """A command from one line; ProtocolError (with the id when readable) for anything else."""
     message = _object(line)
@@ -100,28 +436,22 @@ def parse_command(line: bytes) -> Command:
     type_ = message.get("type")
     if type_ not in COMMANDS:
         raise ProtocolError(f"unknown command {type_!r} (commands: {', '.join(COMMANDS)})", id_)
-    spec = COMMANDS[type_]
-    fields = {k: v for k, v in message.items() if k not in ("v", "type", "id")}
-    for name in fields:
-        if name not in spec:
-            raise ProtocolError(f"{type_}: unknown field {name!r}", id_)
-    for name, (types, required) in spec.items():
-        if name not in fields:
-            if required:
-                raise ProtocolError(f"{type_}: missing field {name!r}", id_)
-            continue
-        value = fields[name]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            names = " or ".join(t.__name__ for t in types)
-            raise ProtocolError(f"{type_}: field {name!r} must be {names}", id_)
-    return Command(type=type_, fields=fields, id=id_)
+    try:
+        return _fields_of(COMMANDS[type_], message)
+    except ValidationError as err:
+        raise ProtocolError(f"{type_}: {problem_text(err)}", id_) from None
 
 
-def parse_event(line: bytes) -> dict[str, Any]:
-    """An event from one line (the client's side): a dict with a known `type`."""
+def parse_event(line: bytes) -> Event:
+    """An event from one line (the client's side); ProtocolError for an unknown or malformed one."""
     message = _object(line)
     if message.get("v") != VERSION:
         raise ProtocolError(f"the worker speaks protocol version {message.get('v')!r}, this client {VERSION}")
-    if message.get("type") not in EVENTS:
-        raise ProtocolError(f"unknown event {message.get('type')!r}")
-    return message
+    type_ = message.get("type")
+    if type_ not in EVENTS:
+        raise ProtocolError(f"unknown event {type_!r}")
+    try:
+        return _fields_of(EVENTS[type_], message)
+    except ValidationError as err:
+        raise ProtocolError(f"{type_}: {problem_text(err)}") from None
+

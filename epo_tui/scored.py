@@ -11,23 +11,20 @@ from __future__ import annotations
 
 import math
 
-
-def prompt_start(scored: dict) -> int:
-    """Where the text's tokens start (1, just after BOS, for a result written before the field)."""
-    return int(scored.get("prompt_start", 1))
+from epo_tui.protocol import Scored
 
 
-def peak(scored: dict) -> tuple[int, float] | None:
+def peak(scored: Scored) -> tuple[int, float] | None:
     """(position, activation) of the strongest finite activation on the text's tokens; None if none."""
-    acts = scored["activations"]
-    positions = [i for i in range(prompt_start(scored), len(acts)) if math.isfinite(acts[i])]
+    acts = scored.activations
+    positions = [i for i in range(scored.prompt_start, len(acts)) if math.isfinite(acts[i])]
     if not positions:
         return None
     best = max(positions, key=acts.__getitem__)
     return best, float(acts[best])
 
 
-def mean_xent(scored: dict) -> tuple[float, int]:
+def mean_xent(scored: Scored) -> tuple[float, int]:
     """(mean cross-entropy in nats, number of tokens) over the text's tokens; NaN when none has one."""
-    xents = [x for x in scored["xent"][prompt_start(scored):] if x is not None]
+    xents = [x for x in scored.xent[scored.prompt_start:] if x is not None]
     return (sum(xents) / len(xents) if xents else float("nan")), len(xents)

@@ -26,9 +26,11 @@ from typing import Any
 import filelock
 import numpy as np
 import safetensors.numpy
+from pydantic import ValidationError
 
 from epo_tui import atomic, paths, results
 from epo_tui.errors import UserError, did_you_mean, first_line
+from epo_tui.protocol import Elite, problem_text
 from epo_tui.results import md_text
 
 SESSION_VERSION = 1
@@ -164,9 +166,13 @@ class Session:
             raise SessionError(path, f"not a valid safetensors file ({first_line(err)})") from None
         return arrays, metadata
 
-    def read_elites(self) -> list[dict]:
-        """The elites at the last checkpoint ([] before the first one)."""
-        return self._read_elites_file()["elites"]
+    def read_elites(self) -> list[Elite]:
+        """The elites at the last checkpoint ([] before the first one); SessionError for one that is not
+        an elite (a damaged or hand-edited file)."""
+        try:
+            return [Elite.from_json(e) for e in self._read_elites_file()["elites"]]
+        except ValidationError as err:
+            raise SessionError(self.folder / ELITES_FILE, f"an elite is malformed ({problem_text(err)})") from None
 
     def _read_elites_file(self) -> dict[str, Any]:
         path = self.folder / ELITES_FILE

@@ -9,7 +9,8 @@ from rich.table import Table
 from rich.text import Text
 
 from epo_tui.features import FeatureEntry
-from epo_tui.scored import mean_xent, peak, prompt_start
+from epo_tui.protocol import Scored
+from epo_tui.scored import mean_xent, peak
 from epo_tui.text import inert, token_display
 from epo_tui.themes import load_theme
 from epo_tui.tui.tokens import activation_style, activation_text
@@ -27,22 +28,21 @@ def token_cell(token: str, raw_hex: str | None = None) -> Text:
     return text
 
 
-def print_score(scored: dict, feature: int) -> None:
+def print_score(scored: Scored) -> None:
     """The per-token table, the coloured text (on a terminal) and a summary line. Only the text's own
     tokens (from `prompt_start`) are coloured and count in the maximum, as in the UI."""
     console = _console()
-    tokens, acts, xents = scored["tokens"], scored["activations"], scored["xent"]
-    start = prompt_start(scored)
-    token_bytes = scored.get("token_bytes")
-    raw = list(token_bytes) if token_bytes is not None and len(token_bytes) == len(tokens) else [None] * len(tokens)
+    tokens, acts, xents, start = scored.tokens, scored.activations, scored.xent, scored.prompt_start
+    token_bytes = scored.token_bytes
+    raw = list(token_bytes) if len(token_bytes) == len(tokens) else [None] * len(tokens)
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name, justify in (("pos", "right"), ("token", "left"), ("id", "right"),
-                          (f"act[{feature}]", "right"), ("xent", "right")):
+                          (f"act[{scored.feature}]", "right"), ("xent", "right")):
         table.add_column(name, justify=justify)
     theme = load_theme()
     best = peak(scored)
     top = max(best[1], 0.0) if best else 0.0
-    for pos, (token, raw_hex, token_id, act, xent) in enumerate(zip(tokens, raw, scored["token_ids"], acts, xents)):
+    for pos, (token, raw_hex, token_id, act, xent) in enumerate(zip(tokens, raw, scored.token_ids, acts, xents)):
         act_cell = Text(f"{act:.3f}")
         style = activation_style(act, theme, top) if pos >= start else None
         if style is not None:

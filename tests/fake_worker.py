@@ -10,7 +10,7 @@ Modes (each starts with the worker's unsolicited `hello`):
                     every 100), finished, bye
   die-after K       waits for one command, emits K log events, writes 30 lines to stderr, exits with 3
   sigkill-self      waits for one command, then SIGKILLs itself
-  garbage           non-JSON, non-UTF-8, non-object, unknown-type, wrong-version and over-long lines
+  garbage           non-JSON, non-UTF-8, non-object, unknown-type, wrong-version, mistyped and over-long lines
                     among valid ones, then a log "after garbage" and bye
   sleep             reads commands and never answers; exits at end of input
   hang-on-shutdown  ignores commands, end of input, SIGTERM and SIGHUP (only SIGKILL ends it)
@@ -38,13 +38,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's epo_tui, installed or not
 
 from epo_tui import protocol  # noqa: E402
+from epo_tui.features import FeatureEntry  # noqa: E402
 
 OUT = sys.stdout.buffer
 SESSION = "fake-session-1"
 
 
 def emit(type_: str, id=None, flush: bool = True, **fields) -> None:
-    OUT.write(protocol.event(type_, id=id, **fields))
+    OUT.write(protocol.encode(protocol.EVENTS[type_](id=id, **fields)))
     if flush:
         OUT.flush()
 
@@ -77,7 +78,7 @@ class Commands:
 
 def echo(commands: Commands) -> int:
     for cmd in commands:
-        t, id_ = cmd.type, cmd.id
+        t, id_ = cmd.TYPE, cmd.id
         if t == "hello":
             emit("hello", id=id_, worker="fake", protocol=protocol.VERSION, pid=os.getpid())
         elif t == "load":
@@ -88,27 +89,28 @@ def echo(commands: Commands) -> int:
         elif t == "features":
             emit("features", id=id_, features=[])
         elif t == "start":
-            session = cmd.get("resume") or SESSION
+            session = cmd.resume or SESSION
             emit("state", state="compiling", detail=None)
-            emit("started", id=id_, session=session, label=None, iteration=7 if cmd.get("resume") else 0,
+            emit("started", id=id_, session=session, label=None, iteration=7 if cmd.resume else 0,
                  iterations_total=100, lambdas=[1.0], elites=[])
             emit("state", state="running", detail=None)
         elif t in ("pause", "resume", "stop"):
             emit("state", id=id_, state={"pause": "paused", "resume": "running", "stop": "idle"}[t], detail=None)
         elif t == "score":
-            if cmd.get("text") == "__die__":
+            if cmd.text == "__die__":
                 sys.stderr.write("fake worker: crashing on request\n")
                 sys.stderr.flush()
                 os._exit(5)
-            if cmd.get("feature", 0) < 0:
-                emit("error", id=id_, kind="input", message=f"feature {cmd.get('feature')} is out of range",
-                     traceback=None)
+            feature = cmd.feature if cmd.feature is not None else 0
+            if feature < 0:
+                emit("error", id=id_, kind="input", message=f"feature {feature} is out of range", traceback=None)
                 continue
-            words = cmd.get("text").split()
-            emit("scored", id=id_, feature=cmd.get("feature", 0), tokens=words, token_ids=list(range(len(words))),
-                 activations=[0.5] * len(words), xent=1.0)
+            words = cmd.text.split()
+            emit("scored", id=id_, feature=feature, tokens=words, token_bytes=[w.encode().hex() for w in words],
+                 token_ids=list(range(len(words))), activations=[0.5] * len(words),
+                 xent=[None] + [1.0] * (len(words) - 1), prompt_start=0)
         elif t == "inject":
-            emit("injected", id=id_, elite=0, act=1.0, xent=1.0, text=cmd.get("text"))
+            emit("injected", id=id_, elite=0, act=1.0, xent=1.0, text=cmd.text)
         elif t == "shutdown":
             emit("bye", id=id_, reason="shutdown")
             return 0
@@ -120,7 +122,8 @@ def flood(n: int) -> int:
     emit("started", session="flood", label=None, iteration=0, iterations_total=n, lambdas=[1.0], elites=[])
     every = max(1, n // 10)
     for i in range(1, n + 1):  # no flush: as fast as the pipe takes it
-        frontier = [{"iteration": i}] if i % 100 == 0 else []
+        frontier = [protocol.FrontierPoint(iteration=i, xent=1.0, objective=0.0, act=1.0, token_ids=[1], text="a")
+                    ] if i % 100 == 0 else []
         emit("progress", flush=False, session="flood", iteration=i, iterations_total=n, it_per_s=None, elites=[],
              frontier_new=frontier, best_objective=float(i))
         if i % every == 0:
@@ -154,6 +157,7 @@ def garbage() -> int:
     raw(b"[1, 2, 3]\n")
     raw(b'{"v": 1, "type": "nope"}\n')
     raw(b'{"v": 99, "type": "log", "level": "info", "message": "from the future"}\n')
+    raw(b'{"v": 1, "type": "log", "level": "info", "message": 5}\n')  # a field of the wrong type
     emit("log", level="info", message="between garbage")
     raw(b'{"x": "' + b"a" * (protocol.MAX_LINE_BYTES + 100) + b'"}\n')  # within the stream's margin
     raw(b'{"x": "' + b"b" * (3 * protocol.MAX_LINE_BYTES) + b'"}\n')  # far beyond it
@@ -183,19 +187,20 @@ EVIL_TOKENS = ["\x1b[2J", " EVIL\x1b]52;c;RVZJTA==\x07", "\x1b]8;;http://evil.ex
                "<!-- epo-tui favorite -->"]
 
 
-def ui_elite(k: int, iteration: int) -> dict:
-    """Elite k at `iteration`: fixed tokens, activations rising with the iteration, lower k more fluent."""
+def ui_elite(k: int, iteration: int) -> protocol.Elite:
+    """Elite k at `iteration`: fixed tokens, activations rising with the iteration, lower k more fluent.
+    No token_bytes (as in files written before the field): the tokens are shown as they are."""
     tokens = ["<|endoftext|>"] + UI_TOKENS[k % 3:] + UI_TOKENS[:k % 3]
     acts = [0.0] + [round((i % 4) * 0.5 + 0.1 * iteration + 0.2 * k, 3) for i in range(len(UI_TOKENS))]
     act = max(acts)
-    return {"penalty": [1.0, 3.0, 7.0, 20.0][k], "token_ids": list(range(len(tokens))), "tokens": tokens,
-            "activations": acts, "prompt_start": 1, "act": act, "xent": round(5.5 - 0.5 * k + 0.05 * iteration, 3),
-            "objective": act, "text": "".join(tokens[1:])}
+    return protocol.Elite(penalty=[1.0, 3.0, 7.0, 20.0][k], token_ids=list(range(len(tokens))), tokens=tokens,
+                          activations=acts, prompt_start=1, act=act, xent=round(5.5 - 0.5 * k + 0.05 * iteration, 3),
+                          objective=act, text="".join(tokens[1:]))
 
 
 def ui(commands: Commands, ending: str | None) -> int:
     for cmd in commands:
-        t, id_ = cmd.type, cmd.id
+        t, id_ = cmd.TYPE, cmd.id
         if t == "hello":
             emit("hello", id=id_, worker="fake", protocol=protocol.VERSION, pid=os.getpid())
         elif t == "load":
@@ -204,8 +209,8 @@ def ui(commands: Commands, ending: str | None) -> int:
                  neuronpedia_id=os.environ.get("FAKE_NEURONPEDIA_ID", "demo/2-res") or None,
                  dtype="float32", devices=["TFRT_CPU_0"], device_kind="cpu", config={}, labels=None)
         elif t == "features":
-            features = [{"index": i, "top_tokens": [f" tok{i}", f" word{i % 7}"], "top_token_ids": [i, i + 1],
-                         "label": f"mentions of topic {i}" if i % 3 else None} for i in range(40)]
+            features = [FeatureEntry(index=i, top_tokens=(f" tok{i}", f" word{i % 7}"), top_token_ids=(i, i + 1),
+                                     label=f"mentions of topic {i}" if i % 3 else None) for i in range(40)]
             emit("features", id=id_, features=features)
         elif t in ("pause", "resume"):
             emit("state", id=id_, state="paused" if t == "pause" else "running", detail=None)
@@ -215,16 +220,17 @@ def ui(commands: Commands, ending: str | None) -> int:
                  iterations_total=100, folder="/data/epo-tui/sessions/20261125-120000-abc123")
             emit("state", state="idle", detail=None)
         elif t == "inject":
-            emit("injected", id=id_, elite=3, act=1.5, xent=4.5, text=cmd.get("text"))
+            emit("injected", id=id_, elite=3, act=1.5, xent=4.5, text=cmd.text)
         elif t == "score":
-            words = cmd.get("text").split()
-            emit("scored", id=id_, feature=cmd.get("feature", 24), tokens=["<|endoftext|>"] + words,
+            words = cmd.text.split()
+            emit("scored", id=id_, feature=cmd.feature if cmd.feature is not None else 24,
+                 tokens=["<|endoftext|>"] + words, token_bytes=[],
                  token_ids=list(range(len(words) + 1)), activations=[22.5] + [1.0] * len(words),  # BOS fires
                  xent=[None] + [2.0] * len(words), prompt_start=1)
         elif t == "start":
-            index = (cmd.get("feature") or {}).get("index", 24)
+            index = (cmd.feature or {}).get("index", 24)
             emit("state", state="compiling", detail=None)
-            emit("started", id=id_, session=cmd.get("resume") or "20261125-120000-abc123", label=f"feature {index}",
+            emit("started", id=id_, session=cmd.resume or "20261125-120000-abc123", label=f"feature {index}",
                  feature={"kind": "sae", "indices": [index], "combine": "lp"}, iteration=0, iterations_total=100,
                  lambdas=[1.0, 3.0, 7.0, 20.0], elites=[ui_elite(k, 0) for k in range(4)])
             emit("state", state="running", detail=None)
@@ -232,10 +238,10 @@ def ui(commands: Commands, ending: str | None) -> int:
                 # every elite is among its iteration's frontier points, so the screen ends the same
                 # whether the client hands the UI these events one by one or coalesced
                 elites = [ui_elite(k, it) for k in range(4)]
-                points = [{"iteration": it, "xent": e["xent"], "objective": e["act"], "act": e["act"],
-                           "token_ids": e["token_ids"], "text": e["text"]} for e in elites]
+                points = [protocol.FrontierPoint(iteration=it, xent=e.xent, objective=e.act, act=e.act,
+                                                 token_ids=e.token_ids, text=e.text) for e in elites]
                 emit("progress", session="20261125-120000-abc123", iteration=it, iterations_total=100,
-                     it_per_s=2.5, elites=elites, frontier_new=points, best_objective=max(e["act"] for e in elites))
+                     it_per_s=2.5, elites=elites, frontier_new=points, best_objective=max(e.act for e in elites))
             if ending == "finish":
                 emit("checkpointed", session="20261125-120000-abc123", iteration=5)
                 emit("finished", session="20261125-120000-abc123", status="finished", iteration=5,

@@ -118,11 +118,11 @@ def test_a_bfloat16_search_reports_its_elites_in_float32(setups):
     search32 = _search(config16, pair32)
     expected = dict(zip(("objective", "act", "xent"), search32.evaluate(state.tokens_KxN)))
     for name, values in expected.items():
-        np.testing.assert_allclose([r[name] for r in reports], values, atol=ATOL, rtol=0, err_msg=name)
+        np.testing.assert_allclose([getattr(r, name) for r in reports], values, atol=ATOL, rtol=0, err_msg=name)
     plain = elite_reports(search32, state)
-    np.testing.assert_allclose([r["activations"] for r in reports], [r["activations"] for r in plain], atol=ATOL)
+    np.testing.assert_allclose([r.activations for r in reports], [r.activations for r in plain], atol=ATOL)
     # the search's own figures are bfloat16's: the reports were recomputed, not copied
-    assert np.abs(np.array([r["xent"] for r in reports]) - state.xent_K).max() > ATOL
+    assert np.abs(np.array([r.xent for r in reports]) - state.xent_K).max() > ATOL
 
 
 def test_repeats_in_a_batch_run_once_and_a_batch_always_scores_the_same(setups):

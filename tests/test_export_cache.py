@@ -37,7 +37,7 @@ for _ in range(3):
     state, _ = search.step(state)
 reports = elite_reports(search, state)
 print(json.dumps({"forward_traces": len(calls), "tokens": state.tokens_KxN.tolist(),
-                  "objective": state.objective_K.tolist(), "activations": [r["activations"] for r in reports]}))
+                  "objective": state.objective_K.tolist(), "activations": [r.activations for r in reports]}))
 """
 
 

@@ -47,7 +47,7 @@ class InProcessWorker:
         self.read = 0
 
     def send(self, type_: str, id=None, **fields) -> list[dict]:
-        cmd = protocol.parse_command(protocol.command(type_, id=id, **fields))
+        cmd = protocol.parse_command(protocol.encode(protocol.COMMANDS[type_](id=id, **fields)))
         self.worker.guarded(cmd.id, self.worker.dispatch, cmd)
         return self.events()
 
@@ -60,7 +60,10 @@ class InProcessWorker:
     def events(self) -> list[dict]:
         data = self.stream.getvalue()[self.read:]
         self.read += len(data)
-        return [protocol.parse_event(line) for line in data.splitlines()]
+        lines = data.splitlines()
+        for line in lines:
+            protocol.parse_event(line)  # each a valid event; tests read the JSON objects
+        return [json.loads(line) for line in lines]
 
 
 @pytest.fixture
@@ -162,8 +165,8 @@ def test_twenty_sigkills_across_one_search_each_resume_at_the_last_checkpoint_an
     reference = worker_factory()  # the same search (same seed, same total), never interrupted
     _load_and_start(reference, tiny_dir, total, feature={"index": 3})
     straight = reference.expect("finished")
-    assert [e["token_ids"] for e in elites] == \
-        [e["token_ids"] for e in sessions.Session(Path(straight["folder"])).read_elites()]
+    assert [e.token_ids for e in elites] == \
+        [e.token_ids for e in sessions.Session(Path(straight["folder"])).read_elites()]
     history, problems = session.read_history()
     assert not problems and history
     print(f"\n{KILLS} kills: {mid_iteration} between checkpoints (iterating, compiling or loading), "
@@ -403,14 +406,14 @@ def test_two_uis_search_and_save_favorites_and_stars_at_once(tiny_dir, tmp_path,
 
     async def scenario():
         async with WorkerClient() as one, WorkerClient() as two:
-            errors = [c.bus.subscribe({"error"}) for c in (one, two)]
-            await asyncio.gather(*(c.request("load", config_path=config, timeout=TIMEOUT) for c in (one, two)))
-            started = await asyncio.gather(
-                one.request("start", feature={"index": 3}, search={"iterations": 100_000}, checkpoint_seconds=0,
-                            timeout=TIMEOUT),
-                two.request("start", feature={"index": 5}, search={"iterations": 100_000}, checkpoint_seconds=0,
-                            timeout=TIMEOUT))
-            ids = [s["session"] for s in started]
+            errors = [c.bus.subscribe({protocol.Error}) for c in (one, two)]
+            await asyncio.gather(*(c.request(protocol.LoadCommand(config_path=config), timeout=TIMEOUT)
+                                   for c in (one, two)))
+            started = await asyncio.gather(*(
+                client.request(protocol.StartCommand(feature={"index": index}, search={"iterations": 100_000},
+                                                     checkpoint_seconds=0), timeout=TIMEOUT)
+                for client, index in ((one, 3), (two, 5))))
+            ids = [s.session for s in started]
             while not all(sessions.find_session(i).read_elites() for i in ids):
                 await asyncio.sleep(0.1)
             savers = [await asyncio.create_subprocess_exec(sys.executable, "-c", SAVER, ids[side], str(side + 1),
@@ -419,10 +422,11 @@ def test_two_uis_search_and_save_favorites_and_stars_at_once(tiny_dir, tmp_path,
                       for side in (0, 1)]
             outputs = await asyncio.gather(*(s.communicate() for s in savers))
             assert [s.returncode for s in savers] == [0, 0], outputs  # no lock error, no crash
-            finished = [None, await two.request("stop", timeout=TIMEOUT)]
+            finished = [None, await two.request(protocol.StopCommand(), timeout=TIMEOUT)]
             with pytest.raises(WorkerError, match="another process is running this session"):
-                await two.request("start", resume=ids[0], timeout=TIMEOUT)  # the second UI cannot take it
-            finished[0] = await one.request("stop", timeout=TIMEOUT)
+                # the second UI cannot take it
+                await two.request(protocol.StartCommand(resume=ids[0]), timeout=TIMEOUT)
+            finished[0] = await one.request(protocol.StopCommand(), timeout=TIMEOUT)
             for sub in errors:
                 while sub.backlog:
                     event = await sub.get()

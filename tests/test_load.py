@@ -30,6 +30,7 @@ import pytest
 
 from epo_tui.client import SUBSCRIPTION_LIMIT
 from epo_tui.config import load_config
+from epo_tui.protocol import Finished
 from epo_tui.tui.app import EpoApp, LoadSpec
 from epo_tui.tui.components.frontier import FRONTIER_MAX_POINTS, HISTORY_MAX_POINTS, FrontierPane
 from epo_tui.tui.status import StatusBar
@@ -98,10 +99,10 @@ def test_2000_iterations_with_the_ui_keep_memory_flat(tiny_dir, tmp_path, monkey
             await until(lambda: app.ready is not None and app.chosen is not None, "the features")
             await pilot.press("s")
             await until(lambda: app.session is not None, "the search to start")
-            session = app.session["session"]
+            session = app.session.session
             sample(0)
             mark = SAMPLE_EVERY
-            finished = lambda: (app.client.bus.latest("finished") or {}).get("session") == session  # noqa: E731
+            finished = lambda: getattr(app.client.bus.latest(Finished), "session", None) == session  # noqa: E731
             while not finished():
                 assert app.client.running, "the worker died"
                 assert time.monotonic() < deadline, "timed out waiting for the search to finish"
@@ -111,8 +112,8 @@ def test_2000_iterations_with_the_ui_keep_memory_flat(tiny_dir, tmp_path, monkey
                     mark = (iteration // SAMPLE_EVERY + 1) * SAMPLE_EVERY
                 await pilot.pause(0.01)
             await pilot.pause(0.5)  # the last progress events and a redraw
-            sample(app.client.bus.latest("finished")["iteration"])
-            assert app.client.bus.latest("finished")["status"] == "finished"
+            sample(app.client.bus.latest(Finished).iteration)
+            assert app.client.bus.latest(Finished).status == "finished"
             await pilot.press("q")
             await until(lambda: not app.is_running, "the app to exit")
 

@@ -484,8 +484,8 @@ def test_a_short_search_improves_and_reports_what_a_plain_forward_gives(cases, t
                                atol=1e-4, rtol=0)
     np.testing.assert_allclose(state.xent_K, fx.xent_of(logits, full, state.tokens_KxN.shape[1]), atol=1e-4, rtol=0)
     for k, report in enumerate(elite_reports(search, state)):
-        assert report["token_ids"] == full[k].tolist()
-        assert report["act"] == pytest.approx(float(state.act_K[k]))
+        assert report.token_ids == full[k].tolist()
+        assert report.act == pytest.approx(float(state.act_K[k]))
 
 
 @pytest.mark.slow

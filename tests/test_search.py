@@ -210,12 +210,12 @@ def test_reported_act_and_xent_match_the_plain_forward_pass(tiny_config, tiny_pa
 
     reports = elite_reports(search, state)
     for k, report in enumerate(reports):
-        assert report["token_ids"] == full[k].tolist()
-        assert report["prompt_start"] == len(search.prefix_ids)
-        np.testing.assert_allclose(report["activations"], acts_KxL[k], atol=1e-4, rtol=0)
-        assert report["activations"][-1] == pytest.approx(report["act"], abs=1e-4)
-        assert report["act"] == pytest.approx(float(state.act_K[k]))
-        assert report["penalty"] == pytest.approx(float(search.lambdas_K[k]))
+        assert report.token_ids == full[k].tolist()
+        assert report.prompt_start == len(search.prefix_ids)
+        np.testing.assert_allclose(report.activations, acts_KxL[k], atol=1e-4, rtol=0)
+        assert report.activations[-1] == pytest.approx(report.act, abs=1e-4)
+        assert report.act == pytest.approx(float(state.act_K[k]))
+        assert report.penalty == pytest.approx(float(search.lambdas_K[k]))
 
 
 def test_gradients_and_next_token_logits_match_the_plain_forward_pass(tiny_config, tiny_pair):
@@ -544,12 +544,12 @@ def test_lp_raises_two_latents_at_one_position(two_feature):
     # what the lp run reports: the lp combination of the two true activations, per feature too
     reports = elite_reports(search_ab, state_ab)
     for k, report in enumerate(reports):
-        np.testing.assert_allclose(report["feature_activations"]["0"], acts_ab[k, :, 0], atol=1e-5)
-        np.testing.assert_allclose(report["feature_activations"]["1"], acts_ab[k, :, 1], atol=1e-5)
+        np.testing.assert_allclose(report.feature_activations["0"], acts_ab[k, :, 0], atol=1e-5)
+        np.testing.assert_allclose(report.feature_activations["1"], acts_ab[k, :, 1], atol=1e-5)
         a = acts_ab[k, -1]
         expected = np.mean(np.maximum(a + 4.0, 1e-6) ** 0.1) ** 10 - 4.0
-        assert report["act"] == pytest.approx(expected, abs=1e-4)
-        assert report["activations"][-1] == pytest.approx(expected, abs=1e-4)
+        assert report.act == pytest.approx(expected, abs=1e-4)
+        assert report.activations[-1] == pytest.approx(expected, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------

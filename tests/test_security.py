@@ -344,7 +344,7 @@ class InProcessWorker:
         os.write(self._command_w, line)
 
     def send(self, type_: str, id=None, **fields) -> None:
-        self.send_raw(protocol.command(type_, id=id, **fields))
+        self.send_raw(protocol.encode(protocol.COMMANDS[type_](id=id, **fields)))
 
     def expect(self, type_: str, id=None, timeout: float = 120.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -403,10 +403,12 @@ CODE_SPAN = re.compile(r"`[^`\n]*`")
 RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def _evil_elite(token: str) -> dict:
+def _evil_elite(token: str):
+    from epo_tui.protocol import Elite
+
     tokens = ["<|endoftext|>", token, " and", token]
-    return {"penalty": 1.0, "token_ids": [0, 1, 2, 1], "tokens": tokens, "activations": [0.0, 1.0, 0.5, 2.0],
-            "prompt_start": 1, "act": 2.0, "xent": 4.0, "objective": 2.0, "text": "".join(tokens[1:])}
+    return Elite(penalty=1.0, token_ids=[0, 1, 2, 1], tokens=tokens, activations=[0.0, 1.0, 0.5, 2.0],
+                 prompt_start=1, act=2.0, xent=4.0, objective=2.0, text="".join(tokens[1:]))
 
 
 @pytest.mark.parametrize("token", EVIL)
@@ -650,13 +652,14 @@ def test_a_worker_command_runs_without_a_shell(tmp_path, template):
         seen = []
         async for event in events:
             seen.append(event)
-            if event["type"] in ("worker_exited", "error") and event.get("kind", "") != "protocol":
+            if isinstance(event, protocol.WorkerExited) or (isinstance(event, protocol.Error)
+                                                              and event.kind != "protocol"):
                 break
         await client.close()
         return seen
 
     seen = asyncio.run(asyncio.wait_for(scenario(), 30))
-    assert any(e["type"] == "error" and e.get("kind") == "protocol" for e in seen)  # "1" is not JSON
+    assert any(isinstance(e, protocol.Error) and e.kind == "protocol" for e in seen)  # "1" is not JSON
     assert not marker.exists()
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from epo_tui import sessions
 from epo_tui.errors import UserError
+from epo_tui.protocol import Elite
 from epo_tui.results import md_text
 from epo_tui.sessions import SessionError, create_session, delete_session, export_markdown, find_session, \
     list_sessions
@@ -70,6 +71,15 @@ def test_ids_sort_by_time_and_default_root_is_in_the_cache():
     assert sessions.sessions_dir() == sessions.paths.cache_dir() / "sessions"
 
 
+def test_an_elite_that_is_not_one_is_a_session_error_naming_the_file_and_field(root):
+    session = create_session(_meta(), root)
+    elite = _elite(["<bos>", " a"])
+    session.write_checkpoint(_arrays(), 1, [elite, {**elite, "act": "high"}])
+    with pytest.raises(SessionError, match=r"elites\.json: an elite is malformed \(field '1?\.?act': input should "
+                                           r"be a valid number\)"):
+        session.read_elites()
+
+
 def test_checkpoint_round_trip_is_bit_exact(root):
     session = create_session(_meta(), root)
     meta = session.read_meta()
@@ -85,7 +95,7 @@ def test_checkpoint_round_trip_is_bit_exact(root):
         assert loaded[name].tobytes() == array.tobytes(), name  # NaN, -0.0 and inf included
     assert metadata["format"] == "1" and metadata["iteration"] == "42" and metadata["session"] == session.id
     assert "saved" in metadata
-    assert session.read_elites() == elites
+    assert session.read_elites() == [Elite.from_json(e) for e in elites]
     assert session.read_meta()["checkpoint_iteration"] == 42
 
 

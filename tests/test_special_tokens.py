@@ -16,6 +16,7 @@ from cli_run import run_cli
 from epo_tui.engine.scoring import score_text
 from epo_tui.engine.search import Search
 from epo_tui.errors import UserError
+from epo_tui.protocol import Scored
 from epo_tui.scored import peak
 
 EOT = "<|endoftext|>"
@@ -48,11 +49,11 @@ def bos_pair(tiny_pair):
 def test_score_maximum_is_the_texts_own_when_the_latent_fires_on_bos(bos_pair, capsys):
     from epo_tui.terminal import print_score
 
-    scored = score_text(bos_pair, "A module is a file of Python code", 0)
-    acts = scored["activations"]
-    assert scored["tokens"][0] == EOT and acts[0] > 20 and max(acts[1:]) == 0.0
-    assert scored["prompt_start"] == 1 and peak(scored) == (1, 0.0)
-    print_score(scored, 0)
+    scored = Scored(feature=0, **score_text(bos_pair, "A module is a file of Python code", 0))
+    acts = scored.activations
+    assert scored.tokens[0] == EOT and acts[0] > 20 and max(acts[1:]) == 0.0
+    assert scored.prompt_start == 1 and peak(scored) == (1, 0.0)
+    print_score(scored)
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("max act 0.000 at pos 1 ('A'); mean xent"), summary
 
@@ -60,12 +61,12 @@ def test_score_maximum_is_the_texts_own_when_the_latent_fires_on_bos(bos_pair, c
 def test_a_special_token_in_the_prefix_counts_nowhere_either(bos_pair):
     """Another instance: a chat-style prefix that holds `<|endoftext|>` (as Gemma's holds
     `<start_of_turn>`): the latent fires there too, but the maximum is still the text's."""
-    scored = score_text(bos_pair, "A module is a file", 0, prefix=f"Q:{EOT}")
-    ids, acts = scored["token_ids"], scored["activations"]
+    scored = Scored(feature=0, **score_text(bos_pair, "A module is a file", 0, prefix=f"Q:{EOT}"))
+    ids, acts, start = scored.token_ids, scored.activations, scored.prompt_start
     eot = bos_pair.model.tokenizer.convert_tokens_to_ids(EOT)
-    assert ids[:scored["prompt_start"]].count(eot) == 2 and min(acts[i] for i, t in enumerate(ids) if t == eot) > 20
+    assert ids[:start].count(eot) == 2 and min(acts[i] for i, t in enumerate(ids) if t == eot) > 20
     position, value = peak(scored)
-    assert position >= scored["prompt_start"] and value == max(acts[scored["prompt_start"]:]) < 1
+    assert position >= start and value == max(acts[start:]) < 1
 
 
 # -- part 2: no special or banned id in a prompt, whatever its source

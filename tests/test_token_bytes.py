@@ -22,6 +22,7 @@ from textual.widgets import Static
 
 from epo_tui import paths
 from epo_tui.cli import main
+from epo_tui.protocol import Elite, Scored
 from epo_tui.text import inert, token_display, token_pieces, token_text
 from epo_tui.themes import load_theme_file
 
@@ -174,7 +175,7 @@ def test_report_and_favorite_show_the_strings_score_shows(tiny_pair, tiny_config
     report = results.render_report(result)
     marked = results.marked_prompt(elite["tokens"][1:], elite["activations"][1:])  # bold where it fires
     saved = datetime(2026, 1, 2, tzinfo=timezone.utc)
-    entry = favorites.render_entry(favorites.favorite_from_elite({"id": "s1"}, elite, saved=saved))
+    entry = favorites.render_entry(favorites.favorite_from_elite({"id": "s1"}, Elite.from_json(elite), saved=saved))
     for markdown in (report, entry):
         assert "\ufffd" not in markdown
         page = _markdown_html(markdown)
@@ -222,13 +223,13 @@ def test_elites_pane_details_and_scratchpad_dim_byte_escapes():
     from epo_tui.tui.components.elites import ElitesPane
     from epo_tui.tui.screens import Scratchpad
 
-    elite = {"penalty": 1.0, "token_ids": [0, 1, 2, 3], "tokens": UI_TOKENS, "token_bytes": UI_BYTES,
-             "activations": [0.0, 2.0, 0.0, 1.0], "act": 1.0, "xent": 3.0, "objective": 0.0,
-             "prompt_start": 1, "text": "ï" + TYPED}
-    scored = {k: elite[k] for k in ("tokens", "token_bytes", "token_ids", "activations")}
-    scored["xent"] = [None, 1.0, 1.0, 1.0]
+    elite = Elite(penalty=1.0, token_ids=[0, 1, 2, 3], tokens=UI_TOKENS, token_bytes=UI_BYTES,
+                  activations=[0.0, 2.0, 0.0, 1.0], act=1.0, xent=3.0, objective=0.0, prompt_start=1,
+                  text="ï" + TYPED)
+    scored = Scored(feature=0, tokens=UI_TOKENS, token_bytes=UI_BYTES, token_ids=[0, 1, 2, 3],
+                    activations=[0.0, 2.0, 0.0, 1.0], xent=[None, 1.0, 1.0, 1.0], prompt_start=1)
 
-    async def fake_score(text: str, feature: int) -> dict:
+    async def fake_score(text: str, feature: int) -> Scored:
         return scored
 
     async def scenario():

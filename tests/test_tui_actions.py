@@ -87,7 +87,7 @@ def test_copy_details_edit_and_scratchpad(tmp_path):
         await _start(pilot)
         elites = app.query_one(ElitesPane)
         await pilot.press("c")
-        assert app.clipboard == elites.selected_elite["text"] == " Debian is a free operating system for servers"
+        assert app.clipboard == elites.selected_elite.text == " Debian is a free operating system for servers"
         elites.table.focus()
         await pilot.press("down")  # the elites' cursor selects what d, c, e and f act on
         await pilot.press("d")
@@ -96,7 +96,7 @@ def test_copy_details_edit_and_scratchpad(tmp_path):
         await pilot.press("escape")
         await pilot.press("e")
         await until(pilot, lambda: isinstance(app.screen, PromptEditor), "the editor")
-        assert app.screen.query_one("#prompt-editor").value == elites.elites[1]["text"]
+        assert app.screen.query_one("#prompt-editor").value == elites.elites[1].text
         app.screen.query_one("#prompt-editor").value = "Debian servers"
         await pilot.press("enter")
         await until(pilot, lambda: _sent(record, "inject"), "the injection")
@@ -123,8 +123,8 @@ def test_details_show_each_token_with_its_activation(tmp_path):
         await until(pilot, lambda: isinstance(app.screen, EliteDetails), "the details")
         text = _plain(app.screen.details)
         elite = app.query_one(ElitesPane).elites[0]
-        assert "elite 0" in text and f"act {elite['act']:.3g}"[:7] in text
-        for pos, (token, act) in enumerate(zip(elite["tokens"][1:], elite["activations"][1:])):
+        assert "elite 0" in text and f"act {elite.act:.3g}"[:7] in text
+        for pos, (token, act) in enumerate(zip(elite.tokens[1:], elite.activations[1:])):
             assert f"{pos} {token.strip()}" in " ".join(text.split()), (pos, token)
         await pilot.press("escape")
 
@@ -299,7 +299,7 @@ def test_sessions_open_shows_saved_results_and_favorites_work_on_them(tmp_path):
         await until(pilot, lambda: isinstance(app.screen, SessionsScreen) and app.screen.loaded, "the sessions")
         await pilot.press("enter")
         elites = app.query_one(ElitesPane)
-        await until(pilot, lambda: elites.elites and elites.elites[0]["text"] == " saved prompt", "the saved elites")
+        await until(pilot, lambda: elites.elites and elites.elites[0].text == " saved prompt", "the saved elites")
         assert len(app.query_one(FrontierPane).frontier) == 1
         await pilot.press("f")
         path = favorites.favorites_path(app.config)
@@ -318,7 +318,7 @@ def test_sessions_resume_sends_the_session_and_more_iterations_for_a_finished_on
         await pilot.press("o")
         await until(pilot, lambda: isinstance(app.screen, SessionsScreen) and app.screen.loaded, "the sessions")
         await pilot.press("r")
-        await until(pilot, lambda: app.session is not None and app.session["session"] == stopped.id, "the resume")
+        await until(pilot, lambda: app.session is not None and app.session.session == stopped.id, "the resume")
 
     _run(app, scenario)
     assert _sent(record, "start")[-1]["resume"] == stopped.id and _sent(record, "start")[-1]["search"] == {}

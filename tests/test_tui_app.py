@@ -15,6 +15,7 @@ from textual.widgets import Input
 
 from epo_tui import favorites, sessions
 from epo_tui.config import load_config
+from epo_tui.protocol import Injected
 from epo_tui.tui.app import EpoApp, LoadSpec
 from epo_tui.tui.components.elites import ElitesPane
 from epo_tui.tui.components.features import FeaturePane
@@ -68,19 +69,19 @@ def test_start_pause_favorite_quit(tiny_dir, tmp_path, monkeypatch):
             await _until(pilot, lambda: isinstance(app.screen, Scratchpad), what="the scratchpad")
             await pilot.press("h", "e", "l", "l", "o")
             await _until(pilot, lambda: app.screen.last_scored is not None, what="the scratchpad's score")
-            assert "".join(app.screen.last_scored["tokens"][1:]) == "hello"
+            assert "".join(app.screen.last_scored.tokens[1:]) == "hello"
             await pilot.press("escape")
             await pilot.press("e")  # edit the selected elite and inject it
             await _until(pilot, lambda: isinstance(app.screen, PromptEditor), what="the editor")
             editor = app.screen.query_one(Input)
             editor.value = "hello world"
             await pilot.press("enter")
-            await _until(pilot, lambda: app.client.bus.latest("injected") is not None, what="the injection")
-            assert app.client.bus.latest("injected")["text"].startswith("hello")
+            await _until(pilot, lambda: app.client.bus.latest(Injected) is not None, what="the injection")
+            assert app.client.bus.latest(Injected).text.startswith("hello")
             await pilot.press("f")
             path = favorites.favorites_path(app.config)
             await _until(pilot, lambda: path.exists() and favorites.read_favorites(path), what="the favorite")
-            session_id = app.session["session"]
+            session_id = app.session.session
             assert session_id in favorites.read_favorites(path)[-1]
             titles = {c.title for c in app.get_system_commands(app.screen)}
             assert {"Start", "Pause", "Stop", "Favorite", "Copy", "Quit", "Feature: Star"} <= titles  # the palette
@@ -104,14 +105,14 @@ def test_a_killed_worker_is_reported_and_R_resumes(tiny_dir, tmp_path, monkeypat
             await _until(pilot, lambda: app.ready is not None, what="ready")
             await pilot.press("s")
             await _until(pilot, lambda: (status.fields.get("iteration") or 0) >= 3, what="progress")
-            session_id = app.session["session"]
+            session_id = app.session.session
             os.kill(app.client.pid, signal.SIGKILL)
             checkpointed = sessions.find_session(session_id).read_meta()["checkpoint_iteration"]
             await _until(pilot, lambda: app.worker_dead, what="the death notice")
             assert "restart" in status.fields["state"]
             await pilot.press("R")
             await _until(pilot, lambda: not app.worker_dead and app.state == "running", what="the resume")
-            assert app.session["session"] == session_id and app.session["iteration"] == checkpointed
+            assert app.session.session == session_id and app.session.iteration == checkpointed
             await pilot.press("q")
             await _until(pilot, lambda: not app.is_running, what="exit", timeout=30)
 

@@ -6,6 +6,7 @@ import asyncio
 import io
 import random
 import time
+from dataclasses import replace
 
 import pytest
 from rich.color import Color, ColorSystem
@@ -14,7 +15,8 @@ from rich.style import Style
 from rich.text import Span
 from textual.app import App, ComposeResult
 
-from epo_tui import paths
+from epo_tui import paths, protocol
+from epo_tui.protocol import Elite, Progress
 from epo_tui.themes import load_theme_file
 from epo_tui.tui.components.elites import ElitesPane
 from epo_tui.tui.components.frontier import (FRONTIER_MAX_POINTS, REDRAWS_PER_S, BestHistory, FrontierPane,
@@ -26,17 +28,21 @@ DARK = load_theme_file(paths.shipped_dir("themes") / "dark.toml")
 BOS = "<|endoftext|>"
 
 
-def make_elite(k: int, prompt: list[str], acts: list[float], xent: float) -> dict:
+def make_elite(k: int, prompt: list[str], acts: list[float], xent: float) -> Elite:
     """An elite as PROTOCOL.md has it: tokens/activations cover BOS, the prompt starts at 1."""
-    return {"penalty": [1.0, 2.0, 5.0, 20.0][k % 4] * (1 + k // 4), "token_ids": list(range(len(prompt) + 1)),
-            "tokens": [BOS, *prompt], "activations": [50.0, *acts], "act": acts[-1], "xent": xent,
-            "objective": acts[-1] - 1.0, "prompt_start": 1, "text": "".join(prompt)}
+    return Elite(penalty=[1.0, 2.0, 5.0, 20.0][k % 4] * (1 + k // 4), token_ids=list(range(len(prompt) + 1)),
+                 tokens=[BOS, *prompt], activations=[50.0, *acts], act=acts[-1], xent=xent,
+                 objective=acts[-1] - 1.0, prompt_start=1, text="".join(prompt))
 
 
-def make_progress(iteration: int, elites: list[dict], frontier_new: list[dict] | None = None) -> dict:
-    return {"v": 1, "type": "progress", "session": "s", "iteration": iteration, "iterations_total": 10_000,
-            "it_per_s": 5.0, "elites": elites, "frontier_new": frontier_new or [],
-            "best_objective": max(e["objective"] for e in elites)}
+def make_progress(iteration: int, elites: list[Elite], frontier_new: list[protocol.FrontierPoint] | None = None
+                  ) -> Progress:
+    return Progress(session="s", iteration=iteration, iterations_total=10_000, it_per_s=5.0, elites=elites,
+                    frontier_new=frontier_new or [], best_objective=max(e.objective for e in elites))
+
+
+def point(iteration: int, xent: float, act: float) -> protocol.FrontierPoint:
+    return protocol.FrontierPoint(iteration=iteration, xent=xent, objective=0.0, act=act, token_ids=[1], text="t")
 
 
 def plain_of(renderable, width: int = 120) -> str:
@@ -140,7 +146,7 @@ class PanesApp(App):
         self.selected.append((message.index, message.elite))
 
 
-def three_elites(step: int) -> list[dict]:
+def three_elites(step: int) -> list[Elite]:
     return [make_elite(k, [" the", " cat", f" {step}"], [0.0, 1.0 + k, 2.0 + k + step], 3.0 + k) for k in range(3)]
 
 
@@ -177,7 +183,7 @@ async def _elites_scenario():
         await pilot.pause()
         assert pane.table.cursor_row == 2 and len(app.selected) == seen  # cursor kept, no message
         assert row_texts(pane.table)[2] == ["5", "11", "5", " the cat 7"]
-        assert pane.selected_elite["act"] == 11.0
+        assert pane.selected_elite.act == 11.0
 
         details = plain_of(pane.details())
         assert "elite 2" in details and "act 11" in details and "xent 5" in details
@@ -205,9 +211,8 @@ async def _frontier_scenario():
         events = 300
         best_of = {}  # per iteration: the best act among its new points and its elites
         for i in range(1, events + 1):
-            new = [{"iteration": i, "xent": rng.uniform(0, 10), "objective": 0.0, "act": rng.uniform(0, 10),
-                    "token_ids": [1], "text": "t"} for _ in range(34)]  # ~10,000 points in all
-            best_of[i] = max([p["act"] for p in new] + [e["act"] for e in three_elites(i % 5)])
+            new = [point(i, rng.uniform(0, 10), rng.uniform(0, 10)) for _ in range(34)]  # ~10,000 points in all
+            best_of[i] = max([p.act for p in new] + [e.act for e in three_elites(i % 5)])
             pane.add_progress(make_progress(i, three_elites(i % 5), new))
             await asyncio.sleep(0.001)
         elapsed = time.monotonic() - start
@@ -237,7 +242,7 @@ def test_elites_given_before_the_pane_is_mounted_show_once_it_is():
         async with app.run_test() as pilot:
             await pilot.pause()
             pane = app.query_one(ElitesPane)
-            assert pane.table.row_count == 3 and pane.selected_elite["act"] == 3.0
+            assert pane.table.row_count == 3 and pane.selected_elite.act == 3.0
 
     asyncio.run(scenario())
 
@@ -246,13 +251,12 @@ def test_a_coalesced_event_draws_the_same_frontier_and_history_as_its_parts():
     rng = random.Random(5)
     events = []
     for i in range(1, 7):
-        new = [{"iteration": i, "xent": rng.uniform(0, 10), "act": rng.uniform(0, 10), "objective": 0.0,
-                "token_ids": [1], "text": "t"} for _ in range(5)]
-        elites = [{"xent": p["xent"], "act": p["act"], "text": "t"} for p in new[:2]]  # elites are seen points
-        events.append({"iteration": i, "frontier_new": new, "elites": elites})
+        new = [point(i, rng.uniform(0, 10), rng.uniform(0, 10)) for _ in range(5)]
+        elites = [make_elite(0, ["t"], [p.act], p.xent) for p in new[:2]]  # elites are seen points
+        events.append(make_progress(i, elites, new))
     one_by_one, coalesced = FrontierPane(), FrontierPane()
     for event in events:
         one_by_one.add_progress(event)
-    coalesced.add_progress({**events[-1], "frontier_new": [p for e in events for p in e["frontier_new"]]})
+    coalesced.add_progress(replace(events[-1], frontier_new=[p for e in events for p in e.frontier_new]))
     assert one_by_one.frontier.points == coalesced.frontier.points
     assert one_by_one.history.series() == coalesced.history.series()

@@ -43,7 +43,7 @@ def test_a_session_folder_deleted_under_the_running_ui(tiny_dir, tmp_path, monke
             await until(pilot, lambda: app.ready is not None and app.chosen is not None, "the features", TIMEOUT)
             await pilot.press("s")
             await until(pilot, lambda: (status.fields.get("iteration") or 0) >= 2, "progress", TIMEOUT)
-            gone = app.session["session"]
+            gone = app.session.session
             folder = sessions.find_session(gone).folder
             # as `epo-tui sessions delete --force ID` from another shell
             await asyncio.to_thread(sessions.delete_session, gone, folder.parent, True)
@@ -63,9 +63,9 @@ def test_a_session_folder_deleted_under_the_running_ui(tiny_dir, tmp_path, monke
 
             app.clear_notifications()
             await pilot.press("s")  # and a new search runs
-            await until(pilot, lambda: app.session is not None and app.session["session"] != gone
+            await until(pilot, lambda: app.session is not None and app.session.session != gone
                         and (status.fields.get("iteration") or 0) >= 1, "a new search", TIMEOUT)
-            fresh = app.session["session"]
+            fresh = app.session.session
             await pilot.press("o")  # the browser lists the new session, not the deleted one
             await until(pilot, lambda: isinstance(app.screen, SessionsScreen) and app.screen.loaded, "the list")
             listed = set(app.screen.rows)

@@ -166,7 +166,8 @@ def test_down_then_enter_opens_with_its_elites_and_frontier(root, three_sessions
     assert (choice.action, choice.session_id) == ("open", OLD)
     assert choice.meta == old.read_meta() and choice.meta["label"] == "bridges"
     assert choice.elites == old.read_elites() and len(choice.elites) == 7
-    assert [p["iteration"] for p in choice.frontier] == [3, 9] and choice.frontier == old.read_history()[0]
+    assert [p.iteration for p in choice.frontier] == [3, 9]
+    assert [p.to_json() for p in choice.frontier] == old.read_history()[0]
 
 
 def test_r_resumes_a_session_with_a_checkpoint(root, three_sessions):

@@ -34,11 +34,12 @@ class WorkerProcess:
 
     def _read(self):
         for line in self.proc.stdout:
-            self.events.put(json.loads(line))  # every stdout line must be protocol JSON
+            protocol.parse_event(line)  # every stdout line must be a valid event (the dict is what tests read)
+            self.events.put(json.loads(line))
         self.events.put(None)
 
     def send(self, type_: str, id=None, **fields) -> None:
-        self.send_raw(protocol.command(type_, id=id, **fields))
+        self.send_raw(protocol.encode(protocol.COMMANDS[type_](id=id, **fields)))
 
     def send_raw(self, data: bytes) -> None:
         self.proc.stdin.write(data)
@@ -142,7 +143,7 @@ def test_garbage_on_stdin_gets_errors_and_the_worker_keeps_serving(worker_factor
         b'{"v": 1, "type": "score", "id": 10, "text": 5}\n',
         b'{"v": 1, "type": "hello", "id": 11, "exec": "import os"}\n',
         b"x" * (protocol.MAX_LINE_BYTES + 100) + b"\n",
-        protocol.command("score", id=12, text="no model yet"),
+        protocol.encode(protocol.ScoreCommand(id=12, text="no model yet")),
     ]
     for line in bad_lines:
         w.send_raw(line)
@@ -184,7 +185,7 @@ def test_sigkill_then_resume_loses_only_the_iterations_since_the_last_checkpoint
     assert done["status"] == "finished" and done["iteration"] == 40
     elites = sessions.Session(Path(done["folder"])).read_elites()
     # an exact resume: the same prompts as the run that was never interrupted
-    assert [e["token_ids"] for e in elites] == [e["token_ids"] for e in straight_elites]
+    assert [e.token_ids for e in elites] == [e.token_ids for e in straight_elites]
 
 
 CLIENT = """
@@ -192,8 +193,8 @@ import subprocess, sys, time
 from epo_tui import protocol
 w = subprocess.Popen([sys.executable, "-m", "epo_tui", "worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                      start_new_session=True)
-w.stdin.write(protocol.command("load", config_path=sys.argv[1]))
-w.stdin.write(protocol.command("start", search={"iterations": 100000}, checkpoint_seconds=0))
+w.stdin.write(protocol.encode(protocol.LoadCommand(config_path=sys.argv[1])))
+w.stdin.write(protocol.encode(protocol.StartCommand(search={"iterations": 100000}, checkpoint_seconds=0)))
 w.stdin.flush()
 for line in w.stdout:
     if b'"checkpointed"' in line and b'"iteration":5' in line:

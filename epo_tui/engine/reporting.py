@@ -8,6 +8,7 @@ from epo_tui import results
 from epo_tui.config import Config
 from epo_tui.engine.distributed import Cluster
 from epo_tui.engine.search import Search, SearchState, elite_reports
+from epo_tui.protocol import Elite
 
 
 def feature_record(search: Search) -> dict:
@@ -19,7 +20,7 @@ def feature_record(search: Search) -> dict:
 
 
 def result_of(search: Search, state: SearchState, timings: results.RunTimings, cluster: Cluster = Cluster(),
-              elites: list[dict] | None = None) -> dict:
+              elites: list[Elite] | None = None) -> dict:
     """The result.json content of a search in the state it reached (`elites`: its elite_reports, when
     the caller has them already)."""
     model, sae = search.pair.model, search.pair.sae
@@ -27,7 +28,8 @@ def result_of(search: Search, state: SearchState, timings: results.RunTimings, c
         config=search.config.to_dict(), feature=feature_record(search), model=model.name,
         sae={"name": sae.display_name, "hook": sae.hook_name}, timings=timings,
         frontier=state.frontier.to_json(model.decode), best_objective_history=state.best_objective_history,
-        elites=elites if elites is not None else elite_reports(search, state), process=cluster.to_json())
+        elites=[e.to_json() for e in (elites if elites is not None else elite_reports(search, state))],
+        process=cluster.to_json())
 
 
 def features_label(config: Config) -> str:

@@ -38,6 +38,7 @@ from epo_tui.engine.objective import build_target, combine, per_position
 from epo_tui.engine.pairing import ModelWithSAE
 from epo_tui.engine.score_cache import ScoreCache
 from epo_tui.errors import UserError, require_utf8
+from epo_tui.protocol import Elite
 from epo_tui.text import token_text
 
 SAMPLING_ATTEMPTS = 20  # model samples tried per elite before falling back to copies of valid ones
@@ -454,8 +455,8 @@ def _float32_scores(params, sae, arrays, prefix_ids_1xP, tokens_KxN, *, st: Stat
     return score(params, sae, arrays, Prefix(kv=kv, next_logits_V=logits_1xPxV[0, -1]), tokens_KxN, st)[:3]
 
 
-def elite_reports(search: Search, state: SearchState) -> list[dict]:
-    """Per elite: penalty, token ids/strings/bytes (hex) of the whole prompt (BOS and prefix included), the
+def elite_reports(search: Search, state: SearchState) -> list[Elite]:
+    """Per elite (protocol.Elite): penalty, token ids/strings/bytes (hex) of the whole prompt (BOS and prefix included), the
     reported activation at every position, act, xent, objective, and the prompt's text.
 
     A search whose weights are not float32 (bfloat16) selects by its own figures, but reports each
@@ -473,22 +474,10 @@ def elite_reports(search: Search, state: SearchState) -> list[dict]:
             st=search.st))
     features = [int(i) for i in np.asarray(search.arrays.indices_F)]
     raw_bytes = [model.token_bytes(ids) for ids in full]
-    reports = []
-    for k in range(len(full)):
-        report = {
-            "penalty": float(search.lambdas_K[k]),
-            "token_ids": full[k].tolist(),
-            "tokens": [token_text(b) for b in raw_bytes[k]],
-            "token_bytes": [b.hex() for b in raw_bytes[k]],
-            "activations": [float(a) for a in combined_KxL[k]],
-            "act": float(act_K[k]),
-            "xent": float(xent_K[k]),
-            "objective": float(objective_K[k]),
-            "prompt_start": len(prefix),
-            "text": model.decode(state.tokens_KxN[k]),
-        }
-        if len(features) > 1:
-            report["feature_activations"] = {str(f): [float(a) for a in per_feature_KxLxF[k, :, i]]
-                                             for i, f in enumerate(features)}
-        reports.append(report)
-    return reports
+    return [Elite(penalty=float(search.lambdas_K[k]), token_ids=full[k].tolist(),
+                  tokens=[token_text(b) for b in raw_bytes[k]], token_bytes=[b.hex() for b in raw_bytes[k]],
+                  activations=[float(a) for a in combined_KxL[k]], act=float(act_K[k]), xent=float(xent_K[k]),
+                  objective=float(objective_K[k]), prompt_start=len(prefix), text=model.decode(state.tokens_KxN[k]),
+                  feature_activations={str(f): [float(a) for a in per_feature_KxLxF[k, :, i]]
+                                       for i, f in enumerate(features)} if len(features) > 1 else None)
+            for k in range(len(full))]

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from epo_tui import results, sessions
+from epo_tui.protocol import Elite, FrontierPoint
 from epo_tui.config import Config, config_from_data
 from epo_tui.engine.checkpoints import new_frontier_points, state_arrays, state_from_arrays
 from epo_tui.engine.distributed import Cluster
@@ -41,9 +42,9 @@ class RecordedSearch:
         self.iterations_total = iterations_total
         self.checkpoint_seconds = checkpoint_seconds
         self.last_checkpoint = time.monotonic()
-        self.pending_history: list[dict] = []  # frontier points since the last checkpoint
+        self.pending_history: list[FrontierPoint] = []  # frontier points since the last checkpoint
         self.seconds: list[float] = []
-        self._elites: tuple[int, list[dict]] | None = None  # (iteration, reports): progress, checkpoint, result
+        self._elites: tuple[int, list[Elite]] | None = None  # (iteration, reports): progress, checkpoint, result
 
     # -- creation
 
@@ -95,7 +96,7 @@ class RecordedSearch:
         return changed
 
     def advance(self) -> dict:
-        """One iteration, nothing written; returns the new frontier points (`frontier_new`)."""
+        """One iteration, nothing written; returns the new frontier points (`frontier_new`: FrontierPoints)."""
         before = self.state.frontier
         t0 = time.perf_counter()
         self.state, _ = self.search.step(self.state)
@@ -118,7 +119,7 @@ class RecordedSearch:
         recent = self.seconds[1:][-window:]
         return len(recent) / sum(recent) if recent and sum(recent) > 0 else None
 
-    def elites(self) -> list[dict]:
+    def elites(self) -> list[Elite]:
         """The elites' reports (one forward pass), computed once per iteration."""
         if self._elites is None or self._elites[0] != self.state.iteration:
             self._elites = (self.state.iteration, elite_reports(self.search, self.state))
@@ -130,9 +131,10 @@ class RecordedSearch:
         folder deleted) leaves the earlier files as they were (atomic writes); the points not yet in
         history.jsonl stay pending for the next try."""
         try:
-            self.session.write_checkpoint(state_arrays(self.state), self.state.iteration, self.elites())
+            self.session.write_checkpoint(state_arrays(self.state), self.state.iteration,
+                                          [e.to_json() for e in self.elites()])
             if self.pending_history:
-                self.session.append_history(self.pending_history)
+                self.session.append_history([p.to_json() for p in self.pending_history])
                 self.pending_history = []
             self.session.update_meta(status=status, iteration=self.state.iteration, error=error)
         finally:
@@ -179,7 +181,7 @@ class RecordedSearch:
         """Lets the session go (its runner lock). Safe to call again."""
         self.runner_lock.release()
 
-    def inject(self, text: str) -> tuple[int, dict]:
+    def inject(self, text: str) -> tuple[int, Elite]:
         """Puts a prompt from `text` into the population (cut to the prompt length, or continued by the
         model when shorter): it replaces the elite k whose fitness f_k it lowers least (or raises
         most), and enters the frontier. Returns (k, that elite's report)."""
@@ -206,11 +208,12 @@ class RecordedSearch:
     def label(self) -> str:
         return features_label(self.search.config)
 
-    def _points(self, frontier, indices) -> list[dict]:
+    def _points(self, frontier, indices) -> list[FrontierPoint]:
         decode = self.search.pair.model.decode
-        return [{"iteration": self.state.iteration, "xent": float(frontier.xent[i]),
-                 "objective": float(frontier.objective[i]), "act": float(frontier.act[i]),
-                 "token_ids": frontier.tokens[i].tolist(), "text": decode(frontier.tokens[i])} for i in indices]
+        return [FrontierPoint(iteration=self.state.iteration, xent=float(frontier.xent[i]),
+                              objective=float(frontier.objective[i]), act=float(frontier.act[i]),
+                              token_ids=frontier.tokens[i].tolist(), text=decode(frontier.tokens[i]))
+                for i in indices]
 
 
 def with_overrides(config: Config, feature: dict | None = None, search: dict | None = None) -> Config:

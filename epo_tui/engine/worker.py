@@ -48,7 +48,10 @@ class Output:
     def __init__(self, stream: BinaryIO):
         self.stream, self.lock, self.closed = stream, threading.Lock(), False
 
-    def send(self, line: bytes) -> None:
+    def send(self, message: protocol.Event) -> None:
+        self.send_line(protocol.encode(message))
+
+    def send_line(self, line: bytes) -> None:
         with self.lock:
             if self.closed:
                 return
@@ -58,11 +61,8 @@ class Output:
             except (BrokenPipeError, OSError):
                 self.closed = True
 
-    def event(self, type_: str, id: Any = None, **fields: Any) -> None:
-        self.send(protocol.event(type_, id=id, **fields))
-
     def error(self, kind: str, message: str, id: Any = None, trace: str | None = None) -> None:
-        self.send(protocol.error_event(kind, message, id=id, traceback=trace))
+        self.send(protocol.Error(id=id, kind=kind, message=message, traceback=trace))
 
 
 class LogEvents(logging.Handler):
@@ -79,7 +79,7 @@ class LogEvents(logging.Handler):
         except Exception:  # noqa: BLE001 - a bad log call must not stop the worker
             message = str(record.msg)
         lines = message.strip().splitlines() or [""]
-        self.out.event("log", level=record.levelname.lower(), message=f"{record.name}: {lines[0]}")
+        self.out.send(protocol.Log(level=record.levelname.lower(), message=f"{record.name}: {lines[0]}"))
 
 
 def read_commands(stdin: BinaryIO, commands: queue.Queue, out: Output) -> None:
@@ -120,7 +120,7 @@ class Worker:
     # -- the loop
 
     def serve(self) -> int:
-        self.out.event("hello", worker=__version__, protocol=protocol.VERSION, pid=os.getpid())
+        self.out.send(_hello())
         self.set_state("idle")
         while self.running:
             searching = self.active is not None and not self.paused
@@ -165,28 +165,34 @@ class Worker:
                 self.stop_active("crashed", error=f"{type(err).__name__}: {err}")
 
     def dispatch(self, cmd: protocol.Command) -> None:
-        getattr(self, "cmd_" + cmd.type)(cmd)
+        handlers = {protocol.HelloCommand: self.cmd_hello, protocol.LoadCommand: self.cmd_load,
+                    protocol.FeaturesCommand: self.cmd_features, protocol.StartCommand: self.cmd_start,
+                    protocol.PauseCommand: self.cmd_pause, protocol.ResumeCommand: self.cmd_resume,
+                    protocol.StopCommand: self.cmd_stop, protocol.ScoreCommand: self.cmd_score,
+                    protocol.InjectCommand: self.cmd_inject, protocol.ShutdownCommand: self.cmd_shutdown}
+        handlers[type(cmd)](cmd)
 
     def set_state(self, state: str, detail: str | None = None, id_: Any = None) -> None:
-        self.out.event("state", id=id_, state=state, detail=detail)
+        self.out.send(protocol.State(id=id_, state=state, detail=detail))
 
     # -- commands
 
-    def cmd_hello(self, cmd) -> None:
-        self.out.event("hello", id=cmd.id, worker=__version__, protocol=protocol.VERSION, pid=os.getpid())
+    def cmd_hello(self, cmd: protocol.HelloCommand) -> None:
+        self.out.send(_hello(cmd.id))
 
-    def cmd_load(self, cmd) -> None:
-        given = [k for k in ("config", "config_path", "demo") if cmd.get(k) not in (None, False)]
+    def cmd_load(self, cmd: protocol.LoadCommand) -> None:
+        given = [k for k, value in (("config", cmd.config), ("config_path", cmd.config_path), ("demo", cmd.demo))
+                 if value not in (None, False)]
         if len(given) > 1:
             raise UserError(f"load: give one of config, config_path, demo (got {', '.join(given)})")
         if self.active is not None:
             raise UserError("load: a search is running; stop it first")
-        if cmd.get("config") is not None:
-            config = config_from_data(cmd.get("config"), source="the load command")
-        elif cmd.get("demo"):
+        if cmd.config is not None:
+            config = config_from_data(cmd.config, source="the load command")
+        elif cmd.demo:
             config = load_config(str(paths.demo_config_file()))
         else:
-            config = load_config(cmd.get("config_path"))
+            config = load_config(cmd.config_path)
         self.load(config, cmd.id)
 
     def load(self, config: Config, id_: Any = None) -> None:
@@ -204,14 +210,13 @@ class Worker:
         self.config = config
         label_notes = self._read_labels(config)
         devices = jax.local_devices()
-        self.out.event("ready", id=id_, model=self.pair.model.name, sae=self.pair.sae.display_name,
-                       hook=self.pair.sae.hook_name, d_sae=self.pair.sae.d_sae,
-                       neuronpedia_id=self.pair.sae.neuronpedia_id, dtype=self.pair.model.dtype,
-                       devices=[str(d) for d in devices], device_kind=devices[0].device_kind,
-                       model_parallel=int(self.pair.mesh.shape["model"]),
-                       config=config.to_dict(), labels=config.sae.labels)
+        self.out.send(protocol.Ready(
+            id=id_, model=self.pair.model.name, sae=self.pair.sae.display_name, hook=self.pair.sae.hook_name,
+            d_sae=int(self.pair.sae.d_sae), neuronpedia_id=self.pair.sae.neuronpedia_id,
+            dtype=self.pair.model.dtype, devices=[str(d) for d in devices], device_kind=devices[0].device_kind,
+            model_parallel=int(self.pair.mesh.shape["model"]), config=config.to_dict(), labels=config.sae.labels))
         for level, message in label_notes:
-            self.out.event("log", level=level, message=message)
+            self.out.send(protocol.Log(level=level, message=message))
 
     def _read_labels(self, config: Config) -> list[tuple[str, str]]:
         """Reads the config's labels export for the loaded SAE into self.labels; returns (level, message)
@@ -233,15 +238,15 @@ class Worker:
         if self.pair is None:
             raise UserError(f"{what}: no model loaded (send 'load' first)")
 
-    def cmd_features(self, cmd) -> None:
+    def cmd_features(self, cmd: protocol.FeaturesCommand) -> None:
         from epo_tui.engine.logit_lens import feature_catalog
         from epo_tui.features import with_labels
 
         self._need_pair("features")
         entries = with_labels(feature_catalog(self.pair), self.labels)
-        self.out.event("features", id=cmd.id, features=[e.to_json() for e in entries])
+        self.out.send(protocol.FeatureList(id=cmd.id, features=entries))
 
-    def cmd_start(self, cmd) -> None:
+    def cmd_start(self, cmd: protocol.StartCommand) -> None:
         from epo_tui.engine.reporting import feature_record
         from epo_tui.engine.sae import check_feature_index
         from epo_tui.engine.session_search import CHECKPOINT_SECONDS, RecordedSearch, with_overrides
@@ -249,27 +254,27 @@ class Worker:
         self._need_pair("start")
         if self.active is not None:
             raise UserError("start: a search is running; stop it first")
-        every = float(cmd.get("checkpoint_seconds", CHECKPOINT_SECONDS))
+        every = CHECKPOINT_SECONDS if cmd.checkpoint_seconds is None else cmd.checkpoint_seconds
         if not 0 <= every <= CHECKPOINT_SECONDS:
             raise UserError(f"start: checkpoint_seconds must be between 0 and {CHECKPOINT_SECONDS:g}")
         deadline = Deadline(None)  # set-up counts too, as in `epo-tui run`
         self.set_state("compiling", "starting prompts")
         try:
-            if cmd.get("resume"):
-                search = cmd.get("search") or {}
-                if cmd.get("feature") or cmd.get("seed_prompt") or set(search) - {"iterations"}:
+            if cmd.resume:
+                search = cmd.search or {}
+                if cmd.feature or cmd.seed_prompt or set(search) - {"iterations"}:
                     raise UserError("start: a resumed session keeps its config; only search.iterations (the new "
                                     "total) may be given")
-                session = sessions.find_session(cmd.get("resume"), root=self.sessions_root)
+                session = sessions.find_session(cmd.resume, root=self.sessions_root)
                 self._check_same_pair(session)
                 self.active = RecordedSearch.resume(self.pair, session, iterations_total=search.get("iterations"),
                                                     checkpoint_seconds=every)
             else:
-                config = with_overrides(self.config, cmd.get("feature"), cmd.get("search"))
+                config = with_overrides(self.config, cmd.feature, cmd.search)
                 if config.feature.kind in ("sae", "direction"):
                     for index in config.feature.features:
                         check_feature_index(self.pair.sae, index, source="start: feature")
-                self.active = RecordedSearch.start(self.pair, config, seed_prompt=cmd.get("seed_prompt"),
+                self.active = RecordedSearch.start(self.pair, config, seed_prompt=cmd.seed_prompt,
                                                    label=self._label(config), root=self.sessions_root,
                                                    checkpoint_seconds=every)
         except BaseException:
@@ -279,10 +284,10 @@ class Worker:
         active = self.active
         deadline.seconds = budget_seconds(active.search.config.search.time_budget)  # a resumed one: afresh
         self.deadline = deadline
-        self.out.event("started", id=cmd.id, session=active.session.id, label=active.label(),
-                       feature=feature_record(active.search),
-                       iteration=active.state.iteration, iterations_total=active.iterations_total,
-                       lambdas=active.search.lambdas_K.tolist(), elites=active.elites())
+        self.out.send(protocol.Started(
+            id=cmd.id, session=active.session.id, label=active.label(), feature=feature_record(active.search),
+            iteration=active.state.iteration, iterations_total=active.iterations_total,
+            lambdas=[float(x) for x in active.search.lambdas_K], elites=active.elites()))
         self.set_state("running")
 
     def _label(self, config: Config) -> str | None:
@@ -296,13 +301,12 @@ class Worker:
             self.stop_out_of_time()
             return
         changed = active.advance()
-        self.out.event("progress", session=active.session.id, iteration=active.state.iteration,
-                       iterations_total=active.iterations_total, it_per_s=active.iterations_per_second(),
-                       budget_left_s=self.deadline.left_s(),
-                       elites=active.elites(), frontier_new=changed["frontier_new"],
-                       best_objective=active.state.best_objective_history[-1])
+        self.out.send(protocol.Progress(
+            session=active.session.id, iteration=active.state.iteration, iterations_total=active.iterations_total,
+            it_per_s=active.iterations_per_second(), budget_left_s=self.deadline.left_s(), elites=active.elites(),
+            frontier_new=changed["frontier_new"], best_objective=float(active.state.best_objective_history[-1])))
         if self.checkpoint_or_say(active.checkpoint_if_due):
-            self.out.event("checkpointed", session=active.session.id, iteration=active.state.iteration)
+            self._say_checkpointed(active)
         if active.done:
             self.stop_active("finished")
         elif self.deadline.expired:
@@ -353,21 +357,23 @@ class Worker:
                            id=id_)
             self.set_state("idle")
             return
-        self.out.event("checkpointed", session=active.session.id, iteration=active.state.iteration)
-        self.out.event("finished", id=id_, session=active.session.id, status=status,
-                       iteration=active.state.iteration, iterations_total=active.iterations_total,
-                       folder=str(active.session.folder), reason=reason)
+        self._say_checkpointed(active)
+        self.out.send(protocol.Finished(id=id_, session=active.session.id, status=status,
+                                        iteration=active.state.iteration, iterations_total=active.iterations_total,
+                                        folder=str(active.session.folder), reason=reason))
         self.set_state("idle")
 
-    def cmd_pause(self, cmd) -> None:
+    def _say_checkpointed(self, active: RecordedSearch) -> None:
+        self.out.send(protocol.Checkpointed(session=active.session.id, iteration=active.state.iteration))
+
+    def cmd_pause(self, cmd: protocol.PauseCommand) -> None:
         if self.active is None:
             raise UserError("pause: no search is running")
         if not self.paused:
             self.paused = True
             self.deadline.pause()  # a paused search spends none of its time budget
             if self.checkpoint_or_say(self.active.checkpoint, "paused"):
-                self.out.event("checkpointed", session=self.active.session.id,
-                               iteration=self.active.state.iteration)
+                self._say_checkpointed(self.active)
         self.set_state("paused", id_=cmd.id)
 
     def _check_same_pair(self, session) -> None:
@@ -381,7 +387,7 @@ class Worker:
                             f"({_pair_name(theirs)}; loaded: {_pair_name(self.config)}): start epo-tui with "
                             "that session's config to resume it")
 
-    def cmd_resume(self, cmd) -> None:
+    def cmd_resume(self, cmd: protocol.ResumeCommand) -> None:
         if self.active is None:
             raise UserError("resume: no search is paused (to continue a stopped session: start with resume)")
         self.paused = False
@@ -389,32 +395,32 @@ class Worker:
         self.active.session.update_meta(status="running")
         self.set_state("running", id_=cmd.id)
 
-    def cmd_stop(self, cmd) -> None:
+    def cmd_stop(self, cmd: protocol.StopCommand) -> None:
         if self.active is None:
             raise UserError("stop: no search is running")
         self.set_state("stopping")
         self.stop_active("stopped", id_=cmd.id)
 
-    def cmd_score(self, cmd) -> None:
+    def cmd_score(self, cmd: protocol.ScoreCommand) -> None:
         from epo_tui.engine.scoring import score_text
         from epo_tui.engine.sae import check_feature_index
 
         self._need_pair("score")
-        feature = cmd.get("feature")
+        feature = cmd.feature
         if feature is None:
             feature = self.active.search.config.feature.features[0] if self.active else self.config.feature.index
         check_feature_index(self.pair.sae, feature, source="score: feature")
         prefix = self.active.search.config.search.prefix if self.active else self.config.search.prefix
-        scored = score_text(self.pair, cmd.get("text"), feature, prefix=prefix)
-        self.out.event("scored", id=cmd.id, feature=feature, **scored)
+        scored = score_text(self.pair, cmd.text, feature, prefix=prefix)
+        self.out.send(protocol.Scored(id=cmd.id, feature=int(feature), **scored))
 
-    def cmd_inject(self, cmd) -> None:
+    def cmd_inject(self, cmd: protocol.InjectCommand) -> None:
         if self.active is None:
             raise UserError("inject: no search is running")
-        k, report = self.active.inject(cmd.get("text"))
-        self.out.event("injected", id=cmd.id, elite=k, act=report["act"], xent=report["xent"], text=report["text"])
+        k, elite = self.active.inject(cmd.text)
+        self.out.send(protocol.Injected(id=cmd.id, elite=k, act=elite.act, xent=elite.xent, text=elite.text))
 
-    def cmd_shutdown(self, cmd) -> None:
+    def cmd_shutdown(self, cmd: protocol.ShutdownCommand) -> None:
         self.shutdown(None, cmd.id)
 
     def shutdown(self, reason: str | None, id_: Any = None) -> None:
@@ -422,8 +428,12 @@ class Worker:
         if self.active is not None:
             with contextlib.suppress(Exception):
                 self.stop_active("stopped", error=reason)
-        self.out.event("bye", id=id_, reason=reason)
+        self.out.send(protocol.Bye(id=id_, reason=reason))
         self.running = False
+
+
+def _hello(id_: Any = None) -> protocol.Hello:
+    return protocol.Hello(id=id_, worker=__version__, protocol=protocol.VERSION, pid=os.getpid())
 
 
 def _folder_deleted(active: RecordedSearch) -> str:

@@ -18,8 +18,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer
 
-from epo_tui import favorites, labels
-from epo_tui.client import WorkerClient, WorkerError
+from epo_tui import favorites, labels, protocol
+from epo_tui.client import WORKER_DIED, WorkerClient, WorkerError
 from epo_tui.config import Config
 from epo_tui.errors import UserError
 from epo_tui.features import FeatureEntry, alive_indices
@@ -33,7 +33,9 @@ from epo_tui.tui.screens import EliteDetails, PromptEditor, Scratchpad
 from epo_tui.tui.sessions_screen import SessionChoice, SessionsScreen
 from epo_tui.tui.settings import SearchSettings
 from epo_tui.tui.status import StatusBar
+from epo_tui.tui import worker_messages
 from epo_tui.tui.themes import textual_theme
+from epo_tui.tui.worker_messages import message_for
 
 LOAD_TIMEOUT_S = 600.0  # a large model from the hub cache can take minutes to load
 
@@ -47,6 +49,9 @@ class LoadSpec:
     @classmethod
     def of(cls, config: Config, demo: bool) -> LoadSpec:
         return cls({"demo": True} if demo else {"config": config.to_dict()})
+
+    def command(self) -> protocol.LoadCommand:
+        return protocol.LoadCommand(**self.fields)
 
 
 class EpoApp(App):
@@ -86,8 +91,8 @@ class EpoApp(App):
         self.chosen: FeatureEntry | None = None
         self.combined: list[int] | None = None  # two features picked to combine, else None
         self.state = "starting"
-        self.ready: dict[str, Any] | None = None
-        self.session: dict[str, Any] | None = None  # the `started` event of the current search
+        self.ready: protocol.Ready | None = None
+        self.session: protocol.Started | None = None  # the `started` event of the current search
         # what favorites name as their source: the live session's or a reopened session's meta
         self.session_meta: dict[str, Any] | None = None
         self.search_overrides: dict[str, Any] = {}  # [search] keys changed in the settings form
@@ -116,84 +121,91 @@ class EpoApp(App):
 
     @work(exclusive=True, group="worker")
     async def serve_worker(self) -> None:
-        """Starts the worker, loads the model, then applies every event to the panes until the end."""
+        """Starts the worker, loads the model, then posts every event to the app as a Textual message
+        (`worker_messages`), handled below, until the end."""
         events = self.client.bus.subscribe()
         try:
             await self.client.start()
             self.status(state="loading the model and SAE")
-            await self.client.request("load", timeout=LOAD_TIMEOUT_S, **self.load.fields)
-            await self.client.send("features")
+            await self.client.request(self.load.command(), timeout=LOAD_TIMEOUT_S)
+            await self.client.send(protocol.FeaturesCommand())
         except WorkerError as err:
             self.notify(inert(err.message), title="the worker failed", severity="error", timeout=30)
         async for event in events:
-            self.apply(event)
+            self.post_message(message_for(event))
 
-    def apply(self, event: dict[str, Any]) -> None:
-        kind = event["type"]
-        if kind == "ready":
-            self.ready = event
-            self.worker_dead = False
-            self.status(state="ready", model=event["model"], sae=event["sae"], hook=event["hook"],
-                        devices=f"{len(event['devices'])}x {event['device_kind']}")
-        elif kind == "features":
-            entries = [FeatureEntry.from_json(f) for f in event["features"]]
-            pane = self.query_one(FeaturePane)
-            pane.set_features(entries, Stars.load(self._sae_key()))
-            pane.set_alive(alive_indices(entries))  # `r` draws among the latents that fire
-            self.chosen = next((e for e in entries if e.index == self.config.feature.index), None)
-            self.apply_imported_labels()
-        elif kind == "state":
-            self.state = event["state"]
-            shown = event["state"] + (f": {event['detail']}" if event.get("detail") else "")
-            if event["state"] == "idle" and self.last_outcome:
-                shown = f"idle: the search {self.last_outcome}"
-            self.status(state=shown)
-        elif kind == "started":
-            self.session, self.last_outcome = event, None
-            self.session_meta = self._live_meta(event)
-            self.query_one(FrontierPane).reset()
-            self.query_one(ElitesPane).update_elites(event["elites"])
-            self.status(session=event["session"], label=event.get("label"),
-                        iteration=event["iteration"], total=event["iterations_total"], budget_left=None)
-        elif kind == "progress":
-            self.query_one(ElitesPane).update_elites(event["elites"])
-            self.query_one(FrontierPane).add_progress(event)
-            self.status(iteration=event["iteration"], total=event["iterations_total"], rate=event["it_per_s"],
-                        budget_left=event.get("budget_left_s"))
-        elif kind == "finished":
-            why = f": {event['reason']}" if event.get("reason") else ""  # e.g. the time budget ran out
-            self.last_outcome = event["status"] + why
-            self.status(iteration=event["iteration"], total=event["iterations_total"], rate=None, budget_left=None)
-            self.notify(f"search {event['status']} at iteration {event['iteration']}{inert(why)}; results in "
-                        f"{inert(event['folder'])}", title="finished")
-        elif kind == "error":
-            self._show_error(event)
-        elif kind == "log":
-            self.notify(inert(event["message"]), title=f"worker {event['level']}", severity="warning")
+    def on_worker_ready(self, message: worker_messages.Ready) -> None:
+        ready = self.ready = message.event
+        self.worker_dead = False
+        self.status(state="ready", model=ready.model, sae=ready.sae, hook=ready.hook,
+                    devices=f"{len(ready.devices)}x {ready.device_kind}")
 
-    def _show_error(self, event: dict[str, Any]) -> None:
-        if event.get("kind") == "worker_died":
+    def on_worker_feature_list(self, message: worker_messages.FeatureList) -> None:
+        entries = message.event.features
+        pane = self.query_one(FeaturePane)
+        pane.set_features(entries, Stars.load(self._sae_key()))
+        pane.set_alive(alive_indices(entries))  # `r` draws among the latents that fire
+        self.chosen = next((e for e in entries if e.index == self.config.feature.index), None)
+        self.apply_imported_labels()
+
+    def on_worker_state(self, message: worker_messages.State) -> None:
+        event = message.event
+        self.state = event.state
+        shown = event.state + (f": {event.detail}" if event.detail else "")
+        if event.state == "idle" and self.last_outcome:
+            shown = f"idle: the search {self.last_outcome}"
+        self.status(state=shown)
+
+    def on_worker_started(self, message: worker_messages.Started) -> None:
+        event = message.event
+        self.session, self.last_outcome = event, None
+        self.session_meta = self._live_meta(event)
+        self.query_one(FrontierPane).reset()
+        self.query_one(ElitesPane).update_elites(event.elites)
+        self.status(session=event.session, label=event.label, iteration=event.iteration,
+                    total=event.iterations_total, budget_left=None)
+
+    def on_worker_progress(self, message: worker_messages.Progress) -> None:
+        event = message.event
+        self.query_one(ElitesPane).update_elites(event.elites)
+        self.query_one(FrontierPane).add_progress(event)
+        self.status(iteration=event.iteration, total=event.iterations_total, rate=event.it_per_s,
+                    budget_left=event.budget_left_s)
+
+    def on_worker_finished(self, message: worker_messages.Finished) -> None:
+        event = message.event
+        why = f": {event.reason}" if event.reason else ""  # e.g. the time budget ran out
+        self.last_outcome = event.status + why
+        self.status(iteration=event.iteration, total=event.iterations_total, rate=None, budget_left=None)
+        self.notify(f"search {event.status} at iteration {event.iteration}{inert(why)}; results in "
+                    f"{inert(event.folder)}", title="finished")
+
+    def on_worker_error(self, message: worker_messages.Error) -> None:
+        event = message.event
+        if event.kind == WORKER_DIED:
             self.worker_dead = True
-            tail = "\n".join(inert(line) for line in event.get("stderr_tail", [])[-5:])
+            tail = "\n".join(inert(line) for line in event.stderr_tail[-5:])
             self.status(state="worker died: press R to restart and resume")
-            self.notify(f"{inert(event['message'])}\n{tail}", title="the worker died", severity="error",
-                        timeout=60)
+            self.notify(f"{inert(event.message)}\n{tail}", title="the worker died", severity="error", timeout=60)
         else:
-            self.notify(inert(event.get("message", "")), title=f"error ({event.get('kind')})", severity="error",
-                        timeout=15)
+            self.notify(inert(event.message), title=f"error ({event.kind})", severity="error", timeout=15)
+
+    def on_worker_log(self, message: worker_messages.Log) -> None:
+        self.notify(inert(message.event.message), title=f"worker {message.event.level}", severity="warning")
 
     def status(self, **fields: Any) -> None:
         self.query_one(StatusBar).show(**fields)
 
-    def _live_meta(self, started: dict[str, Any]) -> dict[str, Any]:
-        ready = self.ready or {}
-        return {"id": started["session"], "label": started.get("label"), "model": ready.get("model"),
-                "sae": {"name": ready.get("sae"), "hook": ready.get("hook")},
-                "feature": {"indices": list((started.get("feature") or {}).get("indices") or [])}}
+    def _live_meta(self, started: protocol.Started) -> dict[str, Any]:
+        """The live session's meta, as a saved session's meta.json names it (what favorites record)."""
+        ready = self.ready
+        return {"id": started.session, "label": started.label, "model": ready.model if ready else None,
+                "sae": {"name": ready.sae if ready else None, "hook": ready.hook if ready else None},
+                "feature": {"indices": list(started.feature.get("indices") or [])}}
 
     def _sae_key(self) -> str:
-        ready = self.ready or {}
-        return f"{ready.get('model')}|{ready.get('sae')}"
+        ready = self.ready
+        return f"{ready.model}|{ready.sae}" if ready else "None|None"
 
     # -- choosing features
 
@@ -215,11 +227,11 @@ class EpoApp(App):
     def action_focus_search(self) -> None:
         self.query_one(FeaturePane).focus_search()
 
-    async def _send(self, type_: str, **fields: Any) -> None:
+    async def _send(self, command: protocol.Command) -> None:
         try:
-            await self.client.send(type_, **fields)
+            await self.client.send(command)
         except WorkerError as err:
-            self.notify(inert(err.message), title=f"cannot {type_}", severity="error")
+            self.notify(inert(err.message), title=f"cannot {command.TYPE}", severity="error")
 
     async def action_start(self) -> None:
         if self.ready is None:
@@ -230,19 +242,19 @@ class EpoApp(App):
             return
         feature = ({"indices": self.combined} if self.combined
                    else {"index": self.chosen.index if self.chosen else self.config.feature.index})
-        await self._send("start", feature=feature, search=dict(self.search_overrides))
+        await self._send(protocol.StartCommand(feature=feature, search=dict(self.search_overrides)))
 
     async def action_pause(self) -> None:
         if self.state == "running":
-            await self._send("pause")
+            await self._send(protocol.PauseCommand())
         elif self.state == "paused":
-            await self._send("resume")
+            await self._send(protocol.ResumeCommand())
 
     async def action_stop(self) -> None:
         if self.state in ("running", "paused"):
-            await self._send("stop")
+            await self._send(protocol.StopCommand())
 
-    def _selected(self) -> dict[str, Any] | None:
+    def _selected(self) -> protocol.Elite | None:
         elite = self.query_one(ElitesPane).selected_elite
         if elite is None:
             self.notify("no elite selected yet", severity="warning")
@@ -267,7 +279,7 @@ class EpoApp(App):
     def action_copy(self) -> None:
         elite = self._selected()
         if elite is not None:
-            self.copy_to_clipboard(elite["text"])
+            self.copy_to_clipboard(elite.text)
             self.notify("prompt copied (OSC 52: your terminal must allow it)")
 
     def action_edit(self) -> None:
@@ -279,15 +291,14 @@ class EpoApp(App):
             if not text:
                 return
             try:
-                answer = await self.client.request("inject", text=text, timeout=LOAD_TIMEOUT_S)
+                answer = await self.client.request(protocol.InjectCommand(text=text), timeout=LOAD_TIMEOUT_S)
             except WorkerError as err:
                 self.notify(inert(err.message), title="not injected", severity="error")
                 return
-            self.notify(f"now elite {answer['elite'] + 1}: act {answer['act']:.3f}, xent {answer['xent']:.3f}",
+            self.notify(f"now elite {answer.elite + 1}: act {answer.act:.3f}, xent {answer.xent:.3f}",
                         title="injected")
 
-        self.push_screen(PromptEditor("edit the prompt; enter puts it into the population", elite["text"]),
-                         inject)
+        self.push_screen(PromptEditor("edit the prompt; enter puts it into the population", elite.text), inject)
 
     def action_scratchpad(self) -> None:
         if self.ready is None:
@@ -295,8 +306,8 @@ class EpoApp(App):
             return
         features = self._session_features() or [self.chosen.index if self.chosen else self.config.feature.index]
 
-        async def score(text: str, feature: int) -> dict[str, Any]:
-            return await self.client.request("score", text=text, feature=feature, timeout=60)
+        async def score(text: str, feature: int) -> protocol.Scored:
+            return await self.client.request(protocol.ScoreCommand(text=text, feature=feature), timeout=60)
 
         self.push_screen(Scratchpad(self.epo_theme, features[0], score))
 
@@ -326,8 +337,7 @@ class EpoApp(App):
                 return
             sae_key = self._sae_key()
             # the worker says which SAE is loaded; an older worker sends no neuronpedia_id: not checked
-            target = labels.LabelTarget(neuronpedia_id=self.ready.get("neuronpedia_id"),
-                                        d_sae=self.ready.get("d_sae"))
+            target = labels.LabelTarget(neuronpedia_id=self.ready.neuronpedia_id, d_sae=self.ready.d_sae)
 
             def read_and_keep() -> labels.ImportedLabels:
                 imported = labels.read_export(Path(path).expanduser(), target)
@@ -378,7 +388,7 @@ class EpoApp(App):
         more = {}
         if done >= total:  # a finished session goes on for another search's worth of iterations
             more = {"iterations": done + int(self.search_overrides.get("iterations", self.config.search.iterations))}
-        await self._send("start", resume=choice.session_id, search=more)
+        await self._send(protocol.StartCommand(resume=choice.session_id, search=more))
 
     def action_settings(self) -> None:
         def keep(overrides: dict[str, Any] | None) -> None:

@@ -160,11 +160,10 @@ def _child(spec_path: str) -> int:
 
         told = False
 
-        def apply(self, event: dict[str, Any]) -> None:
-            super().apply(event)
-            if event["type"] == "started" and not self.told:
+        def on_worker_started(self, message) -> None:  # Textual runs EpoApp's handler too (the MRO's)
+            if not self.told:
                 self.told = True
-                self.call_after_refresh(self.tell, event["session"])
+                self.call_after_refresh(self.tell, message.event.session)
 
         def tell(self, session: str) -> None:
             feature_list = self.query_one(FeatureList)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from rich.console import RenderableType
 
@@ -15,7 +14,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Label, Static
 
 from epo_tui.client import WorkerError
-from epo_tui.scored import mean_xent, peak, prompt_start
+from epo_tui.protocol import Scored
+from epo_tui.scored import mean_xent, peak
 from epo_tui.text import inert
 from epo_tui.themes import Theme
 from epo_tui.tui.tokens import activation_text
@@ -61,10 +61,10 @@ class Scratchpad(ModalScreen[None]):
     AUTO_FOCUS = "Input"
     BINDINGS = [Binding("escape", "close", "Close")]
 
-    def __init__(self, theme: Theme, feature: int, score: Callable[[str, int], Awaitable[dict[str, Any]]]):
+    def __init__(self, theme: Theme, feature: int, score: Callable[[str, int], Awaitable[Scored]]):
         super().__init__()
         self.theme, self.feature, self.score = theme, feature, score
-        self.last_scored: dict[str, Any] | None = None  # the newest answer shown
+        self.last_scored: Scored | None = None  # the newest answer shown
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -93,8 +93,8 @@ class Scratchpad(ModalScreen[None]):
             return
         self.last_scored = scored
         best, (xent, _) = peak(scored), mean_xent(scored)
-        line = activation_text(scored["tokens"], scored["activations"], prompt_start(scored), self.theme,
-                               token_bytes=scored.get("token_bytes"))
+        line = activation_text(scored.tokens, scored.activations, scored.prompt_start, self.theme,
+                               token_bytes=scored.token_bytes)
         line.append(f"\nmax act {best[1] if best else 0.0:.3f} · mean xent {xent:.3f}")
         result.update(line)
 

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import ValidationError
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -26,7 +27,8 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
-from epo_tui.sessions import SessionError, SessionSummary, list_sessions
+from epo_tui.protocol import Elite, FrontierPoint, problem_text
+from epo_tui.sessions import HISTORY_FILE, SessionError, SessionSummary, list_sessions
 from epo_tui.text import inert
 
 BEST_ELITES_SHOWN = 5
@@ -45,8 +47,8 @@ class SessionChoice:
     action: Literal["open", "resume"]
     session_id: str
     meta: dict[str, Any] = field(repr=False)
-    elites: list[dict] = field(default_factory=list, repr=False)
-    frontier: list[dict] = field(default_factory=list, repr=False)
+    elites: list[Elite] = field(default_factory=list, repr=False)
+    frontier: list[FrontierPoint] = field(default_factory=list, repr=False)
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,9 @@ def load_session_rows(root: Path | None = None) -> tuple[list[SessionRow], list[
     return [SessionRow(s, s.shown_status) for s in summaries], problems
 
 
-def best_elites(elites: list[dict], count: int = BEST_ELITES_SHOWN) -> list[dict]:
-    """The `count` elites with the highest act (elites without a usable act go last)."""
-    def act_of(elite: dict) -> float:
-        act = elite.get("act")
-        return float(act) if isinstance(act, (int, float)) and math.isfinite(act) else -math.inf
-    return sorted(elites, key=act_of, reverse=True)[:count]
+def best_elites(elites: list[Elite], count: int = BEST_ELITES_SHOWN) -> list[Elite]:
+    """The `count` elites with the highest act (elites whose act is not finite go last)."""
+    return sorted(elites, key=lambda e: e.act if math.isfinite(e.act) else -math.inf, reverse=True)[:count]
 
 
 def _short_time(value: str) -> str:
@@ -109,7 +108,7 @@ def _number(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "?"
 
 
-def details_text(row: SessionRow, elites: list[dict] | None, elites_problem: str | None = None) -> Text:
+def details_text(row: SessionRow, elites: list[Elite] | None, elites_problem: str | None = None) -> Text:
     """The details of one session: what was searched, where it got to, and its best elites."""
     summary, meta = row.summary, row.summary.meta
     sae = meta.get("sae") if isinstance(meta.get("sae"), dict) else {}
@@ -131,19 +130,26 @@ def details_text(row: SessionRow, elites: list[dict] | None, elites_problem: str
     else:
         text.append(f"best elites (of {len(elites)}):\n")
         for elite in best_elites(elites):
-            text.append(f"  act {_number(elite.get('act'))}  xent {_number(elite.get('xent'))}  ")
-            prompt = inert(str(elite.get("text", "")))
+            text.append(f"  act {_number(elite.act)}  xent {_number(elite.xent)}  ")
+            prompt = inert(elite.text)
             text.append((prompt if len(prompt) <= ELITE_TEXT_CHARS else prompt[:ELITE_TEXT_CHARS - 1] + "…") + "\n")
     text.rstrip()  # no blank last line under the details
     return text
 
 
-def _read_for_open(summary: SessionSummary) -> tuple[dict[str, Any], list[dict], list[dict], list[str]]:
-    """(fresh meta, elites, frontier history points, history problems). Blocking; raises SessionError."""
+def _read_for_open(summary: SessionSummary) -> tuple[dict[str, Any], list[Elite], list[FrontierPoint], list[str]]:
+    """(fresh meta, elites, frontier history points, history problems). Blocking; raises SessionError,
+    also for an elite that is not one (a damaged or hand-edited file)."""
     session = summary.session
     meta = session.read_meta()
     elites = session.read_elites()
-    points, problems = session.read_history()
+    history, problems = session.read_history()
+    points = []
+    for data in history:
+        try:
+            points.append(FrontierPoint.from_json(data))
+        except ValidationError as err:
+            problems.append(f"{HISTORY_FILE}: {problem_text(err)}; skipped")
     return meta, elites, points, problems
 
 
@@ -181,7 +187,7 @@ class SessionsScreen(ModalScreen[SessionChoice | None]):
         self.rows: dict[str, SessionRow] = {}
         self.problems: list[str] = []
         self.loaded = False  # the list has been read (tests and the app can wait on it)
-        self._elites: dict[str, list[dict] | str] = {}  # id -> elites, or why they could not be read
+        self._elites: dict[str, list[Elite] | str] = {}  # id -> elites, or why they could not be read
         self._busy = False  # an open/resume is reading: a second key press must not dismiss twice
 
     def compose(self) -> ComposeResult:

@@ -8,8 +8,6 @@ strongest colour stands for.
 
 from __future__ import annotations
 
-from typing import Any
-
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -18,17 +16,17 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import DataTable, Static
 
+from epo_tui.protocol import Elite
 from epo_tui.themes import Theme
 from epo_tui.tui.tokens import activation_text, format_number, legend, scale_max_of
 
-Elite = dict[str, Any]  # as in PROTOCOL.md: {penalty, token_ids, tokens, token_bytes, activations, act, ...}
 EMPTY_TEXT = "no search yet"
 COLUMNS = (("λ", "penalty"), ("act", "act"), ("xent", "xent"), ("prompt", "prompt"))  # (label, key)
 
 
 def elites_scale_max(elites: list[Elite]) -> float:
     """The strongest activation on any elite's prompt tokens: the top of the shared colour scale."""
-    return max((scale_max_of(e["activations"][e["prompt_start"]:]) for e in elites), default=0.0)
+    return max((scale_max_of(e.activations[e.prompt_start:]) for e in elites), default=0.0)
 
 
 class ElitesPane(Vertical):
@@ -82,11 +80,11 @@ class ElitesPane(Vertical):
 
     def _cells(self, elite: Elite) -> dict[str, Text]:
         return {
-            "penalty": Text(format_number(elite["penalty"]), justify="right"),
-            "act": Text(format_number(elite["act"]), justify="right"),
-            "xent": Text(format_number(elite["xent"]), justify="right"),
-            "prompt": activation_text(elite["tokens"], elite["activations"], elite["prompt_start"], self.epo_theme,
-                                      self.scale_max, elite.get("token_bytes")),
+            "penalty": Text(format_number(elite.penalty), justify="right"),
+            "act": Text(format_number(elite.act), justify="right"),
+            "xent": Text(format_number(elite.xent), justify="right"),
+            "prompt": activation_text(elite.tokens, elite.activations, elite.prompt_start, self.epo_theme,
+                                      self.scale_max, elite.token_bytes),
         }
 
     def update_elites(self, elites: list[Elite]) -> None:
@@ -139,19 +137,18 @@ class ElitesPane(Vertical):
         if index is None or not 0 <= index < len(self.elites):
             return Text(EMPTY_TEXT)
         elite = self.elites[index]
-        start = elite["prompt_start"]
+        start = elite.prompt_start
         header = Text.assemble(
             (f"elite {index}", "bold"),
-            f"  λ {format_number(elite['penalty'])}  act {format_number(elite['act'])}"
-            f"  xent {format_number(elite['xent'])}  objective {format_number(elite.get('objective', float('nan')))}",
+            f"  λ {format_number(elite.penalty)}  act {format_number(elite.act)}"
+            f"  xent {format_number(elite.xent)}  objective {format_number(elite.objective)}",
         )
         table = Table(box=None, pad_edge=False, show_edge=False)
         table.add_column("pos", justify="right")
         table.add_column("token")
         table.add_column("act", justify="right")
-        raw = elite.get("token_bytes")
-        raw = raw[start:] if raw is not None and len(raw) == len(elite["tokens"]) else None
-        for pos, (token, act) in enumerate(zip(elite["tokens"][start:], elite["activations"][start:])):
+        raw = elite.token_bytes[start:] if len(elite.token_bytes) == len(elite.tokens) else None
+        for pos, (token, act) in enumerate(zip(elite.tokens[start:], elite.activations[start:])):
             table.add_row(str(pos), activation_text([token], [act], 0, self.epo_theme, self.scale_max,
                                                     None if raw is None else [raw[pos]]),
                           format_number(act))

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual_plotext import PlotextPlot
 
+from epo_tui import protocol
 from epo_tui.themes import Theme
 
 REDRAWS_PER_S = 4
@@ -129,13 +130,11 @@ def _rgb(hex_colour: str) -> tuple[int, int, int]:
     return int(hex_colour[1:3], 16), int(hex_colour[3:5], 16), int(hex_colour[5:7], 16)
 
 
-def best_act(event: dict[str, Any]) -> float:
-    """The best act in a progress event: the elites' max act, else `best_objective`."""
-    acts = [e["act"] for e in event.get("elites") or [] if isinstance(e.get("act"), (int, float))]
-    if acts:
-        return float(max(acts))
-    best = event.get("best_objective")
-    return float(best) if isinstance(best, (int, float)) else math.nan
+def best_act(elites: list[protocol.Elite], best_objective: float | None) -> float:
+    """The best act of an iteration: the elites' max act, else `best_objective` (NaN when neither)."""
+    if elites:
+        return max(e.act for e in elites)
+    return math.nan if best_objective is None else best_objective
 
 
 class FrontierPane(Vertical):
@@ -178,40 +177,40 @@ class FrontierPane(Vertical):
         self.elite_points = []
         self._dirty = True
 
-    def add_progress(self, event: dict[str, Any]) -> None:
-        """Merges a `progress` event (or a coalesced one): its new frontier points, elites and best act.
+    def add_progress(self, event: protocol.Progress) -> None:
+        """Merges a `progress` event (or a coalesced one): its new frontier points, elites and best act."""
+        self.add(event.iteration, event.frontier_new, event.elites, event.best_objective)
+
+    def add(self, iteration: int, new_points: list[protocol.FrontierPoint], elites: list[protocol.Elite],
+            best_objective: float | None = None) -> None:
+        """Merges one iteration: the points that entered the frontier, the elites, the best act.
 
         The best act of each iteration named by a new frontier point is kept too, so a coalesced event
         (several iterations in one) draws the same history as the events one by one."""
-        iteration = int(event.get("iteration") or 0)
         best_of: dict[int, float] = {}
-        for p in event.get("frontier_new") or []:
-            point = FrontierPoint(float(p["xent"]), float(p["act"]), int(p.get("iteration", iteration)),
-                                  str(p.get("text", "")))
-            self.frontier.add(point)
-            if math.isfinite(point.act):
-                best_of[point.iteration] = max(best_of.get(point.iteration, -math.inf), point.act)
-        elites = event.get("elites") or []
+        for p in new_points:
+            self.frontier.add(FrontierPoint(p.xent, p.act, p.iteration, p.text))
+            if math.isfinite(p.act):
+                best_of[p.iteration] = max(best_of.get(p.iteration, -math.inf), p.act)
         for e in elites:  # elites were seen too, and their act (not objective) is what is plotted
-            self.frontier.add(FrontierPoint(float(e["xent"]), float(e["act"]), iteration, str(e.get("text", ""))))
-        self.elite_points = [(float(e["xent"]), float(e["act"])) for e in elites]
-        best = best_act(event)
+            self.frontier.add(FrontierPoint(e.xent, e.act, iteration, e.text))
+        self.elite_points = [(e.xent, e.act) for e in elites]
+        best = best_act(elites, best_objective)
         if math.isfinite(best):
             best_of[iteration] = max(best_of.get(iteration, -math.inf), best)
         for it in sorted(best_of):
             self.history.add(it, best_of[it])
         self._dirty = True
 
-    def show_saved(self, points: list[dict[str, Any]], elites: list[dict[str, Any]]) -> None:
+    def show_saved(self, points: list[protocol.FrontierPoint], elites: list[protocol.Elite]) -> None:
         """Shows a saved session: its recorded frontier points (from history) and its final elites."""
         self.reset()
-        by_iteration: dict[int, list[dict[str, Any]]] = {}
+        by_iteration: dict[int, list[protocol.FrontierPoint]] = {}
         for p in points:
-            by_iteration.setdefault(int(p.get("iteration") or 0), []).append(p)
+            by_iteration.setdefault(p.iteration, []).append(p)
         for iteration in sorted(by_iteration):
-            self.add_progress({"iteration": iteration, "frontier_new": by_iteration[iteration],
-                               "best_objective": max(float(p["act"]) for p in by_iteration[iteration])})
-        self.add_progress({"iteration": max(by_iteration, default=0), "elites": elites})
+            self.add(iteration, by_iteration[iteration], [], max(p.act for p in by_iteration[iteration]))
+        self.add(max(by_iteration, default=0), [], elites)
 
     def _redraw_if_dirty(self) -> None:
         if self._dirty:
