@@ -35,8 +35,10 @@ CLIENT_ERROR_KINDS = ("worker_died", "worker_exited", "timeout", "not_running")
 STATES = Literal["idle", "loading", "compiling", "running", "paused", "stopping"]
 Id = str | int | None
 
-_COMMAND_CONFIG = ConfigDict(strict=True, extra="forbid")
-_EVENT_CONFIG = ConfigDict(strict=True, extra="ignore")  # a newer worker's added fields are skipped
+# The decorators of every command, and of every event and record: an event's unknown fields (from a
+# newer worker) are skipped, a command's refused.
+_command = dataclass(frozen=True, kw_only=True, config=ConfigDict(strict=True, extra="forbid"))
+_event = dataclass(frozen=True, kw_only=True, config=ConfigDict(strict=True, extra="ignore"))
 
 
 class ProtocolError(ValueError):
@@ -50,7 +52,7 @@ class ProtocolError(ValueError):
 # ------------------------------------------------------------------------------------------ commands
 
 
-@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+@_command
 class Command:
     """A command, client -> worker; `TYPE` is its `type` on the wire."""
 
@@ -58,13 +60,13 @@ class Command:
     id: Id = None
 
 
-@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+@_command
 class HelloCommand(Command):
     TYPE: ClassVar[str] = "hello"
     client: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+@_command
 class LoadCommand(Command):
     """One of: `config` (the config's sections), `config_path` (a file on the worker's host), `demo`."""
 
@@ -74,12 +76,12 @@ class LoadCommand(Command):
     demo: bool = False
 
 
-@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+@_command
 class FeaturesCommand(Command):
     TYPE: ClassVar[str] = "features"
 
 
-@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+@_command
 class StartCommand(Command):
     """A new search (`feature`, `search`: keys of those config sections to override) or, with `resume`
     (a session id or unique prefix), a stopped one; `checkpoint_seconds` in 0..30."""
@@ -92,35 +94,35 @@ class StartCommand(Command):
     checkpoint_seconds: float | None = None
 
 
-@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+@_command
 class PauseCommand(Command):
     TYPE: ClassVar[str] = "pause"
 
 
-@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+@_command
 class ResumeCommand(Command):
     TYPE: ClassVar[str] = "resume"
 
 
-@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+@_command
 class StopCommand(Command):
     TYPE: ClassVar[str] = "stop"
 
 
-@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+@_command
 class ScoreCommand(Command):
     TYPE: ClassVar[str] = "score"
     text: str
     feature: int | None = None
 
 
-@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+@_command
 class InjectCommand(Command):
     TYPE: ClassVar[str] = "inject"
     text: str
 
 
-@dataclass(frozen=True, kw_only=True, config=_COMMAND_CONFIG)
+@_command
 class ShutdownCommand(Command):
     TYPE: ClassVar[str] = "shutdown"
 
@@ -146,7 +148,7 @@ class _Record:
         return _adapter(cls).validate_json(json.dumps(data))
 
 
-@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+@_event
 class Elite(_Record):
     """One elite prompt as reported: `tokens`, `token_bytes` (each token's raw bytes in hex) and
     `activations` cover BOS and the prefix too; the optimized prompt starts at `prompt_start`. `act`
@@ -174,7 +176,7 @@ class Elite(_Record):
         return data
 
 
-@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+@_event
 class FrontierPoint(_Record):
     """A prompt that entered the (xent, act) Pareto frontier at `iteration`."""
 
@@ -189,7 +191,7 @@ class FrontierPoint(_Record):
 # -------------------------------------------------------------------------------------------- events
 
 
-@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+@_event
 class Event:
     """An event, worker -> client (or published by the client itself); `TYPE` is its `type` on the wire."""
 
@@ -197,7 +199,7 @@ class Event:
     id: Id = None
 
 
-@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+@_event
 class Hello(Event):
     TYPE: ClassVar[str] = "hello"
     worker: str
@@ -205,14 +207,14 @@ class Hello(Event):
     pid: int
 
 
-@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+@_event
 class State(Event):
     TYPE: ClassVar[str] = "state"
     state: STATES
     detail: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+@_event
 class Ready(Event):
     """The model and SAE are loaded. `neuronpedia_id` is the SAE's "<modelId>/<layer>" (None when its
     metadata has none, or from a worker older than the field); `dtype` as loaded ("auto" resolved);
@@ -232,13 +234,13 @@ class Ready(Event):
     labels: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+@_event
 class FeatureList(Event):
     TYPE: ClassVar[str] = "features"
     features: list[FeatureEntry]
 
 
-@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+@_event
 class Started(Event):
     """A search started (or resumed at `iteration`); `feature` says what is optimized (kind, indices,
     combine, ...)."""
@@ -253,7 +255,7 @@ class Started(Event):
     elites: list[Elite]
 
 
-@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+@_event
 class Progress(Event):
     """One iteration done: a snapshot, except `frontier_new` (only this iteration's new points).
     `it_per_s` over the last 10 iterations; `budget_left_s` of `search.time_budget`, paused time not
@@ -270,14 +272,14 @@ class Progress(Event):
     best_objective: float | None = None
 
 
-@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+@_event
 class Checkpointed(Event):
     TYPE: ClassVar[str] = "checkpointed"
     session: str
     iteration: int
 
 
-@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+@_event
 class Finished(Event):
     """A search ended; `folder` holds result.json and report.md; `reason` says why when it was not
     asked to stop (a time budget ran out)."""
@@ -291,7 +293,7 @@ class Finished(Event):
     reason: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+@_event
 class Scored(Event):
     """A text scored (`epo-tui score --json`), BOS and prefix included: positions from `prompt_start` on
     are the text's. `xent[i]` = -log p(token i | tokens before it) in nats, None for the first token."""
@@ -306,7 +308,7 @@ class Scored(Event):
     prompt_start: int
 
 
-@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+@_event
 class Injected(Event):
     TYPE: ClassVar[str] = "injected"
     elite: int  # the index it replaced
@@ -315,7 +317,7 @@ class Injected(Event):
     text: str
 
 
-@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+@_event
 class Error(Event):
     """`kind`: one of ERROR_KINDS from the worker, CLIENT_ERROR_KINDS from the client. The client's own
     errors add `origin` "client" and an `excerpt` of an unreadable line, or, for a dead worker, its
@@ -331,20 +333,20 @@ class Error(Event):
     returncode: int | None = None
 
 
-@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+@_event
 class Log(Event):
     TYPE: ClassVar[str] = "log"
     level: str
     message: str
 
 
-@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+@_event
 class Bye(Event):
     TYPE: ClassVar[str] = "bye"
     reason: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+@_event
 class WorkerStarted(Event):
     """Published by the client when it starts a worker process (never on the wire)."""
 
@@ -353,7 +355,7 @@ class WorkerStarted(Event):
     command: list[str]
 
 
-@dataclass(frozen=True, kw_only=True, config=_EVENT_CONFIG)
+@_event
 class WorkerExited(Event):
     """Published by the client when the worker ended after `bye` or the client's own close()."""
 
