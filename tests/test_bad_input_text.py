@@ -105,10 +105,12 @@ def test_control_characters_in_a_coloured_terminal(tiny):
 
 def test_markup_in_tokens_is_printed_as_text(capsys):
     """A token like '[/]' is rich markup: it must neither crash the table nor style it."""
+    from epo_tui.protocol import Scored
     from epo_tui.terminal import print_score
 
-    print_score({"tokens": ["<bos>", "[bold]x", "[/]", "[link=http://x]y"], "token_ids": [0, 1, 2, 3],
-                 "activations": [0.0, 1.0, 3.0, 2.0], "xent": [None, 1.0, 2.0, 3.0]}, 7)
+    print_score(Scored(feature=7, tokens=["<bos>", "[bold]x", "[/]", "[link=http://x]y"], token_bytes=[],
+                       token_ids=[0, 1, 2, 3], activations=[0.0, 1.0, 3.0, 2.0], xent=[None, 1.0, 2.0, 3.0],
+                       prompt_start=1))
     out = capsys.readouterr().out
     assert "'[bold]x'" in out and "'[/]'" in out and "'[link=http://x]y'" in out
     assert "max act 3.000 at pos 2 ('[/]')" in out
