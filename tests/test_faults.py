@@ -9,6 +9,7 @@ first runs it is tests/test_worker.py::test_a_session_runs_in_one_worker_at_a_ti
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import io
 import json
@@ -194,7 +195,8 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_says_so_and_retries(inpr
     failures: list[str] = []
     _full_disk(monkeypatch, name, failures)
     active = inproc.worker.active  # a point of its own to append, so every try writes history.jsonl too
-    active.pending_history.append({**active._points(active.state.frontier, [0])[0], "iteration": 999_999})
+    active.pending_history.append(dataclasses.replace(active._points(active.state.frontier, [0])[0],
+                                                      iteration=999_999))
     events = inproc.iterate(3)
     errors = _of(events, "error")
     assert failures and len(errors) == 3 and len(_of(events, "progress")) == 3  # one error per failed try

@@ -123,7 +123,7 @@ def test_a_resumed_checkpoint_holding_a_special_token_carries_none_on(tiny_pair,
     frontier_tokens[0, 0] = eot
     bad = replace(state, tokens_KxN=tokens, frontier=replace(state.frontier, tokens=frontier_tokens))
     recorded.finish("stopped")
-    recorded.session.write_checkpoint(state_arrays(bad), bad.iteration, recorded.elites())
+    recorded.session.write_checkpoint(state_arrays(bad), bad.iteration, [e.to_json() for e in recorded.elites()])
 
     resumed = RecordedSearch.resume(tiny_pair, recorded.session, iterations_total=state.iteration + 2,
                                     checkpoint_seconds=0)

@@ -267,8 +267,7 @@ def test_library_warnings_become_log_events():
     finally:
         logger.removeHandler(handler)
     events = [protocol.parse_event(line) for line in stream.getvalue().splitlines()]
-    assert [(e["type"], e["level"], e["message"]) for e in events] == [
-        ("log", "warning", "some.library: disk sda is slow")]
+    assert events == [protocol.Log(level="warning", message="some.library: disk sda is slow")]
 
 
 def test_client_restarts_a_killed_worker_and_resumes_its_session(tiny_dir, tmp_path, monkeypatch):
@@ -281,25 +280,24 @@ def test_client_restarts_a_killed_worker_and_resumes_its_session(tiny_dir, tmp_p
 
     async def scenario():
         async with WorkerClient() as client:
-            events = client.bus.subscribe({"checkpointed", "error", "started"})
-            await client.request("load", config_path=str(tiny_dir / "config.toml"), timeout=TIMEOUT)
-            started = await client.request("start", search={"iterations": 100000}, checkpoint_seconds=0,
+            events = client.bus.subscribe({protocol.Checkpointed, protocol.Error, protocol.Started})
+            await client.request(protocol.LoadCommand(config_path=str(tiny_dir / "config.toml")), timeout=TIMEOUT)
+            started = await client.request(protocol.StartCommand(search={"iterations": 100000}, checkpoint_seconds=0),
                                            timeout=TIMEOUT)
             checkpointed = None
-            while checkpointed is None or checkpointed["iteration"] < 5:
+            while checkpointed is None or checkpointed.iteration < 5:
                 event = await asyncio.wait_for(events.get(), TIMEOUT)
-                checkpointed = event if event["type"] == "checkpointed" else checkpointed
+                checkpointed = event if isinstance(event, protocol.Checkpointed) else checkpointed
             os.kill(client.pid, signal.SIGKILL)
             while True:
                 event = await asyncio.wait_for(events.get(), TIMEOUT)
-                if event["type"] == "error":
+                if isinstance(event, protocol.Error):
                     break
-            assert event["kind"] == "worker_died" and "SIGKILL" in event["message"]
-            assert isinstance(event["stderr_tail"], list)
+            assert event.kind == "worker_died" and "SIGKILL" in event.message
             resumed = await client.restart(resume=True, timeout=TIMEOUT)
-            assert resumed["type"] == "started" and resumed["session"] == started["session"]
-            assert resumed["iteration"] >= checkpointed["iteration"]
-            await client.request("stop", timeout=TIMEOUT)
+            assert isinstance(resumed, protocol.Started) and resumed.session == started.session
+            assert resumed.iteration >= checkpointed.iteration
+            await client.request(protocol.StopCommand(), timeout=TIMEOUT)
 
     asyncio.run(scenario())
 
