@@ -432,16 +432,16 @@ def test_two_uis_search_and_save_favorites_and_stars_at_once(tiny_dir, tmp_path,
             for sub in errors:
                 while sub.backlog:
                     event = await sub.get()
-                    assert "another process" in event.get("message", ""), event  # only the refused resume
+                    assert "another process" in event.message, event  # only the refused resume
             return ids, finished, Path(outputs[0][0].decode().strip())
 
     ids, finished, favorites_file = asyncio.run(scenario())
-    assert [f["status"] for f in finished] == ["stopped", "stopped"]
+    assert [f.status for f in finished] == ["stopped", "stopped"]
     for session_id, feature, done in zip(ids, (3, 5), finished):  # each session whole and its own
         session = sessions.find_session(session_id)
         meta = session.read_meta()
         assert meta["feature"]["indices"] == [feature] and meta["status"] == "stopped"
-        assert meta["checkpoint_iteration"] == done["iteration"] == int(session.read_checkpoint()[1]["iteration"])
+        assert meta["checkpoint_iteration"] == done.iteration == int(session.read_checkpoint()[1]["iteration"])
         assert session.read_history()[1] == [] and json.loads((session.folder / "result.json").read_text())
     assert favorites_file == shared
     entries = read_favorites(favorites_file)
