@@ -421,11 +421,6 @@ def problem_text(err: ValidationError) -> str:
     return f"field {where!r}: {problem['msg'][0].lower()}{problem['msg'][1:]}"
 
 
-def _fields_of(cls: type, message: dict[str, Any]) -> Any:
-    """The message without its envelope (`v`, `type`) as a `cls`; ValidationError when malformed."""
-    return _adapter(cls).validate_json(json.dumps({k: v for k, v in message.items() if k not in ("v", "type")}))
-
-
 def parse_command(line: bytes) -> Command:
     """A command from one line; ProtocolError (with the id when readable) for anything else."""
     message = _object(line)
@@ -439,7 +434,9 @@ def parse_command(line: bytes) -> Command:
     if type_ not in COMMANDS:
         raise ProtocolError(f"unknown command {type_!r} (commands: {', '.join(COMMANDS)})", id_)
     try:
-        return _fields_of(COMMANDS[type_], message)
+        fields = {k: v for k, v in message.items() if k not in ("v", "type")}
+        # strict JSON mode reads an object as the dataclass (strict Python mode takes only an instance)
+        return _adapter(COMMANDS[type_]).validate_json(json.dumps(fields))
     except ValidationError as err:
         raise ProtocolError(f"{type_}: {problem_text(err)}", id_) from None
 
@@ -452,8 +449,8 @@ def parse_event(line: bytes) -> Event:
     type_ = message.get("type")
     if type_ not in EVENTS:
         raise ProtocolError(f"unknown event {type_!r}")
-    try:
-        return _fields_of(EVENTS[type_], message)
+    try:  # the line itself: an event skips unknown fields, `v` and `type` among them
+        return _adapter(EVENTS[type_]).validate_json(line)
     except ValidationError as err:
         raise ProtocolError(f"{type_}: {problem_text(err)}") from None
 

@@ -116,6 +116,11 @@ class Worker:
         self.deadline = Deadline(None)  # the active search's time budget (search.time_budget)
         self.paused = False
         self.running = True
+        self.handlers = {protocol.HelloCommand: self.cmd_hello, protocol.LoadCommand: self.cmd_load,
+                         protocol.FeaturesCommand: self.cmd_features, protocol.StartCommand: self.cmd_start,
+                         protocol.PauseCommand: self.cmd_pause, protocol.ResumeCommand: self.cmd_resume,
+                         protocol.StopCommand: self.cmd_stop, protocol.ScoreCommand: self.cmd_score,
+                         protocol.InjectCommand: self.cmd_inject, protocol.ShutdownCommand: self.cmd_shutdown}
 
     # -- the loop
 
@@ -165,12 +170,7 @@ class Worker:
                 self.stop_active("crashed", error=f"{type(err).__name__}: {err}")
 
     def dispatch(self, cmd: protocol.Command) -> None:
-        handlers = {protocol.HelloCommand: self.cmd_hello, protocol.LoadCommand: self.cmd_load,
-                    protocol.FeaturesCommand: self.cmd_features, protocol.StartCommand: self.cmd_start,
-                    protocol.PauseCommand: self.cmd_pause, protocol.ResumeCommand: self.cmd_resume,
-                    protocol.StopCommand: self.cmd_stop, protocol.ScoreCommand: self.cmd_score,
-                    protocol.InjectCommand: self.cmd_inject, protocol.ShutdownCommand: self.cmd_shutdown}
-        handlers[type(cmd)](cmd)
+        self.handlers[type(cmd)](cmd)
 
     def set_state(self, state: str, detail: str | None = None, id_: Any = None) -> None:
         self.out.send(protocol.State(id=id_, state=state, detail=detail))
