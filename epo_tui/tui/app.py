@@ -26,6 +26,7 @@ from epo_tui.features import FeatureEntry, alive_indices
 from epo_tui.stars import Stars
 from epo_tui.text import inert
 from epo_tui.themes import Theme, load_theme
+from epo_tui.tui import worker_messages
 from epo_tui.tui.components.elites import ElitesPane
 from epo_tui.tui.components.features import FeaturePane
 from epo_tui.tui.components.frontier import FrontierPane
@@ -33,9 +34,7 @@ from epo_tui.tui.screens import EliteDetails, PromptEditor, Scratchpad
 from epo_tui.tui.sessions_screen import SessionChoice, SessionsScreen
 from epo_tui.tui.settings import SearchSettings
 from epo_tui.tui.status import StatusBar
-from epo_tui.tui import worker_messages
 from epo_tui.tui.themes import textual_theme
-from epo_tui.tui.worker_messages import message_for
 
 LOAD_TIMEOUT_S = 600.0  # a large model from the hub cache can take minutes to load
 
@@ -132,7 +131,7 @@ class EpoApp(App):
         except WorkerError as err:
             self.notify(inert(err.message), title="the worker failed", severity="error", timeout=30)
         async for event in events:
-            self.post_message(message_for(event))
+            self.post_message(worker_messages.message_for(event))
 
     def on_worker_ready(self, message: worker_messages.Ready) -> None:
         ready = self.ready = message.event
