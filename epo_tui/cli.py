@@ -274,7 +274,7 @@ def _config_labels(config: Config, sae) -> dict[int, str] | None:
 
 
 def cmd_features(args: argparse.Namespace, config: Config) -> int:
-    from epo_tui.engine.logit_lens import feature_catalog
+    from epo_tui.engine.feature_catalog import feature_catalog
     from epo_tui.engine.pairing import load_model_with_sae
     from epo_tui.features import search_features
     from epo_tui.terminal import print_features

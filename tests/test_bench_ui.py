@@ -12,7 +12,7 @@ import json
 import pytest
 
 from epo_tui import cli, sessions
-from epo_tui.tui.bench_ui import SYNC_REPLY, Output, percentile
+from epo_tui.tui.bench_ui import SYNC_REPLY, TerminalScreen, percentile
 from cli_run import run_cli
 
 
@@ -69,7 +69,7 @@ def test_frames_and_the_highlight_as_the_bench_reads_them():
             + "\x1b[?2026h" + second + "\x1b[?2026l" + "\x1b[?2026h\x1b[1;1Hnext").encode()
     for reads in ([data], [data[i:i + 1] for i in range(len(data))],
                   [data[:5], data[5:14], data[14:40], data[40:]]):
-        output = Output(8, 4)
+        output = TerminalScreen(8, 4)
         seen = []
 
         def at_frame_end() -> None:

@@ -27,7 +27,7 @@ import pytest
 
 from cli_run import run_cli
 from epo_tui import protocol, sessions
-from epo_tui.engine.worker import Output, Worker
+from epo_tui.engine.worker import EventWriter, Worker
 from test_worker import TIMEOUT, WorkerProcess, _load_and_start, worker_factory  # noqa: F401 - a fixture
 
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
@@ -43,7 +43,7 @@ class InProcessWorker:
 
     def __init__(self, pair, config, root: Path):
         self.stream = io.BytesIO()
-        self.worker = Worker(Output(self.stream), queue.Queue(), sessions_root=root)
+        self.worker = Worker(EventWriter(self.stream), queue.Queue(), sessions_root=root)
         self.worker.pair, self.worker.config = pair, config
         self.read = 0
 

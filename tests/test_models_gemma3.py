@@ -147,7 +147,7 @@ def test_both_multimodal_layouts_load_the_language_model_only(untied, tmp_path, 
     `language_model.model.`; the vision tower's and projector's tensors are never read."""
     from safetensors.torch import load_file, save_file
 
-    import epo_tui.engine.checkpoint as checkpoint
+    import epo_tui.engine.hf_checkpoint as checkpoint
 
     old = untied["multimodal"]
     folder = shutil.copytree(old.folder, tmp_path / "new-layout")

@@ -457,7 +457,7 @@ def test_catalog_reads_every_decoder_as_the_residual_direction_it_writes(tiny_pa
     the folded unembedding."""
     import dataclasses
 
-    from epo_tui.engine.logit_lens import compute_catalog
+    from epo_tui.engine.feature_catalog import compute_catalog
 
     extra = (dict(architecture="transcoder", d_out=32, hook_name_out="blocks.1.hook_mlp_out") if kind == "transcoder"
              else dict(reshape_activations="hook_z") if kind == "hook_z" else {})
@@ -479,7 +479,7 @@ def test_catalog_reads_every_decoder_as_the_residual_direction_it_writes(tiny_pa
 def test_catalog_of_an_sae_on_the_mlp_pre_activation_has_no_top_tokens(tiny_pair, tmp_path):
     import dataclasses
 
-    from epo_tui.engine.logit_lens import compute_catalog
+    from epo_tui.engine.feature_catalog import compute_catalog
 
     folder = write_random_sae(tmp_path / "sae", 128, D_SAE, "blocks.1.mlp.hook_pre", seed=4)
     pair = dataclasses.replace(tiny_pair, sae=load_sae(local(folder), cache_root=tmp_path / "cache"),

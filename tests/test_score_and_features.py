@@ -244,7 +244,7 @@ def test_features_search_limit_and_plain_output(tiny_dir, capsys):
 
 
 def test_features_catalog_is_cached(tiny_dir, capsys, monkeypatch):
-    import epo_tui.engine.logit_lens as lens
+    import epo_tui.engine.feature_catalog as lens
 
     config = str(tiny_dir / "config.toml")
     _run(capsys, "features", "--config", config, "--limit", "1")

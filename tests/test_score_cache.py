@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from epo_tui.config import load_config
-from epo_tui.engine.checkpoints import state_arrays, state_from_arrays
+from epo_tui.engine.state_arrays import state_arrays, state_from_arrays
 from epo_tui.engine.pairing import load_model_with_sae
 from epo_tui.engine.score_cache import ScoreCache
 from epo_tui.engine.search import Search

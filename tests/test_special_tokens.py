@@ -110,7 +110,7 @@ def test_validity_is_checked_after_the_prefix_not_alone(tiny_pair, tiny_config):
 
 
 def test_a_resumed_checkpoint_holding_a_special_token_carries_none_on(tiny_pair, tiny_config, tmp_path):
-    from epo_tui.engine.checkpoints import state_arrays
+    from epo_tui.engine.state_arrays import state_arrays
     from epo_tui.engine.session_search import RecordedSearch
 
     recorded = RecordedSearch.start(tiny_pair, tiny_config, root=tmp_path, checkpoint_seconds=0)

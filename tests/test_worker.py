@@ -255,10 +255,10 @@ def test_library_warnings_become_log_events():
     import io
     import logging
 
-    from epo_tui.engine.worker import LogEvents, Output
+    from epo_tui.engine.worker import LogEvents, EventWriter
 
     stream = io.BytesIO()
-    handler = LogEvents(Output(stream))
+    handler = LogEvents(EventWriter(stream))
     logger = logging.getLogger("some.library")
     logger.addHandler(handler)
     try:

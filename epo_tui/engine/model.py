@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from epo_tui.config import ModelConfig
 from epo_tui.engine import sharding
-from epo_tui.engine.checkpoint import CheckpointTensors, read_safetensors, resolve_checkpoint_dir
+from epo_tui.engine.hf_checkpoint import CheckpointTensors, read_safetensors, resolve_checkpoint_dir
 from epo_tui.engine.export_cache import ExportedJit
 from epo_tui.engine.models import family_module
 from epo_tui.engine.models.hooks import ATTN_Z, HookPoint, HookRecorder, parse_hook

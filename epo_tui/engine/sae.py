@@ -58,7 +58,7 @@ import numpy as np
 from epo_tui import paths
 from epo_tui.atomic import write_bytes_atomic, write_json_atomic
 from epo_tui.config import SAEConfig
-from epo_tui.engine.checkpoint import hub_offline
+from epo_tui.engine.hf_checkpoint import hub_offline
 from epo_tui.engine.sae_hub import cached_shapes_first
 from epo_tui.errors import ConfigError, UserError, did_you_mean, first_line
 from epo_tui.text import inert

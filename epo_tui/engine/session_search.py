@@ -16,7 +16,7 @@ import numpy as np
 from epo_tui import results, sessions
 from epo_tui.protocol import Elite, FrontierPoint
 from epo_tui.config import Config, config_from_data
-from epo_tui.engine.checkpoints import new_frontier_points, state_arrays, state_from_arrays
+from epo_tui.engine.state_arrays import new_frontier_points, state_arrays, state_from_arrays
 from epo_tui.engine.distributed import Cluster
 from epo_tui.engine.pairing import ModelWithSAE
 from epo_tui.engine.reporting import feature_record, features_label, result_of

@@ -42,7 +42,7 @@ IDLE_POLL_S = 0.5
 _EOF = object()
 
 
-class Output:
+class EventWriter:
     """Protocol lines to the client, one writer at a time; a closed pipe turns sends into no-ops."""
 
     def __init__(self, stream: BinaryIO):
@@ -69,7 +69,7 @@ class LogEvents(logging.Handler):
     """Warnings and errors that libraries log (and Python warnings) become `log` events, one line each,
     instead of going unseen on the worker's stderr."""
 
-    def __init__(self, out: Output):
+    def __init__(self, out: EventWriter):
         super().__init__(level=logging.WARNING)
         self.out = out
 
@@ -82,7 +82,7 @@ class LogEvents(logging.Handler):
         self.out.send(protocol.Log(level=record.levelname.lower(), message=f"{record.name}: {lines[0]}"))
 
 
-def read_commands(stdin: BinaryIO, commands: queue.Queue, out: Output) -> None:
+def read_commands(stdin: BinaryIO, commands: queue.Queue, out: EventWriter) -> None:
     """The reader thread: every line becomes a Command in the queue or an error event; EOF ends it."""
     limit = protocol.MAX_LINE_BYTES
     while True:
@@ -107,7 +107,7 @@ def read_commands(stdin: BinaryIO, commands: queue.Queue, out: Output) -> None:
 
 
 class Worker:
-    def __init__(self, out: Output, commands: queue.Queue, sessions_root: Path | None = None):
+    def __init__(self, out: EventWriter, commands: queue.Queue, sessions_root: Path | None = None):
         self.out, self.commands, self.sessions_root = out, commands, sessions_root
         self.config: Config | None = None
         self.pair = None
@@ -239,7 +239,7 @@ class Worker:
             raise UserError(f"{what}: no model loaded (send 'load' first)")
 
     def cmd_features(self, cmd: protocol.FeaturesCommand) -> None:
-        from epo_tui.engine.logit_lens import feature_catalog
+        from epo_tui.engine.feature_catalog import feature_catalog
         from epo_tui.features import with_labels
 
         self._need_pair("features")
@@ -447,7 +447,7 @@ def serve(stdin: BinaryIO | None = None, stdout: BinaryIO | None = None, session
         os.dup2(2, 1)  # and fd 1 (print, C libraries) goes to stderr from here on
         sys.stdout = sys.stderr
     stdin = stdin or sys.stdin.buffer
-    out = Output(stdout)
+    out = EventWriter(stdout)
     commands: queue.Queue = queue.Queue(maxsize=COMMAND_QUEUE)
     threading.Thread(target=read_commands, args=(stdin, commands, out), daemon=True, name="commands").start()
     worker = Worker(out, commands, sessions_root)

@@ -75,7 +75,7 @@ def _quiet(_: str) -> None:
 # The terminal: a pyte screen of what the app wrote, and its frames
 
 
-class Output:
+class TerminalScreen:
     """What the app writes: a pyte screen fed with it, and the synchronized-output frames it brackets.
 
     The frame marks are found on the raw bytes (a mark cut by the end of a read waits for its rest);
@@ -191,7 +191,7 @@ class _Terminal:
         import fcntl
         import termios
 
-        self.screen = Output(columns, rows)
+        self.screen = TerminalScreen(columns, rows)
         self.tail = b""  # the last output, for an error message if the child dies
         master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
@@ -309,14 +309,14 @@ class _Terminal:
         return lines[-1] if lines else "no output"
 
 
-def _status(screen: Output) -> tuple[int | None, float | None, str]:
+def _status(screen: TerminalScreen) -> tuple[int | None, float | None, str]:
     """(iteration, it/s, whole text) of the status bar, the screen's first row."""
     text = screen.text(0)
     iteration, rate = ITERATION.search(text), RATE.search(text)
     return (int(iteration[1]) if iteration else None, float(rate[1]) if rate else None, text)
 
 
-def _dead_worker(screen: Output) -> bool:
+def _dead_worker(screen: TerminalScreen) -> bool:
     return "worker died" in screen.text(0)
 
 

@@ -16,7 +16,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from epo_tui.engine.checkpoint import CheckpointTensors
+from epo_tui.engine.hf_checkpoint import CheckpointTensors
 from epo_tui.engine.models.hooks import (ATTN_INPUT, ATTN_OUTPUT_RAW, ATTN_Z, BLOCK_POINTS, MLP_INPUT, MLP_OUTPUT_RAW,
                                          HookNames, HookRecorder)
 from epo_tui.engine.models.layers import (Rope, apply_rope, attend, decoder_dims, forward_of, gated_mlp,

@@ -23,7 +23,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from epo_tui.engine.checkpoint import CheckpointTensors
+from epo_tui.engine.hf_checkpoint import CheckpointTensors
 from epo_tui.engine.models.gemma import embed, folded_unembedding_VxD, head, unembedding_VxD  # noqa: F401 (interface)
 from epo_tui.engine.models.hooks import (ATTN_INPUT, ATTN_OUTPUT_RAW, ATTN_Z, BLOCK_POINTS, MLP_INPUT, MLP_OUTPUT_RAW,
                                          HookNames, HookRecorder)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from epo_tui.engine.checkpoint import CheckpointTensors
+from epo_tui.engine.hf_checkpoint import CheckpointTensors
 from epo_tui.engine.models.hooks import ATTN_INPUT, ATTN_Z, BLOCK_POINTS, MLP_INPUT, HookNames, HookRecorder
 from epo_tui.engine.models.past import prefix_length
 from epo_tui.engine.models.layers import attend, layer_norm, layer_normalized, run_blocks

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from epo_tui.engine.checkpoint import CheckpointTensors
+from epo_tui.engine.hf_checkpoint import CheckpointTensors
 from epo_tui.engine.models.hooks import (ATTN_INPUT, ATTN_Z, BLOCK_POINTS, MLP_INPUT, HookNames,
                                          HookRecorder)
 from epo_tui.engine.models.layers import (Rope, apply_rope, attend, forward_of, hf_rope_settings, layer_norm,
