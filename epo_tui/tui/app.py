@@ -232,12 +232,21 @@ class EpoApp(App):
         except WorkerError as err:
             self.notify(inert(err.message), title=f"cannot {command.TYPE}", severity="error")
 
-    async def action_start(self) -> None:
+    def _worker_ready(self) -> bool:
+        """Whether the worker has loaded its model; says so when not."""
         if self.ready is None:
             self.notify("the worker is not ready yet", severity="warning")
-            return
-        if self.state in ("running", "paused", "compiling"):
-            self.notify("a search is running: press x to stop it first", severity="warning")
+        return self.ready is not None
+
+    def _no_search_running(self, then: str = "first") -> bool:
+        """Whether no search runs (or compiles, or is paused); asks to stop it when one does."""
+        running = self.state in ("running", "paused", "compiling")
+        if running:
+            self.notify(f"a search is running: press x to stop it {then}", severity="warning")
+        return not running
+
+    async def action_start(self) -> None:
+        if not (self._worker_ready() and self._no_search_running()):
             return
         feature = ({"indices": self.combined} if self.combined
                    else {"index": self.chosen.index if self.chosen else self.config.feature.index})
@@ -300,8 +309,7 @@ class EpoApp(App):
         self.push_screen(PromptEditor("edit the prompt; enter puts it into the population", elite.text), inject)
 
     def action_scratchpad(self) -> None:
-        if self.ready is None:
-            self.notify("the worker is not ready yet", severity="warning")
+        if not self._worker_ready():
             return
         features = self._session_features() or [self.chosen.index if self.chosen else self.config.feature.index]
 
@@ -327,8 +335,7 @@ class EpoApp(App):
             self.query_one(FeaturePane).apply_labels(imported)
 
     def action_import_labels(self) -> None:
-        if self.ready is None:
-            self.notify("the worker is not ready yet", severity="warning")
+        if not self._worker_ready():
             return
 
         async def load(path: str | None) -> None:
@@ -365,8 +372,7 @@ class EpoApp(App):
         if choice is None:
             return
         if choice.action == "open":
-            if self.state in ("running", "paused", "compiling"):
-                self.notify("a search is running: press x to stop it before opening another", severity="warning")
+            if not self._no_search_running(then="before opening another"):
                 return
             self.session, self.session_meta = None, choice.meta
             self.query_one(ElitesPane).update_elites(choice.elites)
@@ -377,11 +383,7 @@ class EpoApp(App):
             self.notify(f"session {choice.session_id} opened ({meta.get('status')}): f saves an elite, "
                         "o then r resumes it", title="session")
             return
-        if self.ready is None:
-            self.notify("the worker is not ready yet", severity="warning")
-            return
-        if self.state in ("running", "paused", "compiling"):
-            self.notify("a search is running: press x to stop it first", severity="warning")
+        if not (self._worker_ready() and self._no_search_running()):
             return
         done, total = int(choice.meta.get("iteration") or 0), int(choice.meta.get("iterations_total") or 0)
         more = {}
