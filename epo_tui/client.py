@@ -5,14 +5,10 @@ may import the engine's heavy libraries (DESIGN.md §2). The worker runs in its 
 remotely through a command such as `ssh host epo-tui worker`) so a crash or an out-of-memory there never
 takes the UI down; this module turns such a death into an ordinary `error` event.
 
-Two parts:
-
-- `WorkerClient` owns one worker process at a time. A reader task consumes the worker's stdout without
-  pause, so the worker never blocks on a full pipe because the UI is slow, and publishes every event,
-  parsed into its `protocol` dataclass, to a `Bus`. `request()` pairs a command with its answer by `id`.
-- `Bus` fans events out to `Subscription`s. Nothing in it grows without bound: `Progress` events are
-  coalesced (a slow reader gets the newest state, never a backlog) and other events wait in a bounded
-  deque that drops its oldest entries when full.
+`WorkerClient` owns one worker process at a time. A reader task consumes the worker's stdout without
+pause, so the worker never blocks on a full pipe because the UI is slow, and publishes every event,
+parsed into its `protocol` dataclass, to a `Bus` (bus.py: bounded, progress coalesced). `request()`
+pairs a command with its answer by `id`.
 
 Besides the worker's own events (PROTOCOL.md), the client publishes:
 
@@ -23,8 +19,7 @@ Besides the worker's own events (PROTOCOL.md), the client publishes:
   said `bye`;
 - `WorkerExited` (returncode, message) when it ends after `bye` or `close()`.
 
-Everything here runs on one asyncio event loop; nothing is thread-safe. Events are frozen dataclasses,
-shared between subscribers.
+Everything here runs on one asyncio event loop; nothing is thread-safe.
 """
 
 from __future__ import annotations
@@ -36,10 +31,11 @@ import shlex
 import signal
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from epo_tui import protocol
+from epo_tui.bus import Bus, E
 from epo_tui.errors import UserError
 
 # A protocol line may be MAX_LINE_BYTES long; the margin lets such a line arrive whole so that
@@ -48,16 +44,12 @@ STREAM_LIMIT = protocol.MAX_LINE_BYTES + (64 << 10)
 STDERR_LINES = 200  # kept for error reports
 STDERR_TAIL = 20  # of those, sent along in a worker_died event
 STDERR_LINE_CHARS = 2000  # a longer stderr line is cut: 200 lines must stay small
-SUBSCRIPTION_LIMIT = 1000  # discrete events waiting per subscription
-COALESCED = frozenset({protocol.Progress})  # event types of which only the newest pending one is kept
-FRONTIER_LIMIT = 1000  # frontier points carried over when progress events are coalesced
 YIELD_EVERY = 64  # lines read from an already full buffer before letting other tasks run
+SESSIONS_TIMEOUT_S = 60.0  # a cache of hundreds of sessions over a slow link still lists
 EXIT_GRACE_S = 2.0  # how long stdout's end and the process's exit may lag behind each other
 
 # Client-side error kinds (protocol.CLIENT_ERROR_KINDS), next to protocol.ERROR_KINDS (the worker's own).
 WORKER_DIED, WORKER_EXITED, TIMEOUT, NOT_RUNNING = protocol.CLIENT_ERROR_KINDS
-EventType = type[protocol.Event]
-E = TypeVar("E", bound=protocol.Event)
 
 
 class WorkerError(Exception):
@@ -72,10 +64,6 @@ class WorkerError(Exception):
         self.kind = kind
         self.message = message
         self.event = event
-
-
-class BusClosed(Exception):
-    """`Subscription.get()` on a closed subscription that has nothing left to deliver."""
 
 
 def default_command() -> list[str]:
@@ -112,149 +100,6 @@ def describe_exit(returncode: int | None) -> str:
             return f"killed by signal {number}"
         return f"killed by {name} (signal {number})"
     return f"exit code {returncode}"
-
-
-# ---------------------------------------------------------------------------------------------- bus
-
-
-def _merge_coalesced(older: protocol.Progress, newer: protocol.Progress) -> protocol.Progress:
-    """The newer event, carrying over what only the older one knew.
-
-    A progress event is a snapshot except for `frontier_new` (points that entered the frontier in that
-    iteration): replacing it would silently lose frontier points, so those are concatenated (the newest
-    FRONTIER_LIMIT kept). A new event: events are shared between subscriptions.
-    """
-    if not older.frontier_new:
-        return newer
-    return dataclasses.replace(newer, frontier_new=(older.frontier_new + newer.frontier_new)[-FRONTIER_LIMIT:])
-
-
-class Subscription:
-    """The events one UI part wants, waiting for it to read them; bounded whatever the reader's pace.
-
-    Discrete events wait in arrival order in a deque of at most `limit` entries (when full, the oldest
-    is dropped and counted in `dropped`). A `progress` event takes one slot whatever the rate: a newer
-    one replaces the pending one's content but keeps its place in the order.
-    """
-
-    def __init__(self, bus: Bus, types: Iterable[EventType] | None, limit: int = SUBSCRIPTION_LIMIT):
-        if limit < 1:
-            raise ValueError("a subscription needs room for at least one event")
-        self._bus = bus
-        self.types = frozenset(types) if types is not None else None
-        self.limit = limit
-        self.dropped = 0
-        self.closed = False
-        self._order = itertools.count()  # arrival positions, to merge the two stores in order
-        self._events: deque[tuple[int, protocol.Event]] = deque()
-        self._coalesced: dict[EventType, tuple[int, protocol.Event]] = {}  # type -> (first arrival, newest)
-        self._latest: dict[EventType, protocol.Event] = {}
-        self._wakeup = asyncio.Event()
-
-    def wants(self, type_: EventType) -> bool:
-        return self.types is None or type_ in self.types
-
-    @property
-    def backlog(self) -> int:
-        """Events waiting to be read (at most limit + the number of coalesced types)."""
-        return len(self._events) + len(self._coalesced)
-
-    def put(self, event: protocol.Event) -> None:
-        """Called by the bus for each event this subscription wants."""
-        type_ = type(event)
-        self._latest[type_] = event
-        position = next(self._order)
-        if type_ in COALESCED:
-            pending = self._coalesced.get(type_)
-            self._coalesced[type_] = (position, event) if pending is None else (
-                pending[0], _merge_coalesced(pending[1], event))
-        else:
-            if len(self._events) >= self.limit:
-                self._events.popleft()
-                self.dropped += 1
-            self._events.append((position, event))
-        self._wakeup.set()
-
-    def get_nowait(self) -> protocol.Event | None:
-        """The next event, or None when none is waiting (for widgets on a timer)."""
-        first = min(self._coalesced.items(), key=lambda item: item[1][0], default=None)
-        if first is not None and (not self._events or first[1][0] < self._events[0][0]):
-            del self._coalesced[first[0]]
-            return first[1][1]
-        if self._events:
-            return self._events.popleft()[1]
-        return None
-
-    async def get(self) -> protocol.Event:
-        """The next event, waiting for one; BusClosed once closed and drained."""
-        while True:
-            event = self.get_nowait()
-            if event is not None:
-                return event
-            if self.closed:
-                raise BusClosed("the subscription is closed")
-            self._wakeup.clear()
-            await self._wakeup.wait()
-
-    def latest(self, type_: type[E]) -> E | None:
-        """The newest event of this type seen so far, read or not (for widgets that poll)."""
-        return self._latest.get(type_)
-
-    def close(self) -> None:
-        """Stops delivery; events already waiting can still be read."""
-        if not self.closed:
-            self.closed = True
-            self._bus.unsubscribe(self)
-            self._wakeup.set()
-
-    def __aiter__(self) -> AsyncIterator[protocol.Event]:
-        return self
-
-    async def __anext__(self) -> protocol.Event:
-        try:
-            return await self.get()
-        except BusClosed:
-            raise StopAsyncIteration from None
-
-
-class Bus:
-    """Fans events out to subscriptions; each keeps its own bounded backlog (see Subscription)."""
-
-    def __init__(self) -> None:
-        self._subscriptions: list[Subscription] = []
-        self._latest: dict[EventType, protocol.Event] = {}
-        self.closed = False
-
-    def subscribe(self, types: Iterable[EventType] | None = None, limit: int = SUBSCRIPTION_LIMIT) -> Subscription:
-        """A subscription to the events of these types (all when None), from now on."""
-        subscription = Subscription(self, types, limit)
-        if self.closed:
-            subscription.closed = True
-        else:
-            self._subscriptions.append(subscription)
-        return subscription
-
-    def unsubscribe(self, subscription: Subscription) -> None:
-        if subscription in self._subscriptions:
-            self._subscriptions.remove(subscription)
-            subscription.close()
-
-    def publish(self, event: protocol.Event) -> None:
-        type_ = type(event)
-        self._latest[type_] = event
-        for subscription in list(self._subscriptions):
-            if subscription.wants(type_):
-                subscription.put(event)
-
-    def latest(self, type_: type[E]) -> E | None:
-        """The newest event of this type published so far."""
-        return self._latest.get(type_)
-
-    def close(self) -> None:
-        """Ends every subscription (after it drains); later subscriptions start closed."""
-        self.closed = True
-        for subscription in list(self._subscriptions):
-            subscription.close()
 
 
 # ------------------------------------------------------------------------------------------- client
@@ -413,6 +258,20 @@ class WorkerClient:
             raise WorkerError(TIMEOUT, f"no answer to {command.TYPE!r} within {timeout:g} s") from None
         finally:
             self._waiting.pop(id_, None)
+
+    async def sessions(self, timeout: float | None = SESSIONS_TIMEOUT_S) -> protocol.SessionList:
+        """The saved sessions on the worker's host (`sessions`). WorkerError as for request()."""
+        return await self._answer(protocol.SessionsCommand(), protocol.SessionList, timeout)
+
+    async def session(self, session_id: str, timeout: float | None = SESSIONS_TIMEOUT_S) -> protocol.SessionDetails:
+        """One saved session on the worker's host (`session`). WorkerError as for request()."""
+        return await self._answer(protocol.SessionCommand(session=session_id), protocol.SessionDetails, timeout)
+
+    async def _answer(self, command: protocol.Command, expected: type[E], timeout: float | None) -> E:
+        answer = await self.request(command, timeout)
+        if not isinstance(answer, expected):
+            raise WorkerError("protocol", f"the worker answered {command.TYPE!r} with {answer.TYPE!r}", answer)
+        return answer
 
     async def _send(self, command: protocol.Command, expect_answer: bool
                     ) -> tuple[int, asyncio.Future[protocol.Event] | None]:

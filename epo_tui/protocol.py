@@ -101,7 +101,13 @@ class PauseCommand(Command):
 
 @_command
 class ResumeCommand(Command):
+    """Without `session`, the paused search goes on. With `session` (a saved session's id or unique
+    prefix, as `sessions` lists them), that session continues from its checkpoint, as `start` with
+    `resume` does; `iterations` is its new total (default: the total it had)."""
+
     TYPE: ClassVar[str] = "resume"
+    session: str | None = None
+    iterations: int | None = None
 
 
 @_command
@@ -127,9 +133,24 @@ class ShutdownCommand(Command):
     TYPE: ClassVar[str] = "shutdown"
 
 
+@_command
+class SessionsCommand(Command):
+    """The saved sessions on the worker's host, answered with `session_list`."""
+
+    TYPE: ClassVar[str] = "sessions"
+
+
+@_command
+class SessionCommand(Command):
+    """One saved session (`session`: its id or a unique prefix), answered with `session_details`."""
+
+    TYPE: ClassVar[str] = "session"
+    session: str
+
+
 COMMANDS: dict[str, type[Command]] = {c.TYPE: c for c in (
     HelloCommand, LoadCommand, FeaturesCommand, StartCommand, PauseCommand, ResumeCommand, StopCommand,
-    ScoreCommand, InjectCommand, ShutdownCommand)}
+    ScoreCommand, InjectCommand, ShutdownCommand, SessionsCommand, SessionCommand)}
 
 
 # ------------------------------------------------------------------------------------ shared records
@@ -186,6 +207,27 @@ class FrontierPoint(_Record):
     act: float
     token_ids: list[int]
     text: str
+
+
+@_event
+class SessionInfo(_Record):
+    """One saved session as listed. `status` as it should be shown: a session marked running or paused
+    whose runner is gone (killed, a crash) is "interrupted". `checkpoint_iteration` is where a resume
+    starts (None: no checkpoint yet, nothing to resume); `created`, `updated` are ISO 8601 times in UTC."""
+
+    id: str
+    status: str
+    features: list[int]
+    label: str | None = None
+    model: str
+    sae: str
+    hook: str | None = None
+    iteration: int
+    iterations_total: int
+    checkpoint_iteration: int | None = None
+    created: str
+    updated: str
+    error: str | None = None
 
 
 # -------------------------------------------------------------------------------------------- events
@@ -347,6 +389,34 @@ class Bye(Event):
 
 
 @_event
+class SessionList(Event):
+    """The saved sessions in the worker's `folder` on `host`, newest first; `problems`: one line per
+    session folder that could not be read (skipped)."""
+
+    TYPE: ClassVar[str] = "session_list"
+    host: str
+    folder: str
+    sessions: list[SessionInfo]
+    problems: list[str] = field(default_factory=list)
+
+
+@_event
+class SessionDetails(Event):
+    """One saved session: its session.json (`meta`), the elites of its checkpoint (none before the first),
+    and its frontier history reduced to what a chart draws (every point still on the (xent, act)
+    frontier, and each iteration's highest act), bounded so the line stays short. `problems`: history
+    lines skipped as damaged; `running_elsewhere`: another process runs it (it cannot be resumed now)."""
+
+    TYPE: ClassVar[str] = "session_details"
+    session: SessionInfo
+    meta: dict[str, Any]
+    elites: list[Elite]
+    history: list[FrontierPoint]
+    problems: list[str] = field(default_factory=list)
+    running_elsewhere: bool = False
+
+
+@_event
 class WorkerStarted(Event):
     """Published by the client when it starts a worker process (never on the wire)."""
 
@@ -366,7 +436,7 @@ class WorkerExited(Event):
 
 EVENTS: dict[str, type[Event]] = {e.TYPE: e for e in (
     Hello, State, Ready, FeatureList, Started, Progress, Checkpointed, Finished, Scored, Injected, Error,
-    Log, Bye)}
+    Log, Bye, SessionList, SessionDetails)}
 
 
 # ------------------------------------------------------------------------------------ (de)serialising

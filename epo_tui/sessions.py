@@ -30,7 +30,8 @@ from pydantic import ValidationError
 
 from epo_tui import atomic, paths, results
 from epo_tui.errors import UserError, did_you_mean, first_line
-from epo_tui.protocol import Elite, problem_text
+from epo_tui.pareto import ParetoFrontier
+from epo_tui.protocol import Elite, FrontierPoint, problem_text
 from epo_tui.results import md_text
 
 SESSION_VERSION = 1
@@ -422,7 +423,8 @@ class SessionSummary:
         return self.status
 
 
-def _summary(session: Session, meta: dict[str, Any]) -> SessionSummary:
+def summarize(session: Session, meta: dict[str, Any]) -> SessionSummary:
+    """The listed summary of a session from its session.json; TypeError or ValueError for a mistyped field."""
     feature = meta.get("feature") or {}
     sae = meta.get("sae") or {}
     return SessionSummary(
@@ -448,7 +450,7 @@ def list_sessions(root: Path | None = None) -> tuple[list[SessionSummary], list[
     for folder in _session_folders(sessions_dir(root)):
         session = Session(folder)
         try:
-            summaries.append(_summary(session, session.read_meta()))
+            summaries.append(summarize(session, session.read_meta()))
         except SessionError as err:
             problems.append(f"{session.id}: {err.path.name}: {err.reason}; skipped")
         except (TypeError, ValueError, AttributeError) as err:  # valid JSON of the wrong shape
@@ -571,17 +573,15 @@ def _features_title(feature: dict) -> str:
 
 
 def _frontier_of(points: list[dict]) -> list[dict]:
-    """The points of the history that are still on the frontier (lowest xent first): each distinct
-    prompt once, kept when no point with lower-or-equal xent has a higher objective."""
-    seen, distinct = set(), []
-    for point in (p for p in points if all(isinstance(p.get(k), (int, float)) for k in ("xent", "objective", "act"))):
-        key = tuple(point.get("token_ids", ())) or id(point)
-        if key not in seen:
-            seen.add(key)
-            distinct.append(point)
-    frontier, best = [], -np.inf
-    for point in sorted(distinct, key=lambda p: (p["xent"], -p["objective"])):
-        if point["objective"] > best:
-            frontier.append(point)
-            best = point["objective"]
-    return frontier
+    """The history's points still on the (xent, act) frontier, lowest xent first (epo_tui.pareto: the
+    chart's frontier); a line that is not a frontier point is left out."""
+    frontier: ParetoFrontier[FrontierPoint] = ParetoFrontier()
+    lines: dict[int, dict] = {}  # id of a point -> its line, as written
+    for data in points:
+        try:
+            point = FrontierPoint.from_json(data)
+        except ValidationError:
+            continue
+        lines[id(point)] = data
+        frontier.add(point)
+    return [lines[id(point)] for point in frontier.points]

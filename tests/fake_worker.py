@@ -15,10 +15,11 @@ Modes (each starts with the worker's unsolicited `hello`):
   sleep             reads commands and never answers; exits at end of input
   hang-on-shutdown  ignores commands, end of input, SIGTERM and SIGHUP (only SIGKILL ends it)
   ui [finish|die]   for the UI's snapshots: a demo-like model with 40 labelled features (its SAE's
-                    Neuronpedia id "demo/2-res", or $FAKE_NEURONPEDIA_ID; set empty: none); `start` emits
-                    started and 5 progress events with fixed elites and frontier points, then
-                    (finish) finished, or (die) 3 stderr lines and exit 3; without an argument the
-                    search stays running; answers pause, resume, stop, score, inject and shutdown
+                    Neuronpedia id "demo/2-res", or $FAKE_NEURONPEDIA_ID; set empty: none); `start` (and
+                    `resume` of a saved session) emits started and 5 progress events with fixed elites and
+                    frontier points, then (finish) finished, or (die) 3 stderr lines and exit 3; without an
+                    argument the search stays running; answers pause, resume, stop, score, inject and
+                    shutdown, and `sessions`/`session` as the real worker does (from the real folder)
   ui-evil [finish|die]  as ui, but the elites' tokens (and so their text) are EVIL_TOKENS: escape
                     sequences (clear screen, OSC 52 clipboard write, OSC 8 hyperlink) and markup
                     (tests/test_security.py checks none reaches the terminal raw)
@@ -38,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's epo_tui, installed or not
 
 from epo_tui import protocol  # noqa: E402
+from epo_tui.engine.worker import EventWriter, answer_session_query  # noqa: E402
 from epo_tui.features import FeatureEntry  # noqa: E402
 
 OUT = sys.stdout.buffer
@@ -212,7 +214,9 @@ def ui(commands: Commands, ending: str | None) -> int:
             features = [FeatureEntry(index=i, top_tokens=(f" tok{i}", f" word{i % 7}"), top_token_ids=(i, i + 1),
                                      label=f"mentions of topic {i}" if i % 3 else None) for i in range(40)]
             emit("features", id=id_, features=features)
-        elif t in ("pause", "resume"):
+        elif t in ("sessions", "session"):  # the real worker's answers, from the real sessions folder
+            answer_session_query(cmd, EventWriter(OUT), None)
+        elif t == "pause" or (t == "resume" and cmd.session is None):
             emit("state", id=id_, state="paused" if t == "pause" else "running", detail=None)
         elif t == "stop":
             emit("state", state="stopping", detail=None)
@@ -227,10 +231,11 @@ def ui(commands: Commands, ending: str | None) -> int:
                  tokens=["<|endoftext|>"] + words, token_bytes=[],
                  token_ids=list(range(len(words) + 1)), activations=[22.5] + [1.0] * len(words),  # BOS fires
                  xent=[None] + [2.0] * len(words), prompt_start=1)
-        elif t == "start":
-            index = (cmd.feature or {}).get("index", 24)
+        elif t in ("start", "resume"):  # a new search, or a saved session resumed
+            index = (cmd.feature or {}).get("index", 24) if t == "start" else 24
+            resumed = cmd.resume if t == "start" else cmd.session
             emit("state", state="compiling", detail=None)
-            emit("started", id=id_, session=cmd.resume or "20261125-120000-abc123", label=f"feature {index}",
+            emit("started", id=id_, session=resumed or "20261125-120000-abc123", label=f"feature {index}",
                  feature={"kind": "sae", "indices": [index], "combine": "lp"}, iteration=0, iterations_total=100,
                  lambdas=[1.0, 3.0, 7.0, 20.0], elites=[ui_elite(k, 0) for k in range(4)])
             emit("state", state="running", detail=None)

@@ -16,8 +16,8 @@ import pytest
 from pydantic import ValidationError
 
 from epo_tui import protocol
-from epo_tui.client import (FRONTIER_LIMIT, Bus, BusClosed, WorkerClient, WorkerError, describe_exit,
-                            worker_command)
+from epo_tui.bus import FRONTIER_LIMIT, Bus, BusClosed
+from epo_tui.client import WorkerClient, WorkerError, describe_exit, worker_command
 from epo_tui.errors import UserError
 
 FAKE = Path(__file__).resolve().parent / "fake_worker.py"

@@ -28,11 +28,12 @@ from pathlib import Path
 
 import pytest
 
-from epo_tui.client import SUBSCRIPTION_LIMIT
+from epo_tui.bus import SUBSCRIPTION_LIMIT
 from epo_tui.config import load_config
 from epo_tui.protocol import Finished
 from epo_tui.tui.app import EpoApp, LoadSpec
-from epo_tui.tui.components.frontier import FRONTIER_MAX_POINTS, HISTORY_MAX_POINTS, FrontierPane
+from epo_tui.pareto import FRONTIER_MAX_POINTS
+from epo_tui.tui.components.frontier import HISTORY_MAX_POINTS, FrontierPane
 from epo_tui.tui.status import StatusBar
 
 ITERATIONS = int(os.environ.get("EPO_TUI_LOAD_ITERATIONS", "2000"))  # longer runs: a leak check

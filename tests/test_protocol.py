@@ -13,6 +13,10 @@ from epo_tui.features import FeatureEntry
 ELITE = protocol.Elite(penalty=1.0, token_ids=[50256, 7], tokens=["<|endoftext|>", "hi"], token_bytes=["", "6869"],
                        activations=[0.0, 2.5], act=2.5, xent=3.25, objective=-0.75, prompt_start=1, text="hi")
 POINT = protocol.FrontierPoint(iteration=3, xent=3.25, objective=-0.75, act=2.5, token_ids=[7], text="hi")
+SESSION = protocol.SessionInfo(id="20261125-120000-abc123", status="interrupted", features=[5, 9], label="bridges",
+                               model="google/gemma-2-2b", sae="gemma-scope-2b-pt-res/layer_12", hook="blocks.12.hook_resid_post",
+                               iteration=40, iterations_total=100, checkpoint_iteration=38,
+                               created="2026-11-25T12:00:00+00:00", updated="2026-11-25T12:30:00+00:00", error="oom")
 
 # one of each message, every field set to something other than its default
 COMMANDS = [
@@ -25,6 +29,8 @@ COMMANDS = [
                           checkpoint_seconds=0.5),
     protocol.StartCommand(resume="2026", search={"iterations": 40}),
     protocol.PauseCommand(), protocol.ResumeCommand(), protocol.StopCommand(),
+    protocol.ResumeCommand(id=8, session="20261125-1200", iterations=200),
+    protocol.SessionsCommand(id=9), protocol.SessionCommand(id=10, session="abc1"),
     protocol.ScoreCommand(id=5, text="Debian", feature=3),
     protocol.InjectCommand(text="hello"),
     protocol.ShutdownCommand(id=6),
@@ -50,6 +56,10 @@ EVENTS = [
     protocol.Error(id=7, kind="input", message="score: no model loaded", traceback="Traceback ..."),
     protocol.Log(level="warning", message="sae.labels not applied"),
     protocol.Bye(reason="shutdown"),
+    protocol.SessionList(id=9, host="tpu-vm-0", folder="/home/r/.cache/epo-tui/sessions", sessions=[SESSION],
+                         problems=["20261124-090000-aaaaaa: session.json: not valid JSON; skipped"]),
+    protocol.SessionDetails(id=10, session=SESSION, meta={"id": SESSION.id, "label": None}, elites=[ELITE],
+                            history=[POINT], problems=[], running_elsewhere=True),
 ]
 
 
@@ -67,7 +77,7 @@ def test_an_event_reads_back_as_it_was_written(event):
 
 def test_every_type_has_a_class_and_every_class_a_type():
     assert set(protocol.COMMANDS) == {"hello", "load", "features", "start", "pause", "resume", "stop", "score",
-                                      "inject", "shutdown"}
+                                      "inject", "shutdown", "sessions", "session"}
     assert {type(c) for c in COMMANDS} == set(protocol.COMMANDS.values())
     assert {type(e) for e in EVENTS} == set(protocol.EVENTS.values())
 

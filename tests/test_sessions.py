@@ -260,8 +260,8 @@ def test_export_is_escaped_and_inert(root):
     session.write_checkpoint(_arrays(), 3, [_elite(tokens), _elite(tokens[:2], act=1.0)])
     session.append_history([{"iteration": 1, "xent": 2.0, "objective": 1.0, "act": 3.0, "token_ids": [1],
                              "text": "\x1b[2J<script>"},
-                            {"iteration": 2, "xent": 3.0, "objective": 0.5, "act": 4.0, "token_ids": [2],
-                             "text": "dominated"}])
+                            {"iteration": 2, "xent": 3.0, "objective": 2.5, "act": 2.5, "token_ids": [2],
+                             "text": "dominated"}])  # on (xent, act); its higher objective does not count
     with open(session.folder / "history.jsonl", "ab") as handle:
         handle.write(b"junk\n")
     session.update_meta(iteration=4, status="stopped", error="worker \x1b[1mdied")

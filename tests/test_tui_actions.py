@@ -321,7 +321,9 @@ def test_sessions_resume_sends_the_session_and_more_iterations_for_a_finished_on
         await until(pilot, lambda: app.session is not None and app.session.session == stopped.id, "the resume")
 
     _run(app, scenario)
-    assert _sent(record, "start")[-1]["resume"] == stopped.id and _sent(record, "start")[-1]["search"] == {}
+    # the session resumes with its own total: no `iterations` is sent
+    assert _sent(record, "resume")[-1] == {"v": 1, "type": "resume", "id": _sent(record, "resume")[-1]["id"],
+                                           "session": stopped.id}
 
     finished = _saved_session([32], "finished", 10, 10)  # newest: the browser's first row
     app = fake_app(record=record)
@@ -333,8 +335,8 @@ def test_sessions_resume_sends_the_session_and_more_iterations_for_a_finished_on
         await until(pilot, lambda: app.session is not None, "the resume")
 
     _run(app, again)
-    last = _sent(record, "start")[-1]
-    assert last["resume"] == finished.id and last["search"] == {"iterations": 10 + app.config.search.iterations}
+    last = _sent(record, "resume")[-1]
+    assert last["session"] == finished.id and last["iterations"] == 10 + app.config.search.iterations
 
 
 def test_the_palette_holds_every_action():

@@ -5,7 +5,6 @@ favorite, `q` quits and leaves the session resumable; a killed worker is reporte
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import signal
 import time
@@ -14,13 +13,12 @@ import pytest
 from textual.widgets import Input
 
 from epo_tui import favorites, sessions
-from epo_tui.config import load_config
 from epo_tui.protocol import Injected
-from epo_tui.tui.app import EpoApp, LoadSpec
 from epo_tui.tui.components.elites import ElitesPane
 from epo_tui.tui.components.features import FeaturePane
 from epo_tui.tui.screens import PromptEditor, Scratchpad
 from epo_tui.tui.status import StatusBar, eta_text
+from tui_pilot import tiny_app
 
 TIMEOUT = 120.0
 
@@ -33,13 +31,6 @@ async def _until(pilot, condition, timeout: float = TIMEOUT, what: str = "") -> 
         await pilot.pause(0.05)
 
 
-def _app(tiny_dir) -> EpoApp:
-    """The app on the tiny model, with a search long enough never to end during a test."""
-    config = load_config(str(tiny_dir / "config.toml"))
-    config = dataclasses.replace(config, search=dataclasses.replace(config.search, iterations=100_000))
-    return EpoApp(config, LoadSpec.of(config, demo=False))
-
-
 def test_eta_text():
     assert eta_text(10, 100, 2.0) == "ETA 45s"
     assert eta_text(0, 1000, 0.5) == ""
@@ -49,7 +40,7 @@ def test_eta_text():
 
 def test_start_pause_favorite_quit(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    app = _app(tiny_dir)
+    app = tiny_app(tiny_dir)
 
     async def scenario():
         async with app.run_test(size=(100, 30)) as pilot:
@@ -97,7 +88,7 @@ def test_start_pause_favorite_quit(tiny_dir, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_a_killed_worker_is_reported_and_R_resumes(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    app = _app(tiny_dir)
+    app = tiny_app(tiny_dir)
 
     async def scenario():
         async with app.run_test(size=(100, 30)) as pilot:
@@ -110,6 +101,12 @@ def test_a_killed_worker_is_reported_and_R_resumes(tiny_dir, tmp_path, monkeypat
             checkpointed = sessions.find_session(session_id).read_meta()["checkpoint_iteration"]
             await _until(pilot, lambda: app.worker_dead, what="the death notice")
             assert "restart" in status.fields["state"]
+            app.clear_notifications()
+            await pilot.press("o")  # the sessions are the worker's: with none running, say so
+            await _until(pilot, lambda: app._notifications, what="the sessions notice")
+            assert [n.message for n in app._notifications] == [
+                "the sessions are the worker's, and it is not running: R restarts it"]
+            assert app.screen is app.screen_stack[0]
             await pilot.press("R")
             await _until(pilot, lambda: not app.worker_dead and app.state == "running", what="the resume")
             assert app.session.session == session_id and app.session.iteration == checkpointed

@@ -19,8 +19,9 @@ from epo_tui import paths, protocol
 from epo_tui.protocol import Elite, Progress
 from epo_tui.themes import load_theme_file
 from epo_tui.tui.components.elites import ElitesPane
-from epo_tui.tui.components.frontier import (FRONTIER_MAX_POINTS, REDRAWS_PER_S, BestHistory, FrontierPane,
-                                             FrontierPoint, ParetoFrontier)
+from epo_tui.pareto import FRONTIER_MAX_POINTS, ParetoFrontier
+from epo_tui.tui.components.frontier import REDRAWS_PER_S, BestHistory, FrontierPane
+from epo_tui.tui.components.frontier import PlotPoint
 from epo_tui.tui.tokens import activation_text, legend
 
 THEMES = sorted(paths.shipped_dir("themes").glob("*.toml"))
@@ -98,15 +99,15 @@ def test_pareto_frontier_keeps_exactly_the_non_dominated_set():
     points = [(rng.uniform(0, 10), rng.uniform(0, 10)) for _ in range(2000)]
     frontier = ParetoFrontier()
     for i, (x, a) in enumerate(points):
-        frontier.add(FrontierPoint(x, a, i, ""))
+        frontier.add(PlotPoint(x, a, i, ""))
     assert {(p.xent, p.act) for p in frontier.points} == brute_force_front(points)
-    assert not frontier.add(FrontierPoint(frontier.points[0].xent, frontier.points[0].act, 0, ""))  # a repeat
+    assert not frontier.add(PlotPoint(frontier.points[0].xent, frontier.points[0].act, 0, ""))  # a repeat
 
 
 def test_pareto_frontier_replaces_a_point_at_the_same_xent():
     frontier = ParetoFrontier()
-    frontier.add(FrontierPoint(1.0, 1.0, 0, "a"))
-    frontier.add(FrontierPoint(1.0, 2.0, 1, "b"))
+    frontier.add(PlotPoint(1.0, 1.0, 0, "a"))
+    frontier.add(PlotPoint(1.0, 2.0, 1, "b"))
     assert [p.text for p in frontier.points] == ["b"]
 
 
@@ -115,7 +116,7 @@ def test_pareto_frontier_stays_bounded_and_non_dominated_on_a_dense_front():
     frontier = ParetoFrontier()
     for i in range(10_000):  # every point on an increasing curve: all non-dominated
         x = rng.uniform(0, 10)
-        frontier.add(FrontierPoint(x, x ** 0.5, i, ""))
+        frontier.add(PlotPoint(x, x ** 0.5, i, ""))
     kept = frontier.points
     assert 100 < len(kept) <= FRONTIER_MAX_POINTS
     xs = [p.xent for p in kept]

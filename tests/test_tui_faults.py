@@ -8,7 +8,6 @@ The worker's side of the same faults (events, files, a full disk) is tests/test_
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import shutil
 import threading
 from pathlib import Path
@@ -17,12 +16,10 @@ import numpy as np
 from textual.app import App
 
 from epo_tui import favorites, sessions
-from epo_tui.config import load_config
-from epo_tui.tui.app import EpoApp, LoadSpec
 from epo_tui.tui.components.elites import ElitesPane
 from epo_tui.tui.sessions_screen import SessionsScreen
 from epo_tui.tui.status import StatusBar
-from tui_pilot import until
+from tui_pilot import InProcessSessions, tiny_app, until
 
 TIMEOUT = 120.0
 
@@ -33,9 +30,7 @@ def _messages(app: App) -> list[str]:
 
 def test_a_session_folder_deleted_under_the_running_ui(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = load_config(str(tiny_dir / "config.toml"))
-    config = dataclasses.replace(config, search=dataclasses.replace(config.search, iterations=100_000))
-    app = EpoApp(config, LoadSpec.of(config, demo=False))
+    app = tiny_app(tiny_dir)
 
     async def scenario():
         async with app.run_test(size=(100, 30)) as pilot:
@@ -85,7 +80,7 @@ class Host(App):
         self.root, self.results = root, []
 
     def on_mount(self) -> None:
-        self.push_screen(SessionsScreen(self.root), callback=self.results.append)
+        self.push_screen(SessionsScreen(InProcessSessions(self.root)), callback=self.results.append)
 
 
 def _two_sessions(root: Path, monkeypatch) -> list[sessions.Session]:

@@ -4,6 +4,7 @@ tiny host app; what the user sees, what each key returns, and what it refuses.""
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from textual.widgets import DataTable, Static
 from epo_tui import sessions
 from epo_tui.sessions import create_session
 from epo_tui.tui.sessions_screen import EMPTY_TEXT, SessionChoice, SessionsScreen
+from tui_pilot import InProcessSessions
 
 PENDING = "pending"  # the host's result before the screen is dismissed
 OLD, MIDDLE, NEW = "20261125-100000-aaaaaa", "20261125-110000-bbbbbb", "20261125-120000-cccccc"
@@ -68,7 +70,7 @@ class Host(App):
         self.root, self.result = root, PENDING
 
     def on_mount(self) -> None:
-        self.push_screen(SessionsScreen(self.root), callback=self.chosen)
+        self.push_screen(SessionsScreen(InProcessSessions(self.root)), callback=self.chosen)
 
     def chosen(self, choice: SessionChoice | None) -> None:
         self.result = choice
@@ -166,8 +168,10 @@ def test_down_then_enter_opens_with_its_elites_and_frontier(root, three_sessions
     assert (choice.action, choice.session_id) == ("open", OLD)
     assert choice.meta == old.read_meta() and choice.meta["label"] == "bridges"
     assert choice.elites == old.read_elites() and len(choice.elites) == 7
-    assert [p.iteration for p in choice.frontier] == [3, 9]
-    assert [p.to_json() for p in choice.frontier] == old.read_history()[0]
+    # the history as a chart needs it: iteration 9's point dominates iteration 3's, which stays only as
+    # that iteration's best act (without its text)
+    recorded = old.read_history()[0]
+    assert [p.to_json() for p in choice.history] == [{**recorded[0], "text": "", "token_ids": []}, recorded[1]]
 
 
 def test_r_resumes_a_session_with_a_checkpoint(root, three_sessions):
@@ -176,7 +180,7 @@ def test_r_resumes_a_session_with_a_checkpoint(root, three_sessions):
         await _until(pilot, lambda: pilot.app.result != PENDING)
 
     choice, _ = _browse(root, script)
-    assert (choice.action, choice.session_id, choice.elites, choice.frontier) == ("resume", NEW, [], [])
+    assert (choice.action, choice.session_id, choice.elites, choice.history) == ("resume", NEW, [], [])
     assert choice.meta["status"] == "stopped"
 
 
@@ -224,6 +228,14 @@ def test_a_damaged_session_is_a_problem_line_and_the_rest_still_list(root, three
     assert [r[0] for r in seen["rows"]] == ["cccccc", "aaaaaa"]
     assert seen["problems_shown"]
     assert seen["problems"].startswith(f"skipped a damaged session: {MIDDLE}: session.json: not valid JSON")
+
+
+def test_the_title_names_the_workers_host(root, three_sessions):
+    async def script(pilot, screen, seen):
+        seen["title"] = _text(screen, "#sessions-title")
+
+    _, seen = _browse(root, script)
+    assert seen["title"] == f"sessions on {socket.gethostname()}: 3, newest first"
 
 
 def test_an_empty_cache_says_no_sessions_yet(root):

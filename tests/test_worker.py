@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -318,6 +319,46 @@ def test_a_session_runs_in_one_worker_at_a_time(worker_factory, tiny_dir):
     assert not sessions.find_session(session).is_running_elsewhere()
     rival.send("start", id="s2", resume=session, search={"iterations": 3})  # now it may
     assert rival.expect("finished")["status"] == "finished"
+
+
+def test_sessions_are_listed_read_and_resumed_over_the_protocol(worker_factory, tiny_dir):
+    w = worker_factory()
+    w.send("load", id="l", config_path=str(tiny_dir / "config.toml"))
+    w.send("sessions", id="early")  # answered at once, while the model loads
+    assert w.expect("session_list", id="early")["sessions"] == []
+    assert "ready" not in [e["type"] for e in w.seen]
+    w.expect("ready", id="l")
+    w.send("start", id="s", search={"iterations": 3}, checkpoint_seconds=0)
+    session = w.expect("started", id="s")["session"]
+    w.expect("finished")
+
+    w.send("sessions", id="list")
+    listing = w.expect("session_list", id="list")
+    [info] = listing["sessions"]
+    assert listing["host"] == socket.gethostname() and listing["problems"] == []
+    assert (info["id"], info["status"], info["checkpoint_iteration"], info["iterations_total"], info["hook"]) == (
+        session, "finished", 3, 3, "blocks.1.hook_resid_pre")
+    w.send("session", id="one", session=session[-6:])
+    details = w.expect("session_details", id="one")
+    saved = sessions.find_session(session)
+    assert details["meta"] == saved.read_meta() and details["running_elsewhere"] is False
+    assert [protocol.Elite.from_json(e) for e in details["elites"]] == saved.read_elites()
+    assert details["history"] and details["history"][0]["iteration"] == 0
+    w.send("session", id="none", session="nope")
+    assert w.expect("error", id="none")["kind"] == "input"
+    w.send("resume", id="bad", iterations=9)
+    assert "iterations goes with session" in w.expect("error", id="bad")["message"]
+
+    w.send("resume", id="more", session=session, iterations=100_000)
+    resumed = w.expect("started", id="more")
+    assert (resumed["session"], resumed["iteration"], resumed["iterations_total"]) == (session, 3, 100_000)
+    w.expect("progress")
+    w.send("session", id="busy", session=session)
+    assert w.expect("session_details", id="busy")["session"]["status"] == "running"
+    w.send("resume", id="twice", session=session)
+    assert "a search is running" in w.expect("error", id="twice")["message"]
+    w.send("stop", id="x")
+    assert w.expect("finished", id="x")["status"] == "stopped"
 
 
 def test_a_session_resumes_only_on_its_own_model_and_sae(worker_factory, tiny_dir, tmp_path):

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import io
 import sys
 import time
 from pathlib import Path
 
-from epo_tui.config import Config, FeatureConfig
+from epo_tui import protocol
+from epo_tui.client import WorkerError
+from epo_tui.config import Config, FeatureConfig, load_config
+from epo_tui.engine.worker import EventWriter, answer_session_query
 from epo_tui.tui.app import EpoApp, LoadSpec
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
@@ -31,5 +36,39 @@ def fake_app(ending: str | None = None, record: Path | None = None, config: Conf
     return EpoApp(config, LoadSpec({"demo": True}), worker_command=command)
 
 
+def tiny_app(tiny_dir: Path, worker_command: list[str] | None = None) -> EpoApp:
+    """The app on the tiny model (a real worker, local or the given command), with a search long enough
+    never to end during a test."""
+    config = load_config(str(tiny_dir / "config.toml"))
+    config = dataclasses.replace(config, search=dataclasses.replace(config.search, iterations=100_000))
+    return EpoApp(config, LoadSpec.of(config, demo=False), worker_command=worker_command)
+
+
 async def ready(pilot) -> None:
     await until(pilot, lambda: pilot.app.ready is not None and pilot.app.chosen is not None, "the features")
+
+
+class InProcessSessions:
+    """The sessions browser's source without a worker process: the worker's own answers to `sessions` and
+    `session` for the sessions in `root`, written as protocol lines and parsed back, in a thread (as the
+    worker reads them off the UI's loop). An `error` answer raises WorkerError, as the client does."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = root
+
+    async def sessions(self) -> protocol.SessionList:
+        return await self._ask(protocol.SessionsCommand(id=1))
+
+    async def session(self, session_id: str) -> protocol.SessionDetails:
+        return await self._ask(protocol.SessionCommand(id=1, session=session_id))
+
+    async def _ask(self, command):
+        def answer() -> protocol.Event:
+            line = io.BytesIO()
+            answer_session_query(command, EventWriter(line), self.root)
+            return protocol.parse_event(line.getvalue())
+
+        event = await asyncio.to_thread(answer)
+        if isinstance(event, protocol.Error):
+            raise WorkerError(event.kind, event.message, event)
+        return event

@@ -29,7 +29,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from epo_tui import __version__, paths, protocol, results, sessions
+from epo_tui import __version__, paths, protocol, results, session_catalog, sessions
 from epo_tui.budget import Deadline, budget_seconds
 from epo_tui.config import Config, config_from_data, load_config
 from epo_tui.errors import ConfigError, UserError
@@ -82,8 +82,10 @@ class LogEvents(logging.Handler):
         self.out.send(protocol.Log(level=record.levelname.lower(), message=f"{record.name}: {lines[0]}"))
 
 
-def read_commands(stdin: BinaryIO, commands: queue.Queue, out: EventWriter) -> None:
-    """The reader thread: every line becomes a Command in the queue or an error event; EOF ends it."""
+def read_commands(stdin: BinaryIO, commands: queue.Queue, out: EventWriter, sessions_root: Path | None = None
+                  ) -> None:
+    """The reader thread: every line becomes a Command in the queue or an error event; EOF ends it.
+    `sessions` and `session` are answered here at once (answer_session_query)."""
     limit = protocol.MAX_LINE_BYTES
     while True:
         try:
@@ -101,9 +103,32 @@ def read_commands(stdin: BinaryIO, commands: queue.Queue, out: EventWriter) -> N
         if not line.strip():
             continue
         try:
-            commands.put(protocol.parse_command(line))
+            command = protocol.parse_command(line)
         except protocol.ProtocolError as err:
             out.error("protocol", str(err), id=err.id)
+            continue
+        if isinstance(command, (protocol.SessionsCommand, protocol.SessionCommand)):
+            answer_session_query(command, out, sessions_root)
+        else:
+            commands.put(command)
+
+
+def answer_session_query(cmd: protocol.SessionsCommand | protocol.SessionCommand, out: EventWriter,
+                         sessions_root: Path | None) -> None:
+    """Answers `sessions` or `session`. They only read files, so the reader thread answers them at once:
+    the sessions browser opens while a model loads or a long iteration runs."""
+    try:
+        if isinstance(cmd, protocol.SessionsCommand):
+            answer: protocol.Event = session_catalog.session_list(sessions_root)
+        else:
+            answer = session_catalog.session_details(cmd.session, sessions_root)
+        out.send(dataclasses.replace(answer, id=cmd.id))
+    except UserError as err:  # no such session, a damaged file (SessionError names it)
+        out.error("input", str(err), id=cmd.id)
+    except OSError as err:
+        out.error("session", f"cannot read the sessions folder: {err.strerror or err}", id=cmd.id)
+    except Exception as err:  # noqa: BLE001 - the reader must go on reading
+        out.error("internal", f"{type(err).__name__}: {err}", id=cmd.id, trace=traceback.format_exc())
 
 
 class Worker:
@@ -247,36 +272,32 @@ class Worker:
         self.out.send(protocol.FeatureList(id=cmd.id, features=entries))
 
     def cmd_start(self, cmd: protocol.StartCommand) -> None:
-        from epo_tui.engine.reporting import feature_record
-        from epo_tui.engine.sae import check_feature_index
-        from epo_tui.engine.session_search import CHECKPOINT_SECONDS, RecordedSearch, with_overrides
+        if not cmd.resume:
+            self.begin("start", cmd.id, cmd.checkpoint_seconds, lambda every: self.new_search(cmd, every))
+            return
+        search = cmd.search or {}
+        if cmd.feature or cmd.seed_prompt or set(search) - {"iterations"}:
+            raise UserError("start: a resumed session keeps its config; only search.iterations (the new "
+                            "total) may be given")
+        self.begin("start", cmd.id, cmd.checkpoint_seconds,
+                   lambda every: self.resumed_search(cmd.resume, search.get("iterations"), every))
 
-        self._need_pair("start")
+    def begin(self, verb: str, id_: Any, checkpoint_seconds: float | None, make) -> None:
+        """Makes the active search with `make(checkpoint_seconds)` (a new one or a resumed session) and
+        says `started`; `verb` names the command in errors."""
+        from epo_tui.engine.reporting import feature_record
+        from epo_tui.engine.session_search import CHECKPOINT_SECONDS
+
+        self._need_pair(verb)
         if self.active is not None:
-            raise UserError("start: a search is running; stop it first")
-        every = CHECKPOINT_SECONDS if cmd.checkpoint_seconds is None else cmd.checkpoint_seconds
+            raise UserError(f"{verb}: a search is running; stop it first")
+        every = CHECKPOINT_SECONDS if checkpoint_seconds is None else checkpoint_seconds
         if not 0 <= every <= CHECKPOINT_SECONDS:
-            raise UserError(f"start: checkpoint_seconds must be between 0 and {CHECKPOINT_SECONDS:g}")
+            raise UserError(f"{verb}: checkpoint_seconds must be between 0 and {CHECKPOINT_SECONDS:g}")
         deadline = Deadline(None)  # set-up counts too, as in `epo-tui run`
         self.set_state("compiling", "starting prompts")
         try:
-            if cmd.resume:
-                search = cmd.search or {}
-                if cmd.feature or cmd.seed_prompt or set(search) - {"iterations"}:
-                    raise UserError("start: a resumed session keeps its config; only search.iterations (the new "
-                                    "total) may be given")
-                session = sessions.find_session(cmd.resume, root=self.sessions_root)
-                self._check_same_pair(session)
-                self.active = RecordedSearch.resume(self.pair, session, iterations_total=search.get("iterations"),
-                                                    checkpoint_seconds=every)
-            else:
-                config = with_overrides(self.config, cmd.feature, cmd.search)
-                if config.feature.kind in ("sae", "direction"):
-                    for index in config.feature.features:
-                        check_feature_index(self.pair.sae, index, source="start: feature")
-                self.active = RecordedSearch.start(self.pair, config, seed_prompt=cmd.seed_prompt,
-                                                   label=self._label(config), root=self.sessions_root,
-                                                   checkpoint_seconds=every)
+            self.active = make(every)
         except BaseException:
             self.set_state("idle")
             raise
@@ -285,10 +306,29 @@ class Worker:
         deadline.seconds = budget_seconds(active.search.config.search.time_budget)  # a resumed one: afresh
         self.deadline = deadline
         self.out.send(protocol.Started(
-            id=cmd.id, session=active.session.id, label=active.label(), feature=feature_record(active.search),
+            id=id_, session=active.session.id, label=active.label(), feature=feature_record(active.search),
             iteration=active.state.iteration, iterations_total=active.iterations_total,
             lambdas=[float(x) for x in active.search.lambdas_K], elites=active.elites()))
         self.set_state("running")
+
+    def new_search(self, cmd: protocol.StartCommand, every: float) -> RecordedSearch:
+        from epo_tui.engine.sae import check_feature_index
+        from epo_tui.engine.session_search import RecordedSearch, with_overrides
+
+        config = with_overrides(self.config, cmd.feature, cmd.search)
+        if config.feature.kind in ("sae", "direction"):
+            for index in config.feature.features:
+                check_feature_index(self.pair.sae, index, source="start: feature")
+        return RecordedSearch.start(self.pair, config, seed_prompt=cmd.seed_prompt, label=self._label(config),
+                                    root=self.sessions_root, checkpoint_seconds=every)
+
+    def resumed_search(self, query: str, iterations_total: int | None, every: float) -> RecordedSearch:
+        """The saved session `query` names, from its checkpoint, on the loaded model and SAE."""
+        from epo_tui.engine.session_search import RecordedSearch
+
+        session = sessions.find_session(query, root=self.sessions_root)
+        self._check_same_pair(session)
+        return RecordedSearch.resume(self.pair, session, iterations_total=iterations_total, checkpoint_seconds=every)
 
     def _label(self, config: Config) -> str | None:
         if not self.labels or config.feature.kind not in ("sae", "direction"):
@@ -383,13 +423,18 @@ class Worker:
         theirs = session_config(session)
         if theirs.model != self.config.model or dataclasses.replace(theirs.sae, labels=None) != \
                 dataclasses.replace(self.config.sae, labels=None):
-            raise UserError(f"start: session {session.id} ran on another model or SAE "
+            raise UserError(f"session {session.id} ran on another model or SAE "
                             f"({_pair_name(theirs)}; loaded: {_pair_name(self.config)}): start epo-tui with "
                             "that session's config to resume it")
 
     def cmd_resume(self, cmd: protocol.ResumeCommand) -> None:
+        if cmd.session is not None:
+            self.begin("resume", cmd.id, None, lambda every: self.resumed_search(cmd.session, cmd.iterations, every))
+            return
+        if cmd.iterations is not None:
+            raise UserError("resume: iterations goes with session (a paused search keeps its total)")
         if self.active is None:
-            raise UserError("resume: no search is paused (to continue a stopped session: start with resume)")
+            raise UserError("resume: no search is paused (to continue a saved session: resume with its session)")
         self.paused = False
         self.deadline.resume()
         self.active.session.update_meta(status="running")
@@ -449,7 +494,8 @@ def serve(stdin: BinaryIO | None = None, stdout: BinaryIO | None = None, session
     stdin = stdin or sys.stdin.buffer
     out = EventWriter(stdout)
     commands: queue.Queue = queue.Queue(maxsize=COMMAND_QUEUE)
-    threading.Thread(target=read_commands, args=(stdin, commands, out), daemon=True, name="commands").start()
+    threading.Thread(target=read_commands, args=(stdin, commands, out, sessions_root), daemon=True,
+                     name="commands").start()
     worker = Worker(out, commands, sessions_root)
     logging.captureWarnings(True)
     logging.getLogger().addHandler(LogEvents(out))

@@ -366,7 +366,12 @@ class EpoApp(App):
         self.push_screen(PromptEditor("a Neuronpedia explanations export (.jsonl or .jsonl.gz): path", ""), load)
 
     def action_sessions(self) -> None:
-        self.push_screen(SessionsScreen(), self._session_chosen)
+        """The worker's saved sessions (a remote worker's are that host's); favorites and stars stay here."""
+        if not self.client.running:
+            self.notify("the sessions are the worker's, and it is not running: R restarts it",
+                        title="sessions", severity="warning")
+            return
+        self.push_screen(SessionsScreen(self.client), self._session_chosen)
 
     async def _session_chosen(self, choice: SessionChoice | None) -> None:
         if choice is None:
@@ -376,7 +381,7 @@ class EpoApp(App):
                 return
             self.session, self.session_meta = None, choice.meta
             self.query_one(ElitesPane).update_elites(choice.elites)
-            self.query_one(FrontierPane).show_saved(choice.frontier, choice.elites)
+            self.query_one(FrontierPane).show_saved(choice.history, choice.elites)
             meta = choice.meta
             self.status(session=choice.session_id, label=meta.get("label"), iteration=meta.get("iteration"),
                         total=meta.get("iterations_total"), rate=None)
@@ -385,11 +390,11 @@ class EpoApp(App):
             return
         if not (self._worker_ready() and self._no_search_running()):
             return
-        done, total = int(choice.meta.get("iteration") or 0), int(choice.meta.get("iterations_total") or 0)
-        more = {}
+        done, total = choice.session.iteration, choice.session.iterations_total
+        more = None
         if done >= total:  # a finished session goes on for another search's worth of iterations
-            more = {"iterations": done + int(self.search_overrides.get("iterations", self.config.search.iterations))}
-        await self._send(protocol.StartCommand(resume=choice.session_id, search=more))
+            more = done + int(self.search_overrides.get("iterations", self.config.search.iterations))
+        await self._send(protocol.ResumeCommand(session=choice.session_id, iterations=more))
 
     def action_settings(self) -> None:
         def keep(overrides: dict[str, Any] | None) -> None:

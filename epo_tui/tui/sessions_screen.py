@@ -1,24 +1,21 @@
 """The sessions browser (`o`): every saved search, its details and best elites; reopen or resume one.
 
-A modal screen over the app. It only reads the session folders (epo_tui.sessions): it never deletes or
-rewrites anything, so nothing a user saved is lost by browsing. Reading happens off the event loop
-(`asyncio.to_thread`), because a cache can hold hundreds of sessions and each status check touches a
-lock file. Everything read from disk (labels, model names, token text) is shown inert and as plain
-`rich.text.Text`, never as markup, so a token cannot inject escape sequences or Textual markup.
+A modal screen over the app. The sessions are the worker's: the screen asks its `SessionSource` (the
+worker client: the `sessions` and `session` commands), so with `--worker "ssh host epo-tui worker"` it
+lists and resumes that host's sessions. It never deletes or rewrites anything, so nothing a user saved is
+lost by browsing. Everything a session holds (labels, model names, token text) is shown inert and as
+plain `rich.text.Text`, never as markup, so a token cannot inject escape sequences or Textual markup.
 
 The screen dismisses with a `SessionChoice` (open the results, or resume the search) or None.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from pydantic import ValidationError
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -27,8 +24,8 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
-from epo_tui.protocol import Elite, FrontierPoint, problem_text
-from epo_tui.sessions import HISTORY_FILE, SessionError, SessionSummary, list_sessions
+from epo_tui.client import WorkerError
+from epo_tui.protocol import Elite, FrontierPoint, SessionDetails, SessionInfo, SessionList
 from epo_tui.text import inert
 
 BEST_ELITES_SHOWN = 5
@@ -38,37 +35,36 @@ EMPTY_TEXT = "no sessions yet (every search makes one)"
 HELP_TEXT = "enter open · r resume · escape/q close"
 
 
+class SessionSource(Protocol):
+    """Where the saved sessions come from: the worker client (client.WorkerClient). Both raise
+    WorkerError: the worker's error (no such session, a damaged file), no answer, or no worker."""
+
+    async def sessions(self) -> SessionList: ...
+
+    async def session(self, session_id: str) -> SessionDetails: ...
+
+
 @dataclass(frozen=True)
 class SessionChoice:
-    """What the user picked: `open` shows the saved results (elites and frontier history as read from
-    disk); `resume` continues the search from its checkpoint (elites and frontier left empty: the
-    worker's `started` event brings them)."""
+    """What the user picked: `open` shows the saved results (elites and the frontier history as the
+    worker read them); `resume` continues the search from its checkpoint (elites and history left empty:
+    the worker's `started` event brings them)."""
 
     action: Literal["open", "resume"]
-    session_id: str
+    session: SessionInfo
     meta: dict[str, Any] = field(repr=False)
     elites: list[Elite] = field(default_factory=list, repr=False)
-    frontier: list[FrontierPoint] = field(default_factory=list, repr=False)
+    history: list[FrontierPoint] = field(default_factory=list, repr=False)
+
+    @property
+    def session_id(self) -> str:
+        return self.session.id
 
 
-@dataclass(frozen=True)
-class SessionRow:
-    """A listed session and the status to show for it (see `SessionSummary.shown_status`)."""
-
-    summary: SessionSummary
-    status: str
-
-
-def is_resumable(summary: SessionSummary) -> bool:
+def is_resumable(info: SessionInfo) -> bool:
     """A session can be resumed once it has a checkpoint, whatever its status (a finished one can run
     more iterations)."""
-    return summary.checkpoint_iteration is not None
-
-
-def load_session_rows(root: Path | None = None) -> tuple[list[SessionRow], list[str]]:
-    """(rows newest first, problems). Blocking: touches every session folder; call it off the loop."""
-    summaries, problems = list_sessions(root)
-    return [SessionRow(s, s.shown_status) for s in summaries], problems
+    return info.checkpoint_iteration is not None
 
 
 def best_elites(elites: list[Elite], count: int = BEST_ELITES_SHOWN) -> list[Elite]:
@@ -93,34 +89,32 @@ def _short_name(name: str, width: int = 24) -> str:
     return tail if len(tail) <= width else tail[:width - 1] + "…"
 
 
-def _features_text(summary: SessionSummary) -> str:
-    features = "+".join(map(str, summary.features)) or "?"
-    return inert(f"{features} {summary.label}" if summary.label else features)
+def _features_text(info: SessionInfo) -> str:
+    features = "+".join(map(str, info.features)) or "?"
+    return inert(f"{features} {info.label}" if info.label else features)
 
 
-def _progress_text(summary: SessionSummary) -> str:
+def _progress_text(info: SessionInfo) -> str:
     # the checkpoint is where a resume starts, so it is the iteration that counts (as in the CLI)
-    done = summary.checkpoint_iteration if summary.checkpoint_iteration is not None else summary.iteration
-    return f"{done}/{summary.iterations_total}"
+    done = info.checkpoint_iteration if info.checkpoint_iteration is not None else info.iteration
+    return f"{done}/{info.iterations_total}"
 
 
 def _number(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "?"
 
 
-def details_text(row: SessionRow, elites: list[Elite] | None, elites_problem: str | None = None) -> Text:
+def details_text(info: SessionInfo, elites: list[Elite] | None, elites_problem: str | None = None) -> Text:
     """The details of one session: what was searched, where it got to, and its best elites."""
-    summary, meta = row.summary, row.summary.meta
-    sae = meta.get("sae") if isinstance(meta.get("sae"), dict) else {}
     text = Text()
-    text.append(inert(summary.id), style="bold")
-    text.append(f"  {inert(row.status)}  iteration {_progress_text(summary)}\n")
-    text.append(f"label: {inert(summary.label) if summary.label else '(none)'}\n")
-    text.append(f"features: {'+'.join(map(str, summary.features)) or '?'}\n")
-    text.append(f"model {inert(summary.model)} · SAE {inert(summary.sae)} at {inert(str(sae.get('hook', '?')))}\n")
-    text.append(f"created {_short_time(summary.created)} · updated {_short_time(summary.updated)} UTC\n")
-    if summary.error:
-        text.append(f"error: {inert(str(summary.error))}\n", style="bold red")
+    text.append(inert(info.id), style="bold")
+    text.append(f"  {inert(info.status)}  iteration {_progress_text(info)}\n")
+    text.append(f"label: {inert(info.label) if info.label else '(none)'}\n")
+    text.append(f"features: {'+'.join(map(str, info.features)) or '?'}\n")
+    text.append(f"model {inert(info.model)} · SAE {inert(info.sae)} at {inert(info.hook or '?')}\n")
+    text.append(f"created {_short_time(info.created)} · updated {_short_time(info.updated)} UTC\n")
+    if info.error:
+        text.append(f"error: {inert(info.error)}\n", style="bold red")
     if elites_problem:
         text.append(f"elites: {inert(elites_problem)}\n", style="dim")
     elif elites is None:
@@ -137,30 +131,8 @@ def details_text(row: SessionRow, elites: list[Elite] | None, elites_problem: st
     return text
 
 
-def _read_for_open(summary: SessionSummary) -> tuple[dict[str, Any], list[Elite], list[FrontierPoint], list[str]]:
-    """(fresh meta, elites, frontier history points, history problems). Blocking; raises SessionError,
-    also for an elite that is not one (a damaged or hand-edited file)."""
-    session = summary.session
-    meta = session.read_meta()
-    elites = session.read_elites()
-    history, problems = session.read_history()
-    points = []
-    for data in history:
-        try:
-            points.append(FrontierPoint.from_json(data))
-        except ValidationError as err:
-            problems.append(f"{HISTORY_FILE}: {problem_text(err)}; skipped")
-    return meta, elites, points, problems
-
-
-def _read_for_resume(summary: SessionSummary) -> tuple[dict[str, Any], bool]:
-    """(fresh meta, whether another process runs it). Blocking; raises SessionError."""
-    session = summary.session
-    return session.read_meta(), session.is_running_elsewhere()
-
-
 class SessionsScreen(ModalScreen[SessionChoice | None]):
-    """Lists the saved sessions; enter opens the highlighted one, r resumes it, escape/q closes."""
+    """Lists the worker's saved sessions; enter opens the highlighted one, r resumes it, escape/q closes."""
 
     DEFAULT_CSS = """
     SessionsScreen { align: center middle; }
@@ -180,12 +152,13 @@ class SessionsScreen(ModalScreen[SessionChoice | None]):
         Binding("q", "close", "Close", show=False),
     ]
 
-    def __init__(self, root: Path | None = None) -> None:
-        """`root`: the sessions folder (default: the cache's, as `epo_tui.sessions` has it)."""
+    def __init__(self, source: SessionSource) -> None:
+        """`source`: where the sessions come from (the app's worker client)."""
         super().__init__()
-        self.root = root
-        self.rows: dict[str, SessionRow] = {}
+        self.source = source
+        self.rows: dict[str, SessionInfo] = {}
         self.problems: list[str] = []
+        self.host: str | None = None  # the worker's host, as its listing names it
         self.loaded = False  # the list has been read (tests and the app can wait on it)
         self._elites: dict[str, list[Elite] | str] = {}  # id -> elites, or why they could not be read
         self._busy = False  # an open/resume is reading: a second key press must not dismiss twice
@@ -210,22 +183,24 @@ class SessionsScreen(ModalScreen[SessionChoice | None]):
     @work(exclusive=True, group="sessions-list")
     async def load_rows(self) -> None:
         try:
-            rows, problems = await asyncio.to_thread(load_session_rows, self.root)
-        except OSError as err:  # the sessions folder itself is unreadable: say so, list nothing
-            rows, problems = [], [f"cannot read the sessions folder: {err.strerror or err}"]
-        self.show_rows(rows, problems)
+            listing = await self.source.sessions()
+        except WorkerError as err:  # no worker, or it cannot read its sessions folder: say so, list nothing
+            self.show_rows([], [], failure=f"cannot list the sessions: {err.message}")
+            return
+        self.host = listing.host
+        self.show_rows(listing.sessions, listing.problems)
 
-    def show_rows(self, rows: list[SessionRow], problems: list[str]) -> None:
-        self.rows = {row.summary.id: row for row in rows}
+    def show_rows(self, rows: list[SessionInfo], problems: list[str], failure: str | None = None) -> None:
+        self.rows = {info.id: info for info in rows}
         self.problems = problems
-        self.query_one("#sessions-title", Static).update(f"sessions: {len(rows)}, newest first")
+        where = f" on {inert(self.host)}" if self.host else ""
+        self.query_one("#sessions-title", Static).update(Text(f"sessions{where}: {len(rows)}, newest first"))
         table = self.query_one("#sessions-table", DataTable)
         table.clear()
-        for row in rows:
-            s = row.summary
-            table.add_row(inert(s.id.rsplit("-", 1)[-1]), inert(row.status), Text(_features_text(s)),
-                          _progress_text(s), _short_time(s.updated),
-                          Text(f"{_short_name(s.model, 16)} · {_short_name(s.sae)}"), key=s.id)
+        for info in rows:
+            table.add_row(inert(info.id.rsplit("-", 1)[-1]), inert(info.status), Text(_features_text(info)),
+                          _progress_text(info), _short_time(info.updated),
+                          Text(f"{_short_name(info.model, 16)} · {_short_name(info.sae)}"), key=info.id)
         empty = self.query_one("#sessions-empty", Static)
         empty.update(EMPTY_TEXT)
         empty.display = not rows
@@ -233,13 +208,15 @@ class SessionsScreen(ModalScreen[SessionChoice | None]):
         problem_lines = [f"skipped a damaged session: {inert(p)}" for p in problems[:PROBLEMS_SHOWN]]
         if len(problems) > PROBLEMS_SHOWN:
             problem_lines.append(f"… and {len(problems) - PROBLEMS_SHOWN} more damaged sessions")
+        if failure:
+            problem_lines = [inert(failure)]
         problems_widget = self.query_one("#sessions-problems", Static)
         problems_widget.update(Text("\n".join(problem_lines)))
-        problems_widget.display = bool(problems)
+        problems_widget.display = bool(problem_lines)
         self.loaded = True
         if rows:
             table.move_cursor(row=0)
-            self.show_details(rows[0].summary.id)
+            self.show_details(rows[0].id)
         else:
             self.query_one("#sessions-details", Static).update("")
 
@@ -249,26 +226,25 @@ class SessionsScreen(ModalScreen[SessionChoice | None]):
             self.show_details(event.row_key.value)
 
     def show_details(self, session_id: str) -> None:
-        row = self.rows.get(session_id)
-        if row is None:
+        info = self.rows.get(session_id)
+        if info is None:
             return
         known = self._elites.get(session_id)
         details = self.query_one("#sessions-details", Static)
         if isinstance(known, str):
-            details.update(details_text(row, None, known))
+            details.update(details_text(info, None, known))
         else:
-            details.update(details_text(row, known))
+            details.update(details_text(info, known))
             if known is None:
                 self.read_elites(session_id)
 
     @work(exclusive=True, group="sessions-details")
     async def read_elites(self, session_id: str) -> None:
-        """Reads one session's elites (exclusive: moving on past a row cancels its read)."""
-        row = self.rows[session_id]
+        """Asks for one session's elites (exclusive: moving on past a row cancels its wait)."""
         try:
-            self._elites[session_id] = await asyncio.to_thread(row.summary.session.read_elites)
-        except SessionError as err:
-            self._elites[session_id] = f"{err.path.name}: {err.reason}"
+            self._elites[session_id] = (await self.source.session(session_id)).elites
+        except WorkerError as err:
+            self._elites[session_id] = err.message
         if self.highlighted_id() == session_id:
             self.show_details(session_id)
 
@@ -289,44 +265,46 @@ class SessionsScreen(ModalScreen[SessionChoice | None]):
         session_id = self.highlighted_id()
         if session_id is not None and not self._busy:
             self._busy = True
-            self.choose_open(self.rows[session_id].summary)
+            self.choose_open(session_id)
 
     def action_resume(self) -> None:
         session_id = self.highlighted_id()
         if session_id is None or self._busy:
             return
-        summary = self.rows[session_id].summary
-        if not is_resumable(summary):
-            self.notify(f"session {summary.id} has no checkpoint yet: nothing to resume from (enter opens it)",
+        if not is_resumable(self.rows[session_id]):
+            self.notify(f"session {session_id} has no checkpoint yet: nothing to resume from (enter opens it)",
                         severity="warning")
             return
         self._busy = True
-        self.choose_resume(summary)
+        self.choose_resume(session_id)
+
+    async def _details(self, session_id: str, doing: str) -> SessionDetails | None:
+        """The session as the worker reads it now; None (and said) when it cannot."""
+        try:
+            return await self.source.session(session_id)
+        except WorkerError as err:
+            self._busy = False
+            self.notify(inert(err.message), title=f"cannot {doing} session {session_id}", severity="error")
+            return None
 
     @work(exclusive=True, group="sessions-choose")
-    async def choose_open(self, summary: SessionSummary) -> None:
-        try:
-            meta, elites, frontier, problems = await asyncio.to_thread(_read_for_open, summary)
-        except SessionError as err:
-            self._busy = False
-            self.notify(inert(str(err)), title=f"cannot open session {summary.id}", severity="error")
+    async def choose_open(self, session_id: str) -> None:
+        details = await self._details(session_id, "open")
+        if details is None:
             return
-        if problems:
-            self.notify(f"{len(problems)} damaged lines of its history skipped", title=f"session {summary.id}",
-                        severity="warning")
-        self.dismiss(SessionChoice("open", summary.id, meta, elites, frontier))
+        if details.problems:
+            self.notify(f"{len(details.problems)} damaged lines of its history skipped",
+                        title=f"session {session_id}", severity="warning")
+        self.dismiss(SessionChoice("open", details.session, details.meta, details.elites, details.history))
 
     @work(exclusive=True, group="sessions-choose")
-    async def choose_resume(self, summary: SessionSummary) -> None:
-        try:
-            meta, running_elsewhere = await asyncio.to_thread(_read_for_resume, summary)
-        except SessionError as err:
-            self._busy = False
-            self.notify(inert(str(err)), title=f"cannot resume session {summary.id}", severity="error")
+    async def choose_resume(self, session_id: str) -> None:
+        details = await self._details(session_id, "resume")
+        if details is None:
             return
-        if running_elsewhere:
+        if details.running_elsewhere:
             self._busy = False
-            self.notify(f"session {summary.id} is being run by another process; open it (enter) to see "
+            self.notify(f"session {session_id} is being run by another process; open it (enter) to see "
                         "its last checkpoint", title="cannot resume", severity="warning")
             return
-        self.dismiss(SessionChoice("resume", summary.id, meta))
+        self.dismiss(SessionChoice("resume", details.session, details.meta))

@@ -72,6 +72,18 @@ class Bye(WorkerMessage, namespace="worker"):
     event: protocol.Bye
 
 
+class SessionList(WorkerMessage, namespace="worker"):
+    """An answer to the sessions browser's own request (it awaits it); the app needs no handler."""
+
+    event: protocol.SessionList
+
+
+class SessionDetails(WorkerMessage, namespace="worker"):
+    """An answer to the sessions browser's own request (it awaits it); the app needs no handler."""
+
+    event: protocol.SessionDetails
+
+
 class ProcessStarted(WorkerMessage, namespace="worker"):
     event: protocol.WorkerStarted
 
@@ -84,7 +96,8 @@ MESSAGES: dict[type[protocol.Event], type[WorkerMessage]] = {
     protocol.Hello: Hello, protocol.State: State, protocol.Ready: Ready, protocol.FeatureList: FeatureList,
     protocol.Started: Started, protocol.Progress: Progress, protocol.Checkpointed: Checkpointed,
     protocol.Finished: Finished, protocol.Scored: Scored, protocol.Injected: Injected, protocol.Error: Error,
-    protocol.Log: Log, protocol.Bye: Bye, protocol.WorkerStarted: ProcessStarted,
+    protocol.Log: Log, protocol.Bye: Bye, protocol.SessionList: SessionList, protocol.SessionDetails: SessionDetails,
+    protocol.WorkerStarted: ProcessStarted,
     protocol.WorkerExited: ProcessExited}
 
 

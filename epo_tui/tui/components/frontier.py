@@ -6,7 +6,6 @@ data (cheap, bounded) and marks the pane dirty; a timer redraws at most `REDRAWS
 
 from __future__ import annotations
 
-import bisect
 import math
 from typing import NamedTuple
 
@@ -15,70 +14,23 @@ from textual.containers import Vertical
 from textual_plotext import PlotextPlot
 
 from epo_tui import protocol
+from epo_tui.pareto import ParetoFrontier
 from epo_tui.themes import Theme
 
 REDRAWS_PER_S = 4
-FRONTIER_MAX_POINTS = 2000
 HISTORY_MAX_POINTS = 5000
 HISTORY_MIN_PANE_HEIGHT = 16  # rows; below this the frontier plot alone is more readable
 
 Colour = str | tuple[int, int, int]  # a plotext colour: a name or RGB
 
 
-class FrontierPoint(NamedTuple):
+class PlotPoint(NamedTuple):
+    """A point of the chart: a prompt's (xent, act), the iteration it was seen at, its text."""
+
     xent: float
     act: float
     iteration: int
     text: str
-
-
-class ParetoFrontier:
-    """The non-dominated set of (xent, act) points: lower xent (more fluent) and higher act are better.
-
-    Kept sorted by xent; along a frontier act then strictly increases with xent, so a new point is
-    dominated iff its left neighbour already has act >= its act, and the points it dominates are a
-    contiguous run to its right. Beyond `max_points`, the set is thinned evenly along xent (ends kept):
-    the chart needs the shape, not every point.
-    """
-
-    def __init__(self, max_points: int = FRONTIER_MAX_POINTS) -> None:
-        self.max_points = max_points
-        self._xents: list[float] = []  # sorted; parallel to _points, for bisect
-        self._points: list[FrontierPoint] = []
-
-    def __len__(self) -> int:
-        return len(self._points)
-
-    @property
-    def points(self) -> list[FrontierPoint]:
-        return list(self._points)
-
-    def clear(self) -> None:
-        self._xents.clear()
-        self._points.clear()
-
-    def add(self, point: FrontierPoint) -> bool:
-        """Adds `point` unless it is dominated (or equal to a kept point); True if it was added."""
-        if not (math.isfinite(point.xent) and math.isfinite(point.act)):
-            return False
-        right = bisect.bisect_right(self._xents, point.xent)
-        if right > 0 and self._points[right - 1].act >= point.act:
-            return False
-        i = end = bisect.bisect_left(self._xents, point.xent)  # a kept point at the same xent goes too
-        while end < len(self._points) and self._points[end].act <= point.act:
-            end += 1
-        self._xents[i:end] = [point.xent]
-        self._points[i:end] = [point]
-        if len(self._points) > self.max_points:
-            self._thin()
-        return True
-
-    def _thin(self) -> None:
-        """Keeps 3/4 of `max_points`, evenly spaced by rank, so thinning happens rarely."""
-        n, keep = len(self._points), max(2, self.max_points * 3 // 4)
-        chosen = sorted({round(j * (n - 1) / (keep - 1)) for j in range(keep)})
-        self._points = [self._points[j] for j in chosen]
-        self._xents = [p.xent for p in self._points]
 
 
 class BestHistory:
@@ -189,11 +141,11 @@ class FrontierPane(Vertical):
         (several iterations in one) draws the same history as the events one by one."""
         best_of: dict[int, float] = {}
         for p in new_points:
-            self.frontier.add(FrontierPoint(p.xent, p.act, p.iteration, p.text))
+            self.frontier.add(PlotPoint(p.xent, p.act, p.iteration, p.text))
             if math.isfinite(p.act):
                 best_of[p.iteration] = max(best_of.get(p.iteration, -math.inf), p.act)
         for e in elites:  # elites were seen too, and their act (not objective) is what is plotted
-            self.frontier.add(FrontierPoint(e.xent, e.act, iteration, e.text))
+            self.frontier.add(PlotPoint(e.xent, e.act, iteration, e.text))
         self.elite_points = [(e.xent, e.act) for e in elites]
         best = best_act(elites, best_objective)
         if math.isfinite(best):
