@@ -19,7 +19,7 @@ from pathlib import Path
 
 from epo_tui import __version__, paths
 from epo_tui.budget import EXAMPLES, budget_seconds, format_budget
-from epo_tui.config import COMBINES, INT_MAX, Config, load_config
+from epo_tui.config import COMBINES, INT_MAX, Config, field_help, load_config
 from epo_tui.errors import UserError, first_line
 from epo_tui.features import config_labels, with_labels
 from epo_tui.progress import progress_reporter
@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     features = commands.add_parser("features", parents=[common],
                                    help="list the SAE's features with their top tokens")
-    features.add_argument("--search", metavar="WORD", help="only features whose tokens or label match")
+    features.add_argument("--search", metavar="QUERY",
+                          help="only the features the query matches, best first, as in the UI's feature list: words "
+                               "matched in the label and top tokens, or #N for latent N")
     features.add_argument("--limit", type=int, metavar="N", help="print at most N features")
     features.add_argument("--json", action="store_true", help="one JSON object per feature per line")
 
@@ -185,11 +187,12 @@ def _registry_options(commands, common: argparse.ArgumentParser) -> None:
 
 
 def _search_options(parser: argparse.ArgumentParser, default_out: str, budget_help: str) -> None:
-    parser.add_argument("--iterations", type=int, metavar="I", help="iterations (default: search.iterations)")
+    parser.add_argument("--iterations", type=int, metavar="I",
+                        help=f"{field_help('search', 'iterations')} (default: search.iterations)")
     parser.add_argument("--time-budget", metavar="DURATION",
                         help=f"{budget_help}: {EXAMPLES}, or none; the iterations still cap it, whichever comes "
                              "first (default: search.time_budget)")
-    parser.add_argument("--seed", type=int, metavar="S", help="random seed (default: search.seed)")
+    parser.add_argument("--seed", type=int, metavar="S", help=f"{field_help('search', 'seed')} (default: search.seed)")
     parser.add_argument("--out", metavar="DIR", help=f"output folder (default: {default_out})")
 
 
@@ -276,7 +279,7 @@ def _config_labels(config: Config, sae) -> dict[int, str] | None:
 def cmd_features(args: argparse.Namespace, config: Config) -> int:
     from epo_tui.engine.feature_catalog import feature_catalog
     from epo_tui.engine.pairing import load_model_with_sae
-    from epo_tui.features import search_features
+    from epo_tui.feature_search import search_features
     from epo_tui.terminal import print_features
 
     if args.limit is not None and args.limit < 0:

@@ -26,8 +26,9 @@ INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # TOML's integers (seeds reach jax.rando
 BUILTIN_SOURCE = "built-in defaults"
 
 
-def _limits(minimum: float | None = None, maximum: float | None = None, choices=None) -> dict:
-    return {"min": minimum, "max": maximum, "choices": choices}
+def _limits(minimum: float | None = None, maximum: float | None = None, choices=None, help: str = "") -> dict:  # noqa: A002
+    """A field's metadata: its limits (checked on load) and its one-line help."""
+    return {"min": minimum, "max": maximum, "choices": choices, "help": help}
 
 
 @dataclass(frozen=True)
@@ -79,26 +80,38 @@ class FeatureConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    iterations: int = field(default=750, metadata=_limits(minimum=1))
-    # wall clock after which the search stops, set-up included ("90s", "2m", "1m30s", "1h"; "" none):
-    # whichever of it and `iterations` comes first
-    time_budget: str = ""
-    elites: int = field(default=8, metadata=_limits(minimum=1))
-    candidates: int = field(default=128, metadata=_limits(minimum=1))
-    prompt_tokens: int = field(default=20, metadata=_limits(minimum=1))
-    penalty_min: float = field(default=1.0, metadata=_limits(minimum=0.0))
-    penalty_max: float = field(default=20.0, metadata=_limits(minimum=0.0))
-    topk: int = field(default=128, metadata=_limits(minimum=1))
-    seed: int = field(default=0, metadata=_limits(minimum=0))
-    prefix: str = ""  # text placed after BOS, e.g. "<start_of_turn>user\n"
+    """How the search runs. Each field's `help` (its metadata) is its one description: the settings form,
+    `--help` and the samples' comments read it (field_help)."""
+
+    iterations: int = field(default=750, metadata=_limits(minimum=1, help="how many iterations the search runs"))
+    time_budget: str = field(default="", metadata=_limits(
+        help="stop after this much wall clock, set-up included (90s, 2m, 1m30s, 1h; empty: none): "
+             "whichever of it and iterations comes first"))
+    elites: int = field(default=8, metadata=_limits(minimum=1, help="prompts kept per iteration, one per penalty λ"))
+    candidates: int = field(default=128, metadata=_limits(
+        minimum=1, help="candidates proposed and scored per elite per iteration"))
+    prompt_tokens: int = field(default=20, metadata=_limits(
+        minimum=1, help="tokens optimized after BOS and the prefix"))
+    penalty_min: float = field(default=1.0, metadata=_limits(
+        minimum=0.0, help="smallest fluency penalty λ (λ log-spaced up to penalty_max)"))
+    penalty_max: float = field(default=20.0, metadata=_limits(minimum=0.0, help="largest fluency penalty λ"))
+    topk: int = field(default=128, metadata=_limits(minimum=1, help="tokens per position kept by the gradient mask"))
+    seed: int = field(default=0, metadata=_limits(minimum=0, help="random seed: the same seed repeats the same search"))
+    prefix: str = field(default="", metadata=_limits(
+        help='text placed after BOS (e.g. "<start_of_turn>user\\n"), or "chat": the chat template\'s user turn'))
     # proposal augmentations (DESIGN.md §3), each with its probability
-    extra_resample: float = field(default=1.5, metadata=_limits(minimum=0.0))  # expected extra positions
-    skip_gradient_mask: float = field(default=0.2, metadata=_limits(minimum=0.0, maximum=1.0))
-    swap: float = field(default=0.1, metadata=_limits(minimum=0.0, maximum=1.0))
-    temperature_max: float = field(default=2.0, metadata=_limits(minimum=0.01))
-    # with the gradient mask skipped, tokens come from the model's this many likeliest next tokens
-    unmasked_top: int = field(default=1024, metadata=_limits(minimum=1))
-    banned_tokens: tuple[str, ...] = ()  # token strings never proposed (special tokens never are)
+    extra_resample: float = field(default=1.5, metadata=_limits(
+        minimum=0.0, help="expected number of extra positions resampled per candidate"))
+    skip_gradient_mask: float = field(default=0.2, metadata=_limits(
+        minimum=0.0, maximum=1.0, help="probability a candidate ignores the gradient mask"))
+    swap: float = field(default=0.1, metadata=_limits(
+        minimum=0.0, maximum=1.0, help="probability a candidate also swaps two positions"))
+    temperature_max: float = field(default=2.0, metadata=_limits(
+        minimum=0.01, help="proposal temperature is drawn from U(0, temperature_max)"))
+    unmasked_top: int = field(default=1024, metadata=_limits(
+        minimum=1, help="without the mask, draw from the model's this many likeliest tokens"))
+    banned_tokens: tuple[str, ...] = field(default=(), metadata=_limits(
+        help="token strings never proposed (special tokens never are)"))
 
 
 @dataclass(frozen=True)
@@ -130,6 +143,15 @@ SECTIONS: dict[str, type] = {
     "search": SearchConfig,
     "favorites": FavoritesConfig,
 }
+
+
+def field_help(section: str, name: str) -> str:
+    """The one-line help of a config key (e.g. ("search", "candidates")), "" where it has none; KeyError
+    for a key the section does not have."""
+    for spec in dataclasses.fields(SECTIONS[section]):
+        if spec.name == name:
+            return spec.metadata.get("help", "")
+    raise KeyError(f"[{section}] has no key {name!r}")
 
 
 def load_config(spec: str | None = None) -> Config:

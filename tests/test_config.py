@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 
 from epo_tui import paths
 from epo_tui.cli import main
-from epo_tui.config import Config, ModelConfig, SAEConfig, load_config, parse_config
+from epo_tui.config import Config, ModelConfig, SAEConfig, field_help, load_config, parse_config
 from epo_tui.errors import ConfigError, UserError
 
 FULL = """
@@ -182,3 +183,18 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     bad.write_text("[search]\nelites = -1\n")
     assert main(["score", "--debug", "--config", str(bad), "hello"]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_samples_comment_on_a_search_key_is_the_keys_help_from_the_schema():
+    value_notes = {"prefix"}  # there a sample says why its value is what it is (a chat model or not)
+    checked = 0
+    for name, path in paths.sample_configs().items():
+        section = None
+        for line in path.read_text().splitlines():
+            header = re.match(r"\[(\w+)\]", line)
+            section = header.group(1) if header else section
+            key = re.match(r"(\w+) = [^#]*#\s*(.*)$", line)
+            if section == "search" and key and key.group(1) not in value_notes:
+                assert key.group(2) == field_help("search", key.group(1)), f"{name}: {line}"
+                checked += 1
+    assert checked >= 8

@@ -31,30 +31,10 @@ from textual.screen import ModalScreen
 from textual.validation import Integer, Number, Validator
 from textual.widgets import Input, Label, Static
 
-from epo_tui.config import Config, SearchConfig, config_from_data
+from epo_tui.config import Config, SearchConfig, config_from_data, field_help
 from epo_tui.errors import UserError
 
 SOURCE = "settings"  # what config_from_data's messages name as their source (stripped before display)
-
-# One line per field, shown under its name. A new SearchConfig field without a line here still shows
-# (with no help); tests/test_tui_settings.py insists on one.
-FIELD_HELP: dict[str, str] = {
-    "iterations": "how many iterations the search runs",
-    "time_budget": "stop after this much wall clock (90s, 2m, 1m30s, 1h); empty: none",
-    "elites": "prompts kept per iteration, one per penalty λ",
-    "candidates": "children proposed and scored per iteration",
-    "prompt_tokens": "length of the optimized prompt, in tokens",
-    "penalty_min": "smallest fluency penalty λ (λ log-spaced up to penalty_max)",
-    "penalty_max": "largest fluency penalty λ",
-    "topk": "tokens per position kept by the gradient mask",
-    "seed": "random seed: the same seed repeats the same search",
-    "prefix": "text placed after BOS; write a newline as \\n",
-    "extra_resample": "expected number of extra positions resampled per child",
-    "skip_gradient_mask": "probability a child ignores the gradient mask",
-    "swap": "probability a child also swaps two positions",
-    "temperature_max": "proposal temperature is drawn from U(0, temperature_max)",
-    "unmasked_top": "without the mask, draw from the model's this many likeliest tokens",
-}
 
 # [search] fields the form leaves alone, with why. An override of one of them is carried through.
 EXCLUDED_FIELDS: dict[str, str] = {
@@ -120,7 +100,7 @@ def setting_fields() -> list[SettingField]:
         if spec.name in EXCLUDED_FIELDS or kind not in _SCALAR_TYPES:
             continue
         fields.append(SettingField(spec.name, kind, spec.metadata.get("min"), spec.metadata.get("max"),
-                                   FIELD_HELP.get(spec.name, "")))
+                                   field_help("search", spec.name)))
     return fields
 
 
