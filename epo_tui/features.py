@@ -99,15 +99,3 @@ def with_labels(entries: list[FeatureEntry], labels: Mapping[int, str] | None) -
     if not labels:
         return entries
     return [replace(e, label=labels[e.index]) if e.index in labels else e for e in entries]
-
-
-def search_features(entries: list[FeatureEntry], query: str) -> list[FeatureEntry]:
-    """Entries whose index equals the query, or whose label or top tokens contain it (any case)."""
-    query = query.strip()
-    if not query:
-        return list(entries)
-    if query.isdigit():
-        return [e for e in entries if e.index == int(query)]
-    needle = query.casefold()
-    return [e for e in entries
-            if needle in (e.label or "").casefold() or any(needle in t.casefold() for t in e.top_tokens)]

@@ -1,7 +1,7 @@
 """The feature picker: a search box over the SAE's latents, with stars, notes, random picks and marks.
 
 A catalog has tens of thousands of latents (24,576 for a 16k×1.5 SAE), so two things keep it instant:
-the searchable text of every latent is built once (`FeatureSearch`), and the list draws only the rows
+the searchable text of every latent is built once (`FuzzyFeatureSearch`), and the list draws only the rows
 on screen (`FeatureList`, a line-API scroll view) instead of building a widget per row.
 
 Keys in the list: enter chooses, `*` stars, `n` edits the note, `r` jumps to a random (alive) latent,
@@ -12,8 +12,6 @@ copy). In the search box, `#N` (or a bare number) puts latent N first and enter 
 from __future__ import annotations
 
 import random
-import re
-from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,117 +31,28 @@ from textual.strip import Strip
 from textual.widgets import Input, Label, Static
 
 from epo_tui.errors import UserError
+from epo_tui.feature_search import INDEX_QUERY, FeatureSearch
 from epo_tui.features import FeatureEntry
 from epo_tui.labels import read_explanations
 from epo_tui.stars import Stars
 from epo_tui.text import inert
 
-INDEX_QUERY = re.compile(r"#\s*([0-9]+)|([0-9]+)")
-SHOWN_TOKENS = 8  # top tokens per row: enough to recognise a latent, short enough to fit
 STAR, MARK = "★", "●"
 MAX_MARKED = 2
-MATCHER_LIMIT = 2000  # survivors ranked by textual's fuzzy Matcher (~7 µs each); more are ranked cheaply
-FUZZY_BELOW = 100  # letters-in-order matches are added only when exact substring matches are this rare
+MATCHER_LIMIT = 2000  # matches ranked by textual's fuzzy Matcher (~7 µs each); more are ranked cheaply
 
 
-def token_text(tokens: tuple[str, ...]) -> str:
-    """Top tokens as one inert line; a token that is only whitespace shows as ␣."""
-    return " · ".join(_inert(t).strip() or "␣" for t in tokens[:SHOWN_TOKENS])
+class FuzzyFeatureSearch(FeatureSearch):
+    """The feature search, its matches ranked by textual's fuzzy `Matcher` (and the matched characters
+    found for highlighting). Scoring every latent takes ~0.5 s for 24k latents, so only the search's
+    matches are scored, and beyond MATCHER_LIMIT of them the plain ranking stays."""
 
-
-def _inert(text: str) -> str:
-    """`text.inert`, skipped for the usual printable text (building a 24k catalog's strings stays fast)."""
-    return text if text.isprintable() else inert(text)
-
-
-class FeatureSearch:
-    """A catalog's searchable text, built once, and the ranking of a query over it.
-
-    Each latent is matched on "<label>  <top tokens>" (lowercased once here). Scoring every latent with
-    textual's fuzzy `Matcher` takes ~0.5 s for 24k latents, so a cheap test runs first (substring;
-    letters in order within a word when substrings are rare) and only its survivors are ranked by
-    `Matcher` (by word start and index when there are more than MATCHER_LIMIT of them).
-    """
-
-    SEPARATOR = "  "
-
-    def __init__(self, entries: list[FeatureEntry]):
-        self.entries = list(entries)
-        self.position = {e.index: i for i, e in enumerate(self.entries)}
-        self.index_texts = [str(e.index) for e in self.entries]
-        self.labels: list[str] = []
-        self.tokens: list[str] = []
-        self.haystacks: list[str] = []
-        for entry in self.entries:
-            self._add_text(entry)
-
-    def _add_text(self, entry: FeatureEntry, at: int | None = None) -> None:
-        label, tokens = _inert(entry.label or ""), token_text(entry.top_tokens)
-        values = (label, tokens, f"{label}{self.SEPARATOR}{tokens}".lower())
-        if at is None:
-            for column, value in zip((self.labels, self.tokens, self.haystacks), values):
-                column.append(value)
-        else:
-            self.labels[at], self.tokens[at], self.haystacks[at] = values
-
-    def relabel(self, labels: dict[int, str]) -> int:
-        """Sets the labels of the latents in `labels` (by index); returns how many were in the catalog."""
-        applied = 0
-        for index, label in labels.items():
-            at = self.position.get(index)
-            if at is not None:
-                self.entries[at] = replace(self.entries[at], label=label)
-                self._add_text(self.entries[at], at)
-                applied += 1
-        return applied
-
-    def filter(self, query: str) -> list[int]:
-        """Positions (into `entries`) of the latents matching `query`, best first.
-
-        `#N` gives latent N, then the indices starting with N; a bare number gives the same, then the
-        latents whose text contains it; words must each match (fuzzily) the label or top tokens.
-        """
-        query = query.strip()
-        if not query:
-            return list(range(len(self.entries)))
-        number = INDEX_QUERY.fullmatch(query)
-        if number:
-            digits = number[1] or number[2]
-            by_index = self._by_index(digits)
-            if number[1] is not None:
-                return by_index
-            seen = set(by_index)
-            return by_index + [p for p in self._by_text([digits]) if p not in seen]
-        return self._by_text(query.lower().split())
-
-    def _by_index(self, digits: str) -> list[int]:
-        exact = self.position.get(int(digits))
-        prefixed = [p for p, text in enumerate(self.index_texts) if text.startswith(digits) and p != exact]
-        prefixed.sort(key=lambda p: self.entries[p].index)
-        return ([exact] if exact is not None else []) + prefixed
-
-    def _by_text(self, words: list[str]) -> list[int]:
-        survivors: list[int] | range = range(len(self.entries))
-        for word in words:  # each word narrows the previous word's survivors
-            survivors = self._survivors(word, survivors)
-            if not survivors:
-                return []
-        if len(survivors) > MATCHER_LIMIT:  # too many to score in time: word starts first, then by index
-            starts = re.compile(r"\b" + re.escape(words[0]))
-            return sorted(survivors, key=lambda p: (starts.search(self.haystacks[p]) is None, self.entries[p].index))
+    def rank(self, words: list[str], survivors: list[int]) -> list[int]:
+        if len(survivors) > MATCHER_LIMIT:  # too many to score in time
+            return super().rank(words, survivors)
         fuzzy = [Matcher(word).fuzzy_search for word in words]
         scores = {p: sum(f.match(w, self.haystacks[p])[0] for f, w in zip(fuzzy, words)) for p in survivors}
         return sorted(survivors, key=lambda p: (-scores[p], self.entries[p].index))
-
-    def _survivors(self, word: str, positions) -> list[int]:
-        """Positions whose text contains `word`; when those are few, also those with its letters in order
-        inside one word ("nron" finds "neuron"): the typo rescue, kept to one word so it stays specific."""
-        haystacks = self.haystacks
-        hits = [p for p in positions if word in haystacks[p]]
-        if len(hits) < FUZZY_BELOW and len(word) > 1:
-            in_one_word = re.compile("[^ ]*?".join(map(re.escape, word)))
-            hits += [p for p in positions if word not in haystacks[p] and in_one_word.search(haystacks[p])]
-        return hits
 
     def match_offsets(self, query: str, position: int) -> tuple[set[int], set[int]]:
         """Which characters of the label and of the token text the query's words matched (to highlight)."""
@@ -294,7 +203,7 @@ class FeaturePane(Vertical):
 
     def __init__(self, *, alive: set[int] | None = None, rng: random.Random | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.search = FeatureSearch([])
+        self.search = FuzzyFeatureSearch([])
         self.stars: Stars | None = None
         self.alive = alive  # latents that fire at all (None: unknown, every latent counts)
         self.rng = rng or random.Random()
@@ -315,7 +224,7 @@ class FeaturePane(Vertical):
 
     def set_features(self, entries: list[FeatureEntry], stars: Stars | None = None) -> None:
         """Shows a new catalog (the stars belong to its SAE); a damaged stars file is reported."""
-        self.search = FeatureSearch(entries)
+        self.search = FuzzyFeatureSearch(entries)
         self.stars = stars
         self.marked = []
         self._apply_query(self.query_text)
