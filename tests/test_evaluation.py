@@ -132,13 +132,13 @@ def test_repeats_in_a_batch_run_once_and_a_batch_always_scores_the_same(setups):
     grads, parents = gradients(search.params, search.sae, search.arrays, search.prefix,
                                jnp.asarray(state.tokens_KxN), jnp.asarray(search.lambdas_K), st=search.st)
     K, N = state.tokens_KxN.shape
-    children = np.repeat(state.tokens_KxN, search.st.children, axis=0)  # every child its parent, at first
+    children = np.repeat(state.tokens_KxN, search.st.candidates, axis=0)  # every child its parent, at first
     children[::2, -1] = (children[::2, -1] + 1) % 40 + 50  # half change their last token...
     children[1::4] = children[0]  # ...and a quarter repeat the first child (a child of elite 0)
     first = search.evaluate_children(children, state, parents)
     counts = search.scorer.last
     distinct_changed = {row.tobytes() for row, f in zip(children, first_changes(children, np.repeat(
-        state.tokens_KxN, search.st.children, axis=0))) if f < N}
+        state.tokens_KxN, search.st.candidates, axis=0))) if f < N}
     assert counts.run == len(distinct_changed)
     again = search.evaluate_children(children, state, parents)  # as a resumed search would score it
     assert search.scorer.last.run == counts.run
@@ -146,8 +146,8 @@ def test_repeats_in_a_batch_run_once_and_a_batch_always_scores_the_same(setups):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(a, c, atol=ATOL, rtol=0)
     # a child equal to its parent carries the parent's own score
-    unchanged = np.flatnonzero((children == np.repeat(state.tokens_KxN, search.st.children, axis=0)).all(-1))
-    np.testing.assert_array_equal(first[0][unchanged], state.objective_K[unchanged // search.st.children])
+    unchanged = np.flatnonzero((children == np.repeat(state.tokens_KxN, search.st.candidates, axis=0)).all(-1))
+    np.testing.assert_array_equal(first[0][unchanged], state.objective_K[unchanged // search.st.candidates])
 
 
 def test_children_scored_in_an_earlier_iteration_are_not_run_again_and_keep_their_scores(setups):
@@ -170,7 +170,7 @@ def test_children_scored_in_an_earlier_iteration_are_not_run_again_and_keep_thei
     # every second old child again, then new ones: only new ones run, the old keep their first scores bitwise
     half = len(old) // 2
     second = search.evaluate_children(np.concatenate([old[::2], children(2)[::2]]), state, parents, scored)
-    parent_B = np.repeat(np.arange(st.elites), st.children)
+    parent_B = np.repeat(np.arange(st.elites), st.candidates)
     ran_before = {row.tobytes() for row, f in zip(old, first_changes(old, state.tokens_KxN[parent_B]))
                   if f < st.prompt_tokens}
     assert search.scorer.last.known >= len(ran_before & {row.tobytes() for row in old[::2]}) > 0

@@ -323,7 +323,7 @@ def _within(observed, expected, se, z=4.5):
 @pytest.fixture(scope="module")
 def stats_statics(tiny_config, tiny_pair):
     search = Search(tiny_pair, tiny_config)
-    return replace(search.st, elites=K5, children=C5, prompt_tokens=N5), tiny_pair.model.vocab_size
+    return replace(search.st, elites=K5, candidates=C5, prompt_tokens=N5), tiny_pair.model.vocab_size
 
 
 def test_resampled_positions_per_child(stats_statics):
@@ -427,7 +427,7 @@ def test_each_child_skips_the_mask_with_the_exact_probability_for_any_children_c
     parents, banned, grads, logits = _propose_stats_inputs(V)
     by_logit = np.argsort(-np.where(banned, -np.inf, logits), axis=-1)[..., :2]
     np.put_along_axis(grads, by_logit, -10.0, axis=-1)  # the two sources disjoint again
-    st = replace(base, swap=0.0, extra_resample=float(N5), topk=8, unmasked_top=2, children=children,
+    st = replace(base, swap=0.0, extra_resample=float(N5), topk=8, unmasked_top=2, candidates=children,
                  skip_gradient_mask=skip)
     draws = 3000
     skipped = 0

@@ -318,7 +318,7 @@ def analytic_flops(search, positions_share: float = 1.0) -> dict:
     """
     st, model, sae = search.st, search.pair.model, search.pair.sae
     cfg = model.cfg
-    K, C, N = st.elites, st.children, st.prompt_tokens
+    K, C, N = st.elites, st.candidates, st.prompt_tokens
     P = len(search.prefix_ids)
     D, V = cfg.d_model, cfg.vocab_size
     width = cfg.n_heads * getattr(cfg, "head_dim", D // cfg.n_heads)
@@ -444,7 +444,7 @@ def bench_setup(setup: Setup, iterations: int, progress: Progress = _quiet) -> d
     state = search.initial_state(setup.seed_text)
     t2 = time.perf_counter()
     st = search.st
-    K, C, N = st.elites, st.children, st.prompt_tokens
+    K, C, N = st.elites, st.candidates, st.prompt_tokens
 
     per_iteration, last_print = [], 0.0
     calls: dict[int, int] = {}  # evaluation calls per bucket start, steady iterations

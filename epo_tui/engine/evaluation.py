@@ -51,7 +51,7 @@ class Statics:
     target: Target
     hooks: tuple[str, ...]
     elites: int
-    children: int
+    candidates: int  # C: children per elite (search.candidates)
     prompt_tokens: int
     topk: int
     unmasked_top: int
@@ -239,7 +239,7 @@ class ChildScorer:
         self.st, self.mesh = st, mesh
         self.params, self.sae, self.arrays, self.prefix = params, sae, arrays, prefix
         n_data = sharding.data_size(mesh)
-        per_device = chunk or min(EVAL_CHUNK, max(8, 1 << max(0, math.ceil(math.log2(st.elites * st.children / 8)))))
+        per_device = chunk or min(EVAL_CHUNK, max(8, 1 << max(0, math.ceil(math.log2(st.elites * st.candidates / 8)))))
         self.chunk = per_device * n_data  # prompts per call, split along "data"
         self.starts = bucket_starts(st.prompt_tokens)
         self._full = full_evaluator(st, mesh)

@@ -1,4 +1,7 @@
-"""The Pareto frontier of (xent, objective) over every distinct prompt seen: low xent, high objective."""
+"""The Pareto frontier of (xent, act) over every distinct prompt seen (DESIGN.md §3): low xent, high act,
+as the chart draws it; the objective of each point is kept alongside. Arrays, for the children of a
+whole iteration at once; the plain-Python frontier of the chart and of the sessions is epo_tui.pareto,
+with the same axes and the same cap."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-MAX_POINTS = 1024  # a 2-D frontier rarely gets near this; past it, every other point is dropped
+from epo_tui.pareto import FRONTIER_MAX_POINTS, thinned_ranks
 
 
 @dataclass
@@ -19,11 +22,9 @@ class Frontier:
     def __len__(self) -> int:
         return len(self.xent)
 
-    def candidates_that_enter(self, xent, objective) -> np.ndarray:
+    def candidates_that_enter(self, xent, act) -> np.ndarray:
         """Indices of new points not dominated by the frontier or by each other (before dedup)."""
-        all_xent = np.concatenate([self.xent, xent])
-        all_obj = np.concatenate([self.objective, objective])
-        keep = nondominated(all_xent, all_obj)
+        keep = nondominated(np.concatenate([self.xent, xent]), np.concatenate([self.act, act]))
         return keep[keep >= len(self)] - len(self)
 
     def merged(self, xent, objective, act, tokens) -> Frontier:
@@ -35,9 +36,9 @@ class Frontier:
         _, first = np.unique(all_tokens, axis=0, return_index=True)  # distinct prompts
         first = np.sort(first)
         arrays, all_tokens = [a[first] for a in arrays], all_tokens[first]
-        keep = nondominated(arrays[0], arrays[1])
-        if len(keep) > MAX_POINTS:
-            keep = keep[:: int(np.ceil(len(keep) / MAX_POINTS))]
+        keep = nondominated(arrays[0], arrays[2])
+        if len(keep) > FRONTIER_MAX_POINTS:
+            keep = keep[thinned_ranks(len(keep), FRONTIER_MAX_POINTS)]
         return Frontier(*(a[keep] for a in arrays), tokens=all_tokens[keep])
 
     def to_json(self, tokens_to_text=None) -> list[dict]:
@@ -51,14 +52,14 @@ class Frontier:
         return rows
 
 
-def nondominated(xent: np.ndarray, objective: np.ndarray) -> np.ndarray:
+def nondominated(xent: np.ndarray, act: np.ndarray) -> np.ndarray:
     """Indices (sorted by xent) of points no other point beats on both: lower-or-equal xent with a
-    higher objective. Among exact ties, the first index is kept."""
-    order = np.lexsort((np.arange(len(xent)), -objective, xent))  # xent up, then objective down
+    higher act. Among exact ties, the first index is kept."""
+    order = np.lexsort((np.arange(len(xent)), -act, xent))  # xent up, then act down
     best_so_far = -np.inf
     keep = []
     for i in order:
-        if objective[i] > best_so_far:
+        if act[i] > best_so_far:
             keep.append(i)
-            best_so_far = objective[i]
+            best_so_far = act[i]
     return np.asarray(keep, dtype=np.int64)

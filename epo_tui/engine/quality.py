@@ -112,7 +112,7 @@ def heldout_windows(tokens_RxL: np.ndarray, mask_RxL: np.ndarray, width: int) ->
 def window_xents(search: Search, windows_WxN: np.ndarray) -> np.ndarray:
     """Each window's xent, as the search computes a prompt's (after BOS and the prefix), in batches
     of the search's own children count so nothing recompiles."""
-    batch = search.st.elites * search.st.children
+    batch = search.st.elites * search.st.candidates
     out = []
     for start in range(0, len(windows_WxN), batch):
         chunk = windows_WxN[start:start + batch]

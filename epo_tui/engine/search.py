@@ -11,7 +11,7 @@ One iteration is three jitted functions with static shapes, then selection on th
 then each elite k keeps the best f_k = objective - lambda_k * xent over itself, the other elites and
 the children whose text re-tokenizes to the same ids.
 
-Shapes: K elites, C children per elite, B = K*C, N optimized tokens, V vocabulary, F features,
+Shapes: K elites, C children per elite (`search.candidates`), B = K*C, N optimized tokens, V vocabulary, F features,
 P prefix length (BOS + prefix).
 """
 
@@ -99,7 +99,7 @@ def propose(key, tokens_KxN, grads_KxNxV, next_logits_KxNxV, banned_V, *, st: St
     done only for S = ceil(p C) random children of each elite ("slots"), each of which then skips the
     mask with probability pC/S: every child still skips with probability exactly p, at S/C the cost."""
     K, N = tokens_KxN.shape
-    C = st.children
+    C = st.candidates
     keys = jax.random.split(key, 8)
     first_KxC = jax.random.randint(keys[0], (K, C), 0, N)
     resample_KxCxN = (jax.random.uniform(keys[1], (K, C, N)) < st.extra_resample / N) | (
@@ -164,7 +164,7 @@ class Search:
         self.mesh = mesh or pair.mesh
         hooks = () if self.target.kind == "logit" else (self.target.hook,)
         self.st = Statics(model_type=model.model_type, cfg=model.cfg, center_writes=pair.center_writes,
-                          target=self.target, hooks=hooks, elites=search.elites, children=search.candidates,
+                          target=self.target, hooks=hooks, elites=search.elites, candidates=search.candidates,
                           prompt_tokens=search.prompt_tokens, topk=min(search.topk, model.vocab_size),
                           unmasked_top=min(search.unmasked_top, model.vocab_size),
                           extra_resample=search.extra_resample, skip_gradient_mask=search.skip_gradient_mask,
@@ -274,7 +274,7 @@ class Search:
         """(objective, act, xent) of the elites' children, C per elite in order; each runs only from
         (about) its first change on, reusing its parent's pass (`parents`, from `gradients`). Children
         `scored` holds are not run; those that run are added to it."""
-        parent_B = np.repeat(np.arange(self.st.elites), self.st.children)
+        parent_B = np.repeat(np.arange(self.st.elites), self.st.candidates)
         return self.scorer.children(children_BxN, parent_B, state.tokens_KxN,
                                     (state.objective_K, state.act_K, state.xent_K), parents, scored)
 
@@ -325,7 +325,7 @@ class Search:
         alive = np.ones(len(tokens), bool)
         while True:
             idx = np.flatnonzero(alive)
-            entering = idx[frontier.candidates_that_enter(xent[idx], objective[idx])]
+            entering = idx[frontier.candidates_that_enter(xent[idx], act[idx])]
             invalid = [i for i in entering if not self.is_valid(tokens[i])]
             if not invalid:
                 break
