@@ -16,7 +16,7 @@ HEAVY = ("jax", "jaxlib", "torch", "transformers", "sae_lens", "transformer_lens
 PLAIN_MODULES = ["epo_tui.config", "epo_tui.paths", "epo_tui.features", "epo_tui.themes", "epo_tui.text",
                  "epo_tui.atomic", "epo_tui.errors", "epo_tui.terminal", "epo_tui.progress", "epo_tui.results",
                  "epo_tui.cli", "epo_tui.labels", "epo_tui.tui.app", "epo_tui.sessions", "epo_tui.favorites",
-                 "epo_tui.client", "epo_tui.stars", "epo_tui.tui.sessions_screen", "epo_tui.tui.settings",
+                 "epo_tui.client", "epo_tui.stars", "epo_tui.tui.screens.sessions", "epo_tui.tui.screens.settings",
                  "epo_tui.session_catalog", "epo_tui.pareto", "epo_tui.bus", "epo_tui.feature_search"]
 
 

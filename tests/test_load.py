@@ -34,7 +34,7 @@ from epo_tui.protocol import Finished
 from epo_tui.tui.app import EpoApp, LoadSpec
 from epo_tui.pareto import FRONTIER_MAX_POINTS
 from epo_tui.tui.components.frontier import HISTORY_MAX_POINTS, FrontierPane
-from epo_tui.tui.status import StatusBar
+from epo_tui.tui.components.status import StatusBar
 
 ITERATIONS = int(os.environ.get("EPO_TUI_LOAD_ITERATIONS", "2000"))  # longer runs: a leak check
 SAMPLE_EVERY = 100

@@ -24,8 +24,8 @@ import pytest
 
 from epo_tui import sessions
 from epo_tui.client import worker_command
-from epo_tui.tui.sessions_screen import SessionsScreen
-from epo_tui.tui.status import StatusBar
+from epo_tui.tui.screens.sessions import SessionsScreen
+from epo_tui.tui.components.status import StatusBar
 from tui_pilot import tiny_app, until
 
 SSHD = Path("/usr/sbin/sshd")

@@ -288,7 +288,7 @@ def test_progress_bar_follows_the_budget_when_it_ends_sooner():
 
 
 def test_ui_status_eta_uses_the_budget_left():
-    from epo_tui.tui.status import eta_text
+    from epo_tui.tui.components.status import eta_text
 
     assert eta_text(10, 100, 1.0) == "ETA 1m30s"
     assert eta_text(10, 100, 1.0, budget_left=20.0) == "ETA 20s"

@@ -221,7 +221,7 @@ class _Host(App):
 
 def test_elites_pane_details_and_scratchpad_dim_byte_escapes():
     from epo_tui.tui.components.elites import ElitesPane
-    from epo_tui.tui.screens import Scratchpad
+    from epo_tui.tui.screens.prompts import Scratchpad
 
     elite = Elite(penalty=1.0, token_ids=[0, 1, 2, 3], tokens=UI_TOKENS, token_bytes=UI_BYTES,
                   activations=[0.0, 2.0, 0.0, 1.0], act=1.0, xent=3.0, objective=0.0, prompt_start=1,

@@ -17,8 +17,8 @@ from textual.app import App
 
 from epo_tui import favorites, sessions
 from epo_tui.tui.components.elites import ElitesPane
-from epo_tui.tui.sessions_screen import SessionsScreen
-from epo_tui.tui.status import StatusBar
+from epo_tui.tui.screens.sessions import SessionsScreen
+from epo_tui.tui.components.status import StatusBar
 from tui_pilot import InProcessSessions, tiny_app, until
 
 TIMEOUT = 120.0
@@ -164,7 +164,7 @@ def test_a_full_disk_when_saving_a_favorite_is_told_and_keeps_the_file(tmp_path,
     import errno
     import os
 
-    from epo_tui.tui.status import StatusBar
+    from epo_tui.tui.components.status import StatusBar
     from tui_pilot import fake_app, ready
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))

@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Static
 
 from epo_tui import sessions
 from epo_tui.sessions import create_session
-from epo_tui.tui.sessions_screen import EMPTY_TEXT, SessionChoice, SessionsScreen
+from epo_tui.tui.screens.sessions import EMPTY_TEXT, SessionChoice, SessionsScreen
 from tui_pilot import InProcessSessions
 
 PENDING = "pending"  # the host's result before the screen is dismissed

@@ -11,7 +11,7 @@ from textual.app import App
 from textual.widgets import Input, Static
 
 from epo_tui.config import Config, SearchConfig, field_help
-from epo_tui.tui.settings import (EXCLUDED_FIELDS, SearchSettings, escape_text, setting_fields,
+from epo_tui.tui.screens.settings import (EXCLUDED_FIELDS, SearchSettings, escape_text, setting_fields,
                                   unescape_text)
 
 NOT_DISMISSED = object()

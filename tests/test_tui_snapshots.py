@@ -11,7 +11,7 @@ import pytest
 from epo_tui.tui.app import EpoApp
 from epo_tui.tui.components.elites import ElitesPane
 from epo_tui.tui.components.frontier import FrontierPane
-from epo_tui.tui.status import StatusBar
+from epo_tui.tui.components.status import StatusBar
 from tui_pilot import fake_app, ready, until
 
 

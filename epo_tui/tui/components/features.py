@@ -25,10 +25,9 @@ from textual.fuzzy import Matcher
 from textual.geometry import Region, Size
 from textual.message import Message
 from textual.reactive import reactive
-from textual.screen import ModalScreen
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
-from textual.widgets import Input, Label, Static
+from textual.widgets import Input, Static
 
 from epo_tui.errors import UserError
 from epo_tui.feature_search import INDEX_QUERY, FeatureSearch
@@ -36,6 +35,7 @@ from epo_tui.features import FeatureEntry
 from epo_tui.labels import read_explanations
 from epo_tui.stars import Stars
 from epo_tui.text import inert
+from epo_tui.tui.screens.note import NoteEditor
 
 STAR, MARK = "★", "●"
 MAX_MARKED = 2
@@ -139,33 +139,6 @@ class FeatureList(ScrollView, can_focus=True):
         if row == self.cursor:  # after padding, so the bar spans the whole width
             text.stylize(self.get_component_rich_style("feature-list--cursor"))
         return Strip(text.render(self.app.console), width).apply_style(self.rich_style)
-
-
-class NoteEditor(ModalScreen[str | None]):
-    """A one-line editor for a latent's note: enter saves (empty removes it), escape cancels."""
-
-    DEFAULT_CSS = """
-    NoteEditor { align: center middle; }
-    NoteEditor > Vertical { width: 70%; height: auto; border: round $accent; padding: 0 1; background: $panel; }
-    """
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
-
-    def __init__(self, title: str, note: str):
-        super().__init__()
-        self.title_text, self.note = title, note
-
-    def compose(self) -> ComposeResult:
-        with Vertical():
-            yield Label(Text(self.title_text))
-            yield Input(self.note, placeholder="a note (enter saves, escape cancels)", id="note")
-
-    @on(Input.Submitted)
-    def save(self, event: Input.Submitted) -> None:
-        event.stop()
-        self.dismiss(event.value)
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
 
 
 class FeaturePane(Vertical):
