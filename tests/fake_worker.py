@@ -24,7 +24,8 @@ Modes (each starts with the worker's unsolicited `hello`):
                     sequences (clear screen, OSC 52 clipboard write, OSC 8 hyperlink) and markup
                     (tests/test_security.py checks none reaches the terminal raw)
 
---record FILE appends every command line received to FILE (the tests read it back).
+--record FILE appends every command line received to FILE (the tests read it back). $FAKE_WORKER_HOST, when
+set, is the host name its session listings give.
 Every mode ends itself after 60 s (SIGALRM), so a failing test leaves no process behind.
 """
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -266,6 +268,8 @@ def ui(commands: Commands, ending: str | None) -> int:
 
 def main(argv: list[str]) -> int:
     signal.alarm(60)
+    if os.environ.get("FAKE_WORKER_HOST"):  # the host name its session listings give (a snapshot's)
+        socket.gethostname = lambda: os.environ["FAKE_WORKER_HOST"]
     record = None
     if "--record" in argv:
         i = argv.index("--record")
