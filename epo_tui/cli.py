@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"wall clock per latent ({EXAMPLES}), instead of {QUALITY_ITERATIONS} iterations; "
                               "with --iterations, whichever comes first (the config's search.time_budget is "
                               "not used here)")
-    from epo_tui.tui.bench_ui import add_options as add_ui_options  # --ui, --presses, --size
+    from epo_tui.bench.ui_latency import add_options as add_ui_options  # --ui, --presses, --size
 
     add_ui_options(bench)
 
@@ -476,13 +476,13 @@ def cmd_bench(args: argparse.Namespace, config: Config) -> int:
     if args.time_budget is not None and not args.quality:
         raise UserError("--time-budget: a budget per latent of --quality (the speed benchmarks run fixed iterations)")
     if args.ui:  # the UI's key-press-to-repaint latency while a search runs
-        from epo_tui.tui.bench_ui import cmd_bench_ui
+        from epo_tui.bench.ui_latency import cmd_bench_ui
 
         return cmd_bench_ui(args, config, progress=_progress_line)
     _require_at_least_one("--iterations", args.iterations)
     if args.quality:
         return _bench_quality(args, config)
-    from epo_tui.engine.bench import print_report, run_bench
+    from epo_tui.bench.speed import print_report, run_bench
 
     model = args.model or ("config" if args.demo else None)
     report = run_bench(model=model, config=config if model == "config" else None,
@@ -508,7 +508,7 @@ def _bench_quality(args: argparse.Namespace, config: Config) -> int:
     else:
         raise UserError("--quality: needs a held-out text: --heldout PATH, or --demo for the pack's sample")
     budget = budget_seconds(_time_budget(args.time_budget)) if args.time_budget is not None else None
-    from epo_tui.engine import quality
+    from epo_tui.bench import quality
 
     texts = quality.read_heldout(heldout)
     pair = _load_pair(config, [0], config.source)

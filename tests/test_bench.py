@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from epo_tui import cli
-from epo_tui.engine import bench
+from epo_tui.bench import speed
 
 
 def _positive(value) -> bool:
@@ -24,13 +24,13 @@ def _positive(value) -> bool:
 
 
 def test_bench_tiny_json_has_every_figure(tiny_dir, monkeypatch, capsys):
-    config = bench.tiny_config_path(tiny_dir)  # already written: returned as is
+    config = speed.tiny_config_path(tiny_dir)  # already written: returned as is
     assert config == tiny_dir / "config.toml"
-    monkeypatch.setattr(bench, "tiny_config_path", lambda folder=None: config)
-    monkeypatch.setattr(bench, "PEAK_SIZES", (256, 512))  # a quick peak; the real one goes up to 4096
+    monkeypatch.setattr(speed, "tiny_config_path", lambda folder=None: config)
+    monkeypatch.setattr(speed, "PEAK_SIZES", (256, 512))  # a quick peak; the real one goes up to 4096
     # the fresh-process timings run alongside (their numbers are not checked, so sharing the cores is fine)
     with ThreadPoolExecutor(1) as pool:
-        warm_future = pool.submit(bench.warm_start, config, 1)
+        warm_future = pool.submit(speed.warm_start, config, 1)
         assert cli.main(["bench", "--model", "tiny", "--iterations", "2", "--no-warm-start", "--json"]) == 0
         warm = warm_future.result()
     out = capsys.readouterr()
@@ -62,7 +62,7 @@ def test_bench_tiny_json_has_every_figure(tiny_dir, monkeypatch, capsys):
     assert _positive(warm["cold_s"]) and _positive(warm["warm_s"])
     assert set(warm["warm_phases_s"]) >= {"import_jax", "load_model_and_sae", "first_iteration"}
     assert all(_positive(v) for v in warm["cold_phases_s"].values())
-    goals = bench.goals({**report, "warm_start": warm})
+    goals = speed.goals({**report, "warm_start": warm})
     assert "warm start to first finished iteration (tiny)" in {goal["goal"] for goal in goals}
 
 
@@ -99,9 +99,9 @@ def test_compile_cache_fills_its_folder(tmp_path):
 
 @pytest.mark.slow
 def test_bench_shapes_runs_every_setup_and_reports_each(tmp_path):
-    """python -m epo_tui.engine.bench_shapes (the GPU figures in the README): every setup, with a family at
+    """python -m epo_tui.bench.shapes (the GPU figures in the README): every setup, with a family at
     its real shapes loaded through load_model, reports its seconds per iteration (small search sizes here)."""
-    from epo_tui.engine.bench_shapes import main
+    from epo_tui.bench.shapes import main
 
     out = tmp_path / "shapes.json"
     assert main(["--out", str(out), "--iterations", "2", "--small", "--family", "pythia-70m"]) == 0

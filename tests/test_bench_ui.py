@@ -12,7 +12,7 @@ import json
 import pytest
 
 from epo_tui import cli, sessions
-from epo_tui.tui.bench_ui import SYNC_REPLY, TerminalScreen, percentile
+from epo_tui.bench.ui_latency import SYNC_REPLY, TerminalScreen, percentile
 from cli_run import run_cli
 
 

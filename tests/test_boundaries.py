@@ -17,7 +17,8 @@ PLAIN_MODULES = ["epo_tui.config", "epo_tui.paths", "epo_tui.features", "epo_tui
                  "epo_tui.atomic", "epo_tui.errors", "epo_tui.terminal", "epo_tui.progress", "epo_tui.results",
                  "epo_tui.cli", "epo_tui.labels", "epo_tui.tui.app", "epo_tui.sessions", "epo_tui.favorites",
                  "epo_tui.client", "epo_tui.stars", "epo_tui.tui.screens.sessions", "epo_tui.tui.screens.settings",
-                 "epo_tui.session_catalog", "epo_tui.pareto", "epo_tui.bus", "epo_tui.feature_search"]
+                 "epo_tui.session_catalog", "epo_tui.pareto", "epo_tui.bus", "epo_tui.feature_search",
+                 "epo_tui.bench", "epo_tui.bench.report", "epo_tui.bench.ui_latency"]
 
 
 @pytest.mark.parametrize("module", PLAIN_MODULES)
@@ -64,7 +65,9 @@ def _imports(path: Path, top_level_only: bool) -> set[str]:
 def test_only_the_engine_imports_heavy_libraries_at_module_level():
     offenders = []
     for path in PACKAGE.rglob("*.py"):
-        if path.relative_to(PACKAGE).parts[0] in ("engine", "demo"):  # demo/: the pack's builder trains in JAX
+        # demo/: the pack's builder trains in JAX; bench/: the benchmarks that measure the engine load it (the
+        # package itself, its report scaffold and the UI's benchmark are plain: PLAIN_MODULES)
+        if path.relative_to(PACKAGE).parts[0] in ("engine", "demo", "bench"):
             continue
         for name in _imports(path, top_level_only=True):
             if name.split(".")[0] in HEAVY or name.startswith("epo_tui.engine"):
@@ -85,3 +88,14 @@ def test_the_engine_never_imports_the_ui():
                  for name in _imports(p, top_level_only=False)
                  if name.startswith(("epo_tui.tui", "textual"))]
     assert offenders == []
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"]])
+def test_help_loads_neither_jax_nor_the_terminal_libraries(argv):
+    """`epo-tui --help` builds the whole parser, the benchmarks' options included: it must stay instant."""
+    code = ("import sys, json, contextlib, io\nfrom epo_tui.cli import main\n"
+            f"with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n    main({argv!r})\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'jax', 'jaxlib', 'pyte', 'textual', 'torch', 'transformers', 'sae_lens'})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(proc.stdout) == []

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from epo_tui.engine import quality
+from epo_tui.bench import quality
 from epo_tui.engine.scoring import score_text
 from epo_tui.engine.search import Search
 from epo_tui.errors import UserError

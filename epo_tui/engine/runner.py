@@ -25,7 +25,7 @@ from epo_tui.config import Config
 from epo_tui.engine.distributed import Cluster, gather_summaries, rows_per_process
 from epo_tui.engine.pairing import ModelWithSAE
 from epo_tui.engine.reporting import features_label
-from epo_tui.engine.search import Search, SearchState
+from epo_tui.engine.search import Search, SearchState, Timings
 from epo_tui.engine.session_search import RecordedSearch
 from epo_tui.errors import UserError
 from epo_tui.text import inert
@@ -93,18 +93,21 @@ class StopFlag:
 
 
 class PlainSearch:
-    """A search without a session (benchmarks): the same stepping interface as RecordedSearch."""
+    """A search without a session (benchmarks): the same stepping interface as RecordedSearch.
+    `seed_text`: what the starting elites are sampled after (Search.initial_state); `last_timings`: the
+    seconds of each step of the last iteration."""
 
-    def __init__(self, search: Search, iterations: int):
+    def __init__(self, search: Search, iterations: int, seed_text: str | None = None):
         self.search, self.iterations_total = search, iterations
-        self.state = search.initial_state()
+        self.state = search.initial_state(seed_text)
+        self.last_timings: Timings | None = None
 
     @property
     def done(self) -> bool:
         return self.state.iteration >= self.iterations_total
 
     def step(self) -> None:
-        self.state, _ = self.search.step(self.state)
+        self.state, self.last_timings = self.search.step(self.state)
 
 
 def run_search(stepper, reporter: Reporter, stop: StopFlag, deadline: Deadline | None = None) -> results.RunTimings:

@@ -20,7 +20,7 @@ Measured:
 
 At the end `q` quits as a user would (the worker checkpoints); the session the bench made is deleted.
 
-    python -m epo_tui.tui.bench_ui SPEC.json   (internal: the child, the app on the pty)
+    python -m epo_tui.bench.ui_latency SPEC.json   (internal: the child, the app on the pty)
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from epo_tui.bench.report import Progress, console, load_average, load_text, print_goals, quiet
+from epo_tui.bench.report import machine as report_machine
 from epo_tui.errors import UserError
 
 DEFAULT_PRESSES = 200
@@ -63,13 +65,6 @@ SYNC_START, SYNC_END = b"\x1b[?2026h", b"\x1b[?2026l"
 MARK = re.compile(re.escape(b"\x1b[?2026") + rb"(?:\$p|h|l)")
 ITERATION = re.compile(r"iteration (\d+)/(\d+)")
 RATE = re.compile(r"([0-9.]+) it/s")
-
-Progress = Callable[[str], None]
-
-
-def _quiet(_: str) -> None:
-    pass
-
 
 # ----------------------------------------------------------------------------------------------
 # The terminal: a pyte screen of what the app wrote, and its frames
@@ -200,7 +195,7 @@ class _Terminal:
         self.master = master
         self.started = time.perf_counter()
         try:
-            self.process = subprocess.Popen([sys.executable, "-m", "epo_tui.tui.bench_ui", str(spec_path)],
+            self.process = subprocess.Popen([sys.executable, "-m", "epo_tui.bench.ui_latency", str(spec_path)],
                                             stdin=slave, stdout=slave, stderr=slave, env=env,
                                             start_new_session=True, close_fds=True)
         finally:
@@ -327,7 +322,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_bench_ui(config, presses: int = DEFAULT_PRESSES, size: tuple[int, int] = DEFAULT_SIZE,
-                 progress: Progress = _quiet, seed: int | None = None) -> dict[str, Any]:
+                 progress: Progress = quiet, seed: int | None = None) -> dict[str, Any]:
     """Runs the UI on a pseudo-terminal with a search on `config` and times `presses` key presses."""
     if presses < 1:
         raise UserError(f"--presses: must be >= 1, found {presses}")
@@ -335,7 +330,7 @@ def run_bench_ui(config, presses: int = DEFAULT_PRESSES, size: tuple[int, int] =
     rng = random.Random(seed)
     search = dataclasses.replace(config.search, iterations=SEARCH_ITERATIONS, time_budget="")  # runs to the end
     data = dataclasses.replace(config, search=search).to_dict()
-    load_start, cpu_start = os.getloadavg(), time.process_time()
+    machine, cpu_start = report_machine(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="epo-bench-ui-") as folder:
         spec_path, info_path = Path(folder) / "spec.json", Path(folder) / "info.json"
         spec_path.write_text(json.dumps({"config": data, "source": config.source, "info": str(info_path)}),
@@ -355,8 +350,7 @@ def run_bench_ui(config, presses: int = DEFAULT_PRESSES, size: tuple[int, int] =
                             "synchronized_output": terminal.replied and terminal.screen.frames > 0},
                   config=config.source, session_deleted=deleted,
                   terminal_cpu_s=time.process_time() - cpu_start,  # this process: the terminal's share
-                  machine={"cpu_count": os.cpu_count(), "load_average": list(load_start),
-                           "load_average_end": list(os.getloadavg())})
+                  machine={**machine, "load_average_end": load_average()})
     latency = report["latency"]
     report["goals"] = [
         {"goal": "key press to repaint, p99 (s)", "target": f"< {GOALS['p99_s']}", "measured": latency["p99_s"],
@@ -457,16 +451,15 @@ def _delete_session(session: str | None) -> bool:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    out = console()
     m, t, lat, s = report["machine"], report["terminal"], report["latency"], report["search"]
-    console.print(Text(f"UI on a {t['columns']}x{t['rows']} pseudo-terminal "
-                       f"({'synchronized output' if t['synchronized_output'] else 'unbracketed frames'}), "
-                       f"{report['config']}; {m['cpu_count']} cores, load average {m['load_average'][0]:.1f} "
-                       f"at start, {m['load_average_end'][0]:.1f} at end"))
+    load = f", {load_text(m)}" if load_text(m) else ""
+    out.print(Text(f"UI on a {t['columns']}x{t['rows']} pseudo-terminal "
+                   f"({'synchronized output' if t['synchronized_output'] else 'unbracketed frames'}), "
+                   f"{report['config']}; {m['cpu_count']} cores{load}"))
     table = Table(box=None, pad_edge=False, header_style="bold")
     table.add_column("")
     table.add_column("measured", justify="right")
@@ -485,14 +478,8 @@ def print_report(report: dict[str, Any]) -> None:
     shown = f" (status bar {s['it_per_s_status']:.2f})" if s["it_per_s_status"] is not None else ""
     table.add_row("  it/s", f"{rate}{shown}")
     table.add_row("  state at the end", Text(s["state_at_end"]))
-    console.print(table)
-    goals = Table(box=None, pad_edge=False, header_style="bold")
-    for name in ("goal", "target", "measured", "met"):
-        goals.add_column(name)
-    for goal in report["goals"]:
-        goals.add_row(Text(goal["goal"]), Text(goal["target"]), f"{goal['measured']:.3g}",
-                      "[green]yes[/]" if goal["met"] else "[red]no[/]")
-    console.print(goals)
+    out.print(table)
+    print_goals(out, report["goals"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,7 +508,7 @@ def _parse_size(text: str) -> tuple[int, int]:
     return columns, rows
 
 
-def cmd_bench_ui(args: argparse.Namespace, config, progress: Progress = _quiet) -> int:
+def cmd_bench_ui(args: argparse.Namespace, config, progress: Progress = quiet) -> int:
     """`epo-tui bench --ui`: the config is the demo pack's unless --config was given."""
     from epo_tui import paths
     from epo_tui.config import load_config

@@ -8,12 +8,12 @@ under `<cache>/bench/`.
 
 Per setup: seconds per iteration in each step (Search.step's Timings), the first iteration (which
 compiles) apart, candidates/s and tokens/s; FLOPs per iteration from XLA's cost analysis of the
-compiled steps and from an analytic count; achieved FLOP/s and MFU against a matmul peak measured in
-the same run on the same devices; two structural checks (the fixed prefix is not recomputed by the
+compiled steps and from an analytic count (flops.py); achieved FLOP/s and MFU against a matmul peak
+measured in the same run on the same devices (peak.py); two structural checks (the fixed prefix is not recomputed by the
 evaluation; the gradient pass computes no weight gradients). For the tiny model, the time from a
 fresh process to its first finished iteration, with an empty and with a filled compilation cache.
 
-    python -m epo_tui.engine.bench first-iteration CONFIG SPAWN_TIME   (internal: the warm-start child)
+    python -m epo_tui.bench.speed first-iteration CONFIG SPAWN_TIME   (internal: the warm-start child)
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -35,6 +33,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from epo_tui.bench.flops import analytic_flops, gradient_check, prefix_check, xla_flops
+from epo_tui.bench.peak import measure_peak
+from epo_tui.bench.report import Progress, console, load_average, load_text, print_goals, quiet, si
+from epo_tui.bench.report import machine as machine_basics
+from epo_tui.engine.runner import PlainSearch, Reporter, StopFlag, run_search
+from epo_tui.errors import UserError
+
 DEFAULT_ITERATIONS = {"gpt2-small": 3, "tiny": 20, "config": 5}
 GPT2_SMALL = dict(n_layers=12, d_model=768, n_heads=12, d_mlp=3072, vocab_size=50257, max_positions=1024,
                   layer_norm_eps=1e-5)
@@ -45,13 +50,6 @@ SEED_TEXT = ("The quick brown fox jumps over the lazy dog. Hello world, this is 
 GOALS = {"mfu": 0.5, "warm_start_s": 3.0, "evaluation_vs_full_forward": 0.65}
 PEAK_SIZES = (1024, 2048, 4096)
 WARM_RUNS = 2  # warm processes after the cold one; the best counts
-PREFIX_CHECK_EXTRA = 32  # prefix positions added to see what the evaluation's cost grows by
-
-Progress = Callable[[str], None]
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,262 +174,46 @@ def make_setup(model: str, config=None, dtype: str = "float32") -> Setup:
 
 
 # ----------------------------------------------------------------------------------------------
-# The matmul peak of this machine's devices
-
-
-def _best_matmul(mesh, n: int, dtype, repeats: int) -> tuple[float, float]:
-    """(seconds, CPU-seconds), each the best of `repeats`, of (devices*n x n) @ (n x n) on the mesh;
-    float32 accumulation and output whatever the input dtype."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    a = jax.device_put(jax.random.normal(jax.random.key(0), (mesh.size * n, n), dtype),
-                       NamedSharding(mesh, PartitionSpec("data")))
-    b = jax.device_put(jax.random.normal(jax.random.key(1), (n, n), dtype), NamedSharding(mesh, PartitionSpec()))
-    matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    matmul(a, b).block_until_ready()
-    best, best_cpu = math.inf, math.inf
-    for _ in range(repeats):
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        matmul(a, b).block_until_ready()
-        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - cpu0)
-    return best, best_cpu
-
-
-def measure_peak(sizes: tuple[int, ...] = PEAK_SIZES, repeats: int = 5, max_single_s: float = 2.0) -> dict:
-    """Best float32 FLOP/s of an n x n @ n x n matmul on every local device at once (after a warm-up,
-    best of `repeats`), over `sizes` (stopping early when one product takes over `max_single_s`);
-    and, at the best size, a bfloat16 one with float32 accumulation (the peak of bfloat16 models).
-
-    Also FLOPs per CPU-second of this process (all its threads): on a machine shared with other
-    work, wall-clock rates drop with the neighbours' load while per-CPU-second rates barely move, so
-    `mfu.*_cpu_time` compares the loop and the matmul by the CPU time each was actually given.
-    """
-    import jax.numpy as jnp
-
-    from epo_tui.engine.search import local_mesh
-
-    mesh = local_mesh()
-    per_size, per_cpu = {}, {}
-    for n in sizes:
-        best, best_cpu = _best_matmul(mesh, n, jnp.float32, repeats)
-        flops = 2 * mesh.size * n**3
-        per_size[n], per_cpu[n] = flops / best, flops / best_cpu
-        if best > max_single_s:
-            break
-    size = max(per_size, key=per_size.get)
-    bf16, bf16_cpu = _best_matmul(mesh, size, jnp.bfloat16, repeats)
-    return {"flops_per_s": per_size[size], "size": size, "dtype": "float32", "devices": mesh.size,
-            "repeats": repeats, "per_size_flops_per_s": {str(k): v for k, v in per_size.items()},
-            "flops_per_cpu_s": max(per_cpu.values()),
-            "bfloat16_flops_per_s": 2 * mesh.size * size**3 / bf16,
-            "bfloat16_flops_per_cpu_s": 2 * mesh.size * size**3 / bf16_cpu}
-
-
-# ----------------------------------------------------------------------------------------------
-# FLOPs: XLA's count and ours
-
-
-def _xla_flops(compiled) -> float:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # older jax: one dict per module
-        return float(sum(a.get("flops", 0.0) for a in analysis))
-    return float(analysis.get("flops", 0.0)) if analysis else 0.0
-
-
-def _one_chunk_scorer(st):
-    import jax
-
-    from epo_tui.engine import evaluation
-
-    return jax.jit(lambda params, sae, arrays, prefix, tokens: evaluation.score(
-        params, sae, arrays, prefix, tokens, st)[:3])
-
-
-def xla_flops(search, state, calls: dict[int, int], children: int, iterations: int) -> dict:
-    """FLOPs per iteration by XLA's cost analysis of the compiled steps.
-
-    The evaluation's count is what it ran: per bucket start (engine/evaluation.py), the calls made over
-    `iterations` iterations times one call's count, per iteration. `evaluation_per_child` divides by the
-    `children` proposed, and `evaluation_vs_full_forward` compares that with running every child's
-    every position (one full call's count per prompt in it).
-    """
-    import jax.numpy as jnp
-
-    from epo_tui.engine import search as search_module
-
-    st = search.st
-    tokens, key = jnp.asarray(state.tokens_KxN), _key_of(state)
-    lambdas = jnp.asarray(search.lambdas_K)
-    grads_compiled = search_module.gradients.lower(search.params, search.sae, search.arrays, search.prefix, tokens,
-                                                   lambdas, st=st).compile()
-    grads, parents = search_module.gradients(search.params, search.sae, search.arrays, search.prefix, tokens,
-                                             lambdas, st=st)
-    propose_compiled = search_module.propose.lower(key, tokens, grads, parents.next_logits_KxNxV, search.banned_V,
-                                                   st=st).compile()
-    scorer = search.scorer
-    per_call = {start: _xla_flops(scorer.compiled_call(start, parents)) for start in sorted(set(calls) | {0})}
-    evaluation = sum(n * per_call[start] for start, n in calls.items()) / max(iterations, 1)
-    full_per_child = per_call[0] / scorer.chunk
-    per_child = evaluation * max(iterations, 1) / max(children, 1)
-    out = {
-        "gradients": _xla_flops(grads_compiled),
-        "proposals": _xla_flops(propose_compiled),
-        "evaluation": evaluation,
-        "evaluation_per_call": {str(k): v for k, v in per_call.items()},
-        "evaluation_calls": {str(k): v for k, v in sorted(calls.items())},
-        "evaluation_per_child": per_child,
-        "full_forward_per_child": full_per_child,
-        "evaluation_vs_full_forward": per_child / full_per_child if full_per_child else float("nan"),
-        "evaluation_chunk": scorer.chunk,
-        "devices": search.mesh.size,
-    }
-    out["total"] = out["gradients"] + out["proposals"] + out["evaluation"]
-    return out
-
-
-def _key_of(state):
-    import jax
-    import jax.numpy as jnp
-
-    return jax.random.wrap_key_data(jnp.asarray(state.key))
-
-
-def _matmul_params_per_layer(block: dict) -> int:
-    return sum(int(math.prod(a.shape)) for a in block.values() if getattr(a, "ndim", 0) >= 2)
-
-
-def analytic_flops(search, positions_share: float = 1.0) -> dict:
-    """FLOPs per iteration counted from the shapes (multiply-adds x 2), as the code computes them:
-
-    forward per row of N optimized tokens after P prefix positions:
-      2 N * (matmul weights of all blocks)                       -- the linear layers
-      + layers * 2 * 2 N (P + N) * heads * head_dim              -- scores and mixing, full N x (P + N)
-      + 2 N D V                                                  -- the unembedding (all N positions)
-      + 2 N D * SAE columns                                      -- the target (1 column, all for TopK)
-      + 2 N V D for a one-hot input                              -- the gradient pass's embedding
-    gradient pass = forward + activation gradients (the same matmuls again, attention twice):
-    no weight gradients. `gradients_if_weight_grads` adds them, for comparison. The evaluation runs
-    `positions_share` of its children's positions (engine/evaluation.py: suffixes, reused scores);
-    `evaluation_if_every_position` is the plain forward of every child.
-    """
-    st, model, sae = search.st, search.pair.model, search.pair.sae
-    cfg = model.cfg
-    K, C, N = st.elites, st.candidates, st.prompt_tokens
-    P = len(search.prefix_ids)
-    D, V = cfg.d_model, cfg.vocab_size
-    width = cfg.n_heads * getattr(cfg, "head_dim", D // cfg.n_heads)
-    blocks = model.params["blocks"]
-    linear = 2 * N * sum(_matmul_params_per_layer(b) for b in blocks)
-    attention = len(blocks) * 2 * 2 * N * (P + N) * width
-    unembed = 2 * N * D * V
-    sae_columns = sae.d_sae if (st.target.kind == "sae" and sae.ranks_latents) else st.target.n_features
-    target = 2 * N * D * sae_columns if st.target.kind in ("sae", "direction", "vector") else 0
-    onehot = 2 * N * V * D
-    forward_ids = linear + attention + unembed + target
-    forward_onehot = forward_ids + onehot
-    backward = linear + 2 * attention + unembed + target + onehot
-    weight_grads = linear + unembed + onehot
-    out = {
-        "gradients": K * (forward_onehot + backward),
-        "gradients_if_weight_grads": K * (forward_onehot + backward + weight_grads),
-        "proposals": 0.0,
-        "evaluation": K * C * forward_ids * positions_share,
-        "evaluation_if_every_position": K * C * forward_ids,
-        "evaluation_positions_share": positions_share,
-        "per_row": {"linear": linear, "attention": attention, "unembedding": unembed, "target": target,
-                    "onehot_embedding": onehot},
-        "gradient_rows": K,
-        "evaluation_rows": K * C,
-        "model_params": int(sum(int(math.prod(a.shape)) for a in _leaves(model.params))),
-    }
-    out["total"] = out["gradients"] + out["evaluation"]
-    return out
-
-
-def _leaves(tree) -> list:
-    import jax
-
-    return jax.tree.leaves(tree)
-
-
-# ----------------------------------------------------------------------------------------------
-# Structural checks
-
-
-def prefix_check(search) -> dict:
-    """The evaluation attends to the fixed prefix's cached keys/values instead of recomputing it.
-
-    One evaluation chunk is costed (XLA, lowered) after the real prefix and after a prefix longer by
-    PREFIX_CHECK_EXTRA positions. Recomputing the prefix would add about extra x (the cost of one
-    token) per row; attending to cached keys/values adds only the attention terms.
-    """
-    import jax.numpy as jnp
-    import numpy as np
-
-    from epo_tui.engine import evaluation
-
-    model, st = search.pair.model, search.st
-    ids = list(search.prefix_ids)
-    extra = min(PREFIX_CHECK_EXTRA, model.cfg.max_positions - len(ids) - st.prompt_tokens)
-    if extra <= 0:
-        return {"checked": False, "reason": "no room for a longer prefix"}
-    filler = int(np.flatnonzero(~np.asarray(search.banned_V))[0])
-    longer_ids = ids + [filler] * extra
-    logits, _, kv = model.prefill(longer_ids)
-    longer = evaluation.Prefix(kv=kv, next_logits_V=logits[0, -1])
-    chunk = search.scorer.chunk
-    tokens = jnp.zeros((chunk, st.prompt_tokens), jnp.int32) + filler
-    scorer = _one_chunk_scorer(st)
-
-    def cost(prefix) -> float:
-        analysis = scorer.lower(search.params, search.sae, search.arrays, prefix, tokens).cost_analysis()
-        return float(analysis["flops"]) if analysis else float("nan")
-
-    base, grown = cost(search.prefix), cost(longer)
-    per_token = base / (chunk * st.prompt_tokens)
-    cfg = model.cfg
-    width = cfg.n_heads * getattr(cfg, "head_dim", cfg.d_model // cfg.n_heads)
-    attention_only = cfg.n_layers * 2 * 2 * st.prompt_tokens * extra * width * chunk
-    if_recomputed = chunk * extra * per_token
-    added = grown - base
-    return {
-        "checked": True,
-        "prefix_tokens": len(ids),
-        "extra_prefix_tokens": extra,
-        "added_flops": added,
-        "added_if_attention_only": attention_only,
-        "added_if_prefix_recomputed": if_recomputed,
-        "added_over_recomputed": added / if_recomputed,
-        "prefix_computed_once": bool(added < 0.25 * if_recomputed),
-    }
-
-
-def gradient_check(xla: dict, analytic: dict) -> dict:
-    """The gradient pass's XLA count against the activation-gradient-only count and the one with
-    weight gradients: closer to the first means no weight gradients are computed."""
-    measured = xla["gradients"]
-    lean, wasteful = analytic["gradients"], analytic["gradients_if_weight_grads"]
-    return {
-        "xla_flops": measured,
-        "analytic_activation_grads_only": lean,
-        "analytic_with_weight_grads": wasteful,
-        "xla_over_activation_only": measured / lean if lean else float("nan"),
-        "no_weight_gradients": bool(abs(measured - lean) < abs(measured - wasteful)),
-        # the one-hot embedding matmul, forward and backward: the forward one is a gather's job
-        "onehot_embedding_share": 2 * analytic["gradient_rows"] * analytic["per_row"]["onehot_embedding"] / lean
-        if lean else float("nan"),
-    }
-
-
-# ----------------------------------------------------------------------------------------------
 # One setup
 
 
-def bench_setup(setup: Setup, iterations: int, progress: Progress = _quiet) -> dict:
-    """Runs `iterations` EPO iterations (the first compiles) and measures everything per iteration.
-    Rates against the peak are added by `with_rates`."""
+class _Measured(Reporter):
+    """What the speed benchmark keeps of each iteration `run_search` reports: the seconds of each step, the
+    wall and CPU seconds, and (past the first, which compiles) the evaluation's counts."""
+
+    def __init__(self, stepper: PlainSearch, name: str, progress: Progress):
+        self.stepper, self.name, self.progress = stepper, name, progress
+        self.per_iteration: list[dict] = []
+        self.calls: dict[int, int] = {}  # evaluation calls per bucket start, steady iterations
+        self.children = self.positions = self.ran = self.known = 0
+        self._cpu, self._last_print = time.process_time(), 0.0
+
+    def iteration_done(self, state, seconds: float) -> None:
+        timings, i = self.stepper.last_timings, len(self.per_iteration)
+        cpu, self._cpu = time.process_time() - self._cpu, time.process_time()
+        total = self.stepper.iterations_total
+        if i > 0 or total == 1:
+            counts = self.stepper.search.scorer.last
+            self.children += counts.children
+            self.positions += counts.positions
+            self.ran, self.known = self.ran + counts.run, self.known + counts.known
+            for bucket, n in (counts.calls or {}).items():
+                self.calls[bucket] = self.calls.get(bucket, 0) + n
+        self.per_iteration.append({"gradients": timings.gradients, "proposals": timings.proposals,
+                                   "evaluation": timings.evaluation, "selection": timings.selection,
+                                   "total": timings.total, "wall": seconds, "cpu": cpu})
+        if i in (0, total - 1) or time.perf_counter() - self._last_print > 2.0:  # not one line per ms
+            self._last_print = time.perf_counter()
+            self.progress(f"[{self.name}] iteration {i + 1}/{total}: {seconds:.2f} s (gradients "
+                          f"{timings.gradients:.2f}, proposals {timings.proposals:.2f}, evaluation "
+                          f"{timings.evaluation:.2f}, selection {timings.selection:.2f})"
+                          + (" (compiles)" if i == 0 else ""))
+
+
+def bench_setup(setup: Setup, iterations: int, progress: Progress = quiet) -> dict:
+    """Runs `iterations` EPO iterations (the first compiles) through the loop `epo-tui run` steps
+    (runner.run_search) and measures everything per iteration. Rates against the peak are added by
+    `with_rates`. Ctrl-C stops after the current iteration and reports those run."""
     import jax
 
     from epo_tui.engine.search import Search
@@ -441,34 +223,18 @@ def bench_setup(setup: Setup, iterations: int, progress: Progress = _quiet) -> d
     search = Search(setup.pair, config)
     t1 = time.perf_counter()
     progress(f"[{setup.name}] starting prompts")
-    state = search.initial_state(setup.seed_text)
+    stepper = PlainSearch(search, iterations, seed_text=setup.seed_text)
     t2 = time.perf_counter()
     st = search.st
     K, C, N = st.elites, st.candidates, st.prompt_tokens
-
-    per_iteration, last_print = [], 0.0
-    calls: dict[int, int] = {}  # evaluation calls per bucket start, steady iterations
-    children = positions = ran = known = 0
-    for i in range(iterations):
-        start, cpu = time.perf_counter(), time.process_time()
-        state, timings = search.step(state)
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-        if i > 0 or iterations == 1:
-            counts = search.scorer.last
-            children += counts.children
-            positions += counts.positions
-            ran, known = ran + counts.run, known + counts.known
-            for bucket, n in (counts.calls or {}).items():
-                calls[bucket] = calls.get(bucket, 0) + n
-        per_iteration.append({"gradients": timings.gradients, "proposals": timings.proposals,
-                              "evaluation": timings.evaluation, "selection": timings.selection,
-                              "total": timings.total, "wall": wall, "cpu": cpu})
-        if i in (0, iterations - 1) or time.perf_counter() - last_print > 2.0:  # not one line per ms
-            last_print = time.perf_counter()
-            progress(f"[{setup.name}] iteration {i + 1}/{iterations}: {wall:.2f} s (gradients "
-                     f"{timings.gradients:.2f}, proposals {timings.proposals:.2f}, evaluation "
-                     f"{timings.evaluation:.2f}, selection {timings.selection:.2f})"
-                     + (" (compiles)" if i == 0 else ""))
+    measured = _Measured(stepper, setup.name, progress)
+    with StopFlag() as stop:
+        run_search(stepper, measured, stop)
+    if not measured.per_iteration:
+        raise UserError("bench: stopped before its first iteration finished")
+    state, per_iteration, calls = stepper.state, measured.per_iteration, measured.calls
+    children, positions, ran, known = measured.children, measured.positions, measured.ran, measured.known
+    iterations = len(per_iteration)
 
     progress(f"[{setup.name}] FLOP counts")
     xla = xla_flops(search, state, calls, children, max(iterations - 1, 1))
@@ -575,14 +341,14 @@ def first_iteration_child(config_path: str, spawn_time: float) -> dict:
 def _spawn_first_iteration(config_path: Path, cache: str) -> dict:
     env = {**os.environ, "EPO_TUI_JAX_CACHE": cache}
     spawn = time.time()
-    done = subprocess.run([sys.executable, "-m", "epo_tui.engine.bench", "first-iteration", str(config_path),
+    done = subprocess.run([sys.executable, "-m", "epo_tui.bench.speed", "first-iteration", str(config_path),
                            repr(spawn)], env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"the warm-start child failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def warm_start(config_path: Path, warm_runs: int = 2, progress: Progress = _quiet) -> dict:
+def warm_start(config_path: Path, warm_runs: int = 2, progress: Progress = quiet) -> dict:
     """Fresh process -> first finished iteration: once with an empty compilation cache folder (cold),
     then `warm_runs` times with it filled (warm, best reported)."""
     with tempfile.TemporaryDirectory(prefix="epo-bench-jax-") as cache:
@@ -604,14 +370,13 @@ def warm_start(config_path: Path, warm_runs: int = 2, progress: Progress = _quie
 
 
 def machine() -> dict:
+    """The machine (report.machine) and what JAX runs on."""
     import jax
 
     devices = jax.local_devices()
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "backend": jax.default_backend(), "devices": len(devices),
+    return {**machine_basics(), "backend": jax.default_backend(), "devices": len(devices),
             "device_kind": devices[0].device_kind, "jax": jax.__version__,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "compile_cache": jax.config.values.get("jax_compilation_cache_dir")}
 
 
@@ -644,7 +409,7 @@ def goals(report: dict) -> list[dict]:
 
 
 def run_bench(model: str | None = None, config=None, iterations: int | None = None, dtype: str = "float32",
-              warm: bool = True, progress: Progress = _quiet) -> dict:
+              warm: bool = True, progress: Progress = quiet) -> dict:
     """The benchmark as one JSON-able dict. `model` None: gpt2-small then tiny (and the warm start).
 
     The matmul peak is measured before and after the setups and the larger is used: on a shared
@@ -670,7 +435,7 @@ def run_bench(model: str | None = None, config=None, iterations: int | None = No
     report["warm_start"] = None
     if warm and "tiny" in models:
         report["warm_start"] = warm_start(tiny_config_path(), WARM_RUNS, progress=progress)
-    report["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    report["machine"]["load_average_end"] = load_average()
     report["goals"] = goals(report)
     return report
 
@@ -679,28 +444,15 @@ def run_bench(model: str | None = None, config=None, iterations: int | None = No
 # Human output
 
 
-def _si(value: float, unit: str = "") -> str:
-    if value is None or not math.isfinite(value):
-        return "-"
-    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.2f} {prefix}{unit}"
-    return f"{value:.2f} {unit}".rstrip()
-
-
 def print_report(report: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
-    from rich.text import Text
 
-    console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    out = console()
     m, peak = report["machine"], report["peak"]
-    load = ""
-    if m.get("load_average") and m.get("load_average_end"):  # other work on the machine skews wall clocks
-        load = f"; load average {m['load_average'][0]:.1f} at start, {m['load_average_end'][0]:.1f} at end"
-    console.print(f"{m['backend']} x{m['devices']} ({m['processor']}, {m['cpu_count']} cores), jax {m['jax']}; "
-                  f"measured matmul peak {_si(peak['flops_per_s'], 'FLOP/s')} float32, "
-                  f"{_si(peak['bfloat16_flops_per_s'], 'FLOP/s')} bfloat16 ({peak['size']}^3, best of "
+    load = f"; {load_text(m)}" if load_text(m) else ""
+    out.print(f"{m['backend']} x{m['devices']} ({m['processor']}, {m['cpu_count']} cores), jax {m['jax']}; "
+                  f"measured matmul peak {si(peak['flops_per_s'], 'FLOP/s')} float32, "
+                  f"{si(peak['bfloat16_flops_per_s'], 'FLOP/s')} bfloat16 ({peak['size']}^3, best of "
                   f"{peak['repeats']}){load}")
     setups = report["setups"]
     table = Table(box=None, pad_edge=False, header_style="bold")
@@ -719,14 +471,14 @@ def print_report(report: dict) -> None:
     row("load + start + first iteration", lambda s: f"{s['time_to_first_iteration_s']:.2f} s")
     for step in ("gradients", "proposals", "evaluation", "selection", "total"):
         row(f"  {step}", lambda s, step=step: f"{s['mean_s'][step]:.3f} s")
-    row("candidates/s", lambda s: _si(s["candidates_per_s"]))
-    row("tokens/s", lambda s: _si(s["tokens_per_s"]))
-    row("FLOPs/iteration (XLA)", lambda s: _si(s["flops_per_iteration"]["xla"]["total"]))
-    row("FLOPs/iteration (analytic)", lambda s: _si(s["flops_per_iteration"]["analytic"]["total"]))
+    row("candidates/s", lambda s: si(s["candidates_per_s"]))
+    row("tokens/s", lambda s: si(s["tokens_per_s"]))
+    row("FLOPs/iteration (XLA)", lambda s: si(s["flops_per_iteration"]["xla"]["total"]))
+    row("FLOPs/iteration (analytic)", lambda s: si(s["flops_per_iteration"]["analytic"]["total"]))
     row("evaluation FLOPs/child vs full", lambda s: f"{s['flops_per_iteration']['xla']['evaluation_vs_full_forward']:.2f}")
     row("children run | known from before", lambda s: " | ".join(
         f"{s['children'][k] / max(s['children']['proposed'], 1):.0%}" for k in ("run", "known")))
-    row("FLOP/s iteration (XLA)", lambda s: _si(s["flops_per_s"]["iteration_xla"]))
+    row("FLOP/s iteration (XLA)", lambda s: si(s["flops_per_s"]["iteration_xla"]))
     row("MFU iteration (XLA | analytic)", lambda s: f"{s['mfu']['iteration_xla']:.1%} | "
         f"{s['mfu']['iteration_analytic']:.1%}")
     row("MFU iteration by CPU time", lambda s: f"{s['mfu']['iteration_xla_cpu_time']:.1%}")
@@ -735,20 +487,13 @@ def print_report(report: dict) -> None:
         f"{s['checks']['prefix']['prefix_computed_once']} ({s['checks']['prefix']['added_over_recomputed']:.3f})")
     row("no weight gradients", lambda s: f"{s['checks']['gradients']['no_weight_gradients']} "
         f"({s['checks']['gradients']['xla_over_activation_only']:.2f})")
-    console.print(table)
+    out.print(table)
     ws = report.get("warm_start")
     if ws:
-        console.print(f"fresh process -> first finished iteration (tiny): cold {ws['cold_s']:.2f} s, "
+        out.print(f"fresh process -> first finished iteration (tiny): cold {ws['cold_s']:.2f} s, "
                       f"warm {ws['warm_s']:.2f} s; warm phases: " +
                       ", ".join(f"{k} {v:.2f}" for k, v in ws["warm_phases_s"].items()))
-    goal_table = Table(box=None, pad_edge=False, header_style="bold")
-    for name in ("goal", "target", "measured", "met"):
-        goal_table.add_column(name)
-    for goal in report["goals"]:
-        measured = goal["measured"]
-        goal_table.add_row(Text(goal["goal"]), Text(str(goal["target"])), f"{measured:.3g}",
-                           "[green]yes[/]" if goal["met"] else "[red]no[/]")
-    console.print(goal_table)
+    print_goals(out, report["goals"])
 
 
 def main(argv: list[str] | None = None) -> int:

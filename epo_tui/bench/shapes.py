@@ -1,6 +1,6 @@
 """Seconds per EPO iteration at real model shapes with random weights, on whatever device JAX has:
 
-    python -m epo_tui.engine.bench_shapes --out FILE.json [--iterations N] [--family NAME ...] [--small]
+    python -m epo_tui.bench.shapes --out FILE.json [--iterations N] [--family NAME ...] [--small]
 
 Setups: GPT-2 small's shapes (as `epo-tui bench --model gpt2-small`) at 8 x 16 and 8 x 128, float32 and
 bfloat16; and per `--family` (FAMILY_SHAPES: gemma3-1b, llama-1b, pythia-70m), a random transformers model of
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from epo_tui.config import Config, ModelConfig, SearchConfig
-from epo_tui.engine import bench
+from epo_tui.bench import speed
 from epo_tui.engine.model import DTYPES, LanguageModel, load_model
 from epo_tui.engine.models.gpt2 import GPT2Config
 from epo_tui.engine.pairing import ModelWithSAE
@@ -46,8 +46,8 @@ def gpt2_setup(dtype: str, tmp: Path) -> tuple[ModelWithSAE, str]:
     """GPT-2 small's shapes, as `epo-tui bench --model gpt2-small` builds them, with a random SAE."""
     from transformers import AutoTokenizer
 
-    cfg = GPT2Config(**bench.GPT2_SMALL)
-    params = jax.tree.map(lambda a: a.astype(DTYPES[dtype]), bench.random_gpt2_params(cfg))
+    cfg = GPT2Config(**speed.GPT2_SMALL)
+    params = jax.tree.map(lambda a: a.astype(DTYPES[dtype]), speed.random_gpt2_params(cfg))
     write_tokenizer(tmp / "tok-gpt2", "gpt2")
     model = LanguageModel(name="gpt2-small shapes", model_type="gpt2", cfg=cfg, params=params,
                           tokenizer=AutoTokenizer.from_pretrained(tmp / "tok-gpt2"), dtype=dtype)
@@ -88,7 +88,7 @@ def family_setup(name: str, dtype: str, tmp: Path) -> tuple[ModelWithSAE, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m epo_tui.engine.bench_shapes",
+    ap = argparse.ArgumentParser(prog="python -m epo_tui.bench.shapes",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--iterations", type=int, default=6)
@@ -111,9 +111,9 @@ def _run_plans(args: argparse.Namespace, tmp: Path, results: dict) -> None:
         pair, desc = gpt2_setup(dtype, tmp) if kind == "gpt2" else family_setup(kind, dtype, tmp)
         search = SearchConfig(candidates=candidates if not args.small else 4, elites=8 if not args.small else 2,
                               prompt_tokens=20 if not args.small else 4)
-        setup = bench.Setup(kind, desc, pair, Config(search=search, source="gpu-bench"), bench.SEED_TEXT,
+        setup = speed.Setup(kind, desc, pair, Config(search=search, source="gpu-bench"), speed.SEED_TEXT,
                             time.perf_counter() - t0)
-        r = bench.bench_setup(setup, args.iterations, progress=lambda m: print(m, file=sys.stderr, flush=True))
+        r = speed.bench_setup(setup, args.iterations, progress=lambda m: print(m, file=sys.stderr, flush=True))
         row = {"setup": kind, "dtype": dtype, "elites": r["search"]["elites"],
                "candidates": r["search"]["candidates"],
                "median_s": r["median_total_s"], "best_s": r["best_total_s"], "mean": r["mean_s"],

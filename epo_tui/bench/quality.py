@@ -13,7 +13,6 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from epo_tui.bench.report import Progress, console, quiet
 from epo_tui.budget import Deadline, format_budget
 from epo_tui.config import Config
 from epo_tui.engine.pairing import ModelWithSAE
@@ -35,7 +35,6 @@ GOAL_FRACTION = 0.8
 ROW_TOKENS = 128  # held-out rows: BOS + 127 tokens of the document stream
 ROWS_PER_BATCH = 32
 
-Progress = Callable[[str], None]
 
 
 def read_heldout(path: Path) -> list[str]:
@@ -173,7 +172,7 @@ def per_latent(iterations: int | None, time_budget_s: float | None) -> str:
 
 def run_quality(pair: ModelWithSAE, config: Config, heldout: list[str], latents: int, iterations: int | None,
                 seed: int = 0, labels: dict[int, str] | None = None,
-                progress: Progress = lambda _: None, stop: StopFlag | None = None,
+                progress: Progress = quiet, stop: StopFlag | None = None,
                 time_budget_s: float | None = None) -> dict:
     """The quality benchmark as one JSON-able dict (see the module docstring). Each latent's search runs
     `iterations`, or for `time_budget_s` of wall clock (its set-up included), or whichever comes first
@@ -254,14 +253,13 @@ def run_quality(pair: ModelWithSAE, config: Config, heldout: list[str], latents:
 
 
 def print_quality(report: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from epo_tui.text import inert
 
-    console = Console(highlight=False, soft_wrap=True)
+    out = console()
     h, s = report["heldout"], report["search"]
-    console.print(f"{inert(report['model'])} + {inert(report['sae'])} at {report['hook']}; held-out "
+    out.print(f"{inert(report['model'])} + {inert(report['sae'])} at {report['hook']}; held-out "
                   f"{h['tokens']:,} tokens, median xent {h['median_window_xent']:.3f} over {h['windows']:,} "
                   f"windows of {h['window_tokens']} tokens; {s['per_latent']} of {s['elites']} x "
                   f"{s['candidates']} per latent")
@@ -274,9 +272,9 @@ def print_quality(report: dict) -> None:
         fluent = "-" if row["fluent_act"] is None else f"{row['fluent_act']:.3f}"
         table.add_row(str(row["latent"]), inert(row["label"] or ""), f"{row['dataset_max']:.3f}",
                       f"{row['best_act']:.3f}", f"{row['best_xent']:.3f}", fluent, "yes" if row["beat"] else "no")
-    console.print(table)
+    out.print(table)
     verdict = "meets" if report["fraction"] >= report["goal_fraction"] else "misses"
-    console.print(f"beat the dataset max at xent <= median + {report['xent_margin']:g}: {report['beaten']}/"
+    out.print(f"beat the dataset max at xent <= median + {report['xent_margin']:g}: {report['beaten']}/"
                   f"{len(report['latents'])} = {report['fraction']:.0%} ({verdict} the goal of "
                   f"{report['goal_fraction']:.0%}); {report['seconds']['total']:.0f} s")
 
