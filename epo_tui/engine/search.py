@@ -91,26 +91,43 @@ def gradients(params, sae, arrays, prefix, tokens_KxN, lambdas_K, *, st: Statics
 
 @exported_jit(static_argnames=("st",))
 def propose(key, tokens_KxN, grads_KxNxV, next_logits_KxNxV, banned_V, *, st: Statics):
-    """children_KxCxN: each resamples one uniform position plus each other with p = extra/N, from the
-    parent's next-token logits / T (T ~ U(0, T_max)), restricted to the top-k tokens by gradient except
-    with p = skip_gradient_mask (then the likeliest `unmasked_top`); with p = swap, two positions swap.
+    """children_KxCxN, in three operations: each child resamples one uniform position plus each other with
+    p = extra/N (`positions_to_resample`), its new tokens drawn from the parent's next-token logits / T,
+    T ~ U(0, T_max), among the top-k tokens by gradient, or, with p = skip_gradient_mask, among the
+    likeliest `unmasked_top` (`drawn_tokens`); then, with p = swap, two of its positions swap
+    (`with_two_positions_swapped`)."""
+    K, N = tokens_KxN.shape
+    keys = jax.random.split(key, 8)
+    resample_KxCxN = positions_to_resample(keys[0], keys[1], K, N, st)
+    temperature_KxCx1x1 = jax.random.uniform(keys[2], (K, st.candidates, 1, 1), minval=1e-3, maxval=st.temperature_max)
+    new_KxCxN = drawn_tokens(keys[3:6], grads_KxNxV, jnp.where(banned_V, -jnp.inf, next_logits_KxNxV), banned_V,
+                             temperature_KxCx1x1, st)
+    children_KxCxN = jnp.where(resample_KxCxN, new_KxCxN, tokens_KxN[:, None, :]).astype(jnp.int32)
+    return with_two_positions_swapped(keys[6], keys[7], children_KxCxN, st)
+
+
+def positions_to_resample(first_key, extra_key, K: int, N: int, st: Statics):
+    """resample_KxCxN: one uniform position of each child, and each other with p = extra_resample / N."""
+    first_KxC = jax.random.randint(first_key, (K, st.candidates), 0, N)
+    return (jax.random.uniform(extra_key, (K, st.candidates, N)) < st.extra_resample / N) | (
+        jnp.arange(N) == first_KxC[..., None])
+
+
+def drawn_tokens(keys, grads_KxNxV, logits_KxNxV, banned_V, temperature_KxCx1x1, st: Statics):
+    """new_KxCxN: a token per child and position by softmax(logits / T), among the top-k tokens by gradient,
+    or, for a child that skips the gradient mask (p = skip_gradient_mask), among the `unmasked_top`
+    likeliest. `keys`: (slots, masked draw, unmasked draw); `logits_KxNxV` with banned tokens at -inf.
 
     Drawing among `unmasked_top` tokens costs that many Gumbel numbers per child and position, so it is
     done only for S = ceil(p C) random children of each elite ("slots"), each of which then skips the
     mask with probability pC/S: every child still skips with probability exactly p, at S/C the cost."""
-    K, N = tokens_KxN.shape
+    slot_key, masked_key, unmasked_key = keys
+    K, N, _ = logits_KxNxV.shape
     C = st.candidates
-    keys = jax.random.split(key, 8)
-    first_KxC = jax.random.randint(keys[0], (K, C), 0, N)
-    resample_KxCxN = (jax.random.uniform(keys[1], (K, C, N)) < st.extra_resample / N) | (
-        jnp.arange(N) == first_KxC[..., None])
-    temperature_KxCx1x1 = jax.random.uniform(keys[2], (K, C, 1, 1), minval=1e-3, maxval=st.temperature_max)
-
-    logits = jnp.where(banned_V, -jnp.inf, next_logits_KxNxV)
 
     def sample_from(choices_KxNxT, temperature_KxXx1x1, key):
         """A token per child and position, drawn among `choices` by softmax(logits / T)."""
-        chosen_logits_KxNxT = jnp.take_along_axis(logits, choices_KxNxT, axis=-1)
+        chosen_logits_KxNxT = jnp.take_along_axis(logits_KxNxV, choices_KxNxT, axis=-1)
         X = temperature_KxXx1x1.shape[1]
         gumbel = jax.random.gumbel(key, (K, X, N, choices_KxNxT.shape[-1]))
         scores = chosen_logits_KxNxT[:, None] / temperature_KxXx1x1 + gumbel
@@ -119,29 +136,34 @@ def propose(key, tokens_KxN, grads_KxNxV, next_logits_KxNxV, banned_V, *, st: St
                                    picked_KxXxN[..., None], axis=-1)[..., 0]
 
     _, by_gradient_KxNxT = jax.lax.top_k(jnp.where(banned_V, -jnp.inf, grads_KxNxV), st.topk)
-    new_KxCxN = sample_from(by_gradient_KxNxT, temperature_KxCx1x1, keys[4])
+    new_KxCxN = sample_from(by_gradient_KxNxT, temperature_KxCx1x1, masked_key)
     slots = math.ceil(st.skip_gradient_mask * C)
-    if slots:
-        _, by_logit_KxNxM = jax.lax.top_k(logits, st.unmasked_top)
-        slot_KxS = jnp.argsort(jax.random.uniform(keys[3], (K, C)), axis=1)[:, :slots]  # distinct children
-        skips_KxS = jax.random.uniform(jax.random.fold_in(keys[3], 1), (K, slots)) < st.skip_gradient_mask * C / slots
-        slot_KxSxN = jnp.broadcast_to(slot_KxS[..., None], (K, slots, N))
-        unmasked_KxSxN = sample_from(by_logit_KxNxM, jnp.take_along_axis(temperature_KxCx1x1, slot_KxS[..., None, None],
-                                                                         axis=1), keys[5])
-        kept_KxSxN = jnp.take_along_axis(new_KxCxN, slot_KxSxN, axis=1)
-        new_KxCxN = jnp.put_along_axis(new_KxCxN, slot_KxSxN, jnp.where(skips_KxS[..., None], unmasked_KxSxN, kept_KxSxN),
-                                       axis=1, inplace=False)
-    children = jnp.where(resample_KxCxN, new_KxCxN, tokens_KxN[:, None, :]).astype(jnp.int32)
+    if not slots:
+        return new_KxCxN
+    _, by_logit_KxNxM = jax.lax.top_k(logits_KxNxV, st.unmasked_top)
+    slot_KxS = jnp.argsort(jax.random.uniform(slot_key, (K, C)), axis=1)[:, :slots]  # distinct children
+    skips_KxS = jax.random.uniform(jax.random.fold_in(slot_key, 1), (K, slots)) < st.skip_gradient_mask * C / slots
+    slot_KxSxN = jnp.broadcast_to(slot_KxS[..., None], (K, slots, N))
+    slot_temperature_KxSx1x1 = jnp.take_along_axis(temperature_KxCx1x1, slot_KxS[..., None, None], axis=1)
+    unmasked_KxSxN = sample_from(by_logit_KxNxM, slot_temperature_KxSx1x1, unmasked_key)
+    kept_KxSxN = jnp.take_along_axis(new_KxCxN, slot_KxSxN, axis=1)
+    return jnp.put_along_axis(new_KxCxN, slot_KxSxN, jnp.where(skips_KxS[..., None], unmasked_KxSxN, kept_KxSxN),
+                              axis=1, inplace=False)
 
-    do_swap_KxC = (jax.random.uniform(keys[6], (K, C)) < st.swap) & (N > 1)
-    i_KxC = jax.random.randint(keys[7], (K, C), 0, N)
-    shift_KxC = jax.random.randint(jax.random.fold_in(keys[7], 1), (K, C), 0, max(N - 1, 1))
+
+def with_two_positions_swapped(choose_key, position_key, children_KxCxN, st: Statics):
+    """The children, each with p = swap two of its positions (uniform, distinct) exchanged."""
+    K, C, N = children_KxCxN.shape
+    do_swap_KxC = (jax.random.uniform(choose_key, (K, C)) < st.swap) & (N > 1)
+    i_KxC = jax.random.randint(position_key, (K, C), 0, N)
+    shift_KxC = jax.random.randint(jax.random.fold_in(position_key, 1), (K, C), 0, max(N - 1, 1))
     j_KxC = (i_KxC + 1 + shift_KxC) % N  # a uniform position other than i
-    at_i = jnp.take_along_axis(children, i_KxC[..., None], axis=-1)
-    at_j = jnp.take_along_axis(children, j_KxC[..., None], axis=-1)
+    at_i = jnp.take_along_axis(children_KxCxN, i_KxC[..., None], axis=-1)
+    at_j = jnp.take_along_axis(children_KxCxN, j_KxC[..., None], axis=-1)
     positions = jnp.arange(N)
-    swapped = jnp.where(positions == i_KxC[..., None], at_j, jnp.where(positions == j_KxC[..., None], at_i, children))
-    return jnp.where(do_swap_KxC[..., None], swapped, children)
+    swapped = jnp.where(positions == i_KxC[..., None], at_j,
+                        jnp.where(positions == j_KxC[..., None], at_i, children_KxCxN))
+    return jnp.where(do_swap_KxC[..., None], swapped, children_KxCxN)
 
 
 def local_mesh(model_parallel: int = 1) -> Mesh:
