@@ -568,7 +568,7 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_sessions(args: argparse.Namespace, config: Config) -> int:
-    from epo_tui import favorites, sessions
+    from epo_tui import favorites, session_report, sessions
 
     action = args.action or "list"
     if action == "list":
@@ -586,10 +586,10 @@ def cmd_sessions(args: argparse.Namespace, config: Config) -> int:
         return 0
     session = sessions.find_session(args.id)
     if action == "show":
-        print(sessions.export_markdown(session), end="")
+        print(session_report.export_markdown(session), end="")
         return 0
     if args.favorite is None:  # export
-        sys.stdout.write(sessions.export_markdown(session))
+        sys.stdout.write(session_report.export_markdown(session))
         return 0
     elites = session.read_elites()
     if not 0 <= args.favorite < len(elites):

@@ -21,7 +21,7 @@ from epo_tui import atomic, paths
 from epo_tui.errors import UserError
 from epo_tui.protocol import Elite
 from epo_tui.results import code_span, marked_prompt, md_text, md_token, number
-from epo_tui.sessions import utc_text
+from epo_tui.session_report import utc_text
 from epo_tui.text import inert
 
 MARKER = "<!-- epo-tui favorite -->"

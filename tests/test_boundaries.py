@@ -18,7 +18,7 @@ PLAIN_MODULES = ["epo_tui.config", "epo_tui.paths", "epo_tui.features", "epo_tui
                  "epo_tui.cli", "epo_tui.labels", "epo_tui.tui.app", "epo_tui.sessions", "epo_tui.favorites",
                  "epo_tui.client", "epo_tui.stars", "epo_tui.tui.screens.sessions", "epo_tui.tui.screens.settings",
                  "epo_tui.session_catalog", "epo_tui.pareto", "epo_tui.bus", "epo_tui.feature_search",
-                 "epo_tui.bench", "epo_tui.bench.report", "epo_tui.bench.ui_latency"]
+                 "epo_tui.bench", "epo_tui.bench.report", "epo_tui.bench.ui_latency", "epo_tui.session_report"]
 
 
 @pytest.mark.parametrize("module", PLAIN_MODULES)

@@ -19,7 +19,8 @@ from epo_tui import sessions
 from epo_tui.errors import UserError
 from epo_tui.protocol import Elite
 from epo_tui.results import md_text
-from epo_tui.sessions import SessionError, create_session, delete_session, export_markdown, find_session, \
+from epo_tui.session_report import export_markdown
+from epo_tui.sessions import SessionError, create_session, delete_session, find_session, \
     list_sessions
 
 
