@@ -49,7 +49,8 @@ def test_folder_loads_in_engine_and_sae_lens_with_identical_activations(built, t
     from sae_lens import SAE
 
     from epo_tui.config import SAEConfig
-    from epo_tui.engine.sae import activations, load_sae
+    from epo_tui.engine.sae import activations
+    from epo_tui.engine.sae_loading import load_sae
 
     out, _, result, acts, _ = built
     ours = load_sae(SAEConfig(path=str(out / "sae")), cache_root=tmp_path)

@@ -18,8 +18,10 @@ from sae_lens import SAE
 
 from epo_tui.config import SAEConfig
 from epo_tui.engine import sae as sae_mod
+from epo_tui.engine import sae_loading
 from epo_tui.engine.sae import (SAEParams, activations, check_feature_index,
-                                feature_pre_and_act, load_sae, pre_activations)
+                                feature_pre_and_act, pre_activations)
+from epo_tui.engine.sae_loading import load_sae
 from epo_tui.engine.pairing import check_sae_fits
 from epo_tui.engine.sae_writer import write_random_sae
 from epo_tui.errors import ConfigError, UserError
@@ -123,7 +125,7 @@ def test_second_load_reads_only_the_cache(tmp_path):
         import sys
         import numpy as np
         from epo_tui.config import SAEConfig
-        from epo_tui.engine.sae import load_sae
+        from epo_tui.engine.sae_loading import load_sae
         sae = load_sae(SAEConfig(release=None, id=None, path={str(folder)!r}),
                        cache_root={str(tmp_path / "cache")!r})
         np.save({str(tmp_path / "w.npy")!r}, np.asarray(sae.W_enc_DxS))
@@ -169,8 +171,8 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path, damage):
     again = load_sae(local(folder), cache_root=tmp_path / "cache")
     for name in sae_mod.ARRAY_FIELDS:
         np.testing.assert_array_equal(np.asarray(getattr(again, name)), np.asarray(getattr(first, name)))
-    assert json.loads(meta.read_text())["format"] == sae_mod.CACHE_FORMAT  # repaired on disk
-    assert sae_mod._read_cache(entry) is not None
+    assert json.loads(meta.read_text())["format"] == sae_loading.CACHE_FORMAT  # repaired on disk
+    assert sae_loading._read_cache(entry) is not None
     assert not [p for p in entry.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -298,7 +300,7 @@ def test_registry_sae_loads_from_the_hub_cache_with_registry_metadata(tmp_path):
     folder = write_random_sae(tmp_path / "sae", D_IN, D_SAE, "blocks.8.hook_resid_pre", seed=5)
     repo = _in_hub_cache(folder, "jbloom/GPT2-Small-SAEs-Reformatted", "blocks.8.hook_resid_pre")
     cfg = SAEConfig(release="gpt2-small-res-jb", id="blocks.8.hook_resid_pre")
-    params, density = sae_mod.load_sae_with_density(cfg, cache_root=tmp_path / "cache")
+    params, density = sae_loading.load_sae_with_density(cfg, cache_root=tmp_path / "cache")
     assert (params.release, params.id, params.path) == ("gpt2-small-res-jb", "blocks.8.hook_resid_pre", None)
     assert params.center_writes is True
     assert params.neuronpedia_id == "gpt2-small/8-res-jb"
@@ -306,7 +308,7 @@ def test_registry_sae_loads_from_the_hub_cache_with_registry_metadata(tmp_path):
     np.testing.assert_array_equal(np.asarray(params.W_enc_DxS), SAE.load_from_disk(folder).W_enc.detach().numpy())
     np.testing.assert_array_equal(density, _sparsity(folder))
     shutil.rmtree(repo)
-    again, density_again = sae_mod.load_sae_with_density(cfg, cache_root=tmp_path / "cache")
+    again, density_again = sae_loading.load_sae_with_density(cfg, cache_root=tmp_path / "cache")
     assert again.center_writes is True and again.neuronpedia_id == "gpt2-small/8-res-jb"
     np.testing.assert_array_equal(density_again, density)
 
@@ -324,12 +326,12 @@ def test_densities_come_from_the_sparsity_file_and_survive_the_cache(tmp_path):
     expected = _sparsity(folder)
     expected[::7] = -10.0  # latents that never fired, as sae-lens's trainer records them
     save_file({"sparsity": expected}, folder / "sparsity.safetensors")
-    first = sae_mod.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")[1]
-    cached = sae_mod.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")[1]
+    first = sae_loading.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")[1]
+    cached = sae_loading.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")[1]
     np.testing.assert_array_equal(first, expected)
     np.testing.assert_array_equal(cached, expected)
     save_file({"sparsity": expected - 1.0}, folder / "sparsity.safetensors")  # a new record in place
-    np.testing.assert_array_equal(sae_mod.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")[1],
+    np.testing.assert_array_equal(sae_loading.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")[1],
                                   expected - 1.0)
 
 
@@ -345,9 +347,9 @@ def test_without_usable_densities_liveness_is_unknown(tmp_path, sparsity):
         save_file({"sparsity": np.zeros(D_SAE + 1, np.float32)}, path)
     elif sparsity == "nan":
         save_file({"sparsity": np.full(D_SAE, np.nan, np.float32)}, path)
-    params, density = sae_mod.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")
+    params, density = sae_loading.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")
     assert density is None and params.d_sae == D_SAE
-    assert sae_mod.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")[1] is None
+    assert sae_loading.load_sae_with_density(local(folder), cache_root=tmp_path / "cache")[1] is None
 
 
 def test_gemma_scope_2_sae_loads_offline_from_the_hub_cache(tmp_path):
@@ -369,7 +371,7 @@ def test_gemma_scope_2_sae_loads_offline_from_the_hub_cache(tmp_path):
     # (the small-L0 one: the sample config's medium one is laid out by tests/test_samples.py)
     _in_hub_cache(folder, "google/gemma-scope-2-1b-pt", "resid_post/layer_13_width_16k_l0_small")
     cfg = SAEConfig(release="gemma-scope-2-1b-pt-res", id="layer_13_width_16k_l0_small")
-    params = sae_mod.load_sae(cfg, cache_root=tmp_path / "cache")
+    params = sae_loading.load_sae(cfg, cache_root=tmp_path / "cache")
     assert (params.architecture, params.d_in, params.d_sae) == ("jumprelu", D_IN, D_SAE)
     assert (params.hook_name, params.read_hook) == ("blocks.13.hook_resid_post", "model.layers.13.output")
     assert params.model_name == "google/gemma-3-1b-pt"
@@ -397,7 +399,7 @@ def test_a_dictionary_learning_sae_is_read_on_the_raw_residual(tmp_path, tiny_pa
                     "lm_name": "EleutherAI/pythia-70m-deduped"}, "buffer": {"ctx_len": 128}}))
     sae_id = "blocks.3.hook_resid_post__trainer_10"
     _in_hub_cache(folder, "canrager/lm_sae", "pythia70m_sweep_standard_ctx128_0712/resid_post_layer_3/trainer_10")
-    params = sae_mod.load_sae(SAEConfig(release="sae_bench_pythia70m_sweep_standard_ctx128_0712", id=sae_id),
+    params = sae_loading.load_sae(SAEConfig(release="sae_bench_pythia70m_sweep_standard_ctx128_0712", id=sae_id),
                               cache_root=tmp_path / "cache")
     assert (params.hook_name, params.model_class_name) == ("blocks.3.hook_resid_post", "AutoModelForCausalLM")
     np.testing.assert_array_equal(np.asarray(params.W_enc_DxS), torch.load(folder / "ae.pt")["encoder.weight"].T)

@@ -27,7 +27,9 @@ from sae_lens import SAE
 
 from epo_tui.config import FeatureConfig, SAEConfig
 from epo_tui.engine import sae as sae_mod
-from epo_tui.engine.sae import activations, feature_pre_and_act, load_sae, pre_activations
+from epo_tui.engine import sae_loading
+from epo_tui.engine.sae import activations, feature_pre_and_act, pre_activations
+from epo_tui.engine.sae_loading import load_sae
 from epo_tui.engine.sae_writer import ARCHITECTURES, TRAINING_ONLY, TRANSCODERS, write_random_sae
 from epo_tui.errors import ConfigError, UserError
 
@@ -261,7 +263,7 @@ def test_transcoder_metadata_and_read_hook_survive_the_cache(tmp_path):
         assert params.hook_name == "blocks.1.hook_mlp_in" and params.hook_name_out == "blocks.1.hook_mlp_out"
         assert params.read_hook == params.hf_hook_name == "model.layers.1.pre_feedforward_layernorm.output"
         assert params.hf_hook_name_out == "model.layers.1.post_feedforward_layernorm.output"
-    assert meta["format"] == sae_mod.CACHE_FORMAT and meta["kind"] == "skip_transcoder" and meta["d_out"] == D_OUT
+    assert meta["format"] == sae_loading.CACHE_FORMAT and meta["kind"] == "skip_transcoder" and meta["d_out"] == D_OUT
     plain = load_sae(local(write_random_sae(tmp_path / "plain", D_IN, D_SAE, HOOK)), cache_root=tmp_path / "cache")
     assert plain.read_hook == HOOK and plain.hf_hook_name is None and plain.kind == "sae"
 
@@ -325,7 +327,7 @@ def test_a_pickled_state_dict_loads_through_its_sae_lens_loader(tmp_path):
     np.testing.assert_array_equal(np.asarray(params.W_enc_DxS), state["W_enc"].numpy())
     x_heads = random_input(5, (2, 5, HEADS, HEAD_DIM))
     assert_encodes_like(params, x_heads.reshape(2, 5, d), *sae_lens_encode(reference, x_heads))
-    assert os.environ.get(sae_mod.FORCE_WEIGHTS_ONLY) is None  # the environment is as it was
+    assert os.environ.get(sae_loading.FORCE_WEIGHTS_ONLY) is None  # the environment is as it was
 
 
 @pytest.mark.parametrize("user_env", [None, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"])
@@ -345,7 +347,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, monk
         assert message == ("sae: 'gpt2-small-hook-z-kk' / 'blocks.1.hook_z' is a PyTorch pickle that names io.open; "
                            "epo-tui unpickles checkpoints only with torch's weights-only loader (tensors and plain "
                            "containers), so it is refused")
-        assert os.environ.get(user_env or sae_mod.FORCE_WEIGHTS_ONLY) == ("1" if user_env else None)
+        assert os.environ.get(user_env or sae_loading.FORCE_WEIGHTS_ONLY) == ("1" if user_env else None)
         pt = next(repo.glob("snapshots/*/*.pt"))
         torch.load(pt, weights_only=False)  # the bait is live: unpickled for real, it runs
         assert marker.exists()
@@ -357,7 +359,7 @@ def test_the_forced_weights_only_load_overrides_a_caller_asking_for_pickles(tmp_
     marker = tmp_path / "MARKER"
     torch.save({"w": torch.ones(2), "bait": Bait(marker)}, tmp_path / "bait.pt")
     torch.save({"w": torch.ones(2), "meta": {"k": [1, 2.5, "x"]}}, tmp_path / "plain.pt")
-    with sae_mod._weights_only_unpickling():
+    with sae_loading._weights_only_unpickling():
         with pytest.raises(Exception, match="Weights only load failed"):
             torch.load(tmp_path / "bait.pt", weights_only=False)
         plain = torch.load(tmp_path / "plain.pt", weights_only=False)

@@ -19,7 +19,8 @@ import pytest
 import search_fixtures as fx
 from epo_tui.engine.pairing import load_model_with_sae
 from epo_tui.engine.sae import activations, pre_activations
-from epo_tui.engine.search import Search, elite_reports, gradients, propose
+from epo_tui.engine.reporting import elite_reports
+from epo_tui.engine.search import Search, gradients, propose
 
 
 def with_search(config, **changes):

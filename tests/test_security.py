@@ -142,7 +142,7 @@ def test_a_hub_cache_snapshot_with_only_a_bin_is_refused(tiny_dir, marker):
 @pytest.mark.parametrize("weights", ["sae_weights.pt", "sae_weights.bin"])
 def test_an_sae_folder_with_pickled_weights_is_refused(tiny_dir, tmp_path, marker, weights):
     from epo_tui.config import SAEConfig
-    from epo_tui.engine.sae import load_sae
+    from epo_tui.engine.sae_loading import load_sae
 
     folder = tmp_path / "sae"
     shutil.copytree(tiny_dir / "sae", folder)
@@ -155,7 +155,7 @@ def test_an_sae_folder_with_pickled_weights_is_refused(tiny_dir, tmp_path, marke
 
 def test_sae_weights_that_are_a_pickle_are_refused(tiny_dir, tmp_path, marker):
     from epo_tui.config import SAEConfig
-    from epo_tui.engine.sae import load_sae
+    from epo_tui.engine.sae_loading import load_sae
 
     folder = tmp_path / "sae"
     shutil.copytree(tiny_dir / "sae", folder)
@@ -167,7 +167,7 @@ def test_sae_weights_that_are_a_pickle_are_refused(tiny_dir, tmp_path, marker):
 
 def test_a_sparsity_file_that_is_a_pickle_only_makes_liveness_unknown(tiny_dir, tmp_path, marker):
     from epo_tui.config import SAEConfig
-    from epo_tui.engine.sae import load_sae_with_density
+    from epo_tui.engine.sae_loading import load_sae_with_density
 
     folder = tmp_path / "sae"
     shutil.copytree(tiny_dir / "sae", folder)
@@ -179,7 +179,7 @@ def test_a_sparsity_file_that_is_a_pickle_only_makes_liveness_unknown(tiny_dir, 
 
 def test_a_converted_sae_cache_replaced_by_a_pickle_is_rebuilt_not_read(tiny_dir, tmp_path, marker):
     from epo_tui.config import SAEConfig
-    from epo_tui.engine import sae as sae_module
+    from epo_tui.engine import sae_loading as sae_module
 
     cfg, cache = SAEConfig(release=None, id=None, path=str(tiny_dir / "sae")), tmp_path / "cache"
     first = sae_module.load_sae(cfg, cache_root=cache)

@@ -93,7 +93,7 @@ def gpt2_small_setup(dtype: str = "float32", seed: int = 0) -> tuple[Any, str]:
     from epo_tui.engine.model import DTYPES, LanguageModel
     from epo_tui.engine.models.gpt2 import GPT2Config
     from epo_tui.engine.pairing import ModelWithSAE
-    from epo_tui.engine.sae import load_sae
+    from epo_tui.engine.sae_loading import load_sae
     from epo_tui.engine.sae_writer import write_random_sae
     from epo_tui.engine.tiny import write_tokenizer
 

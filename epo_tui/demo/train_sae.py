@@ -362,7 +362,7 @@ def eval_sae(out: Path, log=print, lm=None) -> dict:
     computes them (the engine's load_sae + pairing), checked against this module's collection."""
     from epo_tui.config import SAEConfig
     from epo_tui.demo.corpus import read_split
-    from epo_tui.engine.sae import load_sae
+    from epo_tui.engine.sae_loading import load_sae
 
     lm = lm or _load_lm(out)
     with tempfile.TemporaryDirectory() as cache:

@@ -9,7 +9,8 @@ One iteration is three jitted functions with static shapes, then selection on th
      each running only from (about) its first changed position, split along the mesh's "data" axis
      (its "model" axis splits every layer's weights: engine/sharding.py);
 then each elite k keeps the best f_k = objective - lambda_k * xent over itself, the other elites and
-the children whose text re-tokenizes to the same ids.
+the children whose text re-tokenizes to the same ids. What a reader sees of each elite is
+engine/reporting.py's (`elite_reports`).
 
 Shapes: K elites, C children per elite (`search.candidates`), B = K*C, N optimized tokens, V vocabulary, F features,
 P prefix length (BOS + prefix).
@@ -34,12 +35,10 @@ from epo_tui.engine.evaluation import ChildScorer, Parents, Prefix, Statics, sco
 from epo_tui.engine.export_cache import exported_jit
 from epo_tui.engine.model import apply_model, run_model
 from epo_tui.engine.models.past import FilledPast, prefix_length
-from epo_tui.engine.objective import build_target, combine, per_position
+from epo_tui.engine.objective import build_target
 from epo_tui.engine.pairing import ModelWithSAE
 from epo_tui.engine.score_cache import ScoreCache
 from epo_tui.errors import UserError, require_utf8
-from epo_tui.protocol import Elite
-from epo_tui.text import token_text
 
 SAMPLING_ATTEMPTS = 20  # model samples tried per elite before falling back to copies of valid ones
 # attempts after which a model none of whose samples re-tokenized (an untrained one) stops sampling
@@ -444,62 +443,3 @@ def cached_step(params, cache: FilledPast, newest_Kx1, *, st: Statics) -> tuple[
     filled = tuple(tuple(jax.lax.dynamic_update_slice_in_dim(slots, new.astype(slots.dtype), slot, axis=1)
                          for slots, new in zip(layer_slots, layer_kv)) for layer_slots, layer_kv in zip(cache.kv, kv))
     return logits_Kx1xV[:, 0], FilledPast(filled, slot + 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Reporting: what a reader needs of each elite
-
-
-def _upcast(params):
-    """The weights in float32, cast inside a jitted function (so no float32 copy outlives it)."""
-    return jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
-
-
-@exported_jit(static_argnames=("st", "upcast"))
-def _whole_prompt_activations(params, sae, arrays, full_tokens_KxL, *, st: Statics, upcast: bool):
-    """(combined_KxL, per_feature_KxLxF) reported activations at every position of BOS+prefix+prompt;
-    with `upcast`, computed in float32 from bfloat16 weights."""
-    params = _upcast(params) if upcast else params
-    logits, acts, _ = apply_model(params, full_tokens_KxL, None, model_type=st.model_type, cfg=st.cfg,
-                                  hooks=st.hooks, logits=st.target.kind == "logit",
-                                  center_writes=st.center_writes)
-    _, reported_KxLxF = per_position(st.target, arrays, sae, acts.get(st.target.hook), logits)
-    return combine(st.target, reported_KxLxF), reported_KxLxF
-
-
-@exported_jit(static_argnames=("st",))
-def _float32_scores(params, sae, arrays, prefix_ids_1xP, tokens_KxN, *, st: Statics):
-    """(objective_K, act_K, xent_K) of prompts after the prefix, in float32 whatever the weights' dtype:
-    what a bfloat16 search reports of its elites."""
-    params = _upcast(params)
-    logits_1xPxV, _, kv = apply_model(params, prefix_ids_1xP, None, model_type=st.model_type, cfg=st.cfg, hooks=(),
-                                      logits=True, center_writes=st.center_writes, keep_kv=True)
-    return score(params, sae, arrays, Prefix(kv=kv, next_logits_V=logits_1xPxV[0, -1]), tokens_KxN, st)[:3]
-
-
-def elite_reports(search: Search, state: SearchState) -> list[Elite]:
-    """Per elite (protocol.Elite): penalty, token ids/strings/bytes (hex) of the whole prompt (BOS and prefix included), the
-    reported activation at every position, act, xent, objective, and the prompt's text.
-
-    A search whose weights are not float32 (bfloat16) selects by its own figures, but reports each
-    elite's act, xent, objective and activations recomputed in float32 from the same weights."""
-    model = search.pair.model
-    prefix = np.asarray(search.prefix_ids, np.int32)
-    full = np.concatenate([np.broadcast_to(prefix, (len(state.tokens_KxN), len(prefix))), state.tokens_KxN], axis=1)
-    upcast = model.dtype != "float32"
-    combined_KxL, per_feature_KxLxF = (np.asarray(a) for a in _whole_prompt_activations(
-        search.params, search.sae, search.arrays, jnp.asarray(full), st=search.st, upcast=upcast))
-    objective_K, act_K, xent_K = state.objective_K, state.act_K, state.xent_K
-    if upcast:
-        objective_K, act_K, xent_K = (np.asarray(a) for a in _float32_scores(
-            search.params, search.sae, search.arrays, jnp.asarray(prefix[None]), jnp.asarray(state.tokens_KxN),
-            st=search.st))
-    features = [int(i) for i in np.asarray(search.arrays.indices_F)]
-    raw_bytes = [model.token_bytes(ids) for ids in full]
-    return [Elite(penalty=float(search.lambdas_K[k]), token_ids=full[k].tolist(),
-                  tokens=[token_text(b) for b in raw_bytes[k]], token_bytes=[b.hex() for b in raw_bytes[k]],
-                  activations=[float(a) for a in combined_KxL[k]], act=float(act_K[k]), xent=float(xent_K[k]),
-                  objective=float(objective_K[k]), prompt_start=len(prefix), text=model.decode(state.tokens_KxN[k]),
-                  feature_activations={str(f): [float(a) for a in per_feature_KxLxF[k, :, i]]
-                                       for i, f in enumerate(features)} if len(features) > 1 else None)
-            for k in range(len(full))]

@@ -20,7 +20,8 @@ from epo_tui.engine.state_arrays import new_frontier_points, state_arrays, state
 from epo_tui.engine.distributed import Cluster
 from epo_tui.engine.pairing import ModelWithSAE
 from epo_tui.engine.reporting import feature_record, features_label, result_of
-from epo_tui.engine.search import Search, SearchState, elite_reports
+from epo_tui.engine.reporting import elite_reports
+from epo_tui.engine.search import Search, SearchState
 from epo_tui.errors import UserError
 
 CHECKPOINT_SECONDS = 30.0
