@@ -25,8 +25,7 @@ import pytest
 from epo_tui import sessions
 from epo_tui.client import worker_command
 from epo_tui.tui.screens.sessions import SessionsScreen
-from epo_tui.tui.components.status import StatusBar
-from tui_pilot import tiny_app, until
+from tui_pilot import iteration_shown, search_until, tiny_app, until
 
 SSHD = Path("/usr/sbin/sshd")
 # loading and compiling the tiny model twice over the link, on 2 shared cores: generous, and only a bound
@@ -105,11 +104,7 @@ def test_a_dropped_link_resumes_with_R_and_o_lists_the_remote_sessions(sshd, tin
 
     async def scenario():
         async with app.run_test(size=(120, 40)) as pilot:
-            status = app.query_one(StatusBar)
-            await until(pilot, lambda: app.ready is not None and app.chosen is not None, "the features", TIMEOUT)
-            await pilot.press("s")
-            await until(pilot, lambda: (status.fields.get("iteration") or 0) >= 3, "progress", TIMEOUT)
-            session_id = app.session.session
+            session_id = await search_until(pilot, 3, TIMEOUT)
             os.kill(app.client.pid, signal.SIGKILL)  # the ssh client dies: the link dropped
             await until(pilot, lambda: app.worker_dead, "the UI to see the worker gone", TIMEOUT)
             # the far end saw its input close: it checkpoints the search as stopped and exits
@@ -120,7 +115,7 @@ def test_a_dropped_link_resumes_with_R_and_o_lists_the_remote_sessions(sshd, tin
             await until(pilot, lambda: not app.worker_dead and app.session is not None
                         and app.session.session == session_id and app.session.iteration > 0, "the resume", TIMEOUT)
             resumed_at = app.session.iteration
-            await until(pilot, lambda: (status.fields.get("iteration") or 0) > resumed_at, "progress again", TIMEOUT)
+            await until(pilot, lambda: iteration_shown(app) > resumed_at, "progress again", TIMEOUT)
             await pilot.press("o")
             await until(pilot, lambda: isinstance(app.screen, SessionsScreen) and app.screen.loaded, "the list",
                         TIMEOUT)

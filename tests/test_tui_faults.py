@@ -19,7 +19,7 @@ from epo_tui import favorites, sessions
 from epo_tui.tui.components.elites import ElitesPane
 from epo_tui.tui.screens.sessions import SessionsScreen
 from epo_tui.tui.components.status import StatusBar
-from tui_pilot import InProcessSessions, tiny_app, until
+from tui_pilot import InProcessSessions, search_until, tiny_app, until
 
 TIMEOUT = 120.0
 
@@ -35,10 +35,7 @@ def test_a_session_folder_deleted_under_the_running_ui(tiny_dir, tmp_path, monke
     async def scenario():
         async with app.run_test(size=(100, 30)) as pilot:
             status = app.query_one(StatusBar)
-            await until(pilot, lambda: app.ready is not None and app.chosen is not None, "the features", TIMEOUT)
-            await pilot.press("s")
-            await until(pilot, lambda: (status.fields.get("iteration") or 0) >= 2, "progress", TIMEOUT)
-            gone = app.session.session
+            gone = await search_until(pilot, 2, TIMEOUT)
             folder = sessions.find_session(gone).folder
             # as `epo-tui sessions delete --force ID` from another shell
             await asyncio.to_thread(sessions.delete_session, gone, folder.parent, True)

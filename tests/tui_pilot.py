@@ -44,6 +44,22 @@ def tiny_app(tiny_dir: Path, worker_command: list[str] | None = None) -> EpoApp:
     return EpoApp(config, LoadSpec.of(config, demo=False), worker_command=worker_command)
 
 
+def iteration_shown(app: EpoApp) -> int:
+    """The iteration the status bar shows (0 before the first)."""
+    from epo_tui.tui.components.status import StatusBar
+
+    return app.query_one(StatusBar).fields.get("iteration") or 0
+
+
+async def search_until(pilot, iterations: int, timeout: float = 30.0) -> str:
+    """Waits for the features, presses `s`, waits until the status bar shows `iterations`; the session id."""
+    app = pilot.app
+    await until(pilot, lambda: app.ready is not None and app.chosen is not None, "the features", timeout)
+    await pilot.press("s")
+    await until(pilot, lambda: iteration_shown(app) >= iterations, f"iteration {iterations}", timeout)
+    return app.session.session
+
+
 async def ready(pilot) -> None:
     await until(pilot, lambda: pilot.app.ready is not None and pilot.app.chosen is not None, "the features")
 
