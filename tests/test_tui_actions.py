@@ -15,10 +15,10 @@ from epo_tui.labels import write_explanations
 from epo_tui.tui.components.elites import ElitesPane
 from epo_tui.tui.components.features import FeaturePane
 from epo_tui.tui.components.frontier import FrontierPane
+from epo_tui.tui.components.status import StatusBar
 from epo_tui.tui.screens.prompts import EliteDetails, PromptEditor, Scratchpad
 from epo_tui.tui.screens.sessions import SessionsScreen
 from epo_tui.tui.screens.settings import SearchSettings
-from epo_tui.tui.components.status import StatusBar
 from tui_pilot import fake_app, ready, until
 
 SIZE = (120, 34)

@@ -16,8 +16,8 @@ from epo_tui import favorites, sessions
 from epo_tui.protocol import Injected
 from epo_tui.tui.components.elites import ElitesPane
 from epo_tui.tui.components.features import FeaturePane
-from epo_tui.tui.screens.prompts import PromptEditor, Scratchpad
 from epo_tui.tui.components.status import StatusBar, eta_text
+from epo_tui.tui.screens.prompts import PromptEditor, Scratchpad
 from tui_pilot import tiny_app
 
 TIMEOUT = 120.0

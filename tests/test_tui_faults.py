@@ -17,8 +17,8 @@ from textual.app import App
 
 from epo_tui import favorites, sessions
 from epo_tui.tui.components.elites import ElitesPane
-from epo_tui.tui.screens.sessions import SessionsScreen
 from epo_tui.tui.components.status import StatusBar
+from epo_tui.tui.screens.sessions import SessionsScreen
 from tui_pilot import InProcessSessions, search_until, tiny_app, until
 
 TIMEOUT = 120.0

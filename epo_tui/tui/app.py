@@ -30,10 +30,10 @@ from epo_tui.tui import worker_messages
 from epo_tui.tui.components.elites import ElitesPane
 from epo_tui.tui.components.features import FeaturePane
 from epo_tui.tui.components.frontier import FrontierPane
+from epo_tui.tui.components.status import StatusBar
 from epo_tui.tui.screens.prompts import EliteDetails, PromptEditor, Scratchpad
 from epo_tui.tui.screens.sessions import SessionChoice, SessionsScreen
 from epo_tui.tui.screens.settings import SearchSettings
-from epo_tui.tui.components.status import StatusBar
 from epo_tui.tui.themes import textual_theme
 
 LOAD_TIMEOUT_S = 600.0  # a large model from the hub cache can take minutes to load
