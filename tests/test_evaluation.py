@@ -14,8 +14,8 @@ from epo_tui.config import load_config
 from epo_tui.engine.evaluation import bucket_starts, first_changes
 from epo_tui.engine.pairing import load_model_with_sae
 from epo_tui.engine.model import run_model
-from epo_tui.engine.search import (Search, _sample_continuations, cached_step, elite_reports, empty_cache, gradients,
-                                   propose)
+from epo_tui.engine.reporting import elite_reports
+from epo_tui.engine.search import Search, _sample_continuations, cached_step, empty_cache, gradients, propose
 from epo_tui.engine.tiny import main as write_tiny
 
 ATOL = 1e-4

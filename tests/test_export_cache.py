@@ -29,7 +29,8 @@ from epo_tui.engine.compile_cache import enable_compile_cache
 enable_compile_cache(sys.argv[2])
 from epo_tui.config import load_config
 from epo_tui.engine.pairing import load_model_with_sae
-from epo_tui.engine.search import Search, elite_reports
+from epo_tui.engine.reporting import elite_reports
+from epo_tui.engine.search import Search
 config = load_config(sys.argv[1])
 search = Search(load_model_with_sae(config), config)
 state = search.initial_state()

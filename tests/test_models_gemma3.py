@@ -447,7 +447,8 @@ def test_a_short_search_improves_and_reports_what_a_plain_forward_gives(cases, t
     from epo_tui.engine.pairing import load_model_with_sae
     from epo_tui.engine.sae import activations, pre_activations
     from epo_tui.engine.sae_writer import write_random_sae
-    from epo_tui.engine.search import Search, elite_reports
+    from epo_tui.engine.reporting import elite_reports
+    from epo_tui.engine.search import Search
 
     case = cases["multimodal"]
     hook = "model.layers.1.output"
