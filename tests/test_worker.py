@@ -321,7 +321,8 @@ def test_a_session_runs_in_one_worker_at_a_time(worker_factory, tiny_dir):
     assert rival.expect("finished")["status"] == "finished"
 
 
-def test_sessions_are_listed_read_and_resumed_over_the_protocol(worker_factory, tiny_dir):
+def test_sessions_are_listed_read_and_resumed_over_the_protocol(worker_factory, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a sessions folder of this test's own
     w = worker_factory()
     w.send("load", id="l", config_path=str(tiny_dir / "config.toml"))
     w.send("sessions", id="early")  # answered at once, while the model loads
