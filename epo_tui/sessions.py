@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -45,6 +46,10 @@ LOCK_TIMEOUT_S = 10.0
 # held by the process that runs the search for as long as it runs it: the OS drops it when that
 # process dies, so a session marked running whose lock is free was interrupted (SIGKILL, power loss)
 RUNNER_LOCK_FILE = ".runner.lock"
+# Attempts on runner locks, one at a time in this process: the worker's reader thread probes a session
+# (`is_running_elsewhere`) while its main thread may be claiming it, and two attempts at once would each
+# see the other's as another process running the session.
+_RUNNER_LOCK_ATTEMPTS = threading.Lock()
 REQUIRED_META = ("config", "feature", "lambdas", "model", "sae", "iterations_total")
 FIXED_META = ("version", "id", "created")  # set once by create_session
 
@@ -246,6 +251,10 @@ class Session:
 
     def claim(self) -> filelock.FileLock:
         """The runner's lock, held until released; SessionError if another process runs this session."""
+        with _RUNNER_LOCK_ATTEMPTS:
+            return self._claim()
+
+    def _claim(self) -> filelock.FileLock:
         if not self.folder.is_dir():
             raise SessionGone(self.folder)
         lock = filelock.FileLock(str(self.folder / RUNNER_LOCK_FILE), timeout=0)
@@ -256,12 +265,13 @@ class Session:
         return lock
 
     def is_running_elsewhere(self) -> bool:
-        """Whether a live process holds this session's runner lock."""
-        try:
-            self.claim().release()
-        except SessionError:
-            return self.folder.is_dir()
-        return False
+        """Whether a live process holds this session's runner lock (this one included, while it runs it)."""
+        with _RUNNER_LOCK_ATTEMPTS:  # a probe is a claim released at once: never two at a time
+            try:
+                self._claim().release()
+            except SessionError:
+                return self.folder.is_dir()
+            return False
 
     # -- helpers --------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import re
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -336,3 +337,29 @@ def test_the_rate_behind_the_eta_leaves_out_the_compiling_first_iteration():
     assert rate([]) is None and rate([25.0]) is None  # no ETA from a compile
     assert rate([25.0, 2.0]) == pytest.approx(0.5)
     assert rate([25.0, 1.0, 1.0, 4.0, 4.0, 4.0]) == pytest.approx(0.25)  # the last 3 after the first
+
+
+def test_probes_from_two_threads_never_see_each_other_as_a_runner(root):
+    """The worker probes a session on its reader thread while its main thread may claim it: no attempt may
+    take another thread's attempt for a process running the session."""
+    session = create_session(_meta(), root)
+    seen: list[bool] = []
+
+    def probe() -> None:
+        for _ in range(300):
+            seen.append(session.is_running_elsewhere())
+
+    threads = [threading.Thread(target=probe) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == [False] * 900
+
+    threads = [threading.Thread(target=probe) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for _ in range(300):  # a claim beside the probes never fails (while it is held, they say so)
+        session.claim().release()
+    for thread in threads:
+        thread.join()
