@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import io
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -68,13 +67,10 @@ async def ready(pilot) -> None:
 class InProcessSessions:
     """The sessions browser's source without a worker process: the worker's own answers to `sessions` and
     `session` for the sessions in `root`, written as protocol lines and parsed back, in a thread (as the
-    worker reads them off the UI's loop), one at a time (as the worker's one reader thread answers them:
-    two at once would each test the other's hold on a runner lock). An `error` answer raises WorkerError,
-    as the client does."""
+    worker reads them off the UI's loop). An `error` answer raises WorkerError, as the client does."""
 
     def __init__(self, root: Path | None = None):
         self.root = root
-        self.one_at_a_time = threading.Lock()
 
     async def sessions(self) -> protocol.SessionList:
         return await self._ask(protocol.SessionsCommand(id=1))
@@ -85,8 +81,7 @@ class InProcessSessions:
     async def _ask(self, command):
         def answer() -> protocol.Event:
             line = io.BytesIO()
-            with self.one_at_a_time:
-                answer_session_query(command, EventWriter(line), self.root)
+            answer_session_query(command, EventWriter(line), self.root)
             return protocol.parse_event(line.getvalue())
 
         event = await asyncio.to_thread(answer)
