@@ -29,11 +29,15 @@ def _keys(*keys: str, session: str = SESSION) -> None:
     subprocess.run(["tmux", "send-keys", "-t", session, *keys], check=True)
 
 
-def _wait_for(text: str, timeout: float = 180, session: str = SESSION) -> str:
+def _wait_for(text: str, timeout: float = 180, session: str = SESSION, *, pattern_count: int | None = None) -> str:
+    """The screen once `text` shows on it; with `pattern_count`, once the regex `text` matches that many
+    times (a table's rows are drawn a frame before its columns widen to them)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         screen = _screen(session=session)
-        if text in screen:
+        if pattern_count is None and text in screen:
+            return screen
+        if pattern_count is not None and len(re.findall(text, screen)) == pattern_count:
             return screen
         time.sleep(0.5)
     raise AssertionError(f"'{text}' never showed; the screen:\n{_screen(session=session)}")
@@ -127,8 +131,8 @@ def test_two_uis_on_one_cache_and_data_folder(tmp_path):
             time.sleep(1)
         for name in ui:  # each browser lists both sessions, both running
             _keys("o", session=name)
-            screen = _wait_for("enter open", session=name)
-            assert len(re.findall(r"│\s+[0-9a-f]{6}\s+running\s", screen)) == 2, screen  # table rows
+            _wait_for("enter open", session=name)
+            _wait_for(r"│\s+[0-9a-f]{6}\s+running\s", 60, session=name, pattern_count=2)  # both table rows
             _keys("Escape", session=name)
         time.sleep(1)
         for name in ui:
