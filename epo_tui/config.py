@@ -21,7 +21,7 @@ from epo_tui import paths
 from epo_tui.budget import budget_seconds
 from epo_tui.errors import ConfigError, UserError, did_you_mean
 
-DTYPES = ("auto", "float32", "bfloat16")  # auto: engine/model.py resolve_dtype
+DTYPES = ("auto", "float32", "bfloat16")  # auto: engine/language_model.py resolve_dtype
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # TOML's integers (seeds reach jax.random.key as int64)
 BUILTIN_SOURCE = "built-in defaults"
 

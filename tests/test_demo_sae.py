@@ -24,7 +24,7 @@ def _texts(n: int, seed: int) -> list[str]:
 def built(tmp_path_factory):
     from epo_tui.config import ModelConfig
     from epo_tui.demo.train_sae import SAESpec, collect, sae_metrics, save_sae, train_sae
-    from epo_tui.engine.model import load_model
+    from epo_tui.engine.language_model import load_model
     from epo_tui.engine.tiny import write_tiny_checkpoint
 
     out = tmp_path_factory.mktemp("demo_sae")

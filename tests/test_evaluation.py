@@ -13,9 +13,10 @@ import pytest
 from epo_tui.config import load_config
 from epo_tui.engine.evaluation import bucket_starts, first_changes
 from epo_tui.engine.pairing import load_model_with_sae
-from epo_tui.engine.model import run_model
+from epo_tui.engine.language_model import run_model
 from epo_tui.engine.reporting import elite_reports
-from epo_tui.engine.search import Search, _sample_continuations, cached_step, empty_cache, gradients, propose
+from epo_tui.engine.sampling import cached_step, empty_cache, sample_continuations
+from epo_tui.engine.search import Search, gradients, propose
 from epo_tui.engine.tiny import main as write_tiny
 
 ATOL = 1e-4
@@ -202,7 +203,7 @@ def test_a_kv_cache_step_by_step_gives_the_full_forward_logits_and_the_sampler_u
     start = np.zeros((K, N), np.int32)
     start[:, :n_start] = pair.model.prompt_ids(" fox jumps")[:n_start]
     key = jax.random.key(3)
-    sampled = np.asarray(_sample_continuations(search.params, search.prefix, key, jnp.asarray(start), n_start,
+    sampled = np.asarray(sample_continuations(search.params, search.prefix, key, jnp.asarray(start), n_start,
                                                search.banned_V, st=st))
     assert (sampled[:, :n_start] == start[:, :n_start]).all()
     P = len(search.prefix_ids)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from epo_tui.config import ModelConfig
-from epo_tui.engine.model import load_model
+from epo_tui.engine.language_model import load_model
 from epo_tui.engine.tiny import write_tiny_checkpoint
 from epo_tui.errors import UserError
 

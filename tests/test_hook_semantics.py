@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from epo_tui.config import ModelConfig, load_config
-from epo_tui.engine.model import load_model
+from epo_tui.engine.language_model import load_model
 from epo_tui.engine.pairing import load_model_with_sae
 from epo_tui.engine.sae import activations
 from epo_tui.engine.sae_writer import write_random_sae

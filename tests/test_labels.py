@@ -283,7 +283,7 @@ def pack(tmp_path_factory):
     from epo_tui.config import ModelConfig
     from epo_tui.demo.labels import build_labels
     from epo_tui.demo.train_sae import SAEResult, SAESpec, collect, save_sae
-    from epo_tui.engine.model import load_model
+    from epo_tui.engine.language_model import load_model
     from epo_tui.engine.tiny import write_tiny_checkpoint
 
     out = tmp_path_factory.mktemp("labels_pack")

@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent("""
 
     from epo_tui.config import load_config
     from epo_tui.engine import sharding
-    from epo_tui.engine.model import run_model
+    from epo_tui.engine.language_model import run_model
     from epo_tui.engine.pairing import load_model_with_sae
     from epo_tui.engine.scoring import score_text
     from epo_tui.engine.search import Search

@@ -24,7 +24,7 @@ import torch
 
 import search_fixtures as fx
 from epo_tui.config import ModelConfig
-from epo_tui.engine.model import load_model
+from epo_tui.engine.language_model import load_model
 from epo_tui.engine.models import gemma3
 from epo_tui.engine.models.layers import Rope
 from epo_tui.engine.tiny import write_tiny_checkpoint
@@ -368,7 +368,7 @@ def test_a_gemma3_style_tokenizer_marks_its_image_tokens_special(tmp_path, named
     tokenizer_config.json, as the top level or in extra_special_tokens: all three are special ids."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from epo_tui.engine.model import LanguageModel
+    from epo_tui.engine.language_model import LanguageModel
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

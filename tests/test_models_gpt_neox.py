@@ -22,7 +22,7 @@ from test_models_parity import (
     ATOL, BF16_VS_TRANSFORMERS, Case, _hf_logits, _max_diff, _tl_value, hf_module_activations)
 
 from epo_tui.config import ModelConfig
-from epo_tui.engine.model import load_model
+from epo_tui.engine.language_model import load_model
 from epo_tui.engine.models import gpt_neox
 from epo_tui.engine.models.hooks import BLOCK_POINTS, TL_ALIASES
 from epo_tui.engine.models.layers import Rope

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from epo_tui.config import ModelConfig
-from epo_tui.engine.model import load_model
+from epo_tui.engine.language_model import load_model
 from epo_tui.engine.models import llama
 from epo_tui.engine.tiny import write_tiny_checkpoint
 from epo_tui.errors import UserError

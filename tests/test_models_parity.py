@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from epo_tui.config import ModelConfig
-from epo_tui.engine.model import load_model, resolve_dtype
+from epo_tui.engine.language_model import load_model, resolve_dtype
 from epo_tui.engine.models.hooks import TL_ALIASES
 from epo_tui.engine.models import family_module
 from epo_tui.engine.tiny import write_tiny_checkpoint

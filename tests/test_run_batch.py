@@ -282,9 +282,9 @@ def test_results_module_imports_no_heavy_library():
 
 
 def _compiled_counts() -> tuple[int, ...]:
-    from epo_tui.engine import evaluation, reporting, search
+    from epo_tui.engine import evaluation, reporting, sampling, search
 
-    jitted = (search.gradients, search.propose, search._sample_continuations, reporting._whole_prompt_activations)
+    jitted = (search.gradients, search.propose, sampling.sample_continuations, reporting._whole_prompt_activations)
     # one whole-prompt evaluator per search statics: a feature changes none of them (its suffix
     # evaluators are keyed by the same statics, one per start)
     return (*(f.cache_size() for f in jitted), evaluation.full_evaluator.cache_info().currsize)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import epo_tui.engine.search as search_module
+import epo_tui.engine.sampling as sampling_module
 from epo_tui.config import load_config
 from epo_tui.engine.pairing import load_model_with_sae
 from epo_tui.engine.search import Search
@@ -32,7 +32,7 @@ def test_starting_elites_are_model_samples_that_re_tokenize(search):
 
 def test_when_samples_never_re_tokenize_a_prompt_is_built_token_by_token(search, monkeypatch):
     bad = _invalid_token(search)
-    monkeypatch.setattr(search_module, "_sample_continuations",
+    monkeypatch.setattr(sampling_module, "sample_continuations",
                         lambda *args, **kwargs: jnp.full((search.st.elites, search.st.prompt_tokens), bad))
     state = search.initial_state()
     assert all(search.is_valid(row) for row in state.tokens_KxN)
@@ -48,6 +48,6 @@ def test_elites_without_a_valid_sample_copy_one_that_has(search, monkeypatch):
         rows[2] = good
         return jnp.asarray(rows)
 
-    monkeypatch.setattr(search_module, "_sample_continuations", one_valid_row)
+    monkeypatch.setattr(sampling_module, "sample_continuations", one_valid_row)
     state = search.initial_state()
     assert (state.tokens_KxN == good).all()

@@ -92,7 +92,7 @@ def _model_copy(tiny_dir: Path, dest: Path) -> Path:
 
 def _load_model(**kwargs):
     from epo_tui.config import ModelConfig
-    from epo_tui.engine.model import load_model
+    from epo_tui.engine.language_model import load_model
 
     return load_model(ModelConfig(**{"name": None, **kwargs}))
 

@@ -50,7 +50,7 @@ def test_a_parameters_name_says_which_axis_is_split(name, shape, model_size, spe
 def test_every_head_and_mlp_weight_of_each_family_is_split(family, tmp_path):
     """The name rule alone splits every family's attention and MLP weights (experts too) on a model axis of 2."""
     from epo_tui.config import ModelConfig
-    from epo_tui.engine.model import load_model
+    from epo_tui.engine.language_model import load_model
     from epo_tui.engine.tiny import write_tiny_checkpoint
 
     folder = write_tiny_checkpoint(tmp_path / family, family)

@@ -24,7 +24,7 @@ import numpy as np
 
 from epo_tui.config import Config, ModelConfig, SearchConfig
 from epo_tui.bench import speed
-from epo_tui.engine.model import DTYPES, LanguageModel, load_model
+from epo_tui.engine.language_model import DTYPES, LanguageModel, load_model
 from epo_tui.engine.models.gpt2 import GPT2Config
 from epo_tui.engine.pairing import ModelWithSAE
 from epo_tui.engine.sae import SAEParams

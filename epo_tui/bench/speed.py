@@ -90,7 +90,7 @@ def gpt2_small_setup(dtype: str = "float32", seed: int = 0) -> tuple[Any, str]:
     from transformers import AutoTokenizer
 
     from epo_tui.config import SAEConfig
-    from epo_tui.engine.model import DTYPES, LanguageModel
+    from epo_tui.engine.language_model import DTYPES, LanguageModel
     from epo_tui.engine.models.gpt2 import GPT2Config
     from epo_tui.engine.pairing import ModelWithSAE
     from epo_tui.engine.sae_loading import load_sae

@@ -1,6 +1,6 @@
 """Byte-level BPE tokenizer and a small GPT-2 trained in JAX on the demo corpus, saved in HF format.
 
-The forward pass is the engine's own (`epo_tui.engine.model.apply_model`, family gpt2), so the model
+The forward pass is the engine's own (`epo_tui.engine.language_model.apply_model`, family gpt2), so the model
 trains on exactly the function the search later runs. Weights are written under Hugging Face GPT-2
 names (`transformer.h.0.attn.c_attn.weight`, Conv1D layout, tied embeddings) so both the engine's
 loader and transformers' `AutoModelForCausalLM` read them.
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from epo_tui.engine import text_rows
-from epo_tui.engine.model import apply_model
+from epo_tui.engine.language_model import apply_model
 from epo_tui.engine.text_rows import pack_rows
 from epo_tui.engine.models.gpt2 import GPT2Config
 
@@ -265,7 +265,7 @@ def eval_lm(out: Path, log=print, check_parity: bool = True) -> dict:
 
     from epo_tui.config import ModelConfig
     from epo_tui.demo.corpus import read_split
-    from epo_tui.engine.model import load_model
+    from epo_tui.engine.language_model import load_model
 
     model_dir = out / "model"
     lm = load_model(ModelConfig(name=None, path=str(model_dir)))

@@ -324,7 +324,7 @@ def load_saved_arrays(folder: Path) -> dict:
 
 def _load_lm(out: Path):
     from epo_tui.config import ModelConfig
-    from epo_tui.engine.model import load_model
+    from epo_tui.engine.language_model import load_model
 
     return load_model(ModelConfig(name=None, path=str(out / "model")))
 

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from epo_tui.engine import sharding
 from epo_tui.engine.export_cache import ExportedJit, register_dataclass_output
-from epo_tui.engine.model import apply_model
+from epo_tui.engine.language_model import apply_model
 from epo_tui.engine.objective import Target, combine, per_position, read
 from epo_tui.engine.score_cache import ScoreCache
 

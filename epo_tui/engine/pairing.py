@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from epo_tui.config import Config
 from epo_tui.engine import sharding
-from epo_tui.engine.model import LanguageModel, load_model
+from epo_tui.engine.language_model import LanguageModel, load_model
 from epo_tui.engine.models.hooks import HookPoint
 from epo_tui.engine.sae import SAEParams, check_feature_index
 from epo_tui.engine.sae_loading import load_sae_with_density

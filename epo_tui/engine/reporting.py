@@ -13,7 +13,7 @@ from epo_tui.config import Config
 from epo_tui.engine.distributed import Cluster
 from epo_tui.engine.evaluation import Prefix, Statics, score
 from epo_tui.engine.export_cache import exported_jit
-from epo_tui.engine.model import apply_model
+from epo_tui.engine.language_model import apply_model
 from epo_tui.engine.objective import combine, per_position
 from epo_tui.engine.search import Search, SearchState
 from epo_tui.protocol import Elite
