@@ -66,12 +66,27 @@ def build_parser() -> argparse.ArgumentParser:
                              "worker\" (default: a local worker)")
     parser.add_argument("--theme", metavar="NAME", help="the UI's theme (default epo-dark; see themes/)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_score_command(commands, common)
+    _add_features_command(commands, common)
+    _add_bench_command(commands, common)
+    _add_run_command(commands, common)
+    _add_batch_command(commands, common)
+    _add_worker_command(commands, common)
+    _add_sessions_command(commands, common)
+    _add_registry_command(commands, common)
+    return parser
 
+
+def _add_score_command(commands, common: argparse.ArgumentParser) -> None:
+    """`score TEXT`: one text's per-token activation and fluency."""
     score = commands.add_parser("score", parents=[common], help="per-token activation and fluency of a text")
     score.add_argument("--feature", type=int, metavar="N", help="SAE latent (default: feature.index)")
     score.add_argument("--json", action="store_true", help="print one JSON object")
     score.add_argument("text", help="the text to score (placed after BOS and search.prefix)")
 
+
+def _add_features_command(commands, common: argparse.ArgumentParser) -> None:
+    """`features`: the SAE's catalog, or the features a query matches."""
     features = commands.add_parser("features", parents=[common],
                                    help="list the SAE's features with their top tokens")
     features.add_argument("--search", metavar="QUERY",
@@ -80,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--limit", type=int, metavar="N", help="print at most N features")
     features.add_argument("--json", action="store_true", help="one JSON object per feature per line")
 
+
+def _add_bench_command(commands, common: argparse.ArgumentParser) -> None:
+    """`bench`: speed (the default), search quality (--quality) or UI latency (--ui)."""
     bench = commands.add_parser("bench", parents=[common],
                                 help="time the EPO loop: seconds per step, tokens/s, FLOP/s, MFU, warm start")
     bench.add_argument("--model", choices=("gpt2-small", "tiny", "config"),
@@ -112,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ui_options(bench)
 
+
+def _add_run_command(commands, common: argparse.ArgumentParser) -> None:
+    """`run`: one search, or a resumed session."""
     run = commands.add_parser(
         "run", parents=[common], help="one search; writes result.json and report.md",
         description="Run one EPO search with a progress bar on stderr, then write DIR/result.json and "
@@ -127,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue a stopped session exactly where it stopped (its own config; see "
                           "`epo-tui sessions`); --iterations then sets the new total")
 
+
+def _add_batch_command(commands, common: argparse.ArgumentParser) -> None:
+    """`batch`: one search per feature, on one process or split over several."""
     batch = commands.add_parser(
         "batch", parents=[common], help="one search per feature, with an index sorted by activation",
         description="One search per feature, each in DIR/feature-N/ (result.json, report.md), then "
@@ -150,11 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument("--distributed", action="store_true",
                        help="let jax.distributed detect the cluster (Cloud TPU pod, Slurm, Open MPI, Kubernetes)")
 
+
+def _add_worker_command(commands, common: argparse.ArgumentParser) -> None:
+    """`worker`: the engine served over stdin/stdout."""
     commands.add_parser("worker", parents=[common], help="serve the engine over stdin/stdout (the UI's back end)",
                         description="Serve the engine over stdin/stdout: newline-delimited JSON commands in, "
                                     "events out (epo_tui/PROTOCOL.md). The UI starts it; `ssh host epo-tui "
                                     "worker` runs it on another machine.")
 
+
+def _add_sessions_command(commands, common: argparse.ArgumentParser) -> None:
+    """`sessions list|show|export|delete`."""
     sessions = commands.add_parser("sessions", parents=[common], help="list, show, export or delete saved sessions",
                                    description="Every search is a session in the cache folder, checkpointed at "
                                                "most 30 s apart and when it stops; `epo-tui run --resume ID` "
@@ -171,11 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("id", metavar="ID", help="a session id (the full id)")
     delete.add_argument("--force", action="store_true",
                         help="delete even a session marked running (its worker was killed)")
-    _registry_options(commands, common)
-    return parser
 
 
-def _registry_options(commands, common: argparse.ArgumentParser) -> None:
+def _add_registry_command(commands, common: argparse.ArgumentParser) -> None:
+    """`registry`: what of the installed sae-lens registry epo-tui loads."""
     registry = commands.add_parser(
         "registry", parents=[common], help="which SAEs of the installed sae-lens registry epo-tui loads",
         description="List the installed sae-lens registry's releases by model: model type, epo-tui family, "
