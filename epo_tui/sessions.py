@@ -257,11 +257,17 @@ class Session:
     def _claim(self) -> filelock.FileLock:
         if not self.folder.is_dir():
             raise SessionGone(self.folder)
-        lock = filelock.FileLock(str(self.folder / RUNNER_LOCK_FILE), timeout=0)
+        path = self.folder / RUNNER_LOCK_FILE
+        lock = filelock.FileLock(str(path), timeout=0)
         try:
             lock.acquire()
         except filelock.Timeout:
             raise SessionError(self.folder, "another process is running this session") from None
+        except OSError:
+            if not self.folder.is_dir():
+                raise SessionGone(self.folder) from None
+            raise
+        _unless_deleted_meanwhile(lock, path)
         return lock
 
     def is_running_elsewhere(self) -> bool:
@@ -289,6 +295,19 @@ class Session:
             raise SessionError(self.folder / name, f"could not write: {err.strerror or err}") from None
 
 
+def _unless_deleted_meanwhile(lock: filelock.FileLock, path: Path) -> None:
+    """After acquiring `lock` (its file at `path` in a session folder): SessionGone, and no trace left,
+    when the folder was deleted meanwhile and FileLock made it again (it creates missing parents)."""
+    folder = path.parent
+    if (folder / META_FILE).exists():
+        return
+    lock.release()
+    path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only if empty: nothing but our own lock file was in it
+    raise SessionGone(folder)
+
+
 class _TimedLock:
     """A FileLock whose timeout is a SessionError naming the lock file."""
 
@@ -305,13 +324,7 @@ class _TimedLock:
             if not self.path.parent.is_dir():
                 raise SessionGone(self.path.parent) from None
             raise SessionError(self.path, f"cannot lock: {err.strerror or err}") from None
-        folder = self.path.parent
-        if not (folder / META_FILE).exists():  # deleted meanwhile, and FileLock made the folder again
-            self.lock.release()
-            self.path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if empty: nothing but our own lock file was in it
-            raise SessionGone(folder)
+        _unless_deleted_meanwhile(self.lock, self.path)
         return self
 
     def __exit__(self, *exc) -> None:

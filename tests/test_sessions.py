@@ -363,3 +363,27 @@ def test_probes_from_two_threads_never_see_each_other_as_a_runner(root):
         session.claim().release()
     for thread in threads:
         thread.join()
+
+
+@pytest.mark.parametrize("attempt", ["claim", "probe"])
+def test_a_runner_lock_taken_as_the_folder_is_deleted_does_not_make_it_again(root, monkeypatch, attempt):
+    """FileLock creates a missing folder: a claim or a probe whose folder is deleted between its check and
+    its lock must leave no folder behind (the browser probes while `sessions delete` runs)."""
+    import shutil
+
+    import filelock
+
+    session = create_session(_meta(), root)
+
+    class DeletedFirst(filelock.FileLock):
+        def acquire(self, *args, **kwargs):
+            shutil.rmtree(session.folder)  # the delete lands just before the lock is taken
+            return super().acquire(*args, **kwargs)
+
+    monkeypatch.setattr(sessions.filelock, "FileLock", DeletedFirst)
+    if attempt == "claim":
+        with pytest.raises(sessions.SessionGone):
+            session.claim()
+    else:
+        assert session.is_running_elsewhere() is False
+    assert not session.folder.exists()
