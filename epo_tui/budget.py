@@ -47,6 +47,16 @@ def format_budget(seconds: float) -> str:
     return "".join(parts)
 
 
+def eta_seconds(iterations_left: int, seconds_per_iteration: float | None, budget_left: float | None) -> float | None:
+    """Seconds until a search ends: its iterations left at `seconds_per_iteration`, or the time budget
+    left when that ends it sooner; None when neither is known. The one rule behind every ETA shown (the
+    headless progress bar and the UI's status bar)."""
+    by_iterations = None if seconds_per_iteration is None else iterations_left * seconds_per_iteration
+    if budget_left is None or by_iterations is None:
+        return by_iterations if budget_left is None else budget_left
+    return min(by_iterations, budget_left)
+
+
 def now() -> float:
     """The clock deadlines read (tests replace it with a fake one)."""
     return time.monotonic()

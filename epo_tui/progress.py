@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from epo_tui.budget import format_budget
+from epo_tui.budget import eta_seconds, format_budget
 from epo_tui.text import inert
 
 
@@ -90,12 +90,10 @@ def seconds_left(iteration: int, total: int, seconds: list[float], budget_left: 
     if iteration >= total:
         return None
     later = seconds[1:]
-    by_iterations = (total - iteration) * sum(later) / len(later) if later else None
-    if budget_left is None:
-        return by_iterations
-    if by_iterations is None and seconds:
-        by_iterations = (total - iteration) * seconds[0]  # the compiling iteration is the slowest
-    return budget_left if by_iterations is None else min(by_iterations, budget_left)
+    per_iteration = sum(later) / len(later) if later else None
+    if per_iteration is None and budget_left is not None and seconds:
+        per_iteration = seconds[0]  # the compiling iteration is the slowest
+    return eta_seconds(total - iteration, per_iteration, budget_left)
 
 
 class _ProgressLines(_Progress):

@@ -7,6 +7,7 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import Static
 
+from epo_tui.budget import eta_seconds
 from epo_tui.text import inert
 
 
@@ -15,8 +16,7 @@ def eta_text(iteration: int | None, total: int | None, rate: float | None, budge
     that ends the search sooner; empty when unknown."""
     if not iteration or not total or not rate or rate <= 0 or iteration >= total:
         return ""
-    seconds = (total - iteration) / rate
-    seconds = round(min(seconds, budget_left) if budget_left is not None else seconds)
+    seconds = round(eta_seconds(total - iteration, 1 / rate, budget_left))
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
     return "ETA " + (f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s")
