@@ -1,4 +1,5 @@
-"""Test isolation: every test session gets its own config/cache/data folders and no hub access."""
+"""Test isolation: every test session gets its own config/cache/data folders and no hub access; the fixtures
+shared across test folders (the tiny model, a worker subprocess)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+# the helpers shared by the test folders (fake_worker, tui_pilot, worker_process, ...) import by name
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 _HOME = Path(tempfile.mkdtemp(prefix="epo-tui-tests-"))
 # Set before anything imports platformdirs users or huggingface_hub (they read these at import).
 os.environ.update({
@@ -63,3 +66,21 @@ def tiny_pair(tiny_config):
     from epo_tui.engine.pairing import load_model_with_sae
 
     return load_model_with_sae(tiny_config)
+
+
+@pytest.fixture
+def worker_factory(tmp_path):
+    """make() starts an `epo-tui worker` subprocess in tmp_path and waits for its hello; all are killed after."""
+    from worker_process import WorkerProcess
+
+    started = []
+
+    def make() -> WorkerProcess:
+        w = WorkerProcess(tmp_path)
+        w.expect("hello")
+        started.append(w)
+        return w
+
+    yield make
+    for w in started:
+        w.close()

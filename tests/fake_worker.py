@@ -22,7 +22,7 @@ Modes (each starts with the worker's unsolicited `hello`):
                     shutdown, and `sessions`/`session` as the real worker does (from the real folder)
   ui-evil [finish|die]  as ui, but the elites' tokens (and so their text) are EVIL_TOKENS: escape
                     sequences (clear screen, OSC 52 clipboard write, OSC 8 hyperlink) and markup
-                    (tests/test_security.py checks none reaches the terminal raw)
+                    (tests/system/test_security.py checks none reaches the terminal raw)
 
 --record FILE appends every command line received to FILE (the tests read it back). $FAKE_WORKER_HOST, when
 set, is the host name its session listings give.

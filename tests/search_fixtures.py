@@ -8,7 +8,9 @@
   "the current token is `a`" and latent 1 "the previous token is `b`": both can fire at one position
   only when the prompt ends in "b a".
 - `make_config`: a Config naming a local model and SAE folder, without a TOML file.
-- `full_forward`: the plain forward pass over the whole prompt (no prefix cache), for independent checks.
+- `full_forward`: the plain forward pass over the whole prompt (no prefix cache), for independent checks;
+  `independent_numbers`: a search's objective, activation and xent by it.
+- `HELDOUT_TEXTS`: a few documents of held-out text.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ CHARS = "abcdefgh"
 # re-tokenize to the one id of "ab"
 MERGES = [("a", "b"), ("c", "d"), ("e", "f"), ("ab", "c"), ("g", "h"), ("h", "a"), ("d", "d"),
           ("b", "e"), ("f", "g"), ("cd", "e")]
+HELDOUT_TEXTS = ["The quick brown fox jumps over the lazy dog. " * 6,
+                 "A second document, shorter than a row.",
+                 "Numbers 1 2 3 4 5 6 7 8 9 and words go on and on until the row is full of them. " * 4]
 EXTRA_ROWS = 3  # embedding rows past the tokenizer's vocabulary (as real checkpoints pad to 64)
 
 
@@ -284,3 +289,18 @@ def write_char_setup(folder: Path, margin: float = 0.2) -> tuple[Path, Path]:
         weights["W_enc"][:, latent] = u.astype(np.float32)
     save_file(weights, str(sae_dir / "sae_weights.safetensors"))
     return model_dir, sae_dir
+
+
+def independent_numbers(pair, search, tokens_KxN):
+    """(objective_K, act_K, xent_K, full ids_KxL, per-position activations_KxL, logits_KxLxV) of `search`'s
+    prompts tokens_KxN by the plain forward pass, to check the search's own numbers against."""
+    from epo_tui.engine.sae import activations, pre_activations
+
+    prefix = np.asarray(pair.model.encode("", search.config.search.prefix))
+    full = np.concatenate([np.broadcast_to(prefix, (len(tokens_KxN), len(prefix))), tokens_KxN], axis=1)
+    logits, sae_in = full_forward(pair, full)
+    feature = search.config.feature.index
+    acts_KxL = np.asarray(activations(pair.sae, sae_in))[..., feature]
+    pre_KxL = np.asarray(pre_activations(pair.sae, sae_in))[..., feature]
+    xent = xent_of(logits, full, tokens_KxN.shape[1])
+    return pre_KxL[:, -1], acts_KxL[:, -1], xent, full, acts_KxL, logits

@@ -29,8 +29,9 @@ from cli_run import run_cli
 from epo_tui import protocol
 from epo_tui.errors import UserError
 
-REPO = Path(__file__).resolve().parent.parent
-FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
+TESTS = Path(__file__).resolve().parents[1]  # the helpers (fake_worker.py, tui_pilot.py) live there
+REPO = TESTS.parent
+FAKE_WORKER = TESTS / "fake_worker.py"
 ESCAPES = (b"\x1b[2J", b"\x1b]52;c;RVZJTA", b"\x1b]8;;http://evil")  # as tests/fake_worker.py EVIL_TOKENS
 
 
@@ -491,7 +492,6 @@ async def _evil_app_scenario(app) -> None:
 
 
 def test_the_ui_renders_evil_tokens_inert_headless(tmp_path, monkeypatch):
-    sys.path.insert(0, str(Path(__file__).parent))
     from tui_pilot import fake_app
 
     monkeypatch.chdir(tmp_path)
@@ -528,7 +528,7 @@ def test_no_escape_sequence_from_token_text_reaches_a_real_terminal(tmp_path):
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 36, 120, 0, 0))
     env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TEXTUAL_COLOR_SYSTEM")}
     env.update(TERM="xterm-256color", COLORTERM="truecolor", PYTHONPATH=str(REPO))
-    child = subprocess.Popen([sys.executable, "-c", PTY_CHILD.format(tests=str(Path(__file__).parent),
+    child = subprocess.Popen([sys.executable, "-c", PTY_CHILD.format(tests=str(TESTS),
                                                                      fake=str(FAKE_WORKER))],
                              stdin=slave, stdout=slave, stderr=slave, cwd=tmp_path, env=env,
                              start_new_session=True, close_fds=True)
@@ -567,7 +567,7 @@ def test_no_escape_sequence_from_token_text_reaches_a_real_terminal(tmp_path):
 
 
 # The `epo-tui score` output (plain, coloured and --json) with control characters in the text is covered
-# by tests/test_bad_input_text.py (test_control_characters_*, test_markup_in_tokens_is_printed_as_text).
+# by tests/cli/test_bad_input_text.py (test_control_characters_*, test_markup_in_tokens_is_printed_as_text).
 
 
 # -------------------------------------------------------------------------- 3. nothing is executed

@@ -1,6 +1,6 @@
 """Every action of the main screen, driven by a pilot against the protocol-speaking fake worker: what the
 app sends (the worker records each command line) and what the screen shows. The real-worker flows
-(start, pause, scratchpad, inject, favorite, quit, restart after SIGKILL) are in test_tui_app.py."""
+(start, pause, scratchpad, inject, favorite, quit, restart after SIGKILL) are in test_app.py."""
 
 from __future__ import annotations
 

@@ -10,88 +10,19 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from epo_tui import protocol, sessions
-
-TIMEOUT = 120
-
-
-class WorkerProcess:
-    """A worker subprocess; events parsed by a reader thread into a queue."""
-
-    def __init__(self, cwd: Path, env: dict | None = None):
-        self.proc = subprocess.Popen([sys.executable, "-m", "epo_tui", "worker"], cwd=cwd, env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     start_new_session=True)
-        self.events: queue.Queue = queue.Queue()
-        self.seen: list[dict] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # never let stderr fill
-
-    def _read(self):
-        for line in self.proc.stdout:
-            protocol.parse_event(line)  # every stdout line must be a valid event (the dict is what tests read)
-            self.events.put(json.loads(line))
-        self.events.put(None)
-
-    def send(self, type_: str, id=None, **fields) -> None:
-        self.send_raw(protocol.encode(protocol.COMMANDS[type_](id=id, **fields)))
-
-    def send_raw(self, data: bytes) -> None:
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
-
-    def expect(self, type_: str, timeout: float = TIMEOUT, **match) -> dict:
-        """The next event of this type (and fields), skipping others; fails on an unexpected error."""
-        deadline = time.monotonic() + timeout
-        while True:
-            event = self.events.get(timeout=max(0.01, deadline - time.monotonic()))
-            assert event is not None, f"the worker exited waiting for {type_}; seen: {self.seen[-5:]}"
-            self.seen.append(event)
-            if event["type"] == "error" and type_ != "error":
-                raise AssertionError(f"unexpected error while waiting for {type_}: {event}")
-            if event["type"] == type_ and all(event.get(k) == v for k, v in match.items()):
-                return event
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-
-
-@pytest.fixture
-def worker_factory(tmp_path):
-    started = []
-
-    def make() -> WorkerProcess:
-        w = WorkerProcess(tmp_path)
-        w.expect("hello")
-        started.append(w)
-        return w
-
-    yield make
-    for w in started:
-        w.close()
-
-
-def _load_and_start(w: WorkerProcess, tiny_dir: Path, iterations: int, **start_fields) -> dict:
-    w.send("load", id="l", config_path=str(tiny_dir / "config.toml"))
-    ready = w.expect("ready", id="l")
-    assert ready["hook"] == "blocks.1.hook_resid_pre" and ready["d_sae"] > 0 and ready["devices"]
-    w.send("start", id="s", search={"iterations": iterations}, checkpoint_seconds=0, **start_fields)
-    return w.expect("started", id="s")
-
+from worker_process import TIMEOUT, WorkerProcess, load_and_start
 
 def test_round_trip_pause_score_resume_stop(worker_factory, tiny_dir):
     w = worker_factory()
     w.send("hello", id=1, client="test")
     assert w.expect("hello", id=1)["protocol"] == protocol.VERSION
-    started = _load_and_start(w, tiny_dir, 400, feature={"index": 3})
+    started = load_and_start(w, tiny_dir, 400, feature={"index": 3})
     session = started["session"]
     assert started["iterations_total"] == 400 and len(started["elites"]) == len(started["lambdas"])
     first = w.expect("progress")
@@ -161,12 +92,12 @@ def test_garbage_on_stdin_gets_errors_and_the_worker_keeps_serving(worker_factor
 
 def test_sigkill_then_resume_loses_only_the_iterations_since_the_last_checkpoint(worker_factory, tiny_dir):
     reference = worker_factory()
-    _load_and_start(reference, tiny_dir, 40, feature={"index": 3})
+    load_and_start(reference, tiny_dir, 40, feature={"index": 3})
     straight = reference.expect("finished")
     straight_elites = sessions.Session(Path(straight["folder"])).read_elites()
 
     w = worker_factory()  # the same search, but far from done when it is killed
-    session = _load_and_start(w, tiny_dir, 100_000, feature={"index": 3})["session"]
+    session = load_and_start(w, tiny_dir, 100_000, feature={"index": 3})["session"]
     last = None
     while last is None or last["iteration"] < 8:
         last = w.expect("checkpointed")
@@ -305,7 +236,7 @@ def test_client_restarts_a_killed_worker_and_resumes_its_session(tiny_dir, tmp_p
 
 def test_a_session_runs_in_one_worker_at_a_time(worker_factory, tiny_dir):
     w = worker_factory()
-    session = _load_and_start(w, tiny_dir, 100_000)["session"]
+    session = load_and_start(w, tiny_dir, 100_000)["session"]
     w.send("pause", id="p")
     w.expect("state", state="paused", id="p")
     assert sessions.find_session(session).is_running_elsewhere()  # paused still belongs to its worker
@@ -364,7 +295,7 @@ def test_sessions_are_listed_read_and_resumed_over_the_protocol(worker_factory, 
 
 def test_a_session_resumes_only_on_its_own_model_and_sae(worker_factory, tiny_dir, tmp_path):
     w = worker_factory()
-    session = _load_and_start(w, tiny_dir, 2)["session"]
+    session = load_and_start(w, tiny_dir, 2)["session"]
     assert w.expect("finished")["status"] == "finished"
     other = tmp_path / "bf16.toml"  # the same files, run in another dtype: another model as far as results go
     other.write_text((tiny_dir / "config.toml").read_text().replace('path = "model"',

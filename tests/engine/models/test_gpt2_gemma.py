@@ -20,9 +20,11 @@ import torch
 
 from epo_tui.config import ModelConfig
 from epo_tui.engine.language_model import load_model, resolve_dtype
-from epo_tui.engine.models.hooks import TL_ALIASES
 from epo_tui.engine.models import family_module
 from epo_tui.engine.tiny import write_tiny_checkpoint
+from family_parity import (ATOL, Case, check_bfloat16_close_to_float32, check_one_hot_input_matches_ids,
+                           check_prefix_computed_once, check_without_logits_stops_early, hf_logits,
+                           hf_module_activations, max_diff, tl_value)
 
 CASES = {
     "gpt2": dict(initializer_range=0.3),
@@ -32,38 +34,6 @@ CASES = {
 }
 FAMILIES = tuple(CASES)
 GEMMAS = ("gemma", "gemma2")
-SEQ_LEN = 12
-ATOL = 1e-4
-# our bfloat16 logits may be this many times further from float32 than transformers' own bfloat16
-# forward: XLA's CPU rounds bfloat16 dots differently by instruction set (2.005x measured for the
-# Qwen 3 case on an AVX2-only CPU, under 2x with AVX-512); a missing norm or scale is 10x and more
-BF16_VS_TRANSFORMERS = 3.0
-
-
-class Case:
-    """One tiny checkpoint: its folder, our fp32 model, and the transformers model (eval, fp32)."""
-
-    def __init__(self, folder, family: str):
-        from transformers import AutoModelForCausalLM
-
-        self.folder, self.family = folder, family
-        self.model = load_model(ModelConfig(name=None, path=str(folder)))
-        self.hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        self.n_layers = self.model.n_layers
-
-    def ids(self, batch: int = 2) -> np.ndarray:
-        return np.random.default_rng(batch).integers(0, self.model.vocab_size, (batch, SEQ_LEN)).astype(np.int32)
-
-    def all_hooks(self) -> tuple[str, ...]:
-        """Every TransformerLens point of every layer (a HookedTransformer has; not TL_ALIASES's newer names)."""
-        points = [p for p in self.model.family.hook_names(self.model.cfg).tl_points if p not in TL_ALIASES]
-        return tuple(f"blocks.{layer}.{point}" for layer in range(self.n_layers) for point in points)
-
-    def hf_hooks(self) -> dict[str, tuple[int, str]]:
-        """Every transformers module name of every layer -> (layer, module key)."""
-        names = self.model.family.hook_names(self.model.cfg)
-        return {f"{names.layer_prefixes[0]}.{layer}.{key}": (layer, key)
-                for layer in range(self.n_layers) for key in names.modules}
 
 
 @pytest.fixture(scope="module")
@@ -73,17 +43,6 @@ def cases(tmp_path_factory) -> dict[str, Case]:
             for family, overrides in CASES.items()}
 
 
-def _max_diff(ours, ref) -> float:
-    ours, ref = np.asarray(ours, dtype=np.float32), np.asarray(ref, dtype=np.float32)
-    assert ours.shape == ref.shape
-    return float(np.abs(ours - ref).max())
-
-
-def _hf_logits(case: Case, ids: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return case.hf(torch.from_numpy(ids).long()).logits.numpy()
-
-
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_float32_logits_match_transformers(cases, family, batch):
@@ -91,7 +50,7 @@ def test_float32_logits_match_transformers(cases, family, batch):
     ids = case.ids(batch)
     logits, _ = case.model.forward(ids)
     assert logits.dtype == jnp.float32
-    assert _max_diff(logits, _hf_logits(case, ids)) < ATOL
+    assert max_diff(logits, hf_logits(case, ids)) < ATOL
 
 
 # Unembedding heads as transformers 5 reads them: `tie_word_embeddings: false` with an lm_head.weight of
@@ -133,13 +92,13 @@ def test_unembedding_head_matches_transformers(head_cases, name):
     embedding_VxD = case.hf.get_input_embeddings().weight.detach().numpy()
     assert np.abs(head_VxD - embedding_VxD).max() > 0.5  # transformers kept a head of its own
     logits, _ = case.model.forward(ids)
-    assert _max_diff(logits, _hf_logits(case, ids)) < ATOL
+    assert max_diff(logits, hf_logits(case, ids)) < ATOL
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     xent = -float(jnp.take_along_axis(logprobs[:, :-1], ids[:, 1:, None], axis=-1).mean())
     with torch.no_grad():
         hf_xent = case.hf(torch.from_numpy(ids).long(), labels=torch.from_numpy(ids).long()).loss.item()
     assert abs(xent - hf_xent) < 1e-5
-    assert _max_diff(case.model.folded_unembedding_VxD(), head_VxD * _final_norm_gain(case)) < 1e-6
+    assert max_diff(case.model.folded_unembedding_VxD(), head_VxD * _final_norm_gain(case)) < 1e-6
 
 
 @pytest.mark.parametrize("family", GEMMAS)
@@ -160,34 +119,10 @@ def test_gemma_residual_matches_hf_hidden_states(cases, family):
     assert len(hidden) == case.n_layers + 1 and len(outputs) == case.n_layers
     _, acts = case.model.forward(ids, hooks=case.all_hooks())
     for layer in range(case.n_layers):
-        assert _max_diff(acts[f"blocks.{layer}.hook_resid_pre"], hidden[layer]) < ATOL
-        assert _max_diff(acts[f"blocks.{layer}.hook_resid_post"], outputs[layer]) < ATOL
+        assert max_diff(acts[f"blocks.{layer}.hook_resid_pre"], hidden[layer]) < ATOL
+        assert max_diff(acts[f"blocks.{layer}.hook_resid_post"], outputs[layer]) < ATOL
 
 
-def hf_module_activations(hf_model, layers, hooks: dict[str, tuple[int, str]], ids: np.ndarray) -> dict:
-    """What each named module returns (`.output`, its first element when a tuple) or receives as its first
-    argument (`.input`) in a transformers forward, caught with PyTorch forward hooks."""
-    caught: dict[str, torch.Tensor] = {}
-
-    def output_of(name):
-        return lambda _m, _args, out: caught.__setitem__(name, out[0] if isinstance(out, tuple) else out)
-
-    def input_of(name):
-        return lambda _m, args, kwargs: caught.__setitem__(name, args[0] if args else kwargs["hidden_states"])
-
-    handles = []
-    for name, (layer, key) in hooks.items():
-        path, _, io = key.rpartition(".") if key not in ("input", "output") else ("", "", key)
-        module = layers[layer].get_submodule(path)
-        handles.append(module.register_forward_hook(output_of(name)) if io == "output"
-                       else module.register_forward_pre_hook(input_of(name), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            hf_model(torch.from_numpy(ids).long())
-    finally:
-        for handle in handles:
-            handle.remove()
-    return caught
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -202,10 +137,10 @@ def test_transformers_module_names_read_exactly_what_the_module_returns_or_recei
     _, acts = case.model.forward(ids, hooks=(*hooks, "blocks.1.mlp.hook_in"), center_writes=True)
     assert set(caught) | {"blocks.1.mlp.hook_in"} == set(acts)
     for name, ref in caught.items():
-        assert _max_diff(acts[name], ref) < ATOL, name
+        assert max_diff(acts[name], ref) < ATOL, name
     # TransformerLens's newer name for the MLP's input (mwhanna's transcoders read it)
     prefix = case.model.family.hook_names(case.model.cfg).layer_prefixes[0]
-    assert _max_diff(acts["blocks.1.mlp.hook_in"], caught[f"{prefix}.1.mlp.input"]) < ATOL
+    assert max_diff(acts["blocks.1.mlp.hook_in"], caught[f"{prefix}.1.mlp.input"]) < ATOL
 
 
 def _transformer_lens_model(case: Case, gemma_act_fn: str = "gelu_pytorch_tanh"):
@@ -261,13 +196,7 @@ def test_hook_points_match_transformer_lens(cases, family):
     assert center == (family == "gpt2")
     _, acts = case.model.forward(ids, hooks=case.all_hooks(), center_writes=center)
     for name in case.all_hooks():
-        assert _max_diff(acts[name], _tl_value(cache, name)) < ATOL, name
-
-
-def _tl_value(cache, name: str) -> torch.Tensor:
-    """A TransformerLens cache entry as sae-lens feeds it to an SAE: hook_z's heads concatenated."""
-    value = cache[name]
-    return value.flatten(-2) if name.endswith("attn.hook_z") else value
+        assert max_diff(acts[name], tl_value(cache, name)) < ATOL, name
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -293,35 +222,15 @@ def test_gemma1_paired_with_a_transformer_lens_sae_runs_as_transformer_lens_does
         _, cache = tl.run_with_cache(torch.from_numpy(ids).long())
     _, acts = model.forward(ids, hooks=case.all_hooks())
     for name in case.all_hooks():
-        assert _max_diff(acts[name], _tl_value(cache, name)) < ATOL, name
+        assert max_diff(acts[name], tl_value(cache, name)) < ATOL, name
     if act_fn == "gelu":  # and the difference is real: the transformers default would not match
         _, tanh_acts = case.model.forward(ids, hooks=("blocks.1.hook_resid_post",))
-        assert _max_diff(tanh_acts["blocks.1.hook_resid_post"], cache["blocks.1.hook_resid_post"]) > 10 * ATOL
+        assert max_diff(tanh_acts["blocks.1.hook_resid_post"], cache["blocks.1.hook_resid_post"]) > 10 * ATOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bfloat16_logits_close_to_float32(cases, family):
-    """bfloat16 keeps 8 significant bits (relative step 2**-8 = 0.4%); after a few roundings per layer
-    the logits here move by ~3% of their largest magnitude, as transformers' own bfloat16 forward does
-    (measured: ours 0.10-0.20, HF 0.13-0.16 on logits up to ~7). So: within 10% of the logit scale,
-    and no further from float32 than BF16_VS_TRANSFORMERS times HF's bfloat16 error. A missing norm, scale or cap moves
-    logits by their own size."""
-    from transformers import AutoModelForCausalLM
-
-    case = cases[family]
-    model16 = load_model(ModelConfig(name=None, path=str(case.folder), dtype="bfloat16"))
-    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(model16.params))
-    ids = case.ids()
-    logits16, _ = model16.forward(ids)
-    logits32, _ = case.model.forward(ids)
-    assert logits16.dtype == jnp.float32 and bool(jnp.isfinite(logits16).all())
-    hf16 = AutoModelForCausalLM.from_pretrained(case.folder, dtype=torch.bfloat16).eval()
-    with torch.no_grad():
-        hf_logits16 = hf16(torch.from_numpy(ids).long()).logits.float().numpy()
-    error = _max_diff(logits16, logits32)
-    assert error < 0.1 * float(jnp.abs(logits32).max())
-    assert error <= BF16_VS_TRANSFORMERS * _max_diff(hf_logits16, logits32)
-    assert float((logits16.argmax(-1) == logits32.argmax(-1)).mean()) >= 0.9  # near-ties may flip
+    check_bfloat16_close_to_float32(cases[family])
 
 
 class _Device:
@@ -344,22 +253,12 @@ def test_auto_dtype_loads_float32_weights_on_this_cpu(cases):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_without_logits_stops_early_with_same_hook(cases, family):
-    case = cases[family]
-    ids = case.ids()
-    hook = "blocks.0.hook_resid_post"
-    logits, acts = case.model.forward(ids, hooks=(hook,), logits=False)
-    assert logits is None and set(acts) == {hook}
-    _, full = case.model.forward(ids, hooks=(hook,))
-    assert _max_diff(acts[hook], full[hook]) < 1e-6
+    check_without_logits_stops_early(cases[family], "blocks.0.hook_resid_post")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_onehot_input_matches_ids(cases, family):
-    case = cases[family]
-    ids = case.ids()
-    from_ids, _ = case.model.forward(ids)
-    from_onehot, _ = case.model.forward(jax.nn.one_hot(ids, case.model.vocab_size))
-    assert _max_diff(from_onehot, from_ids) < 1e-5
+    check_one_hot_input_matches_ids(cases[family])
 
 
 @pytest.mark.parametrize("model_class, center_flag, expected", [
@@ -380,14 +279,4 @@ def test_gpt2_residual_centring_follows_the_sae(cases, model_class, center_flag,
 def test_a_prefix_computed_once_gives_the_same_logits_and_hooks(cases, family):
     """Keys/values of a fixed prefix (longer than Gemma 2's sliding window), reused for a batch of
     continuations, give what the whole sequence gives in one pass."""
-    case = cases[family]
-    ids = case.ids(batch=3)
-    prefix, rest = ids[0, :7].tolist(), ids[:, 7:]
-    ids[:, :7] = prefix
-    hooks = case.all_hooks()
-    full_logits, full_acts = case.model.forward(ids, hooks=hooks)
-    _, _, prefix_kv = case.model.prefill(prefix)
-    logits, acts = case.model.forward(rest, hooks=hooks, prefix_kv=prefix_kv)
-    assert _max_diff(logits, full_logits[:, 7:]) < ATOL
-    for name in hooks:
-        assert _max_diff(acts[name], full_acts[name][:, 7:]) < ATOL, name
+    check_prefix_computed_once(cases[family], cases[family].all_hooks())

@@ -139,7 +139,7 @@ def test_a_resumed_checkpoint_holding_a_special_token_carries_none_on(tiny_pair,
 
 
 def test_the_worker_refuses_special_tokens_in_a_seed_prompt_and_an_inject(tmp_path, tiny_dir):
-    from test_worker import WorkerProcess
+    from worker_process import WorkerProcess
 
     w = WorkerProcess(tmp_path)
     try:

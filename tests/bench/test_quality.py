@@ -14,17 +14,14 @@ from epo_tui.engine.scoring import score_text
 from epo_tui.engine.search import Search
 from epo_tui.errors import UserError
 from cli_run import run_cli
-
-TEXTS = ["The quick brown fox jumps over the lazy dog. " * 6,
-         "A second document, shorter than a row.",
-         "Numbers 1 2 3 4 5 6 7 8 9 and words go on and on until the row is full of them. " * 4]
+import search_fixtures as fx
 
 
 def test_rows_hold_the_documents_joined_by_eos_after_bos(tiny_pair):
-    tokens, mask = quality.heldout_rows(tiny_pair, TEXTS)
+    tokens, mask = quality.heldout_rows(tiny_pair, fx.HELDOUT_TEXTS)
     tokenizer = tiny_pair.model.tokenizer
     bos, eos = tiny_pair.model.encode("")[0], tokenizer.eos_token_id
-    docs = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in TEXTS]
+    docs = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in fx.HELDOUT_TEXTS]
     stream = [t for doc in docs for t in (*doc, eos)]
     assert (tokens[:, 0] == bos).all() and not mask[:, 0].any()
     assert tokens[:, 1:].reshape(-1)[:len(stream)].tolist() == stream
@@ -50,7 +47,7 @@ def test_a_latent_firing_on_the_document_separator_has_no_dataset_max_there(tiny
     params = {**model.params, "wte_VxD": model.params["wte_VxD"].at[eos].add(100 * u_D)}
     eos_sae = replace(sae, W_enc_DxS=sae.W_enc_DxS.at[:, 0].set(jnp.asarray(u_D)), b_enc_S=sae.b_enc_S.at[0].set(0.0))
     pair = replace(tiny_pair, model=replace(model, params=params), sae=eos_sae, _replicas={})
-    tokens, mask = quality.heldout_rows(pair, TEXTS)
+    tokens, mask = quality.heldout_rows(pair, fx.HELDOUT_TEXTS)
     acts_P = np.concatenate([np.asarray(activations(eos_sae, pair.forward(as_batch(r.tolist()), logits=False)[1][0]))[:, 0]
                              for r in tokens])
     is_eos_P = (tokens == eos).reshape(-1) & (np.arange(tokens.size) % tokens.shape[1] > 0)
@@ -62,7 +59,7 @@ def test_a_latent_firing_on_the_document_separator_has_no_dataset_max_there(tiny
 
 
 def test_dataset_maxima_equal_the_max_of_score_over_every_position(tiny_pair):
-    tokens, mask = quality.heldout_rows(tiny_pair, TEXTS)
+    tokens, mask = quality.heldout_rows(tiny_pair, fx.HELDOUT_TEXTS)
     maxima, where = quality.dataset_maxima(tiny_pair, tokens, mask)
     # independent: each row scored on its own through `score` (which tokenizes text, so use ids directly)
     from epo_tui.engine.pairing import as_batch
@@ -80,7 +77,7 @@ def test_dataset_maxima_equal_the_max_of_score_over_every_position(tiny_pair):
 
 
 def test_windows_never_cross_rows_or_hold_special_tokens(tiny_pair):
-    tokens, mask = quality.heldout_rows(tiny_pair, TEXTS)
+    tokens, mask = quality.heldout_rows(tiny_pair, fx.HELDOUT_TEXTS)
     special = tiny_pair.model.special_token_ids()
     windows = quality.heldout_windows(tokens, mask, 5)
     assert len(windows) > 0 and windows.shape[1] == 5
@@ -92,7 +89,7 @@ def test_windows_never_cross_rows_or_hold_special_tokens(tiny_pair):
 
 def test_window_xent_is_the_mean_xent_that_score_reports(tiny_pair, tiny_config):
     search = Search(tiny_pair, replace(tiny_config, search=replace(tiny_config.search, prompt_tokens=6)))
-    tokens, mask = quality.heldout_rows(tiny_pair, TEXTS)
+    tokens, mask = quality.heldout_rows(tiny_pair, fx.HELDOUT_TEXTS)
     windows = quality.heldout_windows(tokens, mask, 6)[:3]
     xents = quality.window_xents(search, windows)
     compared = 0
@@ -122,11 +119,11 @@ def test_best_prompts_respect_the_xent_limit(tiny_pair, tiny_config):
 
 def test_run_quality_reports_each_latent_and_the_verdict_rule(tiny_pair, tiny_config):
     lines = []
-    report = quality.run_quality(tiny_pair, tiny_config, TEXTS, latents=2, iterations=2, seed=3,
+    report = quality.run_quality(tiny_pair, tiny_config, fx.HELDOUT_TEXTS, latents=2, iterations=2, seed=3,
                                  labels={}, progress=lines.append)
     assert len(report["latents"]) == 2 and not report["interrupted"]
     assert report["xent_limit"] == pytest.approx(report["heldout"]["median_window_xent"] + 1.0)
-    tokens, mask = quality.heldout_rows(tiny_pair, TEXTS)
+    tokens, mask = quality.heldout_rows(tiny_pair, fx.HELDOUT_TEXTS)
     maxima, _ = quality.dataset_maxima(tiny_pair, tokens, mask)
     for row in report["latents"]:
         assert maxima[row["latent"]] > 0  # only alive latents are drawn
@@ -135,7 +132,7 @@ def test_run_quality_reports_each_latent_and_the_verdict_rule(tiny_pair, tiny_co
         assert row["beat"] == (fluent is not None and fluent > row["dataset_max"])
         assert "[" in row["dataset_context"]
     assert report["beaten"] == sum(r["beat"] for r in report["latents"])
-    again = quality.run_quality(tiny_pair, tiny_config, TEXTS, latents=2, iterations=2, seed=3)
+    again = quality.run_quality(tiny_pair, tiny_config, fx.HELDOUT_TEXTS, latents=2, iterations=2, seed=3)
     assert [r["latent"] for r in again["latents"]] == [r["latent"] for r in report["latents"]]
     assert any("latent" in line for line in lines)
 
@@ -154,7 +151,7 @@ def test_read_heldout_reads_jsonl_and_text_and_names_bad_lines(tmp_path):
 
 def test_bench_quality_command_prints_json_and_refuses_bad_input(tiny_dir, tmp_path):
     heldout = tmp_path / "heldout.jsonl"
-    heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in fx.HELDOUT_TEXTS))
     config = tiny_dir / "config.toml"
     code, out, err = run_cli("bench", "--quality", "--config", config, "--heldout", heldout, "--latents", 1,
                           "--iterations", 1, "--json")

@@ -28,7 +28,7 @@ from epo_tui.errors import ConfigError, UserError
 
 D_IN, D_SAE, K = 32, 96, 8
 HOOK = "blocks.1.hook_resid_pre"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def local(folder: Path) -> SAEConfig:

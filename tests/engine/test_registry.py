@@ -16,7 +16,7 @@ from epo_tui.engine.models import hooks
 from epo_tui.terminal import REGISTRY_WIDTH
 from tests.cli_run import run_cli
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

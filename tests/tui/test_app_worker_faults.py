@@ -2,13 +2,12 @@
 is closed or finds its session gone while it reads. The user is told in one notification, the app keeps
 running, and nothing is recreated on disk.
 
-The worker's side of the same faults (events, files, a full disk) is tests/test_faults.py.
+The worker's side of the same faults (events, files, a full disk) is tests/system/test_faults.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 from pathlib import Path
 
@@ -138,7 +137,7 @@ def test_a_session_deleted_while_the_browser_shows_it(tmp_path, monkeypatch):
         async with app.run_test(size=(120, 40)) as pilot:
             await until(pilot, lambda: isinstance(app.screen, SessionsScreen) and app.screen.loaded, "the list")
             assert app.screen.highlighted_id() == second.id  # newest first
-            shutil.rmtree(second.folder)
+            sessions.delete_session(second.id, root=root, force=True)  # as `epo-tui sessions delete` does
             await pilot.press("enter")
             await until(pilot, lambda: _messages(app), "the notification")
             refused = _messages(app)

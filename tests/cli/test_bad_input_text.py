@@ -14,7 +14,7 @@ import pytest
 from cli_run import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_bad_input import _written, assert_refused
+from refusals import assert_refused, written_files
 
 from epo_tui import protocol
 from epo_tui.config import INT_MAX
@@ -47,9 +47,9 @@ def tiny(tiny_dir) -> str:
 ])
 @pytest.mark.parametrize("json_flag", [[], ["--json"]])
 def test_score_refuses_empty_too_long_and_invalid_text(in_tmp, tiny, text, message, json_flag):
-    before = _written()
+    before = written_files()
     assert_refused(*run_cli("score", "--config", tiny, *json_flag, text), message)
-    assert _written() == before
+    assert written_files() == before
 
 
 def test_text_at_the_context_limit_scores_and_one_more_word_is_refused(tiny, tiny_pair):
@@ -67,12 +67,12 @@ def test_text_at_the_context_limit_scores_and_one_more_word_is_refused(tiny, tin
 @pytest.mark.slow
 def test_invalid_utf8_from_the_shell(in_tmp, tiny):
     """Real argv bytes (not UTF-8): the message names the problem, no traceback."""
-    before = _written()
+    before = written_files()
     for raw in (b"\xff\xfe", b"ok \xc3\x28 bad"):
         proc = subprocess.run([sys.executable, "-m", "epo_tui", "score", "--config", tiny, raw],
                               capture_output=True, timeout=120, cwd=in_tmp)
         assert_refused(proc.returncode, proc.stdout.decode(), proc.stderr.decode(), "not valid UTF-8")
-    assert _written() == before
+    assert written_files() == before
 
 
 def test_control_characters_reach_the_terminal_inert(tiny):
@@ -133,9 +133,9 @@ SCORE_FEATURES = [
 
 @pytest.mark.parametrize("argv, message", SCORE_FEATURES)
 def test_score_bad_feature(in_tmp, tiny, argv, message):
-    before = _written()
+    before = written_files()
     assert_refused(*run_cli("score", "--config", tiny, *argv, "hello"), message)
-    assert _written() == before
+    assert written_files() == before
 
 
 RUN_OPTIONS = [
@@ -152,14 +152,14 @@ RUN_OPTIONS = [
 
 @pytest.mark.parametrize("argv, message", RUN_OPTIONS)
 def test_run_bad_feature_or_option_writes_nothing(in_tmp, tiny, argv, message):
-    before = _written()
+    before = written_files()
     assert_refused(*run_cli("run", "--config", tiny, "--iterations", "1", *argv), message)
-    assert _written() == before  # no session, no ./epo-runs, no result files
+    assert written_files() == before  # no session, no ./epo-runs, no result files
 
 
 def test_run_config_that_fails_at_set_up_writes_nothing(in_tmp, tiny_dir):
     """Errors found while setting up the search (hook, prompt length) still come first and alone."""
-    before = _written()
+    before = written_files()
     for extra, message in [('[feature]\nindex = 0\nkind = "neuron"\nhook = "blocks.9.mlp.hook_post"\n',
                             "hook 'blocks.9.mlp.hook_post' is not in the model"),
                            ("[feature]\nindex = 0\n[search]\nprompt_tokens = 500\n",
@@ -167,7 +167,7 @@ def test_run_config_that_fails_at_set_up_writes_nothing(in_tmp, tiny_dir):
         config = in_tmp / "c.toml"
         config.write_text(f'[model]\npath = "{tiny_dir / "model"}"\n[sae]\npath = "{tiny_dir / "sae"}"\n{extra}')
         assert_refused(*run_cli("run", "--config", config, "--iterations", "1"), message)
-    assert _written() - before <= {str(in_tmp / "c.toml")}
+    assert written_files() - before <= {str(in_tmp / "c.toml")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def test_run_config_that_fails_at_set_up_writes_nothing(in_tmp, tiny_dir):
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
-    from test_worker import WorkerProcess
+    from worker_process import WorkerProcess
 
     w = WorkerProcess(tmp_path_factory.mktemp("fuzz"))
     w.expect("hello")

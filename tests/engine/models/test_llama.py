@@ -29,8 +29,9 @@ from epo_tui.engine.language_model import load_model
 from epo_tui.engine.models import llama
 from epo_tui.engine.tiny import write_tiny_checkpoint
 from epo_tui.errors import UserError
-from test_models_parity import (
-    ATOL, BF16_VS_TRANSFORMERS, SEQ_LEN, Case, _max_diff, _tl_value, hf_module_activations)
+from family_parity import (ATOL, SEQ_LEN, Case, check_bfloat16_close_to_float32, check_one_hot_input_matches_ids,
+                           check_prefix_computed_once, check_without_logits_stops_early, hf_module_activations,
+                           max_diff, tl_value)
 
 LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=16)
@@ -71,7 +72,7 @@ def cases(tmp_path_factory) -> dict[str, Case]:
     return out
 
 
-def _hf_logits(case: Case, ids: np.ndarray) -> np.ndarray:
+def hf_logits(case: Case, ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return case.hf(torch.from_numpy(ids).long()).logits.numpy()
 
@@ -83,7 +84,7 @@ def test_float32_logits_match_transformers(cases, name, batch):
     ids = case.ids(batch)
     logits, _ = case.model.forward(ids)
     assert logits.dtype == jnp.float32
-    assert _max_diff(logits, _hf_logits(case, ids)) < ATOL
+    assert max_diff(logits, hf_logits(case, ids)) < ATOL
 
 
 def test_each_case_runs_the_variant_it_names(cases):
@@ -108,7 +109,7 @@ def test_each_case_runs_the_variant_it_names(cases):
         case = cases[name]
         model = dataclasses.replace(case.model, cfg=dataclasses.replace(case.model.cfg, **changes))
         ids = case.ids()
-        return _max_diff(model.forward(ids)[0], _hf_logits(case, ids))
+        return max_diff(model.forward(ids)[0], hf_logits(case, ids))
 
     assert off("llama", rope=dataclasses.replace(cfgs["llama"].rope, scaling=("default",))) > 100 * ATOL
     assert off("llama-biases", rope=dataclasses.replace(cfgs["llama-biases"].rope, scaling=("default",))) > 100 * ATOL
@@ -133,7 +134,7 @@ def test_untied_head_matches_transformers(cases):
         hf_xent = case.hf(torch.from_numpy(ids).long(), labels=torch.from_numpy(ids).long()).loss.item()
     assert abs(xent - hf_xent) < 1e-5
     gain_D = case.hf.model.norm.weight.detach().numpy()
-    assert _max_diff(case.model.folded_unembedding_VxD(), head_VxD * gain_D) < 1e-6
+    assert max_diff(case.model.folded_unembedding_VxD(), head_VxD * gain_D) < 1e-6
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -145,7 +146,7 @@ def test_transformers_module_names_read_exactly_what_the_module_returns_or_recei
     _, acts = case.model.forward(ids, hooks=tuple(hooks))
     assert set(caught) == set(acts)
     for hook, ref in caught.items():
-        assert _max_diff(acts[hook], ref) < ATOL, hook
+        assert max_diff(acts[hook], ref) < ATOL, hook
 
 
 def _transformer_lens_model(case: Case, monkeypatch):
@@ -178,34 +179,18 @@ def test_hook_points_match_transformer_lens(cases, name, monkeypatch):
     assert llama.CENTERS_WRITES_BY_DEFAULT is False
     _, acts = case.model.forward(ids, hooks=case.all_hooks(), center_writes=llama.CENTERS_WRITES_BY_DEFAULT)
     for hook in case.all_hooks():
-        assert _max_diff(acts[hook], _tl_value(cache, hook)) < ATOL, hook
+        assert max_diff(acts[hook], tl_value(cache, hook)) < ATOL, hook
     if name == "qwen2":  # and hook_z differs from o_proj's input by exactly the value bias
         _, raw = case.model.forward(ids, hooks=("model.layers.0.self_attn.o_proj.input",))
         b_v_GxK = case.hf.model.layers[0].self_attn.v_proj.bias.detach().numpy().reshape(2, -1)
         z_BxLxHxK = np.asarray(acts["blocks.0.attn.hook_z"]).reshape(2, SEQ_LEN, 4, -1)
         expected = z_BxLxHxK + np.repeat(b_v_GxK, 2, axis=0)  # query heads 0, 1 read key-value head 0
-        assert _max_diff(raw["model.layers.0.self_attn.o_proj.input"], expected.reshape(2, SEQ_LEN, -1)) < ATOL
+        assert max_diff(raw["model.layers.0.self_attn.o_proj.input"], expected.reshape(2, SEQ_LEN, -1)) < ATOL
 
 
 @pytest.mark.parametrize("name", _fast("qwen3-sliding-biases", "qwen3_moe"))
 def test_bfloat16_logits_close_to_float32(cases, name):
-    """As test_models_parity's bf16 test: within 10% of the logit scale, and no further from float32
-    than BF16_VS_TRANSFORMERS times transformers' own bfloat16 forward."""
-    from transformers import AutoModelForCausalLM
-
-    case = cases[name]
-    model16 = load_model(ModelConfig(name=None, path=str(case.folder), dtype="bfloat16"))
-    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(model16.params))
-    ids = case.ids()
-    logits16, _ = model16.forward(ids)
-    logits32, _ = case.model.forward(ids)
-    assert logits16.dtype == jnp.float32 and bool(jnp.isfinite(logits16).all())
-    hf16 = AutoModelForCausalLM.from_pretrained(case.folder, dtype=torch.bfloat16).eval()
-    with torch.no_grad():
-        hf_logits16 = hf16(torch.from_numpy(ids).long()).logits.float().numpy()
-    error = _max_diff(logits16, logits32)
-    assert error < 0.1 * float(jnp.abs(logits32).max())
-    assert error <= BF16_VS_TRANSFORMERS * _max_diff(hf_logits16, logits32)
+    check_bfloat16_close_to_float32(cases[name], top_token_agreement=None)
 
 
 @pytest.mark.parametrize("name", _fast("mistral", "qwen3-sliding-biases"))
@@ -213,29 +198,13 @@ def test_a_prefix_computed_once_gives_the_same_logits_and_hooks(cases, name):
     """A 7-token prefix (longer than the sliding windows) reused for a batch of continuations gives
     what the whole sequence gives in one pass, at every hook."""
     case = cases[name]
-    ids = case.ids(batch=3)
-    prefix, rest = ids[0, :7].tolist(), ids[:, 7:]
-    ids[:, :7] = prefix
-    hooks = case.all_hooks() + tuple(case.hf_hooks())
-    full_logits, full_acts = case.model.forward(ids, hooks=hooks)
-    _, _, prefix_kv = case.model.prefill(prefix)
-    logits, acts = case.model.forward(rest, hooks=hooks, prefix_kv=prefix_kv)
-    assert _max_diff(logits, full_logits[:, 7:]) < ATOL
-    for hook in hooks:
-        assert _max_diff(acts[hook], full_acts[hook][:, 7:]) < ATOL, hook
+    check_prefix_computed_once(case, case.all_hooks() + tuple(case.hf_hooks()))
 
 
 @pytest.mark.parametrize("name", _fast("qwen3_moe"))
 def test_without_logits_stops_early_and_one_hot_input_equals_ids(cases, name):
-    case = cases[name]
-    ids = case.ids()
-    hook = "blocks.0.hook_resid_post"
-    logits, acts = case.model.forward(ids, hooks=(hook,), logits=False)
-    assert logits is None and set(acts) == {hook}
-    full_logits, full = case.model.forward(ids, hooks=(hook,))
-    assert _max_diff(acts[hook], full[hook]) < 1e-6
-    from_onehot, _ = case.model.forward(jax.nn.one_hot(ids, case.model.vocab_size))
-    assert _max_diff(from_onehot, full_logits) < 1e-5
+    check_without_logits_stops_early(cases[name], "blocks.0.hook_resid_post")
+    check_one_hot_input_matches_ids(cases[name])
 
 
 def test_moe_layers_have_no_dense_mlp_points(cases):
@@ -265,7 +234,7 @@ def test_moe_reads_fused_experts_too(cases, tmp_path):
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     fused = load_model(ModelConfig(name=None, path=str(folder)))
     ids = case.ids()
-    assert _max_diff(fused.forward(ids)[0], case.model.forward(ids)[0]) == 0.0
+    assert max_diff(fused.forward(ids)[0], case.model.forward(ids)[0]) == 0.0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ empty (features listed, no search), searching, finished, in error (the worker di
 80x24; and of every modal screen over it: edit & inject (`e`), the scratchpad (`t`), an elite's details
 (`d`), the sessions browser (`o`), the search settings (`S`) and a latent's note (`n`). A change in what
 the screen shows fails here; review the diff, then update with
-`python -m pytest tests/test_tui_snapshots.py --snapshot-update`.
+`python -m pytest tests/tui/test_snapshots.py --snapshot-update`.
 """
 
 from __future__ import annotations

@@ -154,18 +154,6 @@ def test_each_elite_keeps_the_best_valid_f_and_never_gets_worse(tiny_config, tin
 # 3. Reported numbers equal the plain forward pass over the whole prompt
 
 
-def _independent_numbers(pair, search: Search, tokens_KxN):
-    """(objective, act, xent, full ids, per-position activations) by the plain forward pass."""
-    prefix = np.asarray(pair.model.encode("", search.config.search.prefix))
-    full = np.concatenate([np.broadcast_to(prefix, (len(tokens_KxN), len(prefix))), tokens_KxN], axis=1)
-    logits, sae_in = fx.full_forward(pair, full)
-    feature = search.config.feature.index
-    acts_KxL = np.asarray(activations(pair.sae, sae_in))[..., feature]
-    pre_KxL = np.asarray(pre_activations(pair.sae, sae_in))[..., feature]
-    xent = fx.xent_of(logits, full, tokens_KxN.shape[1])
-    return pre_KxL[:, -1], acts_KxL[:, -1], xent, full, acts_KxL, logits
-
-
 @pytest.fixture(scope="module")
 def random_prompts(tiny_config, tiny_pair):
     rng = np.random.default_rng(0)
@@ -190,20 +178,20 @@ def test_reported_act_and_xent_match_the_plain_forward_pass(tiny_config, tiny_pa
     state = search.initial_state()
     for _ in range(3):
         state, _ = search.step(state)
-    objective, act, xent, full, acts_KxL, _ = _independent_numbers(tiny_pair, search, state.tokens_KxN)
+    objective, act, xent, full, acts_KxL, _ = fx.independent_numbers(tiny_pair, search, state.tokens_KxN)
     np.testing.assert_allclose(state.act_K, act, atol=1e-4, rtol=0)
     np.testing.assert_allclose(state.objective_K, objective, atol=1e-4, rtol=0)
     np.testing.assert_allclose(state.xent_K, xent, atol=1e-4, rtol=0)
 
     # the frontier's numbers too (children evaluated in batches of K*C)
-    f_obj, f_act, f_xent, *_ = _independent_numbers(tiny_pair, search, state.frontier.tokens)
+    f_obj, f_act, f_xent, *_ = fx.independent_numbers(tiny_pair, search, state.frontier.tokens)
     np.testing.assert_allclose(state.frontier.act, f_act, atol=1e-4, rtol=0)
     np.testing.assert_allclose(state.frontier.objective, f_obj, atol=1e-4, rtol=0)
     np.testing.assert_allclose(state.frontier.xent, f_xent, atol=1e-4, rtol=0)
 
     # and any batch: random prompts, where the latent is off for some (reported 0, objective < 0)
     r_obj, r_act, r_xent = search.evaluate(random_prompts)
-    e_obj, e_act, e_xent, *_ = _independent_numbers(tiny_pair, search, random_prompts)
+    e_obj, e_act, e_xent, *_ = fx.independent_numbers(tiny_pair, search, random_prompts)
     assert ((e_obj < 0) & (e_act == 0)).any() and (e_act > 0).any()
     np.testing.assert_allclose(r_act, e_act, atol=1e-4, rtol=0)
     np.testing.assert_allclose(r_obj, e_obj, atol=1e-4, rtol=0)
@@ -229,7 +217,7 @@ def test_gradients_and_next_token_logits_match_the_plain_forward_pass(tiny_confi
     grads, parents = gradients(search.params, search.sae, search.arrays, search.prefix, jnp.asarray(tokens),
                                jnp.asarray(search.lambdas_K), st=search.st)
     next_logits = parents.next_logits_KxNxV
-    _, _, _, full, _, logits = _independent_numbers(tiny_pair, search, tokens)
+    _, _, _, full, _, logits = fx.independent_numbers(tiny_pair, search, tokens)
     P, N = len(search.prefix_ids), tokens.shape[1]
     np.testing.assert_allclose(np.asarray(next_logits), logits[:, P - 1:P + N - 1], atol=1e-4, rtol=0)
 

@@ -175,7 +175,7 @@ def test_a_configured_model_axis_reaches_score(on_four, tiny_pair):
 def test_the_worker_searches_on_a_configured_model_axis(on_four, tiny_dir, tmp_path):
     """`epo-tui worker` on 4 devices with `[model] model_parallel = 2`: its ready event says so, and its
     search ends on the elites the same layout gives in-process."""
-    from test_worker import WorkerProcess
+    from worker_process import WorkerProcess
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}

@@ -29,8 +29,9 @@ from epo_tui.engine.models import gemma3
 from epo_tui.engine.models.layers import Rope
 from epo_tui.engine.tiny import write_tiny_checkpoint
 from epo_tui.errors import UserError
-from test_models_parity import (
-    ATOL, BF16_VS_TRANSFORMERS, Case, _hf_logits, _max_diff, _tl_value, hf_module_activations)
+from family_parity import (ATOL, Case, check_bfloat16_close_to_float32, check_one_hot_input_matches_ids,
+                           check_prefix_computed_once, check_without_logits_stops_early, hf_logits,
+                           hf_module_activations, max_diff, tl_value)
 
 LAYERS3 = dict(num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
 CASES = {
@@ -80,7 +81,7 @@ def test_float32_logits_match_transformers(cases, name, batch):
     ids = case.ids(batch)
     logits, _ = case.model.forward(ids)
     assert logits.dtype == jnp.float32
-    assert _max_diff(logits, _hf_logits(case, ids)) < ATOL
+    assert max_diff(logits, hf_logits(case, ids)) < ATOL
 
 
 def test_config_reads_each_layer_type(cases):
@@ -108,7 +109,7 @@ def test_each_feature_moves_the_logits(cases, change):
         blocks = [{**b, "ln_q_w": jnp.zeros_like(b["ln_q_w"])} for b in model.params["blocks"]]
         params = {**model.params, "blocks": blocks}
     changed = dataclasses.replace(model, cfg=cfg, params=params)
-    assert _max_diff(changed.forward(ids)[0], model.forward(ids)[0]) > 100 * ATOL
+    assert max_diff(changed.forward(ids)[0], model.forward(ids)[0]) > 100 * ATOL
 
 
 @pytest.mark.parametrize("name", UNTIED)
@@ -121,7 +122,7 @@ def test_untied_head_matches_transformers(untied, name):
     assert np.abs(head_VxD - case.hf.get_input_embeddings().weight.detach().numpy()).max() > 0.5
     assert "unembed_VxD" in case.model.params
     logits, _ = case.model.forward(ids)
-    assert _max_diff(logits, _hf_logits(case, ids)) < ATOL
+    assert max_diff(logits, hf_logits(case, ids)) < ATOL
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     xent = -float(jnp.take_along_axis(logprobs[:, :-1], ids[:, 1:, None], axis=-1).mean())
     with torch.no_grad():
@@ -129,7 +130,7 @@ def test_untied_head_matches_transformers(untied, name):
     assert abs(xent - hf_xent) < 1e-5
     body = case.hf.model.language_model if case.family == "gemma3" else case.hf.model
     gain = 1.0 + body.norm.weight.detach().numpy()
-    assert _max_diff(case.model.folded_unembedding_VxD(), head_VxD * gain) < 1e-6
+    assert max_diff(case.model.folded_unembedding_VxD(), head_VxD * gain) < 1e-6
 
 
 def _to_transformers5_layout(key: str) -> str:
@@ -176,8 +177,8 @@ def test_both_multimodal_layouts_load_the_language_model_only(untied, tmp_path, 
     assert any(k.startswith("model.vision_tower.") for k in load_file(folder / "model.safetensors"))
     ids = old.ids()
     logits, _ = new.model.forward(ids)
-    assert _max_diff(logits, _hf_logits(new, ids)) < ATOL
-    assert _max_diff(logits, old.model.forward(ids)[0]) == 0.0
+    assert max_diff(logits, hf_logits(new, ids)) < ATOL
+    assert max_diff(logits, old.model.forward(ids)[0]) == 0.0
 
 
 def test_old_config_fields_read_as_transformers_reads_them(cases, tmp_path):
@@ -194,7 +195,7 @@ def test_old_config_fields_read_as_transformers_reads_them(cases, tmp_path):
     assert case.model.cfg.ropes == (Rope(30.0, 12), Rope(3000.0, 12, ("linear", 2.0)), Rope(30.0, 12))
     assert case.model.cfg.sliding_layers == (True, False, True)
     ids = case.ids()
-    assert _max_diff(case.model.forward(ids)[0], _hf_logits(case, ids)) < ATOL
+    assert max_diff(case.model.forward(ids)[0], hf_logits(case, ids)) < ATOL
 
 
 def test_old_rope_fields_without_rope_parameters():
@@ -229,12 +230,12 @@ def test_module_names_read_exactly_what_the_module_returns_or_receives(cases, na
     _, acts = case.model.forward(ids, hooks=tuple(hooks))
     assert set(caught) == set(acts)
     for hook, ref in caught.items():
-        assert _max_diff(acts[hook], ref) < ATOL, hook
+        assert max_diff(acts[hook], ref) < ATOL, hook
     aliases = {f"{prefix}.{layer}.{key}": f"model.layers.{layer}.{key}"
                for prefix in gemma3.LAYER_PREFIXES[1:] for layer, key in [(0, "output"), (2, "mlp.down_proj.input")]}
     _, same = case.model.forward(ids, hooks=tuple(aliases))
     for alias, hook in aliases.items():
-        assert _max_diff(same[alias], acts[hook]) == 0.0, alias
+        assert max_diff(same[alias], acts[hook]) == 0.0, alias
 
 
 def _transformer_lens_model(case: Case):
@@ -278,7 +279,7 @@ def test_hook_points_match_transformer_lens(cases, name):
     assert gemma3.CENTERS_WRITES_BY_DEFAULT is False
     _, acts = case.model.forward(ids, hooks=case.all_hooks())
     for hook in case.all_hooks():
-        assert _max_diff(acts[hook], _tl_value(cache, hook)) < ATOL, hook
+        assert max_diff(acts[hook], tl_value(cache, hook)) < ATOL, hook
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,43 +288,17 @@ def test_hook_points_match_transformer_lens(cases, name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_bfloat16_logits_close_to_float32(cases, name):
-    """As tests/test_models_parity.py's bf16 test: within 10% of the logit scale and no further from
-    float32 than BF16_VS_TRANSFORMERS times transformers' own bfloat16 error."""
-    from transformers import AutoModelForCausalLM
-
-    case = cases[name]
-    model16 = load_model(ModelConfig(name=None, path=str(case.folder), dtype="bfloat16"))
-    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(model16.params))
-    ids = case.ids()
-    logits16, _ = model16.forward(ids)
-    logits32, _ = case.model.forward(ids)
-    assert logits16.dtype == jnp.float32 and bool(jnp.isfinite(logits16).all())
-    hf16 = AutoModelForCausalLM.from_pretrained(case.folder, dtype=torch.bfloat16).eval()
-    with torch.no_grad():
-        hf_logits16 = hf16(torch.from_numpy(ids).long()).logits.float().numpy()
-    error = _max_diff(logits16, logits32)
-    assert error < 0.1 * float(jnp.abs(logits32).max())
-    assert error <= BF16_VS_TRANSFORMERS * _max_diff(hf_logits16, logits32)
-    assert float((logits16.argmax(-1) == logits32.argmax(-1)).mean()) >= 0.9  # near-ties may flip
+    check_bfloat16_close_to_float32(cases[name])
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_without_logits_stops_early_with_same_hook(cases, name):
-    case = cases[name]
-    ids = case.ids()
-    hook = "model.layers.0.output"
-    logits, acts = case.model.forward(ids, hooks=(hook,), logits=False)
-    assert logits is None and set(acts) == {hook}
-    _, full = case.model.forward(ids, hooks=(hook,))
-    assert _max_diff(acts[hook], full[hook]) < 1e-6
+    check_without_logits_stops_early(cases[name], "model.layers.0.output")
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_onehot_input_matches_ids(cases, name):
-    case = cases[name]
-    ids = case.ids()
-    from_onehot, _ = case.model.forward(jax.nn.one_hot(ids, case.model.vocab_size))
-    assert _max_diff(from_onehot, case.model.forward(ids)[0]) < 1e-5
+    check_one_hot_input_matches_ids(cases[name])
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -332,16 +307,9 @@ def test_a_prefix_computed_once_gives_the_same_logits_and_hooks(cases, name):
     window reaches back into the prefix exactly as in one pass over all 12, and as transformers does."""
     case = cases[name]
     ids = case.ids(batch=3)
-    prefix, rest = ids[0, :7].tolist(), ids[:, 7:]
-    ids[:, :7] = prefix
-    hooks = case.all_hooks() + tuple(case.hf_hooks())
-    full_logits, full_acts = case.model.forward(ids, hooks=hooks)
-    assert _max_diff(full_logits, _hf_logits(case, ids)) < ATOL
-    _, _, prefix_kv = case.model.prefill(prefix)
-    logits, acts = case.model.forward(rest, hooks=hooks, prefix_kv=prefix_kv)
-    assert _max_diff(logits, full_logits[:, 7:]) < ATOL
-    for hook in hooks:
-        assert _max_diff(acts[hook], full_acts[hook][:, 7:]) < ATOL, hook
+    ids[:, :7] = ids[0, :7]  # the prefix check's sequences
+    assert max_diff(case.model.forward(ids)[0], hf_logits(case, ids)) < ATOL
+    check_prefix_computed_once(case, case.all_hooks() + tuple(case.hf_hooks()))
 
 
 # ----------------------------------------------------------------------------------------------

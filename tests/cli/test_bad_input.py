@@ -3,15 +3,12 @@ no traceback, nothing written. Property tests call the loader in-process (random
 the shipped samples and the tiny config, random plain data, random bytes); a handful of cases run the
 real CLI; SAEs and checkpoints that do not fit or do not load go through `epo-tui score`.
 
-tests/test_bad_input_text.py covers texts, feature indices and the worker's stdin."""
+tests/cli/test_bad_input_text.py covers texts, feature indices and the worker's stdin."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import re
 import shutil
 import string
 import subprocess
@@ -20,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from cli_run import run_cli
+from refusals import assert_one_clear_line, assert_refused, edit_checkpoint, written_files
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +25,6 @@ from epo_tui import paths
 from epo_tui.config import INT_MAX, INT_MIN, SECTIONS, Config, config_from_data, load_config, parse_config
 from epo_tui.engine.tiny import write_config, write_tiny_checkpoint
 from epo_tui.errors import ConfigError, UserError
-from epo_tui.text import inert
 
 SAMPLES = {name: path.read_text() for name, path in paths.sample_configs().items()}
 KEYS = {section: [f.name for f in dataclasses.fields(cls)] for section, cls in SECTIONS.items()}
@@ -46,14 +43,6 @@ def bases(tmp_path_factory) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------
 # What every outcome must look like
-
-
-def assert_one_clear_line(message: str, mentions: str) -> None:
-    """Non-empty, one line, nothing a terminal would act on, naming the file (or the option)."""
-    assert message.strip(), "empty error message"
-    assert "\n" not in message and "\r" not in message, repr(message)
-    assert inert(message) == message, f"control characters in {message!r}"
-    assert mentions in message, f"{mentions!r} not named in {message!r}"
 
 
 def assert_within_limits(config: Config) -> None:
@@ -275,33 +264,10 @@ def test_missing_file_directory_and_unknown_user_through_load_config(tmp_path):
 # Through the CLI: exit 2, one line on stderr, no traceback, nothing written
 
 
-def _written() -> set[str]:
-    """Every file under the data and cache folders but the converted-SAE and compilation caches (inputs
-    that loaded fine may be cached), and under the working folder (./epo-runs)."""
-    roots = [paths.data_dir(), paths.cache_dir(), Path.cwd()]
-    skip = {paths.cache_dir() / "saes", paths.cache_dir() / "jax"}
-    found = set()
-    for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if Path(dirpath, d) not in skip]
-            found.update(str(Path(dirpath, name)) for name in [*filenames, *dirnames])
-    return found
-
-
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def assert_refused(code: int, out: str, err: str, *needles: str) -> None:
-    assert code == 2, (code, err)
-    assert out == ""
-    assert err.count("\n") == 1 and err.endswith("\n"), repr(err)
-    assert re.match(r"epo-tui( [a-z]+)?: error: ", err) and "Traceback" not in err  # argparse names the command
-    assert_one_clear_line(err[:-1], needles[0] if needles else "")
-    for needle in needles[1:]:
-        assert needle in err, (needle, err)
 
 
 def _bad_configs(folder: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
@@ -330,20 +296,20 @@ CLI_CASES = ["missing file", "a directory", "invalid TOML", "random bytes", "esc
 @pytest.mark.parametrize("case", CLI_CASES)
 def test_bad_config_through_the_cli(in_tmp, case):
     argv, needles = _bad_configs(in_tmp)[case]
-    before = _written()
+    before = written_files()
     assert_refused(*run_cli("score", "--config", *argv, "hello"), *needles)
-    assert _written() == before
+    assert written_files() == before
 
 
 @pytest.mark.parametrize("command", [["score", "hello"], ["run", "--iterations", "1"], ["features"]])
 def test_bad_config_in_a_real_process(in_tmp, command):
     bad = in_tmp / "bad.toml"
     bad.write_bytes(b'[search]\nseed = nan\n[\x1b]\n')
-    before = _written()
+    before = written_files()
     proc = subprocess.run([sys.executable, "-m", "epo_tui", command[0], "--config", str(bad), *command[1:]],
                           capture_output=True, text=True, timeout=60, cwd=in_tmp)
     assert_refused(proc.returncode, proc.stdout, proc.stderr, "bad.toml", "invalid TOML")
-    assert _written() == before
+    assert written_files() == before
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,19 +320,6 @@ def _pair_config(folder: Path, model: Path | str, sae: Path | str, feature: int 
     path = folder / "pair.toml"
     path.write_text(f'[model]\npath = "{model}"\n[sae]\npath = "{sae}"\n[feature]\nindex = {feature}\n')
     return str(path)
-
-
-def edit_checkpoint(folder: Path, drop: str | None = None, **config_changes) -> Path:
-    """The checkpoint in `folder` without the tensor `drop`, and with `config_changes` in config.json."""
-    from safetensors.numpy import load_file, save_file
-
-    if drop is not None:
-        tensors = load_file(folder / "model.safetensors")
-        del tensors[drop]
-        save_file(tensors, folder / "model.safetensors")
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
-    return folder
 
 
 def _broken_pairs(tiny: Path, folder: Path) -> dict:
@@ -442,7 +395,7 @@ def test_sae_or_model_that_does_not_fit_or_load(in_tmp, broken_pairs, case):
     model, sae, needles = broken_pairs[case]
     feature = 64 if case == "feature past the SAE" else 0
     config = _pair_config(in_tmp, model, sae, feature)
-    before = _written()
+    before = written_files()
     code, out, err = run_cli("score", "--config", config, "hello")
     assert_refused(code, out, err, *needles)
-    assert _written() == before
+    assert written_files() == before

@@ -238,10 +238,10 @@ def test_budget_share_is_an_equal_split():
 
 
 def test_bench_quality_runs_each_latent_for_the_budget(tiny_dir, tmp_path, clock):
-    from test_quality import TEXTS
+    from search_fixtures import HELDOUT_TEXTS
 
     heldout = tmp_path / "heldout.jsonl"
-    heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in HELDOUT_TEXTS))
     code, out, err = run_cli("bench", "--quality", "--config", _config(tiny_dir), "--heldout", heldout,
                              "--latents", 2, "--time-budget", "25s", "--json")
     assert code == 0, err
@@ -300,7 +300,7 @@ def test_ui_status_eta_uses_the_budget_left():
 
 
 def test_worker_stops_at_the_configs_budget_and_not_while_paused(tiny_pair, tiny_config, tmp_path, clock):
-    from test_faults import InProcessWorker
+    from worker_process import InProcessWorker
 
     w = InProcessWorker(tiny_pair, replace(tiny_config, search=replace(tiny_config.search, time_budget="25s")),
                         tmp_path / "sessions")
@@ -323,7 +323,7 @@ def test_worker_stops_at_the_configs_budget_and_not_while_paused(tiny_pair, tiny
 
 
 def test_worker_takes_the_budget_from_the_start_command(tiny_pair, tiny_config, tmp_path, clock):
-    from test_faults import InProcessWorker
+    from worker_process import InProcessWorker
 
     w = InProcessWorker(tiny_pair, tiny_config, tmp_path / "sessions")
     w.send("start", search={"iterations": 50, "time_budget": "15s"})  # as the settings form sends it

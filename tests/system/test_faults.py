@@ -1,9 +1,9 @@
 """Issue 7 §2, faults: a worker SIGKILLed again and again, a full disk under each file a session, the
 favorites or the stars write, two UIs on one cache, a session folder deleted under a running search.
 
-The client's terminal closing (SIGHUP) mid-search is tests/test_worker.py::
+The client's terminal closing (SIGHUP) mid-search is tests/engine/test_worker.py::
 test_sighup_to_the_client_leaves_a_resumable_session; a session resumed by a second worker while the
-first runs it is tests/test_worker.py::test_a_session_runs_in_one_worker_at_a_time.
+first runs it is tests/engine/test_worker.py::test_a_session_runs_in_one_worker_at_a_time.
 """
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
-import io
 import json
 import os
-import queue
 import random
 import signal
 import subprocess
@@ -27,44 +25,13 @@ import pytest
 
 from cli_run import run_cli
 from epo_tui import protocol, sessions
-from epo_tui.engine.worker import EventWriter, Worker
-from test_worker import TIMEOUT, WorkerProcess, _load_and_start, worker_factory  # noqa: F401 - a fixture
+from worker_process import TIMEOUT, InProcessWorker, WorkerProcess, load_and_start
 
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
 
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
-
-
-class InProcessWorker:
-    """epo_tui.engine.worker.Worker driven command by command in this process (the tiny pair loaded
-    once): what its serve loop does, without the threads, so a fault lands exactly where a test puts it."""
-
-    def __init__(self, pair, config, root: Path):
-        self.stream = io.BytesIO()
-        self.worker = Worker(EventWriter(self.stream), queue.Queue(), sessions_root=root)
-        self.worker.pair, self.worker.config = pair, config
-        self.read = 0
-
-    def send(self, type_: str, id=None, **fields) -> list[dict]:
-        cmd = protocol.parse_command(protocol.encode(protocol.COMMANDS[type_](id=id, **fields)))
-        self.worker.guarded(cmd.id, self.worker.dispatch, cmd)
-        return self.events()
-
-    def iterate(self, n: int = 1) -> list[dict]:
-        for _ in range(n):
-            assert self.worker.active is not None and not self.worker.paused
-            self.worker.guarded(None, self.worker.iterate)
-        return self.events()
-
-    def events(self) -> list[dict]:
-        data = self.stream.getvalue()[self.read:]
-        self.read += len(data)
-        lines = data.splitlines()
-        for line in lines:
-            protocol.parse_event(line)  # each a valid event; tests read the JSON objects
-        return [json.loads(line) for line in lines]
 
 
 @pytest.fixture
@@ -118,7 +85,7 @@ def _drain_to_exit(w) -> list[dict]:
 
 @pytest.mark.slow
 def test_twenty_sigkills_across_one_search_each_resume_at_the_last_checkpoint_and_end_exact(
-        worker_factory, tiny_dir):  # noqa: F811 - the fixture imported above
+        worker_factory, tiny_dir):
     rng = random.Random(7)
     config = str(tiny_dir / "config.toml")
     w = worker_factory()
@@ -164,7 +131,7 @@ def test_twenty_sigkills_across_one_search_each_resume_at_the_last_checkpoint_an
     elites = session.read_elites()
 
     reference = worker_factory()  # the same search (same seed, same total), never interrupted
-    _load_and_start(reference, tiny_dir, total, feature={"index": 3})
+    load_and_start(reference, tiny_dir, total, feature={"index": 3})
     straight = reference.expect("finished")
     assert [e.token_ids for e in elites] == \
         [e.token_ids for e in sessions.Session(Path(straight["folder"])).read_elites()]
@@ -285,7 +252,7 @@ def test_a_really_full_disk_under_a_running_worker(tmp_path, tiny_dir):
     try:
         w = WorkerProcess(tmp_path, env)
         w.expect("hello")
-        session_id = _load_and_start(w, tiny_dir, 100_000, feature={"index": 3})["session"]
+        session_id = load_and_start(w, tiny_dir, 100_000, feature={"index": 3})["session"]
         w.expect("checkpointed")
         folder = mount / session_id
         filler = mount / "filler"
@@ -491,7 +458,7 @@ DELETES = 5
 
 
 @pytest.mark.slow
-def test_a_deleted_session_folder_under_a_running_worker(worker_factory, tiny_dir):  # noqa: F811
+def test_a_deleted_session_folder_under_a_running_worker(worker_factory, tiny_dir):
     """The real process, the folder deleted at a random moment while it checkpoints every iteration."""
     rng = random.Random(11)
     w = worker_factory()

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from test_models_parity import (
-    ATOL, BF16_VS_TRANSFORMERS, Case, _hf_logits, _max_diff, _tl_value, hf_module_activations)
+from family_parity import (ATOL, Case, check_bfloat16_close_to_float32, check_one_hot_input_matches_ids,
+                           check_prefix_computed_once, hf_logits, hf_module_activations, max_diff, tl_value)
 
 from epo_tui.config import ModelConfig
 from epo_tui.engine.language_model import load_model
@@ -65,7 +65,7 @@ def test_float32_logits_match_transformers(cases, name, batch):
     ids = case.ids(batch)
     logits, _ = case.model.forward(ids)
     assert logits.dtype == jnp.float32
-    assert _max_diff(logits, _hf_logits(case, ids)) < ATOL
+    assert max_diff(logits, hf_logits(case, ids)) < ATOL
 
 
 def test_pythia_config_keys_as_its_hub_files_write_them(cases, tmp_path):
@@ -84,7 +84,7 @@ def test_pythia_config_keys_as_its_hub_files_write_them(cases, tmp_path):
     ids = cases["pythia"].ids()
     logits, _ = model.forward(ids)
     with torch.no_grad():
-        assert _max_diff(logits, hf(torch.from_numpy(ids).long()).logits) < ATOL
+        assert max_diff(logits, hf(torch.from_numpy(ids).long()).logits) < ATOL
 
 
 @pytest.mark.parametrize("change", ["full rotary", "rope base", "sequential", "tanh GELU"])
@@ -98,7 +98,7 @@ def test_each_variant_changes_the_logits(cases, change):
     model = dataclasses.replace(case.model, cfg=dataclasses.replace(cfg, **changed))
     ids = case.ids()
     logits, _ = model.forward(ids)
-    assert _max_diff(logits, _hf_logits(case, ids)) > 10 * ATOL
+    assert max_diff(logits, hf_logits(case, ids)) > 10 * ATOL
 
 
 def test_untied_head_is_the_checkpoints_own(cases):
@@ -115,7 +115,7 @@ def test_untied_head_is_the_checkpoints_own(cases):
         hf_xent = case.hf(torch.from_numpy(ids).long(), labels=torch.from_numpy(ids).long()).loss.item()
     assert abs(xent - hf_xent) < 1e-5
     gain = case.hf.gpt_neox.final_layer_norm.weight.detach().numpy()
-    assert _max_diff(case.model.folded_unembedding_VxD(), head_VxD * gain) < 1e-6
+    assert max_diff(case.model.folded_unembedding_VxD(), head_VxD * gain) < 1e-6
 
 
 def test_the_head_is_embed_out_or_lm_head(cases, tmp_path):
@@ -133,7 +133,7 @@ def test_the_head_is_embed_out_or_lm_head(cases, tmp_path):
     model = load_model(ModelConfig(name=None, path=str(folder)))
     ids = cases["pythia"].ids()
     logits, _ = model.forward(ids)
-    assert _max_diff(logits, _hf_logits(cases["pythia"], ids)) < ATOL
+    assert max_diff(logits, hf_logits(cases["pythia"], ids)) < ATOL
     del tensors["lm_head.weight"]
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(UserError, match=r"no tensor 'embed_out.weight'.*\(tie_word_embeddings: false\)"):
@@ -151,7 +151,7 @@ def test_transformers_module_names_read_exactly_what_the_module_returns_or_recei
     _, acts = case.model.forward(ids, hooks=tuple(hooks), center_writes=True)
     assert set(caught) == set(acts)
     for hook, ref in caught.items():
-        assert _max_diff(acts[hook], ref) < ATOL, hook
+        assert max_diff(acts[hook], ref) < ATOL, hook
 
 
 def transformer_lens_model(case: Case, center_writes: bool = True):
@@ -191,10 +191,10 @@ def test_hook_points_match_transformer_lens(cases, name):
     model = dataclasses.replace(case.model, cfg=gpt_neox.transformer_lens_config(case.model.cfg))
     _, acts = model.forward(ids, hooks=case.all_hooks(), center_writes=True)
     for hook in case.all_hooks():
-        assert _max_diff(acts[hook], _tl_value(cache, hook)) < ATOL, hook
+        assert max_diff(acts[hook], tl_value(cache, hook)) < ATOL, hook
     if name == "sequential":  # and the config matters: with the checkpoint's base 100 they differ
         _, raw = case.model.forward(ids, hooks=("blocks.1.hook_resid_post",), center_writes=True)
-        assert _max_diff(raw["blocks.1.hook_resid_post"], cache["blocks.1.hook_resid_post"]) > 100 * ATOL
+        assert max_diff(raw["blocks.1.hook_resid_post"], cache["blocks.1.hook_resid_post"]) > 100 * ATOL
 
 
 @pytest.mark.parametrize(("model_class", "center_flag", "hf_hook_name", "expected"), [
@@ -241,34 +241,17 @@ def test_a_transformer_lens_sae_reads_what_sae_lens_reads(cases, tmp_path, hook,
     assert pair.center_writes is center
     _, sae_in = pair.forward(ids, logits=False)
     tl_in = _tl_cache(transformer_lens_model(case, center_writes=center), ids)[hook]
-    assert _max_diff(sae_in, tl_in) < ATOL
+    assert max_diff(sae_in, tl_in) < ATOL
     reference = SAE.load_from_disk(str(sae_dir), device="cpu")
     with torch.no_grad():
         expected = reference.encode(tl_in).numpy()
     latents = np.asarray(activations(pair.sae, sae_in))
-    assert (expected > 0).mean() > 0.05 and _max_diff(latents, expected) < 1e-4
+    assert (expected > 0).mean() > 0.05 and max_diff(latents, expected) < 1e-4
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_bfloat16_logits_close_to_float32(cases, name):
-    """As test_models_parity's bfloat16 test: within 10% of the logit scale, no further from float32
-    than BF16_VS_TRANSFORMERS times transformers' own bfloat16 error, and the same top token nearly everywhere."""
-    from transformers import AutoModelForCausalLM
-
-    case = cases[name]
-    model16 = load_model(ModelConfig(name=None, path=str(case.folder), dtype="bfloat16"))
-    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(model16.params))
-    ids = case.ids()
-    logits16, _ = model16.forward(ids)
-    logits32, _ = case.model.forward(ids)
-    assert logits16.dtype == jnp.float32 and bool(jnp.isfinite(logits16).all())
-    hf16 = AutoModelForCausalLM.from_pretrained(case.folder, dtype=torch.bfloat16).eval()
-    with torch.no_grad():
-        hf_logits16 = hf16(torch.from_numpy(ids).long()).logits.float().numpy()
-    error = _max_diff(logits16, logits32)
-    assert error < 0.1 * float(jnp.abs(logits32).max())
-    assert error <= BF16_VS_TRANSFORMERS * _max_diff(hf_logits16, logits32)
-    assert float((logits16.argmax(-1) == logits32.argmax(-1)).mean()) >= 0.9
+    check_bfloat16_close_to_float32(cases[name])
 
 
 @pytest.mark.parametrize("name", ["pythia", pytest.param("sequential", marks=pytest.mark.slow)])
@@ -276,16 +259,7 @@ def test_a_prefix_computed_once_gives_the_same_logits_and_hooks(cases, name):
     """Keys/values of a fixed prefix, reused for a batch of continuations (their rotary positions
     continue after it), give what the whole sequence gives in one pass."""
     case = cases[name]
-    ids = case.ids(batch=3)
-    prefix, rest = ids[0, :7].tolist(), ids[:, 7:]
-    ids[:, :7] = prefix
-    hooks = case.all_hooks() + tuple(case.hf_hooks())
-    full_logits, full_acts = case.model.forward(ids, hooks=hooks, center_writes=True)
-    _, _, prefix_kv = case.model.prefill(prefix)
-    logits, acts = case.model.forward(rest, hooks=hooks, prefix_kv=prefix_kv, center_writes=True)
-    assert _max_diff(logits, full_logits[:, 7:]) < ATOL
-    for hook in hooks:
-        assert _max_diff(acts[hook], full_acts[hook][:, 7:]) < ATOL, hook
+    check_prefix_computed_once(case, case.all_hooks() + tuple(case.hf_hooks()), center_writes=True)
 
 
 @pytest.mark.parametrize("name", ["pythia", "sequential"])
@@ -303,16 +277,12 @@ def test_without_logits_stops_after_the_last_layer_it_needs(cases, name):
     assert forward(params, cfg, gpt_neox.embed(params, cfg, ids), rec, all_layers=False) is None
     assert ran == [0] and set(rec.out) == {hook}
     _, full = case.model.forward(ids, hooks=(hook,))
-    assert _max_diff(rec.out[hook], full[hook]) < ATOL
+    assert max_diff(rec.out[hook], full[hook]) < ATOL
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_onehot_input_matches_ids(cases, name):
-    case = cases[name]
-    ids = case.ids()
-    from_ids, _ = case.model.forward(ids)
-    from_onehot, _ = case.model.forward(jax.nn.one_hot(ids, case.model.vocab_size))
-    assert _max_diff(from_onehot, from_ids) < 1e-5
+    check_one_hot_input_matches_ids(cases[name])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,7 +303,7 @@ def test_unsupported_variants_are_refused_in_one_line(cases, tmp_path, change, n
     import shutil
 
     from cli_run import run_cli
-    from test_bad_input import assert_refused, edit_checkpoint
+    from refusals import assert_refused, edit_checkpoint
 
     from epo_tui.engine.sae_writer import write_random_sae
 
@@ -362,7 +332,7 @@ def test_an_sae_on_resid_mid_of_a_parallel_block_is_refused(cases):
 def test_a_short_search_beats_its_starting_elites_and_reports_the_plain_forward(tmp_path):
     """On `python -m epo_tui.engine.tiny DIR --family gpt_neox`: a few iterations find a prompt
     above every starting elite, and the reported act and xent are a plain forward pass's."""
-    from test_search import _independent_numbers
+    from search_fixtures import independent_numbers
 
     from epo_tui.config import load_config
     from epo_tui.engine.pairing import load_model_with_sae
@@ -379,7 +349,7 @@ def test_a_short_search_beats_its_starting_elites_and_reports_the_plain_forward(
     for _ in range(8):
         state, _ = search.step(state)
     assert float(np.max(state.objective_K)) > start
-    objective, act, xent, *_ = _independent_numbers(pair, search, state.tokens_KxN)
+    objective, act, xent, *_ = independent_numbers(pair, search, state.tokens_KxN)
     np.testing.assert_allclose(state.objective_K, objective, atol=1e-4, rtol=0)
     np.testing.assert_allclose(state.act_K, act, atol=1e-4, rtol=0)
     np.testing.assert_allclose(state.xent_K, xent, atol=1e-4, rtol=0)
