@@ -198,6 +198,21 @@ class Elite(_Record):
 
 
 @_event
+class OptimizedFeature(_Record):
+    """What a search maximizes, as it resolved the config's `[feature]`: the SAE latents `indices` (of
+    `kind`), combined by `combine` (`lp_p`, `lp_offset` for the Lp combination) and read at the `read`
+    position of `hook`, the hook point the target reads."""
+
+    kind: str
+    indices: list[int]
+    combine: str
+    lp_p: float
+    lp_offset: float
+    read: str
+    hook: str
+
+
+@_event
 class FrontierPoint(_Record):
     """A prompt that entered the (xent, act) Pareto frontier at `iteration`."""
 
@@ -284,8 +299,8 @@ class FeatureList(Event):
 
 @_event
 class Started(Event):
-    """A search started (or resumed at `iteration`); `feature` says what is optimized (kind, indices,
-    combine, ...)."""
+    """A search started (or resumed at `iteration`); `feature` says what is optimized (an
+    `OptimizedFeature`'s JSON object)."""
 
     TYPE: ClassVar[str] = "started"
     session: str

@@ -17,12 +17,11 @@ from urllib.parse import quote
 
 from epo_tui.atomic import write_json_atomic, write_text_atomic
 from epo_tui.budget import format_budget
+from epo_tui.protocol import Elite, OptimizedFeature
 from epo_tui.text import inert
 
 RESULT_VERSION = 1
 INDEX_VERSION = 1
-ELITE_KEYS = ("penalty", "token_ids", "tokens", "activations", "act", "xent")
-FEATURE_KEYS = ("kind", "indices", "combine", "lp_p", "lp_offset", "read", "hook")
 
 
 @dataclass
@@ -55,25 +54,21 @@ class RunTimings:
         }
 
 
-def build_result(*, config: dict, feature: dict, model: str, sae: dict, timings: RunTimings,
-                 frontier: list[dict], best_objective_history: list[float], elites: list[dict],
+def build_result(*, config: dict, feature: OptimizedFeature, model: str, sae: dict, timings: RunTimings,
+                 frontier: list[dict], best_objective_history: list[float], elites: list[Elite],
                  process: dict | None = None) -> dict[str, Any]:
     """The content of result.json (version 1)."""
-    missing = [k for k in FEATURE_KEYS if k not in feature] + [
-        f"elites[{i}].{k}" for i, elite in enumerate(elites) for k in ELITE_KEYS if k not in elite]
-    if missing:
-        raise ValueError(f"result is missing {', '.join(missing)}")
     return {
         "version": RESULT_VERSION,
         "config": config,
-        "feature": {k: feature[k] for k in FEATURE_KEYS},
+        "feature": feature.to_json(),
         "model": model,
         "sae": sae,
         "timings": timings.to_json(),
         "process": process or {"id": 0, "count": 1},
         "frontier": frontier,
         "best_objective_history": list(best_objective_history),
-        "elites": elites,
+        "elites": [elite.to_json() for elite in elites],
     }
 
 

@@ -16,16 +16,16 @@ from epo_tui.engine.export_cache import exported_jit
 from epo_tui.engine.language_model import apply_model
 from epo_tui.engine.objective import combine, per_position
 from epo_tui.engine.search import Search, SearchState
-from epo_tui.protocol import Elite
+from epo_tui.protocol import Elite, OptimizedFeature
 from epo_tui.text import token_text
 
 
-def feature_record(search: Search) -> dict:
+def feature_record(search: Search) -> OptimizedFeature:
     """What was optimized, with the feature indices as the search resolved them."""
     feature = search.config.feature
-    return {"kind": feature.kind, "indices": [int(i) for i in np.asarray(search.arrays.indices_F)],
-            "combine": feature.combine, "lp_p": feature.lp_p, "lp_offset": feature.lp_offset,
-            "read": feature.read, "hook": search.target.hook}
+    return OptimizedFeature(kind=feature.kind, indices=[int(i) for i in np.asarray(search.arrays.indices_F)],
+                            combine=feature.combine, lp_p=feature.lp_p, lp_offset=feature.lp_offset,
+                            read=feature.read, hook=search.target.hook)
 
 
 def result_of(search: Search, state: SearchState, timings: results.RunTimings, cluster: Cluster = Cluster(),
@@ -37,7 +37,7 @@ def result_of(search: Search, state: SearchState, timings: results.RunTimings, c
         config=search.config.to_dict(), feature=feature_record(search), model=model.name,
         sae={"name": sae.display_name, "hook": sae.hook_name}, timings=timings,
         frontier=state.frontier.to_json(model.decode), best_objective_history=state.best_objective_history,
-        elites=[e.to_json() for e in (elites if elites is not None else elite_reports(search, state))],
+        elites=elites if elites is not None else elite_reports(search, state),
         process=cluster.to_json())
 
 

@@ -56,7 +56,8 @@ class RecordedSearch:
         search = search or Search(pair, config, mesh=mesh)  # `search`: already set up for this config
         state = search.initial_state(seed_prompt)
         session = sessions.create_session({
-            "config": config.to_dict(), "feature": feature_record(search), "lambdas": search.lambdas_K.tolist(),
+            "config": config.to_dict(), "feature": feature_record(search).to_json(),
+            "lambdas": search.lambdas_K.tolist(),
             "model": pair.model.name, "sae": {"name": pair.sae.display_name, "hook": pair.sae.hook_name},
             "label": label, "iteration": 0, "iterations_total": config.search.iterations,
             "seed_prompt": seed_prompt}, root=root)

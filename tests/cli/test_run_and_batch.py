@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from epo_tui import results
+from epo_tui import protocol, results
 from epo_tui.engine import distributed
 from epo_tui.errors import UserError
 from cli_run import run_cli
@@ -74,7 +74,7 @@ def test_run_writes_result_json_with_the_documented_keys(run_dir, tiny_dir):
     elites = result["elites"]
     assert len(elites) == result["config"]["search"]["elites"]
     for elite in elites:
-        assert set(results.ELITE_KEYS) <= set(elite)
+        protocol.Elite.from_json(elite)  # every field there, each of its type
         n = len(elite["token_ids"])
         assert len(elite["tokens"]) == len(elite["activations"]) == n
 
@@ -209,17 +209,17 @@ HOSTILE = ["<script>alert(1)</script>", " |", "`x`", "**b**", "[a](http://e.vil)
 def _hostile_result() -> dict:
     tokens = ["<|endoftext|>", *HOSTILE]
     acts = [0.0] + [1.5 if i % 2 else 0.0 for i in range(len(HOSTILE))]
-    elite = {"penalty": 1.0, "token_ids": list(range(len(tokens))), "tokens": tokens, "activations": acts,
-             "act": 1.5, "xent": 3.0, "prompt_start": 1, "text": "".join(HOSTILE),
-             "feature_activations": {"1": acts, "2": acts}}
-    feature = {"kind": "sae", "indices": [1, 2], "combine": "lp", "lp_p": 0.1, "lp_offset": 4.0, "read": "last",
-               "hook": "blocks.0.hook_resid_pre"}
+    elite = protocol.Elite(penalty=1.0, token_ids=list(range(len(tokens))), tokens=tokens, activations=acts,
+                           act=1.5, xent=3.0, objective=-1.5, prompt_start=1, text="".join(HOSTILE),
+                           feature_activations={"1": acts, "2": acts})
+    feature = protocol.OptimizedFeature(kind="sae", indices=[1, 2], combine="lp", lp_p=0.1, lp_offset=4.0, read="last",
+                                        hook="blocks.0.hook_resid_pre")
     config = {"search": {"seed": 0, "elites": 2, "candidates": 4, "prompt_tokens": len(HOSTILE)}}
     return results.build_result(
         config=config, feature=feature, model="evil`|<b>model", sae={"name": "<i>sae</i>", "hook": "x|y"},
         timings=results.RunTimings(iterations_requested=5, setup_s=0.1, iteration_s=[1.0, 0.5], interrupted=True),
         frontier=[{"xent": 3.0, "objective": 1.5, "act": 1.5, "token_ids": [1], "text": "".join(HOSTILE)}],
-        best_objective_history=[1.5, 1.5], elites=[elite, dict(elite)])
+        best_objective_history=[1.5, 1.5], elites=[elite, elite])
 
 
 def _html(markdown: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cli_run import run_cli
-from epo_tui import budget, paths, results
+from epo_tui import budget, paths, protocol
 from epo_tui.budget import Deadline, budget_seconds, format_budget
 from epo_tui.config import Config, SearchConfig, config_from_data, load_config, parse_config
 from epo_tui.errors import ConfigError
@@ -181,7 +181,7 @@ def test_run_stops_at_the_budget_with_whole_results_and_exit_0(tiny_dir, tmp_pat
     assert timings["budget_ran_out"] is True and timings["interrupted"] is False and timings["time_budget_s"] == 25
     assert result["config"]["search"]["time_budget"] == "25s"
     assert len(result["best_objective_history"]) == 3 and len(result["elites"]) == result["config"]["search"]["elites"]
-    assert all(set(results.ELITE_KEYS) <= set(elite) for elite in result["elites"])
+    assert [protocol.Elite.from_json(elite).to_json() for elite in result["elites"]] == result["elites"]
     report = (out / "report.md").read_text()
     assert "Stopped by the time budget (25s) after 3 of 8 iterations" in report and "## Frontier" in report
     from epo_tui import sessions
