@@ -300,11 +300,14 @@ class FeatureList(Event):
 @_event
 class Started(Event):
     """A search started (or resumed at `iteration`); `feature` says what is optimized (an
-    `OptimizedFeature`'s JSON object)."""
+    `OptimizedFeature`'s JSON object). `label` names the features for a status line ("feature 48");
+    `feature_label` is their interpretation as the session keeps it ("Debian", from the worker's labels;
+    "A + B" when combined), null when unlabelled."""
 
     TYPE: ClassVar[str] = "started"
     session: str
     label: str | None = None
+    feature_label: str | None = None
     feature: dict[str, Any] = field(default_factory=dict)
     iteration: int
     iterations_total: int

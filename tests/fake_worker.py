@@ -191,6 +191,11 @@ EVIL_TOKENS = ["\x1b[2J", " EVIL\x1b]52;c;RVZJTA==\x07", "\x1b]8;;http://evil.ex
                "<!-- epo-tui favorite -->"]
 
 
+def ui_label(index: int) -> str | None:
+    """The `ui` mode's label of a feature: two in three have one."""
+    return f"mentions of topic {index}" if index % 3 else None
+
+
 def ui_elite(k: int, iteration: int) -> protocol.Elite:
     """Elite k at `iteration`: fixed tokens, activations rising with the iteration, lower k more fluent.
     No token_bytes (as in files written before the field): the tokens are shown as they are."""
@@ -214,7 +219,7 @@ def ui(commands: Commands, ending: str | None) -> int:
                  dtype="float32", devices=["TFRT_CPU_0"], device_kind="cpu", config={}, labels=None)
         elif t == "features":
             features = [FeatureEntry(index=i, top_tokens=(f" tok{i}", f" word{i % 7}"), top_token_ids=(i, i + 1),
-                                     label=f"mentions of topic {i}" if i % 3 else None) for i in range(40)]
+                                     label=ui_label(i)) for i in range(40)]
             emit("features", id=id_, features=features)
         elif t in ("sessions", "session"):  # the real worker's answers, from the real sessions folder
             answer_session_query(cmd, EventWriter(OUT), None)
@@ -238,6 +243,7 @@ def ui(commands: Commands, ending: str | None) -> int:
             resumed = cmd.resume if t == "start" else cmd.session
             emit("state", state="compiling", detail=None)
             emit("started", id=id_, session=resumed or "20261125-120000-abc123", label=f"feature {index}",
+                 feature_label=ui_label(index),
                  feature={"kind": "sae", "indices": [index], "combine": "lp"}, iteration=0, iterations_total=100,
                  lambdas=[1.0, 3.0, 7.0, 20.0], elites=[ui_elite(k, 0) for k in range(4)])
             emit("state", state="running", detail=None)

@@ -37,8 +37,9 @@ class RecordedSearch:
     """One search and its session. `step()` runs an iteration and checkpoints when due."""
 
     def __init__(self, search: Search, state: SearchState, session: sessions.Session, iterations_total: int,
-                 checkpoint_seconds: float = CHECKPOINT_SECONDS):
+                 checkpoint_seconds: float = CHECKPOINT_SECONDS, feature_label: str | None = None):
         self.search, self.state, self.session = search, state, session
+        self.feature_label = feature_label  # the features' interpretation, as the session's meta keeps it
         self.runner_lock = session.claim()  # released in finish(); the OS drops it if this process dies
         self.iterations_total = iterations_total
         self.checkpoint_seconds = checkpoint_seconds
@@ -61,7 +62,7 @@ class RecordedSearch:
             "model": pair.model.name, "sae": {"name": pair.sae.display_name, "hook": pair.sae.hook_name},
             "label": label, "iteration": 0, "iterations_total": config.search.iterations,
             "seed_prompt": seed_prompt}, root=root)
-        recorded = cls(search, state, session, config.search.iterations, checkpoint_seconds)
+        recorded = cls(search, state, session, config.search.iterations, checkpoint_seconds, feature_label=label)
         recorded.pending_history = recorded._points(state.frontier, np.arange(len(state.frontier)))
         recorded.checkpoint("running")
         return recorded
@@ -79,7 +80,7 @@ class RecordedSearch:
             raise UserError(f"session {session.id}: {err}") from None
         state = search.admissible(state)
         total = iterations_total or int(meta.get("iterations_total") or config.search.iterations)
-        recorded = cls(search, state, session, total, checkpoint_seconds)
+        recorded = cls(search, state, session, total, checkpoint_seconds, feature_label=meta.get("label"))
         session.update_meta(status="running", iterations_total=total, error=None)
         return recorded
 

@@ -306,7 +306,8 @@ class Worker:
         deadline.seconds = budget_seconds(active.search.config.search.time_budget)  # a resumed one: afresh
         self.deadline = deadline
         self.out.send(protocol.Started(
-            id=id_, session=active.session.id, label=active.label(), feature=feature_record(active.search).to_json(),
+            id=id_, session=active.session.id, label=active.label(), feature_label=active.feature_label,
+            feature=feature_record(active.search).to_json(),
             iteration=active.state.iteration, iterations_total=active.iterations_total,
             lambdas=[float(x) for x in active.search.lambdas_K], elites=active.elites()))
         self.set_state("running")

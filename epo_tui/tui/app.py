@@ -198,7 +198,7 @@ class EpoApp(App):
     def _live_meta(self, started: protocol.Started) -> dict[str, Any]:
         """The live session's meta, as a saved session's meta.json names it (what favorites record)."""
         ready = self.ready
-        return {"id": started.session, "label": started.label, "model": ready.model if ready else None,
+        return {"id": started.session, "label": started.feature_label, "model": ready.model if ready else None,
                 "sae": {"name": ready.sae if ready else None, "hook": ready.hook if ready else None},
                 "feature": {"indices": list(started.feature.get("indices") or [])}}
 

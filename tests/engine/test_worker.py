@@ -336,3 +336,30 @@ def test_labels_for_another_layer_are_one_warning_and_the_catalog_still_comes(wo
     assert len(features) == 64 and all(f["label"] is None for f in features)
     w.send("start", id="s", search={"iterations": 1})
     assert w.expect("started", id="s")["label"] == "feature 0"  # not "l0 0"
+
+
+def test_started_carries_the_features_label_as_the_session_keeps_it(worker_factory, tiny_dir, tmp_path):
+    """`label` is the status text; `feature_label` the interpretation from the worker's labels, the same
+    when the session is resumed (favorites head their entries with it)."""
+    from epo_tui.engine.sae_writer import write_random_sae
+    from epo_tui.labels import write_explanations
+
+    sae = write_random_sae(tmp_path / "sae", d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_pre",
+                           neuronpedia_id="tiny/1-res-test", input_norm=0.65)
+    export = tmp_path / "layer1.jsonl"
+    write_explanations(export, [{"modelId": "tiny", "layer": "1-res-test", "index": str(i), "description": f"l1 {i}"}
+                                for i in range(64)])
+    config = tmp_path / "c.toml"
+    config.write_text(f'[model]\npath = "{tiny_dir / "model"}"\n[sae]\npath = "{sae}"\nlabels = "{export}"\n'
+                      '[feature]\nindex = 5\n')
+    w = worker_factory()
+    w.send("load", id="l", config_path=str(config))
+    w.expect("ready", id="l")
+    w.send("start", id="s", search={"iterations": 2}, checkpoint_seconds=0)
+    started = w.expect("started", id="s")
+    assert (started["label"], started["feature_label"]) == ("feature 5", "l1 5")
+    w.expect("finished")
+    assert sessions.find_session(started["session"]).read_meta()["label"] == "l1 5"
+    w.send("start", id="r", resume=started["session"], search={"iterations": 3})
+    resumed = w.expect("started", id="r")
+    assert (resumed["session"], resumed["feature_label"]) == (started["session"], "l1 5")

@@ -353,3 +353,28 @@ def test_the_palette_holds_every_action():
         await pilot.press("escape")
 
     _run(app, scenario)
+
+
+@pytest.mark.parametrize("index, heading", [(25, "## Feature 25: mentions of topic 25"), (24, "## Feature 24")])
+def test_a_favorites_heading_carries_the_features_label(index, heading):
+    """The heading names the feature's interpretation from the worker's labels, never the status text
+    ("Feature 48: feature 48" before), and only the number when the feature has no label."""
+    import dataclasses
+
+    from epo_tui.config import Config, FeatureConfig
+
+    app = fake_app(config=dataclasses.replace(Config(), feature=FeatureConfig(index=index)))
+
+    async def scenario():
+        async with app.run_test(size=SIZE) as pilot:
+            await ready(pilot)
+            await pilot.press("s")
+            await until(pilot, lambda: (app.query_one(StatusBar).fields.get("iteration") or 0) == 5, "progress")
+            await pilot.press("f")
+            path = favorites.favorites_path(app.config)
+            await until(pilot, lambda: path.exists() and favorites.read_favorites(path), "the favorite")
+            await pilot.press("q")
+        return path.read_text()
+
+    text = asyncio.run(scenario())
+    assert [line for line in text.splitlines() if line.startswith("## ")] == [heading]
