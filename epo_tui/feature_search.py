@@ -18,6 +18,12 @@ SHOWN_TOKENS = 8  # top tokens per row: enough to recognise a latent, short enou
 FUZZY_BELOW = 100  # letters-in-order matches are added only when exact substring matches are this rare
 
 
+def _find(haystack: str, word: str) -> int:
+    """Where `word` first occurs in `haystack`; past the end when only its letters-in-order match."""
+    at = haystack.find(word)
+    return at if at >= 0 else len(haystack)
+
+
 def top_tokens_text(tokens: tuple[str, ...]) -> str:
     """Top tokens as one inert line; a token that is only whitespace shows as ␣."""
     return " · ".join(_inert(t).strip() or "␣" for t in tokens[:SHOWN_TOKENS])
@@ -33,8 +39,10 @@ class FeatureSearch:
 
     Each latent is matched on "<label>  <top tokens>" (lowercased once here): every word of the query
     must be in it as a substring, or, when substrings are rare, as its letters in order within one word
-    (a typo rescue). The matches are ranked by `rank`: here by word start, then index; the UI's list
-    ranks them with textual's fuzzy scorer instead (`FuzzyFeatureSearch`).
+    (a typo rescue). The matches are ranked by relevance (`tier`: the query is the label, then one of
+    the top tokens, then whole words, then a word start, then anything else); within a tier, here by
+    where the match starts (the label before the tokens), then index; the UI's list by textual's fuzzy
+    scorer (`FuzzyFeatureSearch`).
     """
 
     SEPARATOR = "  "
@@ -46,17 +54,21 @@ class FeatureSearch:
         self.labels: list[str] = []
         self.tokens: list[str] = []
         self.haystacks: list[str] = []
+        self.label_leads: list[str] = []  # the label before any " — " example, lowercased, quotes stripped
         for entry in self.entries:
             self._add_text(entry)
 
     def _add_text(self, entry: FeatureEntry, at: int | None = None) -> None:
         label, tokens = _inert(entry.label or ""), top_tokens_text(entry.top_tokens)
-        values = (label, tokens, f"{label}{self.SEPARATOR}{tokens}".lower())
+        lead = label.split(" — ", 1)[0].strip().strip("\"'").strip().lower()
+        values = (label, tokens, f"{label}{self.SEPARATOR}{tokens}".lower(), lead)
+        columns = (self.labels, self.tokens, self.haystacks, self.label_leads)
         if at is None:
-            for column, value in zip((self.labels, self.tokens, self.haystacks), values):
+            for column, value in zip(columns, values):
                 column.append(value)
         else:
-            self.labels[at], self.tokens[at], self.haystacks[at] = values
+            for column, value in zip(columns, values):
+                column[at] = value
 
     def relabel(self, labels: dict[int, str]) -> int:
         """Sets the labels of the latents in `labels` (by index); returns how many were in the catalog."""
@@ -103,9 +115,30 @@ class FeatureSearch:
         return self.rank(words, list(survivors))
 
     def rank(self, words: list[str], survivors: list[int]) -> list[int]:
-        """The matching positions, best first: those where the first word starts a word, then by index."""
+        """The matching positions, best first: by `tier`, then where the first word's match starts (in
+        the label before the tokens), then index."""
+        tier = self.tier_of(words)
+        first = words[0]
+        return sorted(survivors, key=lambda p: (tier(p), _find(self.haystacks[p], first), self.entries[p].index))
+
+    def tier_of(self, words: list[str]):
+        """tier(position) for this query, lower is more relevant: 0 the query is the label (its lead, before
+        any " — " example, quotes aside), 1 it is one of the top tokens, 2 every word is a whole word of
+        the label or tokens, 3 the first word starts a word, 4 otherwise (inside words, letters in order)."""
+        query = " ".join(words)
+        whole = [re.compile(r"\b" + re.escape(word) + r"\b") for word in words]
         starts = re.compile(r"\b" + re.escape(words[0]))
-        return sorted(survivors, key=lambda p: (starts.search(self.haystacks[p]) is None, self.entries[p].index))
+
+        def tier(p: int) -> int:
+            if self.label_leads[p] == query:
+                return 0
+            if any(token.strip().lower() == query for token in self.entries[p].top_tokens[:SHOWN_TOKENS]):
+                return 1
+            haystack = self.haystacks[p]
+            if all(pattern.search(haystack) for pattern in whole):
+                return 2
+            return 3 if starts.search(haystack) else 4
+        return tier
 
     def _survivors(self, word: str, positions) -> list[int]:
         """Positions whose text contains `word`; when those are few, also those with its letters in order

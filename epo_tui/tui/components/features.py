@@ -43,16 +43,18 @@ MATCHER_LIMIT = 2000  # matches ranked by textual's fuzzy Matcher (~7 µs each);
 
 
 class FuzzyFeatureSearch(FeatureSearch):
-    """The feature search, its matches ranked by textual's fuzzy `Matcher` (and the matched characters
-    found for highlighting). Scoring every latent takes ~0.5 s for 24k latents, so only the search's
-    matches are scored, and beyond MATCHER_LIMIT of them the plain ranking stays."""
+    """The feature search, its matches ranked within each relevance tier by textual's fuzzy `Matcher`
+    (and the matched characters found for highlighting). Scoring every latent takes ~0.5 s for 24k
+    latents, so only the search's matches are scored, and beyond MATCHER_LIMIT of them the plain ranking
+    stays."""
 
     def rank(self, words: list[str], survivors: list[int]) -> list[int]:
         if len(survivors) > MATCHER_LIMIT:  # too many to score in time
             return super().rank(words, survivors)
+        tier = self.tier_of(words)
         fuzzy = [Matcher(word).fuzzy_search for word in words]
         scores = {p: sum(f.match(w, self.haystacks[p])[0] for f, w in zip(fuzzy, words)) for p in survivors}
-        return sorted(survivors, key=lambda p: (-scores[p], self.entries[p].index))
+        return sorted(survivors, key=lambda p: (tier(p), -scores[p], self.entries[p].index))
 
     def match_offsets(self, query: str, position: int) -> tuple[set[int], set[int]]:
         """Which characters of the label and of the token text the query's words matched (to highlight)."""
