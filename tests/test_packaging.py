@@ -45,3 +45,14 @@ def test_wheel_ships_themes_and_samples_and_finds_them_at_run_time(tmp_path):
     assert lines[2] == "['epo-dark', 'epo-light']"
     assert lines[3] == "234"
     assert lines[4] == str(target / "epo_tui" / "demo" / "pack" / "sae")
+
+
+def test_every_file_the_readmes_link_to_exists():
+    """The README's screenshots are the snapshot tests' SVGs and its links name docs in the package: a
+    renamed test or file must not leave a picture or a link broken."""
+    import re
+
+    for readme in [REPO / "README.md", *sorted((REPO / "epo_tui").rglob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)\)", readme.read_text()):
+            if "://" not in target:
+                assert (readme.parent / target).exists(), f"{readme.relative_to(REPO)} links to {target}"

@@ -28,9 +28,10 @@ from epo_tui.text import inert
 from epo_tui.themes import Theme, load_theme
 from epo_tui.tui import worker_messages
 from epo_tui.tui.components.elites import ElitesPane
-from epo_tui.tui.components.features import FeaturePane
+from epo_tui.tui.components.features import FeatureList, FeaturePane
 from epo_tui.tui.components.frontier import FrontierPane
 from epo_tui.tui.components.status import StatusBar
+from epo_tui.tui.screens.help import HelpScreen
 from epo_tui.tui.screens.prompts import EliteDetails, PromptEditor, Scratchpad
 from epo_tui.tui.screens.sessions import SessionChoice, SessionsScreen
 from epo_tui.tui.screens.settings import SearchSettings
@@ -79,6 +80,8 @@ class EpoApp(App):
         Binding("S", "settings", "Settings"),
         Binding("i", "import_labels", "Import labels", show=False),
         Binding("R", "restart", "Restart worker", show=False),
+        Binding("question_mark", "help", "Help: every key", show=False),
+        Binding("f1", "help", "Help: every key", show=False),
     ]
 
     def __init__(self, config: Config, load: LoadSpec, worker_command: list[str] | None = None,
@@ -406,6 +409,13 @@ class EpoApp(App):
 
         self.push_screen(SearchSettings(self.config, self.search_overrides), keep)
 
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen([
+            ("main screen", self.BINDINGS), ("feature list", FeaturePane.BINDINGS + FeatureList.BINDINGS),
+            ("sessions browser (o)", SessionsScreen.BINDINGS), ("search settings (S)", SearchSettings.BINDINGS),
+            ("scratchpad (t)", Scratchpad.BINDINGS), ("elite details (d)", EliteDetails.BINDINGS),
+            ("edit and inject (e)", PromptEditor.BINDINGS)]))
+
     async def action_restart(self) -> None:
         if not self.worker_dead:
             return
@@ -415,6 +425,11 @@ class EpoApp(App):
         except WorkerError as err:
             self.notify(inert(err.message), title="restart failed", severity="error")
 
+    async def on_unmount(self) -> None:
+        """However the app ends (q, or a test's pilot leaving), its worker is stopped: a running search
+        checkpoints, and no worker process outlives the app (after q this finds it stopped already)."""
+        await self.client.close()
+
     async def action_quit(self) -> None:
         """Stops the worker cleanly: a running search is checkpointed and stays resumable."""
         self.status(state="stopping the worker (the session stays resumable)")
@@ -423,9 +438,12 @@ class EpoApp(App):
 
     def get_system_commands(self, screen):
         yield from super().get_system_commands(screen)
+        keys: dict[str, list[Binding]] = {}  # one command per action, with all its keys (? and F1: help)
         for binding in self.BINDINGS:
-            yield SystemCommand(binding.description, f"key {binding.key_display or binding.key}",
-                                lambda action=binding.action: self.run_action(action))
+            keys.setdefault(binding.action, []).append(binding)
+        for action, bindings in keys.items():
+            shown = " or ".join(self.get_key_display(b) for b in bindings)
+            yield SystemCommand(bindings[0].description, f"key {shown}", lambda action=action: self.run_action(action))
         pane = self.query_one(FeaturePane)
         for binding in FeaturePane.BINDINGS:
             yield SystemCommand(f"Feature: {binding.description}", f"key {binding.key_display or binding.key}"

@@ -378,3 +378,34 @@ def test_a_favorites_heading_carries_the_features_label(index, heading):
 
     text = asyncio.run(scenario())
     assert [line for line in text.splitlines() if line.startswith("## ")] == [heading]
+
+
+@pytest.mark.parametrize("key", ["question_mark", "f1"])
+def test_help_lists_every_key_of_every_screen_and_closes(key):
+    import io
+
+    from rich.console import Console
+
+    from epo_tui.tui.app import EpoApp
+    from epo_tui.tui.screens.help import HelpScreen
+
+    app = fake_app()
+
+    async def scenario():
+        async with app.run_test(size=(120, 60)) as pilot:
+            await ready(pilot)
+            await pilot.press(key)
+            await until(pilot, lambda: isinstance(app.screen, HelpScreen), "the help screen")
+            console = Console(width=120, record=True, file=io.StringIO())
+            console.print(app.screen.keys_table())  # what the screen's #help-keys shows
+            text = console.export_text()
+            await pilot.press(key)  # the same key closes it
+            await until(pilot, lambda: not isinstance(app.screen, HelpScreen), "the main screen")
+        return text
+
+    text = asyncio.run(scenario())
+    for binding in [*EpoApp.BINDINGS, *FeaturePane.BINDINGS, *SessionsScreen.BINDINGS, *SearchSettings.BINDINGS]:
+        if binding.description:
+            assert binding.description in text, binding
+    for heading in ("main screen", "feature list", "sessions browser (o)", "search settings (S)", "scratchpad (t)"):
+        assert heading in text

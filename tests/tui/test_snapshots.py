@@ -132,6 +132,15 @@ def test_the_search_settings(snap_compare):
 
 
 @pytest.mark.slow
+def test_the_help_screen(snap_compare):
+    async def run_before(pilot):
+        await ready(pilot)
+        await _modal(pilot, "f1")
+
+    assert snap_compare(fake_app(), terminal_size=(120, 60), run_before=run_before)
+
+
+@pytest.mark.slow
 def test_a_latents_note(snap_compare):
     async def run_before(pilot):
         await ready(pilot)
