@@ -310,19 +310,26 @@ def test_a_session_resumes_only_on_its_own_model_and_sae(worker_factory, tiny_di
     assert sessions.find_session(session).read_meta()["status"] == "finished"  # untouched
 
 
-def test_labels_for_another_layer_are_one_warning_and_the_catalog_still_comes(worker_factory, tiny_dir, tmp_path):
-    """The config's sae.labels is checked against the loaded SAE's Neuronpedia id, which `ready` carries."""
+def _labelled_config(tiny_dir: Path, folder: Path, labels_layer: int, index: int) -> tuple[Path, Path]:
+    """(config, labels export): the tiny model with a 64-latent SAE at blocks.1 (Neuronpedia id
+    tiny/1-res-test) and labels "l<layer> <i>" exported for layer `labels_layer`, feature `index` chosen."""
     from epo_tui.engine.sae_writer import write_random_sae
     from epo_tui.labels import write_explanations
 
-    sae = write_random_sae(tmp_path / "sae", d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_pre",
+    sae = write_random_sae(folder / "sae", d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_pre",
                            neuronpedia_id="tiny/1-res-test", input_norm=0.65)
-    export = tmp_path / "layer0.jsonl"
-    write_explanations(export, [{"modelId": "tiny", "layer": "0-res-test", "index": str(i), "description": f"l0 {i}"}
-                                for i in range(64)])
-    config = tmp_path / "c.toml"
+    export = folder / f"layer{labels_layer}.jsonl"
+    write_explanations(export, [{"modelId": "tiny", "layer": f"{labels_layer}-res-test", "index": str(i),
+                                 "description": f"l{labels_layer} {i}"} for i in range(64)])
+    config = folder / "c.toml"
     config.write_text(f'[model]\npath = "{tiny_dir / "model"}"\n[sae]\npath = "{sae}"\nlabels = "{export}"\n'
-                      '[feature]\nindex = 0\n')
+                      f'[feature]\nindex = {index}\n')
+    return config, export
+
+
+def test_labels_for_another_layer_are_one_warning_and_the_catalog_still_comes(worker_factory, tiny_dir, tmp_path):
+    """The config's sae.labels is checked against the loaded SAE's Neuronpedia id, which `ready` carries."""
+    config, export = _labelled_config(tiny_dir, tmp_path, labels_layer=0, index=0)
     w = worker_factory()
     w.send("load", id="l", config_path=str(config))
     ready = w.expect("ready", id="l")
@@ -341,17 +348,7 @@ def test_labels_for_another_layer_are_one_warning_and_the_catalog_still_comes(wo
 def test_started_carries_the_features_label_as_the_session_keeps_it(worker_factory, tiny_dir, tmp_path):
     """`label` is the status text; `feature_label` the interpretation from the worker's labels, the same
     when the session is resumed (favorites head their entries with it)."""
-    from epo_tui.engine.sae_writer import write_random_sae
-    from epo_tui.labels import write_explanations
-
-    sae = write_random_sae(tmp_path / "sae", d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_pre",
-                           neuronpedia_id="tiny/1-res-test", input_norm=0.65)
-    export = tmp_path / "layer1.jsonl"
-    write_explanations(export, [{"modelId": "tiny", "layer": "1-res-test", "index": str(i), "description": f"l1 {i}"}
-                                for i in range(64)])
-    config = tmp_path / "c.toml"
-    config.write_text(f'[model]\npath = "{tiny_dir / "model"}"\n[sae]\npath = "{sae}"\nlabels = "{export}"\n'
-                      '[feature]\nindex = 5\n')
+    config, _ = _labelled_config(tiny_dir, tmp_path, labels_layer=1, index=5)
     w = worker_factory()
     w.send("load", id="l", config_path=str(config))
     w.expect("ready", id="l")

@@ -19,7 +19,7 @@ from epo_tui.tui.components.status import StatusBar
 from epo_tui.tui.screens.prompts import EliteDetails, PromptEditor, Scratchpad
 from epo_tui.tui.screens.sessions import SessionsScreen
 from epo_tui.tui.screens.settings import SearchSettings
-from tui_pilot import fake_app, ready, until
+from tui_pilot import fake_app, ready, search_until, until
 
 SIZE = (120, 34)
 
@@ -367,9 +367,7 @@ def test_a_favorites_heading_carries_the_features_label(index, heading):
 
     async def scenario():
         async with app.run_test(size=SIZE) as pilot:
-            await ready(pilot)
-            await pilot.press("s")
-            await until(pilot, lambda: (app.query_one(StatusBar).fields.get("iteration") or 0) == 5, "progress")
+            await search_until(pilot, 5)  # the fake worker's last iteration
             await pilot.press("f")
             path = favorites.favorites_path(app.config)
             await until(pilot, lambda: path.exists() and favorites.read_favorites(path), "the favorite")
