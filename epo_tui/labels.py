@@ -34,8 +34,6 @@ import hashlib
 import itertools
 import json
 import math
-import re
-import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -43,29 +41,16 @@ from pathlib import Path
 
 from epo_tui.atomic import write_bytes_atomic
 from epo_tui.errors import UserError
+from epo_tui.export_lines import (ExportTarget, count, json_records, latent_index, numbered_lines, record_source,
+                                  source_names)
 
 # The order keys are written in (Neuronpedia's own fields first); other keys follow, sorted.
 EXPORT_KEYS = ("modelId", "layer", "index", "description", "typeName", "explanationModelName", "automatic")
 SCORE_FIELDS = ("scores", "scoreV2", "scoreV1", "score")  # where an explanation's score is read, in order
-GZIP_MAGIC = b"\x1f\x8b"
-INTEGER = re.compile(r"-?[0-9]+")
-MAX_INDEX_DIGITS = 18  # longer is no latent index (and past 4300 digits int() refuses the string)
-SHOWN_SOURCES = 3  # other sources named in a message; the rest are counted
 
 
-@dataclass(frozen=True)
-class LabelTarget:
-    """The SAE an export is meant for: its Neuronpedia id ("<modelId>/<layer>", sae-lens's
-    `neuronpedia_id`) and its number of latents; None where unknown (then that is not checked)."""
-
-    neuronpedia_id: str | None = None
-    d_sae: int | None = None
-
-    @property
-    def source(self) -> tuple[str, str] | None:
-        """(modelId, layer) from the Neuronpedia id; None without one (or without a layer part)."""
-        model, _, layer = (self.neuronpedia_id or "").partition("/")
-        return (model, layer) if model and layer else None
+# The SAE an export is meant for (its Neuronpedia id and d_sae); the name the UI and config code use.
+LabelTarget = ExportTarget
 
 
 @dataclass(frozen=True)
@@ -105,7 +90,7 @@ def read_export(path: Path, target: LabelTarget | None = None) -> ImportedLabels
     for where, record in records:
         index, description, score = _explanation(record, where)
         total += 1
-        source = _record_source(record)
+        source = record_source(record)
         if source is None:
             unchecked += 1
         else:
@@ -124,24 +109,24 @@ def read_export(path: Path, target: LabelTarget | None = None) -> ImportedLabels
             best[index] = _Candidate(description, score)
 
     if expected is not None and other_sources and sum(other_sources.values()) == total:
-        raise UserError(f"{path}: an export for {_names(other_sources)}, not for this SAE "
+        raise UserError(f"{path}: an export for {source_names(other_sources)}, not for this SAE "
                         f"({'/'.join(expected)}): not imported")
     notes = []
     if layout == "array":
         notes.append("read as one JSON array (the layout of Neuronpedia's older API export), not JSON lines")
     if other_sources:
-        notes.append(f"skipped {_count(sum(other_sources.values()), 'explanation')} for other SAEs "
-                     f"({_names(other_sources)})")
+        notes.append(f"skipped {count(sum(other_sources.values()), 'explanation')} for other SAEs "
+                     f"({source_names(other_sources)})")
     if past_end:
-        notes.append(f"skipped {_count(past_end, 'explanation')} for latents past d_sae={d_sae}")
+        notes.append(f"skipped {count(past_end, 'explanation')} for latents past d_sae={d_sae}")
     if empty:
-        notes.append(f"ignored {_count(empty, 'empty explanation')}")
+        notes.append(f"ignored {count(empty, 'empty explanation')}")
     if target is not None and total:
         if expected is None:
-            named = f" (it names {_names(seen_sources)})" if seen_sources else ""
+            named = f" (it names {source_names(seen_sources)})" if seen_sources else ""
             notes.append(f"not checked against the SAE: it has no Neuronpedia id{named}")
         elif unchecked:
-            notes.append(f"{_count(unchecked, 'explanation')} {'names' if unchecked == 1 else 'name'} no "
+            notes.append(f"{count(unchecked, 'explanation')} {'names' if unchecked == 1 else 'name'} no "
                          f"modelId/layer: not checked against this SAE ({'/'.join(expected)})")
     labels = {index: candidate.description for index, candidate in best.items()}
     return ImportedLabels(labels=labels, notes=tuple(notes))
@@ -167,7 +152,7 @@ def write_explanations(path: Path, records: Iterable[dict]) -> None:
 def _records(path: Path) -> tuple[Iterator[tuple[str, object]], str]:
     """(an iterator of (where, parsed record), the layout: "lines" or "array"), told apart by the first
     non-blank line: a JSON array starts with "[", JSON lines with an object."""
-    lines = _numbered_lines(path)
+    lines = numbered_lines(path)
     for number, text in lines:
         if text.strip():
             break
@@ -175,21 +160,7 @@ def _records(path: Path) -> tuple[Iterator[tuple[str, object]], str]:
         return iter(()), "lines"
     if text.lstrip().startswith("["):
         return _array_items(path, text + "".join(rest for _, rest in lines)), "array"
-    return _line_items(path, itertools.chain([(number, text)], lines)), "lines"
-
-
-def _line_items(path: Path, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[str, object]]:
-    for line_number, line in lines:
-        if not line.strip():
-            continue
-        where = f"{path}, line {line_number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-        except RecursionError:  # nested deeper than any explanation is
-            raise UserError(f"{where}: not an explanation (JSON nested too deep)") from None
-        yield where, record
+    return json_records(path, itertools.chain([(number, text)], lines), "an explanation"), "lines"
 
 
 def _array_items(path: Path, text: str) -> Iterator[tuple[str, object]]:
@@ -211,7 +182,7 @@ def _explanation(record: object, where: str) -> tuple[int, str, float | None]:
     for key in ("index", "description"):
         if key not in record:
             raise UserError(f"{where}: the explanation has no '{key}'")
-    index = _latent_index(record["index"], where)
+    index = latent_index(record["index"], where)
     description = record["description"]
     if not isinstance(description, str):
         raise UserError(f"{where}: 'description' must be a string, found {type(description).__name__}")
@@ -249,56 +220,6 @@ def _number(value: object, field: str, where: str) -> float | None:
 def _better(score: float | None, than: float | None) -> bool:
     """Whether an explanation scored `score` takes the place of one scored `than` (ties keep the first)."""
     return score is not None and (than is None or score > than)
-
-
-def _record_source(record: dict) -> tuple[str, str] | None:
-    """(modelId, layer) the record names, or None when it lacks either (it cannot be checked)."""
-    model, layer = record.get("modelId"), record.get("layer")
-    if model in (None, "") or layer in (None, ""):
-        return None
-    return str(model), str(layer)
-
-
-def _names(sources: Counter[tuple[str, str]]) -> str:
-    """The most common sources as "model/layer", the rest counted."""
-    shown = ", ".join("/".join(source) for source, _ in sources.most_common(SHOWN_SOURCES))
-    more = len(sources) - SHOWN_SOURCES
-    return shown + (f" and {more} more" if more > 0 else "")
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) of a UTF-8 file, gunzipped on the fly; read errors as UserError."""
-    try:
-        with open(path, "rb") as raw:
-            gzipped = raw.read(2) == GZIP_MAGIC
-        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as handle:
-            for line_number, data in enumerate(handle, start=1):
-                try:
-                    text = data.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise UserError(f"{path}, line {line_number}: not UTF-8 text") from None
-                yield line_number, text
-    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-        raise UserError(f"{path}: not a readable gzip file ({err or 'truncated'})") from None
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
-
-
-def _latent_index(value: object, where: str) -> int:
-    """A non-negative int from an int or a decimal string (as Neuronpedia writes it)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        index = value
-    elif isinstance(value, str) and INTEGER.fullmatch(value.strip()) and len(value.strip()) <= MAX_INDEX_DIGITS:
-        index = int(value)
-    else:
-        raise UserError(f"{where}: 'index' must be an integer or a string of digits, found {value!r:.40}")
-    if index < 0:
-        raise UserError(f"{where}: 'index' must not be negative, found {value!r}")
-    return index
 
 
 def imported_labels_path(sae_key: str) -> Path:
