@@ -127,12 +127,17 @@ class Config:
     feature: FeatureConfig = FeatureConfig()
     search: SearchConfig = SearchConfig()
     favorites: FavoritesConfig = FavoritesConfig()
+    # [keys]: the UI's key rebindings, {binding id ("main.start"): Textual key list ("g" or "g,f5")};
+    # only their shape is checked here, the ids and conflicts by tui/keymap.py when the UI starts
+    keys: dict[str, str] = field(default_factory=dict, compare=False)
     source: str = field(default=BUILTIN_SOURCE, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for result files and sessions (without the source)."""
+        """Plain data for result files, sessions and the worker: without the source, and without the
+        UI's keys, which no search depends on."""
         data = dataclasses.asdict(self)
         data.pop("source")
+        data.pop("keys")
         return data
 
 
@@ -210,11 +215,12 @@ def config_from_data(document: dict, source: str = "<data>", base_dir: Path | No
     budget = document.get("search", {}).get("time_budget") if isinstance(document.get("search"), dict) else None
     if isinstance(budget, (int, float)) and not isinstance(budget, bool):  # TOML `time_budget = 90`: seconds
         document["search"]["time_budget"] = str(budget)
+    keys = _key_bindings(document.pop("keys", {}), source)
     for name in document:
         if name not in SECTIONS:
             raise ConfigError(
-                source, name, f"unknown section{did_you_mean(name, SECTIONS)}"
-                f" (allowed: {', '.join(SECTIONS)})"
+                source, name, f"unknown section{did_you_mean(name, [*SECTIONS, 'keys'])}"
+                f" (allowed: {', '.join(SECTIONS)}, keys)"
             )
     built = {}
     for name, cls in SECTIONS.items():
@@ -255,7 +261,31 @@ def config_from_data(document: dict, source: str = "<data>", base_dir: Path | No
     favorites = built["favorites"]
     if favorites.path:
         favorites = dataclasses.replace(favorites, path=str(_relative_to(favorites.path, base_dir)))
-    return Config(model=model, sae=sae, feature=feature, search=search, favorites=favorites, source=source)
+    return Config(model=model, sae=sae, feature=feature, search=search, favorites=favorites, keys=keys,
+                  source=source)
+
+
+def _key_bindings(table: Any, source: str) -> dict[str, str]:
+    """[keys] flattened to {binding id: comma-separated keys}: `[keys.main] start = "g"` (or
+    `"main.start" = "g"`) gives {"main.start": "g"}; a value is a key or an array of keys."""
+    if not isinstance(table, dict):
+        raise ConfigError(source, "keys", f"expected a table [keys], found {_describe(table)}")
+    flat: dict[str, str] = {}
+    for name, value in table.items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for action, keys in items:
+            binding_id = f"{name}.{action}" if action is not None else name
+            where = f"keys.{binding_id}"
+            if isinstance(keys, str):
+                keys = [keys]
+            if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k.strip() for k in keys):
+                raise ConfigError(source, where, f"expected a key such as \"g\" or \"ctrl+g\", or an array of "
+                                  f"them, found {_describe(keys)}")
+            if any("," in k for k in keys):
+                raise ConfigError(source, where, "give several keys as an array (\"a\", \"b\"), not one string "
+                                  "with commas")
+            flat[binding_id] = ",".join(k.strip() for k in keys)
+    return flat
 
 
 def _build_section(cls: type, section: str, table: dict, source: str):

@@ -31,7 +31,9 @@ from epo_tui.tui.components.elites import ElitesPane
 from epo_tui.tui.components.features import FeatureList, FeaturePane
 from epo_tui.tui.components.frontier import FrontierPane
 from epo_tui.tui.components.status import StatusBar
+from epo_tui.tui.keymap import KeyScope, checked_keymap, rebound
 from epo_tui.tui.screens.help import HelpScreen
+from epo_tui.tui.screens.note import NoteEditor
 from epo_tui.tui.screens.prompts import EliteDetails, PromptEditor, Scratchpad
 from epo_tui.tui.screens.sessions import SessionChoice, SessionsScreen
 from epo_tui.tui.screens.settings import SearchSettings
@@ -66,28 +68,29 @@ class EpoApp(App):
     # The footer shows them in this order (the focused pane's first): the daily keys come first so an
     # 80-column footer keeps them; every binding is also in the command palette.
     BINDINGS = [
-        Binding("/", "focus_search", "Search"),
-        Binding("s", "start", "Start"),
-        Binding("p", "pause", "Pause"),
-        Binding("x", "stop", "Stop"),
-        Binding("f", "favorite", "Favorite"),
-        Binding("q", "quit", "Quit"),
-        Binding("o", "sessions", "Sessions"),
-        Binding("c", "copy", "Copy"),
-        Binding("e", "edit", "Edit & inject"),
-        Binding("d", "details", "Details"),
-        Binding("t", "scratchpad", "Scratchpad"),
-        Binding("S", "settings", "Settings"),
-        Binding("i", "import_labels", "Import labels", show=False),
-        Binding("R", "restart", "Restart worker", show=False),
-        Binding("question_mark", "help", "Help: every key", show=False),
-        Binding("f1", "help", "Help: every key", show=False),
+        Binding("/", "focus_search", "Search", id="main.search"),
+        Binding("s", "start", "Start", id="main.start"),
+        Binding("p", "pause", "Pause", id="main.pause"),
+        Binding("x", "stop", "Stop", id="main.stop"),
+        Binding("f", "favorite", "Favorite", id="main.favorite"),
+        Binding("q", "quit", "Quit", id="main.quit"),
+        Binding("o", "sessions", "Sessions", id="main.sessions"),
+        Binding("c", "copy", "Copy", id="main.copy"),
+        Binding("e", "edit", "Edit & inject", id="main.edit"),
+        Binding("d", "details", "Details", id="main.details"),
+        Binding("t", "scratchpad", "Scratchpad", id="main.scratchpad"),
+        Binding("S", "settings", "Settings", id="main.settings"),
+        Binding("i", "import_labels", "Import labels", show=False, id="main.import_labels"),
+        Binding("R", "restart", "Restart worker", show=False, id="main.restart"),
+        Binding("question_mark", "help", "Help: every key", show=False, id="main.help"),
+        Binding("f1", "help", "Help: every key", show=False, id="main.help"),
     ]
 
     def __init__(self, config: Config, load: LoadSpec, worker_command: list[str] | None = None,
                  theme: Theme | None = None):
         super().__init__()
         self.config, self.load = config, load
+        self.keymap = checked_keymap(config.keys, key_scopes(), config.source)  # ConfigError before the UI
         self.client = WorkerClient(worker_command)
         self.epo_theme = theme or load_theme()
         self.chosen: FeatureEntry | None = None
@@ -114,6 +117,7 @@ class EpoApp(App):
 
     def on_mount(self) -> None:
         self.title = "epo-tui"
+        self.set_keymap(self.keymap)
         self.register_theme(textual_theme(self.epo_theme))
         self.theme = self.epo_theme.name
         self.query_one(StatusBar).show(state="starting the worker")
@@ -410,11 +414,7 @@ class EpoApp(App):
         self.push_screen(SearchSettings(self.config, self.search_overrides), keep)
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen([
-            ("main screen", self.BINDINGS), ("feature list", FeaturePane.BINDINGS + FeatureList.BINDINGS),
-            ("sessions browser (o)", SessionsScreen.BINDINGS), ("search settings (S)", SearchSettings.BINDINGS),
-            ("scratchpad (t)", Scratchpad.BINDINGS), ("elite details (d)", EliteDetails.BINDINGS),
-            ("edit and inject (e)", PromptEditor.BINDINGS)]))
+        self.push_screen(HelpScreen([(scope.where, rebound(scope.bindings, self.keymap)) for scope in key_scopes()]))
 
     async def action_restart(self) -> None:
         if not self.worker_dead:
@@ -439,12 +439,28 @@ class EpoApp(App):
     def get_system_commands(self, screen):
         yield from super().get_system_commands(screen)
         keys: dict[str, list[Binding]] = {}  # one command per action, with all its keys (? and F1: help)
-        for binding in self.BINDINGS:
+        for binding in rebound(self.BINDINGS, self.keymap):
             keys.setdefault(binding.action, []).append(binding)
         for action, bindings in keys.items():
             shown = " or ".join(self.get_key_display(b) for b in bindings)
             yield SystemCommand(bindings[0].description, f"key {shown}", lambda action=action: self.run_action(action))
         pane = self.query_one(FeaturePane)
-        for binding in FeaturePane.BINDINGS:
-            yield SystemCommand(f"Feature: {binding.description}", f"key {binding.key_display or binding.key}"
+        for binding in rebound(FeaturePane.BINDINGS, self.keymap):
+            yield SystemCommand(f"Feature: {binding.description}", f"key {self.get_key_display(binding)}"
                                 " in the feature list", lambda action=binding.action: pane.run_action(action))
+
+
+def key_scopes() -> list[KeyScope]:
+    """Every screen's rebindable keys, as the help screen lists them and `[keys]` may change them; the
+    main screen's keys and its feature list's are active at once (one group)."""
+    return [
+        KeyScope("main screen", tuple(EpoApp.BINDINGS), group="main"),
+        KeyScope("feature list", tuple(FeaturePane.BINDINGS + FeatureList.BINDINGS), group="main"),
+        KeyScope("sessions browser (o)", tuple(SessionsScreen.BINDINGS), group="sessions"),
+        KeyScope("search settings (S)", tuple(SearchSettings.BINDINGS), group="settings"),
+        KeyScope("scratchpad (t)", tuple(Scratchpad.BINDINGS), group="scratchpad"),
+        KeyScope("elite details (d)", tuple(EliteDetails.BINDINGS), group="details"),
+        KeyScope("edit and inject (e)", tuple(PromptEditor.BINDINGS), group="editor"),
+        KeyScope("feature note (n)", tuple(NoteEditor.BINDINGS), group="note"),
+        KeyScope("this help (? or F1)", tuple(HelpScreen.BINDINGS), group="help"),
+    ]

@@ -1,13 +1,15 @@
 """SVG snapshots of the main screen, driven by the protocol-speaking fake worker (tests/fake_worker.py `ui`):
 empty (features listed, no search), searching, finished, in error (the worker died), and searching at
 80x24; and of every modal screen over it: edit & inject (`e`), the scratchpad (`t`), an elite's details
-(`d`), the sessions browser (`o`), the search settings (`S`) and a latent's note (`n`). A change in what
+(`d`), the sessions browser (`o`), the search settings (`S`), a latent's note (`n`) and the help (`F1`); and
+the main screen with keys rebound in the config's `[keys]`. A change in what
 the screen shows fails here; review the diff, then update with
 `python -m pytest tests/tui/test_snapshots.py --snapshot-update`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -16,6 +18,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Input
 
 from epo_tui import sessions
+from epo_tui.config import FeatureConfig, parse_config
 from epo_tui.tui.app import EpoApp
 from epo_tui.tui.components.elites import ElitesPane
 from epo_tui.tui.components.features import FeatureList
@@ -138,6 +141,23 @@ def test_the_help_screen(snap_compare):
         await _modal(pilot, "f1")
 
     assert snap_compare(fake_app(), terminal_size=(120, 60), run_before=run_before)
+
+
+@pytest.mark.slow
+def test_keys_rebound_in_the_config(snap_compare):
+    """The footer shows the config's keys (start on w, stop on F8), and they work: w started this search.
+    Textual's keymap puts rebound keys at the footer's end, hence the wider terminal."""
+    config = dataclasses.replace(parse_config('[keys.main]\nstart = "w"\nstop = "F8"\n'),
+                                 feature=FeatureConfig(index=24))
+
+    async def run_before(pilot):
+        await ready(pilot)
+        await pilot.press("w")
+        await until(pilot, lambda: _iteration(pilot.app) == 5 and pilot.app.query_one(ElitesPane).elites,
+                    "five iterations")
+        await _settled(pilot)
+
+    assert snap_compare(fake_app(config=config), terminal_size=(170, 34), run_before=run_before)
 
 
 @pytest.mark.slow

@@ -88,12 +88,12 @@ class FeatureList(ScrollView, can_focus=True):
     FeatureList > .feature-list--tokens { color: $text-muted; }
     """
     BINDINGS = [
-        Binding("up", "cursor(-1)", "Up", show=False),
-        Binding("down", "cursor(1)", "Down", show=False),
-        Binding("pageup", "page(-1)", "Page up", show=False),
-        Binding("pagedown", "page(1)", "Page down", show=False),
-        Binding("home", "cursor_to(0)", "First", show=False),
-        Binding("end", "cursor_to(-1)", "Last", show=False),
+        Binding("up", "cursor(-1)", "Up", show=False, id="features.up"),
+        Binding("down", "cursor(1)", "Down", show=False, id="features.down"),
+        Binding("pageup", "page(-1)", "Page up", show=False, id="features.page_up"),
+        Binding("pagedown", "page(1)", "Page down", show=False, id="features.page_down"),
+        Binding("home", "cursor_to(0)", "First", show=False, id="features.first"),
+        Binding("end", "cursor_to(-1)", "Last", show=False, id="features.last"),
     ]
 
     cursor = reactive(0, always_update=True)
@@ -152,14 +152,14 @@ class FeaturePane(Vertical):
     FeaturePane > #feature-count { height: 1; color: $text-muted; padding: 0 1; }
     """
     BINDINGS = [
-        Binding("enter", "choose", "Choose"),
+        Binding("enter", "choose", "Choose", id="features.choose"),
         # shown in the README and the command palette; the footer keeps its room for the app's keys
-        Binding("asterisk", "toggle_star", "Star", show=False),
-        Binding("n", "edit_note", "Note", show=False),
-        Binding("r", "random", "Random", show=False),
-        Binding("g", "go_to", "Go to #", show=False),
-        Binding("space", "mark", "Mark", show=False),
-        Binding("plus", "combine", "Combine 2", show=False),
+        Binding("asterisk", "toggle_star", "Star", show=False, id="features.star"),
+        Binding("n", "edit_note", "Note", show=False, id="features.note"),
+        Binding("r", "random", "Random", show=False, id="features.random"),
+        Binding("g", "go_to", "Go to #", show=False, id="features.go_to"),
+        Binding("space", "mark", "Mark", show=False, id="features.mark"),
+        Binding("plus", "combine", "Combine 2", show=False, id="features.combine"),
     ]
 
     class Chosen(Message):

@@ -23,8 +23,10 @@ class HelpScreen(ModalScreen[None]):
     HelpScreen > VerticalScroll { width: 90%; height: 90%; border: round $primary; background: $surface;
                                   padding: 0 1; }
     """
-    BINDINGS = [Binding("escape", "close", "Close"), Binding("q", "close", show=False),
-                Binding("question_mark", "close", show=False), Binding("f1", "close", show=False)]
+    BINDINGS = [Binding("escape", "close", "Close", id="help.close"),
+                Binding("q", "close", show=False, id="help.close"),
+                Binding("question_mark", "close", show=False, id="help.close"),
+                Binding("f1", "close", show=False, id="help.close")]
 
     def __init__(self, sections: HelpSections):
         super().__init__()
@@ -32,20 +34,22 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll():
-            yield Label("keys (escape closes; ctrl+p searches every command)")
+            yield Label("escape closes · ctrl+p searches every command · [keys] in config.toml rebinds a key "
+                        "by its id", markup=False)
             yield Static(self.keys_table(), id="help-keys")
 
     def keys_table(self) -> Table:
         table = Table(box=None, show_header=False, padding=(0, 2, 0, 0))
         table.add_column("key", style="bold", no_wrap=True)
         table.add_column("action")
+        table.add_column("id", style="dim")
         for number, (where, bindings) in enumerate(self.sections):
             if number:
                 table.add_row("", "")
-            table.add_row(Text(where, style="underline"), "")
+            table.add_row(Text(where, style="underline"), "", "")
             for binding in bindings:
                 if binding.description:
-                    table.add_row(self.app.get_key_display(binding), binding.description)
+                    table.add_row(self.app.get_key_display(binding), binding.description, binding.id or "")
         return table
 
     def action_close(self) -> None:

@@ -18,7 +18,7 @@ class NoteEditor(ModalScreen[str | None]):
     NoteEditor { align: center middle; }
     NoteEditor > Vertical { width: 70%; height: auto; border: round $accent; padding: 0 1; background: $panel; }
     """
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+    BINDINGS = [Binding("escape", "cancel", "Cancel", id="note.cancel")]
 
     def __init__(self, title: str, note: str):
         super().__init__()

@@ -31,7 +31,7 @@ class PromptEditor(ModalScreen[str | None]):
     PromptEditor > Vertical { width: 90%; height: auto; border: round $primary; background: $surface; padding: 0 1; }
     """
     AUTO_FOCUS = "Input"  # the app's own AUTO_FOCUS names the feature list, which is not on this screen
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+    BINDINGS = [Binding("escape", "cancel", "Cancel", id="editor.cancel")]
 
     def __init__(self, title: str, text: str):
         super().__init__()
@@ -59,7 +59,7 @@ class Scratchpad(ModalScreen[None]):
     Scratchpad #scratch-result { height: auto; min-height: 3; }
     """
     AUTO_FOCUS = "Input"
-    BINDINGS = [Binding("escape", "close", "Close")]
+    BINDINGS = [Binding("escape", "close", "Close", id="scratchpad.close")]
 
     def __init__(self, theme: Theme, feature: int, score: Callable[[str, int], Awaitable[Scored]]):
         super().__init__()
@@ -110,8 +110,9 @@ class EliteDetails(ModalScreen[None]):
     EliteDetails > VerticalScroll { width: 90%; height: 90%; border: round $primary; background: $surface; padding: 0 1; }
     """
     AUTO_FOCUS = "VerticalScroll"
-    BINDINGS = [Binding("escape", "close", "Close"), Binding("d", "close", show=False),
-                Binding("q", "close", show=False)]
+    BINDINGS = [Binding("escape", "close", "Close", id="details.close"),
+                Binding("d", "close", show=False, id="details.close"),
+                Binding("q", "close", show=False, id="details.close")]
 
     def __init__(self, details: RenderableType):
         super().__init__()

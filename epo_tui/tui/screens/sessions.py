@@ -146,10 +146,10 @@ class SessionsScreen(ModalScreen[SessionChoice | None]):
     AUTO_FOCUS = "#sessions-table"
     BINDINGS = [
         # priority: the table's own enter would fire on a mouse click too; here only the key opens
-        Binding("enter", "open", "Open", priority=True),
-        Binding("r", "resume", "Resume"),
-        Binding("escape", "close", "Close"),
-        Binding("q", "close", "Close", show=False),
+        Binding("enter", "open", "Open", priority=True, id="sessions.open"),
+        Binding("r", "resume", "Resume", id="sessions.resume"),
+        Binding("escape", "close", "Close", id="sessions.close"),
+        Binding("q", "close", "Close", show=False, id="sessions.close"),
     ]
 
     def __init__(self, source: SessionSource) -> None:

@@ -149,9 +149,9 @@ class SearchSettings(ModalScreen[dict | None]):
     """
     AUTO_FOCUS = "Input"
     BINDINGS = [
-        Binding("ctrl+s", "apply", "Apply", priority=True),
-        Binding("escape", "cancel", "Cancel", priority=True),
-        Binding("ctrl+r", "reset", "Reset to config", priority=True),
+        Binding("ctrl+s", "apply", "Apply", priority=True, id="settings.apply"),
+        Binding("escape", "cancel", "Cancel", priority=True, id="settings.cancel"),
+        Binding("ctrl+r", "reset", "Reset to config", priority=True, id="settings.reset"),
     ]
 
     def __init__(self, config: Config, overrides: dict[str, Any] | None = None):
