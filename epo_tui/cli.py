@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker_command(commands, common)
     _add_sessions_command(commands, common)
     _add_registry_command(commands, common)
+    _add_import_command(commands, common)
     return parser
 
 
@@ -213,6 +214,23 @@ def _add_registry_command(commands, common: argparse.ArgumentParser) -> None:
     registry.add_argument("--json", action="store_true", help="print one JSON document")
     registry.add_argument("--release", metavar="SUBSTRING",
                           help="only releases whose name contains SUBSTRING (any case)")
+
+
+def _add_import_command(commands, common: argparse.ArgumentParser) -> None:
+    """`import PATH...`: Neuronpedia's exports of the config's SAE, kept in the data folder."""
+    from epo_tui.neuronpedia import DEFAULT_TOP_K
+
+    imports = commands.add_parser(
+        "import", parents=[common], help="import Neuronpedia's exports of the SAE: labels and dataset statistics",
+        description="Import Neuronpedia's bulk exports of the config's SAE (v1/<model>/<source>/: explanations/, "
+                    "activations/, features/ batches, .jsonl or .jsonl.gz, and source.jsonl): explanations become "
+                    "labels, activations and features the SAE's dataset statistics (maximum, density, histogram, "
+                    "top examples per latent). Both are kept in the data folder for the UI and later commands; a "
+                    "later import adds to an earlier one. Exports for another SAE are refused.")
+    imports.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, metavar="K",
+                         help=f"examples kept per latent, the strongest (default {DEFAULT_TOP_K})")
+    imports.add_argument("paths", nargs="+", metavar="PATH",
+                         help="export files, or folders searched for them (a whole v1/<model>/<source>/ folder)")
 
 
 def _search_options(parser: argparse.ArgumentParser, default_out: str, budget_help: str) -> None:
@@ -574,6 +592,40 @@ def cmd_registry(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace, config: Config) -> int:
+    from epo_tui import dataset_stats, labels, neuronpedia
+    from epo_tui.engine.sae_loading import load_sae
+    from epo_tui.export_lines import ExportTarget, count
+
+    if args.top_k < 1:
+        raise UserError(f"--top-k: must be >= 1, found {args.top_k}")
+    files = neuronpedia.find_export_files([paths.expand_user(p) for p in args.paths])
+    sae = load_sae(config.sae, source=config.source)  # the SAE alone says which exports fit: no model load
+    model_name = config.model.path or config.model.name  # as the loaded model (and the UI's worker) names it
+    key = dataset_stats.sae_key(model_name, sae.display_name)
+    target = ExportTarget(neuronpedia_id=sae.neuronpedia_id, d_sae=sae.d_sae, release=sae.release, sae_id=sae.id)
+    shown = inert(sae.neuronpedia_id or sae.display_name)
+    for note in neuronpedia.check_sources(files.sources, target):
+        print(f"epo-tui: import: {inert(note)}", file=sys.stderr)
+    # everything is read before anything is kept: an export that fails leaves both stores as they were
+    explained = neuronpedia.read_explanation_files(files.explanations, target) if files.explanations else None
+    stats = None
+    if files.activations or files.features:
+        stats = neuronpedia.import_statistics(key, files.activations, files.features, target, top_k=args.top_k,
+                                              progress=lambda line: _progress_line(f"epo-tui: import: {inert(line)}"))
+    if explained is not None:
+        labels.remember_imported(key, explained.labels)
+        print(f"imported {count(len(explained.labels), 'label')} for {shown}{_import_notes(explained.notes)}")
+    if stats is not None:
+        print(f"imported statistics of {count(stats.latents, 'latent')}, {count(stats.examples, 'example')} for "
+              f"{shown}{_import_notes(stats.notes)}")
+    return 0
+
+
+def _import_notes(notes: Sequence[str]) -> str:
+    return f" ({'; '.join(inert(note) for note in notes)})" if notes else ""
+
+
 def cmd_ui(args: argparse.Namespace, config: Config) -> int:
     """The Textual app; its worker loads the same config (or its own demo pack, with --demo)."""
     from epo_tui.client import worker_command
@@ -640,4 +692,4 @@ def _session_line(entry) -> str:
 
 
 COMMANDS = {"score": cmd_score, "features": cmd_features, "run": cmd_run, "batch": cmd_batch, "bench": cmd_bench,
-            "worker": cmd_worker, "sessions": cmd_sessions, "registry": cmd_registry}
+            "worker": cmd_worker, "sessions": cmd_sessions, "registry": cmd_registry, "import": cmd_import}

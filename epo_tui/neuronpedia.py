@@ -332,7 +332,7 @@ def import_statistics(key: str, activations: Sequence[Path], features: Sequence[
     """Reads activations and features exports for the SAE `target` describes and merges them into its
     Neuronpedia store (dataset_stats.stats_folder(key)); see the module docstring.
 
-    `progress`, when given, hears one line per file read. UserError (one line, naming the file and line)
+    `progress`, when given, hears one line per file read (when there are several). UserError (one line, naming the file and line)
     for a file that cannot be read, a malformed line, or an export for another SAE; the store then stays
     as it was. ValueError for top_k < 1."""
     if top_k < 1:
@@ -346,7 +346,7 @@ def import_statistics(key: str, activations: Sequence[Path], features: Sequence[
             for number, (path, kind) in enumerate(files, start=1):
                 lines_before = reading.skips.lines
                 (reading.read_activations if kind == "activations" else reading.read_features)(path)
-                if progress is not None:
+                if progress is not None and len(files) > 1:
                     progress(f"read {path} ({kind}, {count(reading.skips.lines - lines_before, 'line')}; "
                              f"file {number}/{len(files)})")
             _refuse_another_sae(reading.skips, target, files)
