@@ -46,6 +46,8 @@ FORMAT = "1"
 STATS_FILE = "stats.safetensors"
 EXAMPLES_FILE = "examples.jsonl"
 NEURONPEDIA = "neuronpedia"  # the store `epo-tui import` writes; a local pass over text writes its own
+SHIPPED_FOLDER = "dataset"  # the demo pack's statistics of its held-out text: <pack>/dataset/
+LOCAL = "local"  # the store `epo-tui dataset` (a pass over the user's own text) writes
 _OLD_MARK = ".old-"  # a store set aside while the new one is renamed into place
 
 
@@ -216,6 +218,34 @@ def load_stats(folder: Path) -> DatasetStats | None:
 def load_sae_stats(key: str, origin: str = NEURONPEDIA) -> DatasetStats | None:
     """The store of `origin` for the SAE `key` (see `sae_key`), or None; UserError when it is damaged."""
     return load_stats(stats_folder(key, origin))
+
+
+def shipped_stats_folder(key: str) -> Path | None:
+    """The statistics shipped with the demo pack (<pack>/dataset/, its held-out text) when `key` is the demo
+    pack's SAE key (its model and SAE folders, wherever the package is installed), else None."""
+    from epo_tui import paths
+
+    model, _, sae = key.partition("|")
+    pack = paths.demo_pack()
+    try:
+        same = (Path(model).resolve() == (pack / "model").resolve()
+                and Path(sae).resolve() == (pack / "sae").resolve())
+    except (OSError, ValueError):
+        return None
+    return pack / SHIPPED_FOLDER if same else None
+
+
+def load_best_stats(key: str) -> DatasetStats | None:
+    """The SAE's newest store of either origin (a Neuronpedia import or a local pass over text, whichever
+    was written last: the one the user asked for most recently); without either, the statistics the demo
+    pack ships for its own SAE (`shipped_stats_folder`), so a user's own pass or import on the demo
+    replaces those; else None. UserError when the store found is damaged."""
+    written = [(folder / STATS_FILE).stat().st_mtime_ns if (folder / STATS_FILE).is_file() else -1
+               for folder in (stats_folder(key, origin) for origin in (NEURONPEDIA, LOCAL))]
+    if max(written) >= 0:
+        return load_sae_stats(key, (NEURONPEDIA, LOCAL)[written.index(max(written))])
+    shipped = shipped_stats_folder(key)
+    return load_stats(shipped) if shipped is not None else None
 
 
 def write_stats(folder: Path, max_F: np.ndarray, density_F: np.ndarray,

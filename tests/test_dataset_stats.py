@@ -134,3 +134,24 @@ def test_an_example_knows_its_maximum():
         with pytest.raises(ValueError):
             Example.of(tokens, values)
     assert math.isclose(Example.of(["x"], [-0.5]).max_value, -0.5)
+
+
+def test_the_best_stats_are_the_newest_store_else_the_demo_packs(tmp_path, monkeypatch):
+    import os
+
+    from epo_tui import dataset_stats, paths
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    pack = tmp_path / "pack"
+    monkeypatch.setattr(paths, "demo_pack", lambda: pack)
+    key = sae_key(str(pack / "model"), str(pack / "sae"))  # the demo's key: its model and SAE folders
+    assert dataset_stats.load_best_stats(key) is None
+    _write(pack / "dataset", provenance={"origin": "shipped"})
+    assert dataset_stats.load_best_stats(key).provenance["origin"] == "shipped"
+    for when, (folder, origin) in enumerate(((stats_folder(key), "neuronpedia"),
+                                             (stats_folder(key, dataset_stats.LOCAL), "local")), 1):
+        _write(folder, provenance={"origin": origin})
+        os.utime(folder / STATS_FILE, ns=(when * 10**9, when * 10**9))  # written in this order
+        assert dataset_stats.load_best_stats(key).provenance["origin"] == origin
+    assert dataset_stats.shipped_stats_folder(sae_key("gpt2", str(pack / "sae"))) is None
+    assert dataset_stats.load_best_stats(sae_key("gpt2", "x")) is None
