@@ -88,3 +88,23 @@ class InProcessSessions:
         if isinstance(event, protocol.Error):
             raise WorkerError(event.kind, event.message, event)
         return event
+
+
+FAKE_DATASET_LATENT, FAKE_DATASET_MAX = 24, 2.2  # the fake worker's elites reach 2.0-2.6 at iteration 5
+
+
+def write_fake_dataset() -> None:
+    """Dataset statistics for the fake worker's SAE (40 latents) in the data folder, as an import leaves
+    them: latent 24 with maximum 2.2, density 0.81% and two examples; latent 7 with a density only."""
+    import numpy as np
+
+    from epo_tui import dataset_stats
+    from epo_tui.dataset_stats import Example
+
+    max_F, density_F = np.full(40, np.nan), np.full(40, np.nan)
+    max_F[FAKE_DATASET_LATENT], density_F[FAKE_DATASET_LATENT], density_F[7] = FAKE_DATASET_MAX, 0.0081, 0.2
+    examples = [Example.of([" The", " Debian", " project", " ships", " packages"], [0.0, 2.2, 0.4, 0.0, 0.1]),
+                Example.of([" apt", " install", " on", " Ubuntu"], [0.3, 0.1, 0.0, 1.1])]
+    dataset_stats.write_stats(dataset_stats.stats_folder(dataset_stats.sae_key("demo/model", "demo/sae")),
+                              max_F, density_F, [(FAKE_DATASET_LATENT, examples)],
+                              provenance={"origin": dataset_stats.NEURONPEDIA})

@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer
 
-from epo_tui import favorites, labels, protocol
+from epo_tui import dataset_stats, favorites, labels, protocol
 from epo_tui.client import WORKER_DIED, WorkerClient, WorkerError
 from epo_tui.config import Config
 from epo_tui.errors import UserError
@@ -27,6 +27,7 @@ from epo_tui.stars import Stars
 from epo_tui.text import inert
 from epo_tui.themes import Theme, load_theme
 from epo_tui.tui import worker_messages
+from epo_tui.tui.components.dataset import DatasetPane
 from epo_tui.tui.components.elites import ElitesPane
 from epo_tui.tui.components.features import FeatureList, FeaturePane
 from epo_tui.tui.components.frontier import FrontierPane
@@ -103,6 +104,7 @@ class EpoApp(App):
         self.search_overrides: dict[str, Any] = {}  # [search] keys changed in the settings form
         self.worker_dead = False
         self.last_outcome: str | None = None  # how the last search ended (finished, stopped): shown when idle
+        self.dataset: dataset_stats.DatasetStats | None = None  # the loaded SAE's dataset statistics, if any
 
     # -- layout
 
@@ -112,6 +114,7 @@ class EpoApp(App):
             yield FeaturePane(id="features")
             with Vertical(id="right"):
                 yield ElitesPane(self.epo_theme, id="elites")
+                yield DatasetPane(self.epo_theme, id="dataset")
                 yield FrontierPane(self.epo_theme, id="frontier")
         yield Footer()
 
@@ -153,6 +156,48 @@ class EpoApp(App):
         pane.set_alive(alive_indices(entries))  # `r` draws among the latents that fire
         self.chosen = next((e for e in entries if e.index == self.config.feature.index), None)
         self.apply_imported_labels()
+        self.load_dataset()
+
+    @work(exclusive=True, group="dataset")
+    async def load_dataset(self) -> None:
+        """Reads the SAE's dataset statistics (a Neuronpedia import or a local pass), off the UI thread."""
+        try:
+            self.dataset = await asyncio.to_thread(dataset_stats.load_best_stats, self._sae_key())
+        except UserError as err:
+            self.notify(inert(str(err)), title="dataset statistics not read", severity="warning", timeout=15,
+                        markup=False)
+        self.show_dataset()
+
+    def show_dataset(self) -> None:
+        """The chosen latent's dataset examples, and its maximum as the frontier's line and the colour scale."""
+        latent = self._dataset_latent()
+        self.query_one(DatasetPane).show_latent(self.dataset, latent)
+        top = self.dataset.max(latent) if self.dataset is not None and latent is not None else None
+        self.query_one(FrontierPane).set_dataset_max(top)
+        self._share_colour_scale()
+
+    def _dataset_latent(self) -> int | None:
+        """The latent whose dataset is shown: the one a running (or paused) search optimizes, else the
+        chosen one; None when that is several latents."""
+        if self.session is not None and self.state in ("compiling", "running", "paused", "stopping"):
+            indices = list(self.session.feature.get("indices") or [])
+            return indices[0] if len(indices) == 1 else None
+        return self.chosen.index if self.chosen is not None and not self.combined else None
+
+    def _share_colour_scale(self) -> None:
+        """Elites and dataset examples on one colour scale: up to the larger of the strongest elite token
+        and the dataset maximum, so a dream and an example compare at a glance."""
+        elites, pane = self.query_one(ElitesPane), self.query_one(DatasetPane)
+        elites.set_scale_floor(pane.dataset_max or 0.0)
+        pane.set_scale(elites.scale_max)
+
+    def _versus_dataset(self, elites: list[protocol.Elite]) -> str:
+        """'best 1.24× dataset max at xent 4.1' for the most active elite; '' where no maximum is known."""
+        top = self.query_one(DatasetPane).dataset_max
+        if not elites or top is None or top <= 0:
+            return ""
+        best = max(elites, key=lambda e: e.act)
+        return f"best {best.act / top:.2f}× dataset max at xent {best.xent:.2g}"
 
     def on_worker_state(self, message: worker_messages.State) -> None:
         event = message.event
@@ -168,15 +213,17 @@ class EpoApp(App):
         self.session_meta = self._live_meta(event)
         self.query_one(FrontierPane).reset()
         self.query_one(ElitesPane).update_elites(event.elites)
+        self.show_dataset()
         self.status(session=event.session, label=event.label, iteration=event.iteration,
-                    total=event.iterations_total, budget_left=None)
+                    total=event.iterations_total, budget_left=None, versus_dataset=self._versus_dataset(event.elites))
 
     def on_worker_progress(self, message: worker_messages.Progress) -> None:
         event = message.event
         self.query_one(ElitesPane).update_elites(event.elites)
         self.query_one(FrontierPane).add_progress(event)
+        self._share_colour_scale()
         self.status(iteration=event.iteration, total=event.iterations_total, rate=event.it_per_s,
-                    budget_left=event.budget_left_s)
+                    budget_left=event.budget_left_s, versus_dataset=self._versus_dataset(event.elites))
 
     def on_worker_finished(self, message: worker_messages.Finished) -> None:
         event = message.event
@@ -227,6 +274,7 @@ class EpoApp(App):
         label = f": {message.entry.label}" if message.entry.label else ""
         self.status(label=f"feature {message.entry.index}{label}")
         self.notify(f"feature {message.entry.index} chosen: press s to start", timeout=4)
+        self.show_dataset()
 
     # -- actions
 

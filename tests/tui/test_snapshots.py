@@ -2,7 +2,7 @@
 empty (features listed, no search), searching, finished, in error (the worker died), and searching at
 80x24; and of every modal screen over it: edit & inject (`e`), the scratchpad (`t`), an elite's details
 (`d`), the sessions browser (`o`), the search settings (`S`), a latent's note (`n`) and the help (`F1`); and
-the main screen with keys rebound in the config's `[keys]`. A change in what
+the main screen with keys rebound in the config's `[keys]`, and beside a latent's dataset statistics. A change in what
 the screen shows fails here; review the diff, then update with
 `python -m pytest tests/tui/test_snapshots.py --snapshot-update`.
 """
@@ -25,7 +25,7 @@ from epo_tui.tui.components.features import FeatureList
 from epo_tui.tui.components.frontier import FrontierPane
 from epo_tui.tui.components.status import StatusBar
 from epo_tui.tui.screens.sessions import SessionsScreen
-from tui_pilot import fake_app, ready, until
+from tui_pilot import fake_app, ready, until, write_fake_dataset
 
 
 async def _settled(pilot, keep_notifications: bool = False) -> None:
@@ -141,6 +141,15 @@ def test_the_help_screen(snap_compare):
         await _modal(pilot, "f1")
 
     assert snap_compare(fake_app(), terminal_size=(120, 60), run_before=run_before)
+
+
+@pytest.mark.slow
+def test_searching_beside_the_dataset(snap_compare, tmp_path, monkeypatch):
+    """The chosen latent's dataset examples under the elites (one colour scale), its maximum as the
+    frontier's line with the elites above it starred, and the status bar's ratio."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    write_fake_dataset()
+    assert snap_compare(fake_app(), terminal_size=(120, 40), run_before=_searching)
 
 
 @pytest.mark.slow

@@ -2,8 +2,9 @@
 
 Rows are updated cell by cell rather than rebuilt, so the cursor (the researcher's selection) stays
 put and no highlight message fires while a search streams in; all rows share one colour scale (the
-strongest activation over all elites), so colours compare across rows, and the legend says what the
-strongest colour stands for.
+strongest activation over all elites, or the latent's dataset maximum where that is larger), so colours
+compare across rows and with the dataset examples, and the legend says what the strongest colour stands
+for.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class ElitesPane(Vertical):
         self.epo_theme = theme
         self.elites: list[Elite] = []
         self.scale_max = 0.0
+        self.scale_floor = 0.0  # the scale reaches at least this (the latent's dataset maximum)
         self._mounted = False  # the table exists from on_mount on; elites given earlier are shown then
 
     def compose(self) -> ComposeResult:
@@ -94,9 +96,16 @@ class ElitesPane(Vertical):
         Another number (a new search): the rows are rebuilt and the cursor clamped.
         """
         self.elites = list(elites)
-        self.scale_max = elites_scale_max(self.elites)
+        self.scale_max = max(elites_scale_max(self.elites), self.scale_floor)
         if self._mounted:
             self._show()
+
+    def set_scale_floor(self, floor: float) -> None:
+        """Makes the colour scale reach at least `floor` (activation units): the dataset examples shown
+        beside the elites use the same scale, so their colours compare."""
+        if floor != self.scale_floor:
+            self.scale_floor = floor
+            self.update_elites(self.elites)
 
     def _show(self) -> None:
         """Puts `self.elites` on screen (the legend, the rows), in place when the row count holds."""

@@ -104,11 +104,13 @@ class FrontierPane(Vertical):
         self.frontier = ParetoFrontier()
         self.history = BestHistory()
         self.elite_points: list[tuple[float, float]] = []  # (xent, act) of the current elites
+        self.dataset_max: float | None = None  # the searched latent's dataset maximum: a line on the chart
         self.redraws = 0  # how many times the plots were rebuilt (tests check the throttle)
         self._dirty = True
         colours = theme.colours if theme else {}
         self._frontier_colour: Colour = _rgb(colours["primary"]) if "primary" in colours else "cyan"
         self._elite_colour: Colour = _rgb(colours["accent"]) if "accent" in colours else "orange"
+        self._dataset_colour: Colour = _rgb(colours["warning"]) if "warning" in colours else "red"
 
     def compose(self) -> ComposeResult:
         yield PlotextPlot(id="frontier-plot")
@@ -121,6 +123,13 @@ class FrontierPane(Vertical):
     def on_resize(self) -> None:
         """A short pane (an 80x24 terminal) gives all its rows to the frontier, dropping the history plot."""
         self.query_one("#history-plot").display = self.size.height >= HISTORY_MIN_PANE_HEIGHT
+
+    def set_dataset_max(self, value: float | None) -> None:
+        """Draws the latent's dataset maximum as a horizontal line (None: no line); elites above it are
+        marked apart."""
+        if value != self.dataset_max:
+            self.dataset_max = value
+            self._dirty = True
 
     def reset(self) -> None:
         """Forgets everything (a new search starts)."""
@@ -175,16 +184,25 @@ class FrontierPane(Vertical):
         scatter = self.query_one("#frontier-plot", PlotextPlot)
         plt = scatter.plt
         plt.clear_data()
-        plt.title(f"frontier ({len(self.frontier)} points)" if len(self.frontier) else "frontier: no search yet")
+        title = f"frontier ({len(self.frontier)} points)" if len(self.frontier) else "frontier: no search yet"
+        top = self.dataset_max
+        plt.title(title + (f" · line: dataset max {top:.3g}" if top is not None else ""))
         plt.xlabel("xent (lower: more fluent)")
         plt.ylabel("act")
         points = self.frontier.points
         if points:
             plt.scatter([p.xent for p in points], [p.act for p in points], marker="dot",
                         color=self._frontier_colour, label="frontier")
-        if self.elite_points:
-            plt.scatter([x for x, _ in self.elite_points], [y for _, y in self.elite_points], marker="x",
-                        color=self._elite_colour, label="elites")
+        above = [p for p in self.elite_points if top is not None and p[1] > top]
+        below = [p for p in self.elite_points if p not in above]
+        if below:
+            plt.scatter([x for x, _ in below], [y for _, y in below], marker="x", color=self._elite_colour,
+                        label="elites")
+        if above:
+            plt.scatter([x for x, _ in above], [y for _, y in above], marker="star", color=self._elite_colour,
+                        label="elites above the dataset")
+        if top is not None:
+            plt.horizontal_line(top, color=self._dataset_colour)
         scatter.refresh()
 
         history = self.query_one("#history-plot", PlotextPlot)

@@ -26,7 +26,8 @@ class StatusBar(Static):
     """One line: state · iteration i/N · it/s · ETA · feature · model / SAE @ hook · devices.
 
     `show(**fields)` updates any of: state, devices, model, sae, hook, label, session, iteration, total,
-    rate, budget_left; the rest keep their values."""
+    rate, budget_left, versus_dataset (e.g. "best 1.24× dataset max at xent 4.1"); the rest keep their
+    values."""
 
     DEFAULT_CSS = "StatusBar { height: 1; background: $panel; color: $foreground; padding: 0 1; }"
 
@@ -50,6 +51,8 @@ class StatusBar(Static):
         eta = eta_text(f.get("iteration"), f.get("total"), f.get("rate"), f.get("budget_left"))
         if eta:
             parts.append(eta)
+        if f.get("versus_dataset"):
+            parts.append(f["versus_dataset"])
         if f.get("label"):
             parts.append(f["label"])
         if f.get("model"):

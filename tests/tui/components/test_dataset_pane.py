@@ -1,0 +1,98 @@
+"""The dataset beside the search: the chosen latent's examples and maximum (the dataset pane), the
+maximum as the frontier's line with the elites above it marked, the status bar's ratio, and one colour
+scale for elites and examples; a latent without statistics hides the pane."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from epo_tui.dataset_stats import Example
+from epo_tui.tui.components.dataset import DatasetPane, example_window
+from epo_tui.tui.components.elites import ElitesPane
+from epo_tui.tui.components.frontier import FrontierPane
+from epo_tui.tui.components.status import StatusBar
+from tui_pilot import FAKE_DATASET_MAX, fake_app, ready, search_until, until, write_fake_dataset
+
+
+@pytest.fixture(autouse=True)
+def own_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+
+
+def test_an_examples_window_keeps_the_context_before_its_strongest_token():
+    example = Example.of([f"t{i}" for i in range(30)], [0.0] * 20 + [5.0] + [0.0] * 9)
+    tokens, values = example_window(example)
+    assert tokens == [f"t{i}" for i in range(8, 25)] and values[12] == 5.0
+
+
+def _pane_text(app) -> str:
+    return "\n".join(line.plain for line in app.query_one(DatasetPane).lines())
+
+
+def test_the_chosen_latents_dataset_beside_the_search():
+    write_fake_dataset()
+    app = fake_app()
+
+    async def scenario():
+        async with app.run_test(size=(120, 40)) as pilot:
+            await ready(pilot)
+            pane = app.query_one(DatasetPane)
+            await until(pilot, lambda: pane.display, "the dataset pane")
+            before = _pane_text(app)
+            assert app.query_one(FrontierPane).dataset_max == FAKE_DATASET_MAX
+            await search_until(pilot, 5)
+            status = str(app.query_one(StatusBar).line_text())
+            elites, frontier = app.query_one(ElitesPane), app.query_one(FrontierPane)
+            above = [a for _, a in frontier.elite_points if a > FAKE_DATASET_MAX]
+            scales = elites.scale_max, pane.scale_max
+            await pilot.press("q")
+        return before, status, above, scales
+
+    before, status, above, scales = asyncio.run(scenario())
+    assert before.startswith("latent 24: dataset max 2.2 · fires on 0.81% of tokens · neuronpedia")
+    assert "2.2  The Debian project ships packages" in before and "1.1  apt install on Ubuntu" in before
+    # the fake worker's best elite at iteration 5: act 2.6 at xent 4.25
+    assert "best 1.18× dataset max at xent 4.2" in status
+    assert sorted(above) == [2.4, 2.6]
+    assert scales[0] == scales[1] == pytest.approx(2.6)
+
+
+def test_a_latent_without_statistics_hides_the_pane_and_the_line():
+    write_fake_dataset()
+    app = fake_app()
+
+    async def scenario():
+        async with app.run_test(size=(120, 40)) as pilot:
+            await ready(pilot)
+            pane = app.query_one(DatasetPane)
+            await until(pilot, lambda: pane.display, "the dataset pane")
+            await pilot.press("g", *"30", "enter")  # go to latent 30, which has no statistics
+            await pilot.pause(0.2)
+            await pilot.press("enter")  # choose it
+            await until(pilot, lambda: app.chosen.index == 30, "latent 30 chosen")
+            shown = pane.display, app.query_one(FrontierPane).dataset_max
+            elites_scale = app.query_one(ElitesPane).scale_floor
+            await pilot.press("q")
+        return shown, elites_scale
+
+    (shown, line), floor = asyncio.run(scenario())
+    assert not shown and line is None and floor == 0.0
+
+
+def test_without_any_statistics_the_screen_is_as_before():
+    app = fake_app()
+
+    async def scenario():
+        async with app.run_test(size=(120, 40)) as pilot:
+            await ready(pilot)
+            await search_until(pilot, 5)
+            state = app.query_one(DatasetPane).display, app.query_one(FrontierPane).dataset_max
+            status = str(app.query_one(StatusBar).line_text())
+            await pilot.press("q")
+        return state, status
+
+    (shown, line), status = asyncio.run(scenario())
+    assert not shown and line is None and "dataset" not in status
