@@ -166,6 +166,7 @@ class EpoApp(App):
         except UserError as err:
             self.notify(inert(str(err)), title="dataset statistics not read", severity="warning", timeout=15,
                         markup=False)
+        self.query_one(FeaturePane).set_dataset(self.dataset)
         self.show_dataset()
 
     def show_dataset(self) -> None:

@@ -6,14 +6,18 @@ on screen (`FeatureList`, a line-API scroll view) instead of building a widget p
 
 Keys in the list: enter chooses, `*` stars, `n` edits the note, `r` jumps to a random (alive) latent,
 `g` asks for an index, space marks up to two latents and `+` asks to combine them (`c` is the app's
-copy). In the search box, `#N` (or a bare number) puts latent N first and enter jumps to it.
+copy), `ctrl+o` changes the order (the search's relevance, index, density, dataset maximum). In the search
+box, `#N` (or a bare number) puts latent N first and enter jumps to it. Where the SAE has dataset
+statistics, each row shows the latent's dataset maximum and density.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.style import Style
 from rich.text import Text
@@ -36,10 +40,17 @@ from epo_tui.labels import read_explanations
 from epo_tui.stars import Stars
 from epo_tui.text import inert
 from epo_tui.tui.screens.note import NoteEditor
+from epo_tui.tui.tokens import format_number
+
+if TYPE_CHECKING:
+    from epo_tui.dataset_stats import DatasetStats
 
 STAR, MARK = "★", "●"
 MAX_MARKED = 2
 MATCHER_LIMIT = 2000  # matches ranked by textual's fuzzy Matcher (~7 µs each); more are ranked cheaply
+# the list's orders, in the order ctrl+o cycles through them: the search's relevance (index order when
+# nothing is typed), then by index, then most often firing first, then strongest on the dataset first
+ORDERS = ("relevance", "index", "density", "dataset max")
 
 
 class FuzzyFeatureSearch(FeatureSearch):
@@ -160,6 +171,8 @@ class FeaturePane(Vertical):
         Binding("g", "go_to", "Go to #", show=False, id="features.go_to"),
         Binding("space", "mark", "Mark", show=False, id="features.mark"),
         Binding("plus", "combine", "Combine 2", show=False, id="features.combine"),
+        Binding("ctrl+o", "next_order", "Order: relevance, index, density, max", show=False,
+                id="features.order"),
     ]
 
     class Chosen(Message):
@@ -185,6 +198,8 @@ class FeaturePane(Vertical):
         self.rows: list[int] = []  # positions into search.entries, in display order
         self.query_text = ""  # the query the rows were built for
         self.marked: list[int] = []  # latent indices, oldest first
+        self.order = ORDERS[0]
+        self.dataset: DatasetStats | None = None  # the SAE's dataset statistics, where there are some
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="search features: words, tokens or #index", id="feature-search")
@@ -212,6 +227,26 @@ class FeaturePane(Vertical):
         if self.entries:
             self._show_count()
             self.query_one(FeatureList).refresh()
+
+    def set_dataset(self, stats: DatasetStats | None) -> None:
+        """The SAE's dataset statistics: each row then shows its latent's maximum and density."""
+        self.dataset = stats
+        self._apply_query(self.query_text, keep=self.highlighted)
+
+    def density_of(self, entry: FeatureEntry) -> float | None:
+        """The fraction of tokens the latent fires on: the dataset's where known, else the SAE's own record."""
+        density = self.dataset.density(entry.index) if self.dataset is not None else None
+        if density is None and entry.log10_density is not None:
+            density = 10.0 ** entry.log10_density
+        return density
+
+    def dataset_max_of(self, entry: FeatureEntry) -> float | None:
+        return self.dataset.max(entry.index) if self.dataset is not None else None
+
+    def action_next_order(self) -> None:
+        self.order = ORDERS[(ORDERS.index(self.order) + 1) % len(ORDERS)]
+        self._apply_query(self.query_text, keep=self.highlighted)
+        self.notify(f"features by {self.order}", timeout=2)
 
     def import_labels(self, path: Path) -> int:
         """Labels from a Neuronpedia explanations export; returns how many latents got one (UserError if unreadable)."""
@@ -251,7 +286,8 @@ class FeaturePane(Vertical):
         tokens = Text(self.search.tokens[position], style=style_of("feature-list--tokens"))
         for offset in token_hits:
             tokens.stylize(match, offset, offset + 1)
-        label_width = max(10, (width - 10) * 3 // 5)
+        figures = self._dataset_cells(entry)
+        label_width = max(10, (width - 10 - len(figures)) * 3 // 5)
         label.truncate(label_width, overflow="ellipsis", pad=True)
         starred = self.stars is not None and self.stars.is_starred(entry.index)
         noted = self.stars is not None and bool(self.stars.note(entry.index))
@@ -264,12 +300,20 @@ class FeaturePane(Vertical):
             (MARK if entry.index in self.marked else " ", style_of("feature-list--mark")),
             index,
             (STAR if starred else ("✎" if noted else " "), style_of("feature-list--star")),
-            " ", label, " ", tokens, no_wrap=True, end="")
+            (figures, index_style), " ", label, " ", tokens, no_wrap=True, end="")
+
+    def _dataset_cells(self, entry: FeatureEntry) -> str:
+        """' 2.21 0.81%': the latent's dataset maximum and density, where the SAE has dataset statistics."""
+        if self.dataset is None:
+            return ""
+        top, density = self.dataset_max_of(entry), self.dataset.density(entry.index)
+        shown_density = "" if density is None else f"{density * 100:.2g}%"
+        return f" {format_number(top) if top is not None else '':>5} {shown_density:>6}"
 
     def _apply_query(self, query: str, keep: FeatureEntry | None = None) -> None:
         """Rebuilds the rows for `query`; the cursor stays on `keep` when it is still shown, else goes to the top."""
         self.query_text = query
-        self.rows = self.search.filter(query)
+        self.rows = self._ordered(self.search.filter(query))
         cursor = 0
         if keep is not None:
             position = self.search.position.get(keep.index)
@@ -277,8 +321,24 @@ class FeaturePane(Vertical):
         self.query_one(FeatureList).set_row_count(len(self.rows), cursor)
         self._show_count()
 
+    def _ordered(self, rows: list[int]) -> list[int]:
+        """The search's rows in the chosen order; latents without a value (no density known) go last."""
+        if self.order == "relevance":
+            return rows
+        if self.order == "index":
+            return sorted(rows, key=lambda p: self.entries[p].index)
+        value_of = self.density_of if self.order == "density" else self.dataset_max_of
+
+        def key(position: int) -> tuple[float, int]:
+            value = value_of(self.entries[position])
+            return (-value if value is not None and math.isfinite(value) else math.inf, self.entries[position].index)
+
+        return sorted(rows, key=key)
+
     def _show_count(self) -> None:
         parts = [f"{len(self.rows):,} of {len(self.entries):,} features"]
+        if self.order != ORDERS[0]:
+            parts.append(f"by {self.order}")
         if self.alive is not None:
             parts.append(f"{len(self.alive):,} alive")
         if self.stars is not None and self.stars.starred():

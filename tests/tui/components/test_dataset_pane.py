@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from rich.style import Style
 
 from epo_tui.dataset_stats import Example
 from epo_tui.tui.components.dataset import DatasetPane, example_window
 from epo_tui.tui.components.elites import ElitesPane
+from epo_tui.tui.components.features import ORDERS, FeaturePane
 from epo_tui.tui.components.frontier import FrontierPane
 from epo_tui.tui.components.status import StatusBar
 from tui_pilot import FAKE_DATASET_MAX, fake_app, ready, search_until, until, write_fake_dataset
@@ -96,3 +98,29 @@ def test_without_any_statistics_the_screen_is_as_before():
 
     (shown, line), status = asyncio.run(scenario())
     assert not shown and line is None and "dataset" not in status
+
+
+def test_the_feature_list_shows_dataset_figures_and_orders_by_them():
+    write_fake_dataset()
+    app = fake_app()
+
+    async def scenario():
+        async with app.run_test(size=(120, 40)) as pilot:
+            await ready(pilot)
+            pane = app.query_one(FeaturePane)
+            await until(pilot, lambda: pane.dataset is not None, "the dataset statistics")
+            row = pane.row_text(pane.rows.index(pane.search.position[24]), 60, lambda _: Style()).plain
+            orders = {}
+            for _ in ORDERS:
+                orders[pane.order] = [e.index for e in pane.shown[:3]]
+                count = str(pane.query_one("#feature-count").render())
+                await pilot.press("ctrl+o")
+            await pilot.press("q")
+        return row, orders, count
+
+    row, orders, count = asyncio.run(scenario())
+    assert row.startswith("     24     2.2  0.81% (no label) ")  # mark, index, star, max, density
+    # latent 7 fires on 20% of tokens, 24 on 0.81%; the others have no density (none from the fake SAE)
+    assert orders == {"relevance": [0, 1, 2], "index": [0, 1, 2], "density": [7, 24, 0],
+                      "dataset max": [24, 0, 1]}
+    assert "by dataset max" in count
