@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sessions_command(commands, common)
     _add_registry_command(commands, common)
     _add_import_command(commands, common)
+    _add_dataset_command(commands, common)
     return parser
 
 
@@ -231,6 +232,29 @@ def _add_import_command(commands, common: argparse.ArgumentParser) -> None:
                          help=f"examples kept per latent, the strongest (default {DEFAULT_TOP_K})")
     imports.add_argument("paths", nargs="+", metavar="PATH",
                          help="export files, or folders searched for them (a whole v1/<model>/<source>/ folder)")
+
+
+def _add_dataset_command(commands, common: argparse.ArgumentParser) -> None:
+    """`dataset (--text FILE... | --jsonl FILE...)`: a local pass over text, the SAE's dataset statistics."""
+    dataset = commands.add_parser(
+        "dataset", parents=[common], help="the SAE's dataset statistics from a pass over your own text",
+        description="Run text through the model and SAE in batches and keep, per latent: its maximum activation "
+                    "and context, its top examples (rows) with every token's activation, its firing density and "
+                    "a histogram of its activations. The statistics go to the SAE's local store in the data "
+                    "folder, for the UI and later commands. Ctrl-C (or SIGTERM) stops after the batch; rerunning "
+                    "the same command continues from the last checkpoint, and a finished one is not run again.")
+    text = dataset.add_mutually_exclusive_group()
+    text.add_argument("--text", nargs="+", metavar="FILE", default=[], help="plain text files, one document each")
+    text.add_argument("--jsonl", nargs="+", metavar="FILE", default=[],
+                      help="JSON-lines files, one document per line in its \"text\" field")
+    dataset.add_argument("--tokens", type=int, metavar="N", help="read at most N tokens of text (default: all)")
+    dataset.add_argument("--context", type=int, default=128, metavar="C",
+                         help="tokens a row: BOS and C-1 tokens of text (default 128)")
+    dataset.add_argument("--top-k", type=int, default=20, metavar="K", help="examples kept per latent (default 20)")
+    dataset.add_argument("--batch-size", type=int, default=16, metavar="B",
+                         help="rows run through the model at once (default 16)")
+    dataset.add_argument("--checkpoint-every", type=int, metavar="BATCHES",
+                         help="a checkpoint every this many batches (default: every 30 s)")
 
 
 def _search_options(parser: argparse.ArgumentParser, default_out: str, budget_help: str) -> None:
@@ -626,6 +650,22 @@ def _import_notes(notes: Sequence[str]) -> str:
     return f" ({'; '.join(inert(note) for note in notes)})" if notes else ""
 
 
+def cmd_dataset(args: argparse.Namespace, config: Config) -> int:
+    from epo_tui.dataset_text import JSONL, TEXT, TextSource
+    from epo_tui.engine.dataset_job import DatasetOptions, run_dataset, summary_line
+    from epo_tui.engine.runner import StopFlag
+    from epo_tui.progress import dataset_progress
+
+    sources = tuple(TextSource(paths.expand_user(p), TEXT) for p in args.text) + tuple(
+        TextSource(paths.expand_user(p), JSONL) for p in args.jsonl)
+    options = DatasetOptions(sources=sources, context=args.context, top_k=args.top_k, max_tokens=args.tokens,
+                             batch_rows=args.batch_size, checkpoint_batches=args.checkpoint_every)
+    with StopFlag() as stop, dataset_progress() as display:
+        outcome = run_dataset(config, options, display, stop)
+    print(inert(summary_line(outcome)), flush=True)
+    return EXIT_INTERRUPTED if outcome.interrupted else 0
+
+
 def cmd_ui(args: argparse.Namespace, config: Config) -> int:
     """The Textual app; its worker loads the same config (or its own demo pack, with --demo)."""
     from epo_tui.client import worker_command
@@ -692,4 +732,5 @@ def _session_line(entry) -> str:
 
 
 COMMANDS = {"score": cmd_score, "features": cmd_features, "run": cmd_run, "batch": cmd_batch, "bench": cmd_bench,
-            "worker": cmd_worker, "sessions": cmd_sessions, "registry": cmd_registry, "import": cmd_import}
+            "worker": cmd_worker, "sessions": cmd_sessions, "registry": cmd_registry, "import": cmd_import,
+            "dataset": cmd_dataset}

@@ -83,6 +83,15 @@ def pieces(sources: Sequence[TextSource]) -> Iterator[Piece]:
             yield from _text_pieces(source.path)
 
 
+def has_text(sources: Sequence[TextSource]) -> bool:
+    """Whether any document holds more than white space; reads every file through, so a bad line is found
+    (UserError, as `pieces`)."""
+    found = False
+    for piece in pieces(sources):
+        found = found or bool(piece.text.strip())
+    return found
+
+
 def _text_pieces(path: Path) -> Iterator[Piece]:
     chunk: list[str] = []
     size = 0

@@ -6,6 +6,7 @@ the engine and its heavy imports).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -172,3 +173,75 @@ class _ProgressBars(_Progress):
             self.features_done += 1
             self.bars.update(self.batch_task, completed=self.features_done,
                              count=f"{self.features_done}/{self.features_total}")
+
+
+def dataset_progress():
+    """`epo-tui dataset`'s progress on stderr: a bar with rows done and tokens/s in a terminal (not under
+    CI), else one line at the start (the command prints its summary line at the end either way)."""
+    return _DatasetBar() if sys.stderr.isatty() and not os.environ.get("CI") else _DatasetLines()
+
+
+class _DatasetLines:
+    """A dataset pass's progress where stderr is not a terminal: a line at the start, notes as lines."""
+
+    def __init__(self):
+        self.rows = self.tokens = 0
+        self.timed_tokens, self.timed_seconds, self.batches = 0, 0.0, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def line(self, text: str) -> None:
+        print(f"epo-tui: dataset: {inert(text)}", file=sys.stderr, flush=True)
+
+    def start(self, rows: int, tokens: int, rows_done: int, tokens_done: int) -> None:
+        self.rows, self.tokens = rows, tokens
+        self.line(f"{rows:,} rows, {tokens:,} tokens" + (f"; {rows_done:,} rows done before" if rows_done else ""))
+
+    def advance(self, rows_done: int, tokens_read: int, seconds: float) -> None:
+        self.batches += 1
+        if self.batches > 1:  # the first batch compiles
+            self.timed_tokens += tokens_read
+            self.timed_seconds += seconds
+
+    def rate(self) -> str:
+        """`1,234 tokens/s` over the batches after the first, or `compiling…` before there are any."""
+        if not self.timed_seconds:
+            return "compiling…"
+        return f"{self.timed_tokens / self.timed_seconds:,.0f} tokens/s"
+
+
+class _DatasetBar(_DatasetLines):
+    """A rich bar on stderr: rows done of all, tokens/s, time left."""
+
+    def __init__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        super().__init__()
+        self.bars = Progress(TextColumn("dataset"), BarColumn(), TextColumn("{task.fields[count]}"),
+                             TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                             console=Console(file=sys.stderr), transient=True)
+        self.task = None
+
+    def __enter__(self):
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bars.stop()
+
+    def line(self, text: str) -> None:
+        self.bars.console.print(f"epo-tui: dataset: {inert(text)}", markup=False, highlight=False, soft_wrap=True)
+
+    def start(self, rows: int, tokens: int, rows_done: int, tokens_done: int) -> None:
+        super().start(rows, tokens, rows_done, tokens_done)
+        self.task = self.bars.add_task("dataset", total=rows, completed=rows_done, count=f"{rows_done:,}/{rows:,} rows",
+                                       rate=self.rate())
+
+    def advance(self, rows_done: int, tokens_read: int, seconds: float) -> None:
+        super().advance(rows_done, tokens_read, seconds)
+        self.bars.update(self.task, completed=rows_done, count=f"{rows_done:,}/{self.rows:,} rows", rate=self.rate())
