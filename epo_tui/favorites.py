@@ -36,8 +36,10 @@ def favorites_path(config) -> Path:
     return paths.expand_user(config.favorites.path) if config.favorites.path else paths.data_dir() / "favorites.md"
 
 
-def favorite_from_elite(session_meta: dict, elite: Elite, saved: datetime | str | None = None) -> dict[str, Any]:
-    """A favorite from a session's metadata and one of its elites."""
+def favorite_from_elite(session_meta: dict, elite: Elite, saved: datetime | str | None = None,
+                        dataset_max: float | None = None) -> dict[str, Any]:
+    """A favorite from a session's metadata and one of its elites; `dataset_max`, the searched latent's
+    dataset maximum where known, puts the elite's ratio to it in the entry."""
     sae = session_meta.get("sae") or {}
     return {
         "features": list((session_meta.get("feature") or {}).get("indices") or []),
@@ -55,6 +57,7 @@ def favorite_from_elite(session_meta: dict, elite: Elite, saved: datetime | str 
         "penalty": elite.penalty,
         "saved": saved if saved is not None else datetime.now(timezone.utc),
         "session": session_meta.get("id"),
+        "dataset_ratio": elite.act / dataset_max if dataset_max is not None and dataset_max > 0 else None,
     }
 
 
@@ -73,7 +76,8 @@ def render_entry(fav: dict[str, Any]) -> str:
     source = f" from session `{code_span(fav['session'])}`" if fav["session"] else ""
     lines = [MARKER, f"## {heading}", "",
              f"- model `{code_span(fav['model'])}` · SAE `{code_span(fav['sae'])}` at `{code_span(fav['hook'])}`",
-             f"- act {number(fav['act'])} · xent {number(fav['xent'])} · λ {float(fav['penalty']):.2f}",
+             f"- act {number(fav['act'])}{_versus_dataset(fav.get('dataset_ratio'))} · xent {number(fav['xent'])}"
+             f" · λ {float(fav['penalty']):.2f}",
              f"- saved {utc_text(fav['saved'])}{source}"]
     if start > 0:
         lines.append(f"- after the prefix `{code_span(''.join(tokens[:start]))}`")
@@ -87,6 +91,11 @@ def render_entry(fav: dict[str, Any]) -> str:
         id_cell = f" {int(token_ids[pos])} |" if with_ids else ""
         lines.append(f"| {pos} | {md_token(tokens[pos])} |{id_cell} {number(acts[pos])} |")
     return "\n".join(lines) + "\n"
+
+
+def _versus_dataset(ratio: float | None) -> str:
+    """' (1.18× the dataset maximum)', or '' when unknown."""
+    return f" ({float(ratio):.2f}× the dataset maximum)" if ratio is not None else ""
 
 
 def _longest_run(text: str, char: str) -> int:

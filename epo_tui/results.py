@@ -72,6 +72,31 @@ def build_result(*, config: dict, feature: OptimizedFeature, model: str, sae: di
     }
 
 
+def dataset_block(stats: Any, latent: int, acts: list[float]) -> dict[str, Any] | None:
+    """How activations `acts` (an elite's act each) compare with latent `latent` on its dataset: the
+    dataset's maximum, density and origin, each act as a multiple of that maximum (`ratios`: 1.24 is 24%
+    above any dataset example) and its percentile among the dataset's activations (`percentiles`, 0..100,
+    None without a histogram). `stats` is a DatasetStats (epo_tui.dataset_stats); None when it has no
+    positive maximum for the latent."""
+    top = stats.max(latent) if stats is not None else None
+    if top is None or not top > 0:
+        return None
+    histogram = stats.histogram(latent)
+    return {"latent": latent, "max": top, "density": stats.density(latent),
+            "origin": stats.provenance.get("origin"), "ratios": [act / top for act in acts],
+            "percentiles": [histogram.percentile(act) if histogram is not None else None for act in acts]}
+
+
+def with_dataset(result: dict, stats: Any) -> dict:
+    """`result` with a "dataset" entry (`dataset_block` of its elites) when it optimized one SAE latent
+    whose dataset maximum `stats` knows; else `result` unchanged."""
+    feature = result["feature"]
+    if feature.get("kind") != "sae" or len(feature.get("indices") or []) != 1:
+        return result
+    block = dataset_block(stats, int(feature["indices"][0]), [e["act"] for e in result["elites"]])
+    return {**result, "dataset": block} if block is not None else result
+
+
 def write_result(folder: Path, result: dict) -> None:
     """report.md, then result.json, in `folder` (created), each written atomically: result.json comes
     last, so a folder with it holds both files whole (a batch rerun trusts exactly that)."""
@@ -124,9 +149,18 @@ def summary(result: dict, folder: str) -> dict[str, Any]:
 
 
 def build_index(summaries: list[dict], *, model: str, sae: dict, features_requested: list[int],
-                interrupted: bool, process: dict) -> dict[str, Any]:
-    """The content of index.json: one entry per feature that ran, best activation first."""
-    entries = sorted(summaries, key=lambda s: (-s["act"], s["feature"]))
+                interrupted: bool, process: dict, dataset: Any = None) -> dict[str, Any]:
+    """The content of index.json: one entry per feature that ran. With the SAE's dataset statistics
+    (`dataset`, a DatasetStats), each entry gets its best act's `dataset_ratio` (None where the
+    latent's maximum is unknown) and the entries go by that ratio, highest first, those without one
+    after them; else by best activation."""
+    entries = []
+    for entry in summaries:
+        block = dataset_block(dataset, entry["feature"], [entry["act"]]) if dataset is not None else None
+        entries.append({**entry, "dataset_ratio": block["ratios"][0] if block else None}
+                       if dataset is not None else dict(entry))
+    entries.sort(key=lambda s: (s.get("dataset_ratio") is None, -(s.get("dataset_ratio") or 0.0), -s["act"],
+                                s["feature"]))
     done = {s["feature"] for s in summaries}
     return {
         "version": INDEX_VERSION,
@@ -225,9 +259,10 @@ def render_report(result: dict) -> str:
         "",
         _timing_line(result),
         "",
+        *_dataset_lines(result.get("dataset")),
         "## Elites",
         "",
-        *elites_table(result["elites"]),
+        *elites_table(result["elites"], result.get("dataset")),
     ]
     for k, elite in enumerate(result["elites"], 1):
         lines += elite_section(k, elite)
@@ -235,12 +270,37 @@ def render_report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def elites_table(elites: list[dict]) -> list[str]:
-    """One row per elite: λ, act, xent, the prompt's text (shared with the session export)."""
-    lines = ["| # | λ | act | xent | prompt |", "|---:|---:|---:|---:|---|"]
+def _dataset_lines(dataset: dict | None) -> list[str]:
+    """The report's sentence on the dataset: its maximum, and how far the best elite got past it."""
+    if not dataset:
+        return []
+    origin = f" ({md_text(dataset['origin'])})" if dataset.get("origin") else ""
+    best = max(range(len(dataset["ratios"])), key=lambda k: dataset["ratios"][k], default=None)
+    if best is None:
+        return [f"Dataset maximum of latent {dataset['latent']}: {number(dataset['max'])}{origin}.", ""]
+    percentile = dataset["percentiles"][best]
+    above = f", above {percentile:.4g}% of its activations on the dataset" if percentile is not None else ""
+    return [f"Dataset maximum of latent {dataset['latent']}: {number(dataset['max'])}{origin}; the best elite "
+            f"reaches {dataset['ratios'][best]:.2f}× it{above}.", ""]
+
+
+def elites_table(elites: list[dict], dataset: dict | None = None) -> list[str]:
+    """One row per elite: λ, act, xent, the prompt's text (shared with the session export); with the
+    dataset's comparison (`dataset_block`), also each act as a multiple of the dataset maximum and its
+    percentile."""
+    if dataset:
+        lines = ["| # | λ | act | × dataset max | percentile | xent | prompt |",
+                 "|---:|---:|---:|---:|---:|---:|---|"]
+    else:
+        lines = ["| # | λ | act | xent | prompt |", "|---:|---:|---:|---:|---|"]
     for k, elite in enumerate(elites, 1):
         text = elite.get("text", "".join(elite["tokens"][elite.get("prompt_start", 0):]))
-        lines.append(f"| {k} | {elite['penalty']:.2f} | {number(elite['act'])} | {number(elite['xent'])} | "
+        versus = ""
+        if dataset:
+            percentile = dataset["percentiles"][k - 1]
+            versus = (f" {dataset['ratios'][k - 1]:.2f}× | "
+                      f"{f'{percentile:.3g}' if percentile is not None else '–'} |")
+        lines.append(f"| {k} | {elite['penalty']:.2f} | {number(elite['act'])} |{versus} {number(elite['xent'])} | "
                      f"{md_text(text)} |")
     return lines
 
@@ -288,11 +348,17 @@ def render_index(index: dict) -> str:
     if index["interrupted"] or index["features_missing"]:
         missing = ", ".join(str(f) for f in index["features_missing"]) or "none"
         lines += [f"Interrupted: features not run: {missing}.", ""]
-    lines += ["| feature | best act | xent | prompt | report |", "|---:|---:|---:|---|---|"]
+    with_ratio = any("dataset_ratio" in entry for entry in index["features"])
+    if with_ratio:
+        lines += ["| feature | best act | × dataset max | xent | prompt | report |", "|---:|---:|---:|---:|---|---|"]
+    else:
+        lines += ["| feature | best act | xent | prompt | report |", "|---:|---:|---:|---|---|"]
     for entry in index["features"]:
         note = f" (stopped after {entry['iterations_run']} iterations)" if entry["interrupted"] else ""
         link = f"[{md_text(entry['folder'])}]({_link(entry['folder'])}/report.md)"
-        lines.append(f"| {entry['feature']} | {number(entry['act'])} | {number(entry['xent'])} | "
+        ratio = entry.get("dataset_ratio")
+        versus = (f" {ratio:.2f}× |" if ratio is not None else " – |") if with_ratio else ""
+        lines.append(f"| {entry['feature']} | {number(entry['act'])} |{versus} {number(entry['xent'])} | "
                      f"{md_text(entry['prompt'])}{md_text(note)} | {link} |")
     return "\n".join(lines) + "\n"
 

@@ -59,6 +59,11 @@ def test_an_entry_is_exactly_this():
     assert render_entry(_fav()) == EXPECTED_ENTRY
 
 
+def test_an_entry_says_how_far_past_the_dataset_maximum_it_got():
+    lines = render_entry(_fav(dataset_ratio=1.2345)).splitlines()
+    assert lines[4] == "- act 12.346 (1.23× the dataset maximum) · xent 3.210 · λ 2.00"
+
+
 def test_entry_variants_several_features_no_label_no_ids_iso_time():
     entry = render_entry(_fav(features=[3, 9], label=None, token_ids=None, prompt_start=0,
                               saved="2026-11-25T11:30:00+01:00", session=None))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from jax.sharding import Mesh
 
-from epo_tui import results, sessions
+from epo_tui import dataset_stats, results, sessions
 from epo_tui.budget import Deadline, budget_seconds, format_budget
 from epo_tui.config import Config
 from epo_tui.engine.distributed import Cluster, gather_summaries, rows_per_process
@@ -173,9 +173,20 @@ def _run_recorded(recorded: RecordedSearch, setup_s: float, folder: Path, report
         result = recorded.finish("finished" if recorded.done else "stopped", timings=timings, cluster=cluster)
     except sessions.SessionGone as err:
         _lost_session(recorded, err, folder, cluster, timings)
+    result = results.with_dataset(result, _dataset_stats(recorded.search.pair, reporter))
     results.write_result(folder, result)
     reporter.search_finished(result, Path(folder))
     return result
+
+
+def _dataset_stats(pair: ModelWithSAE, reporter: Reporter) -> dataset_stats.DatasetStats | None:
+    """The SAE's dataset statistics (a Neuronpedia import or a local pass), or None; a damaged store is
+    said in one line and left out of the results."""
+    try:
+        return dataset_stats.load_best_stats(dataset_stats.sae_key(pair.model.name, pair.sae.display_name))
+    except UserError as err:
+        reporter.line(f"epo-tui: dataset statistics left out: {err}")
+        return None
 
 
 def _lost_session(recorded: RecordedSearch, err: sessions.SessionGone, folder: Path, cluster: Cluster,
@@ -236,7 +247,7 @@ def run_batch(pair: ModelWithSAE, config: Config, features: list[int], out: Path
         interrupted = True
     gathered = gather_summaries(summaries, cluster, rows_per_process(len(features), cluster),
                                 config.search.prompt_tokens)
-    index = _index(pair, gathered, features, interrupted or len(gathered) < len(features), cluster)
+    index = _index(pair, gathered, features, interrupted or len(gathered) < len(features), cluster, reporter)
     if cluster.is_leader:
         results.write_index(out, index)
     return index
@@ -309,13 +320,14 @@ def budget_share(config: Config, features: int) -> Config:
 
 
 def _index(pair: ModelWithSAE, gathered: list[dict], features: list[int], interrupted: bool,
-           cluster: Cluster) -> dict:
+           cluster: Cluster, reporter: Reporter) -> dict:
     for entry in gathered:  # prompts travel as ids between processes; the text is decoded here
         entry["prompt"] = pair.model.decode(entry["token_ids"])
         entry["folder"] = feature_folder(entry["feature"])
     return results.build_index(gathered, model=pair.model.name,
                                sae={"name": pair.sae.display_name, "hook": pair.sae.hook_name},
-                               features_requested=features, interrupted=interrupted, process=cluster.to_json())
+                               features_requested=features, interrupted=interrupted, process=cluster.to_json(),
+                               dataset=_dataset_stats(pair, reporter))
 
 
 def random_features(count: int, d_sae: int, seed: int) -> list[int]:

@@ -330,7 +330,9 @@ class EpoApp(App):
             return
         path = favorites.favorites_path(self.config)
         try:
-            entry = favorites.favorite_from_elite(self.session_meta, elite)
+            indices = list((self.session_meta.get("feature") or {}).get("indices") or [])
+            top = self.dataset.max(indices[0]) if self.dataset is not None and len(indices) == 1 else None
+            entry = favorites.favorite_from_elite(self.session_meta, elite, dataset_max=top)
             saved = await asyncio.to_thread(favorites.append_favorite, path, entry)
         except Exception as err:  # noqa: BLE001 - a failed save is told, never fatal
             self.notify(inert(str(err)), title="favorite not saved", severity="error", timeout=15)

@@ -550,3 +550,40 @@ def test_batch_over_two_processes_continues_after_one_dies(tiny_dir, tmp_path):
         assert result["timings"]["iterations_run"] == iterations and not result["timings"]["interrupted"]
         assert result["process"]["id"] == features.index(entry["feature"]) % 2 == entry["process_id"]
         assert entry["act"] == pytest.approx(results.best_elite(result)["act"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# against the SAE's dataset statistics
+
+
+@pytest.mark.slow
+def test_run_and_batch_compare_every_elite_with_the_dataset_maximum(tiny_dir, tmp_path, monkeypatch):
+    from epo_tui import dataset_stats
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    code, _, err = run_cli("batch", "--config", _config(tiny_dir), "--features", "1,2,3", "--iterations", 2,
+                           "--out", tmp_path / "before")
+    assert code == 0, err
+    first = _load(tmp_path / "before" / "feature-1")
+    assert "dataset" not in first  # no statistics yet
+    acts = {f: _load(tmp_path / "before" / f"feature-{f}")["elites"] for f in (1, 2, 3)}
+    best = {f: max(e["act"] for e in elites) for f, elites in acts.items()}
+    d_sae = 1 + max(best)  # only latents 1..3 matter: the store's F need not be the SAE's
+    max_F = np.full(d_sae, np.nan)
+    assert best[2] > 0  # the tiny model's latent 2 fires within 2 iterations (1 and 3 do not)
+    max_F[1], max_F[2] = 0.5, best[2] / 2  # feature 2's best is 2x its maximum, 1's is 0x; 3's unknown
+    dataset_stats.write_stats(dataset_stats.stats_folder(dataset_stats.sae_key(first["model"], first["sae"]["name"]),
+                                                         dataset_stats.LOCAL),
+                              max_F, np.full(d_sae, np.nan), [], provenance={"origin": "local"})
+
+    code, _, err = run_cli("batch", "--config", _config(tiny_dir), "--features", "1,2,3", "--iterations", 2,
+                           "--out", tmp_path / "after")
+    assert code == 0, err
+    index = json.loads((tmp_path / "after" / "index.json").read_text())
+    assert [(e["feature"], e["dataset_ratio"]) for e in index["features"]] == [
+        (2, pytest.approx(2.0)), (1, 0.0), (3, None)]
+    two = _load(tmp_path / "after" / "feature-2")
+    assert two["dataset"]["ratios"] == pytest.approx([e["act"] / max_F[2] for e in two["elites"]])
+    assert "the best elite reaches 2.00× it" in (tmp_path / "after" / "feature-2" / "report.md").read_text()
+    assert "dataset" not in _load(tmp_path / "after" / "feature-3")
+    assert "| 2 | " in (tmp_path / "after" / "index.md").read_text().split("× dataset max")[1]

@@ -124,3 +124,24 @@ def test_the_feature_list_shows_dataset_figures_and_orders_by_them():
     assert orders == {"relevance": [0, 1, 2], "index": [0, 1, 2], "density": [7, 24, 0],
                       "dataset max": [24, 0, 1]}
     assert "by dataset max" in count
+
+
+def test_a_favorite_records_its_ratio_to_the_dataset_maximum():
+    from epo_tui import favorites
+
+    write_fake_dataset()
+    app = fake_app()
+
+    async def scenario():
+        async with app.run_test(size=(120, 40)) as pilot:
+            await ready(pilot)
+            await until(pilot, lambda: app.query_one(DatasetPane).display, "the dataset pane")
+            await search_until(pilot, 5)
+            await pilot.press("f")  # the selected elite: the first, act 2.0 at iteration 5
+            path = favorites.favorites_path(app.config)
+            await until(pilot, lambda: path.exists() and favorites.read_favorites(path), "the favorite")
+            await pilot.press("q")
+        return path.read_text()
+
+    text = asyncio.run(scenario())
+    assert "- act 2.000 (0.91× the dataset maximum) · xent 5.750 · λ 1.00" in text.splitlines()
