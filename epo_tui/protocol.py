@@ -117,9 +117,12 @@ class StopCommand(Command):
 
 @_command
 class ScoreCommand(Command):
+    """`top_features` > 0 also asks for the latents that fire most on the text (that many at most)."""
+
     TYPE: ClassVar[str] = "score"
     text: str
     feature: int | None = None
+    top_features: int | None = None
 
 
 @_command
@@ -354,6 +357,16 @@ class Finished(Event):
 
 
 @_event
+class TopFeature(_Record):
+    """A latent firing on a scored text: its strongest activation `act` there, at token `position`
+    (counting BOS and prefix, as `Scored.tokens` does)."""
+
+    index: int
+    act: float
+    position: int
+
+
+@_event
 class Scored(Event):
     """A text scored (`epo-tui score --json`), BOS and prefix included: positions from `prompt_start` on
     are the text's. `xent[i]` = -log p(token i | tokens before it) in nats, None for the first token."""
@@ -366,6 +379,7 @@ class Scored(Event):
     activations: list[float]
     xent: list[float | None]
     prompt_start: int
+    top_features: list[TopFeature] = field(default_factory=list)  # strongest first; asked for with the command's top_features
 
 
 @_event

@@ -237,7 +237,10 @@ def ui(commands: Commands, ending: str | None) -> int:
             emit("scored", id=id_, feature=cmd.feature if cmd.feature is not None else 24,
                  tokens=["<|endoftext|>"] + words, token_bytes=[],
                  token_ids=list(range(len(words) + 1)), activations=[22.5] + [1.0] * len(words),  # BOS fires
-                 xent=[None] + [2.0] * len(words), prompt_start=1)
+                 xent=[None] + [2.0] * len(words), prompt_start=1,
+                 # latents 7 and 24 fire on it, 7 the most; at most as many as asked for
+                 top_features=[protocol.TopFeature(index=7, act=3.5, position=1),
+                               protocol.TopFeature(index=24, act=1.0, position=1)][:cmd.top_features or 0])
         elif t in ("start", "resume"):  # a new search, or a saved session resumed
             index = (cmd.feature or {}).get("index", 24) if t == "start" else 24
             resumed = cmd.resume if t == "start" else cmd.session

@@ -457,8 +457,9 @@ class Worker:
             feature = self.active.search.config.feature.features[0] if self.active else self.config.feature.index
         check_feature_index(self.pair.sae, feature, source="score: feature")
         prefix = self.active.search.config.search.prefix if self.active else self.config.search.prefix
-        scored = score_text(self.pair, cmd.text, feature, prefix=prefix)
-        self.out.send(protocol.Scored(id=cmd.id, feature=int(feature), **scored))
+        scored = score_text(self.pair, cmd.text, feature, prefix=prefix, top_features=cmd.top_features or 0)
+        top = [protocol.TopFeature(**latent) for latent in scored.pop("top_features", [])]
+        self.out.send(protocol.Scored(id=cmd.id, feature=int(feature), top_features=top, **scored))
 
     def cmd_inject(self, cmd: protocol.InjectCommand) -> None:
         if self.active is None:

@@ -41,6 +41,7 @@ from epo_tui.tui.screens.settings import SearchSettings
 from epo_tui.tui.themes import textual_theme
 
 LOAD_TIMEOUT_S = 600.0  # a large model from the hub cache can take minutes to load
+SCRATCHPAD_TOP_FEATURES = 8  # latents the scratchpad lists as firing most on the typed text
 
 
 @dataclass(frozen=True)
@@ -372,9 +373,20 @@ class EpoApp(App):
         features = self._session_features() or [self.chosen.index if self.chosen else self.config.feature.index]
 
         async def score(text: str, feature: int) -> protocol.Scored:
-            return await self.client.request(protocol.ScoreCommand(text=text, feature=feature), timeout=60)
+            return await self.client.request(protocol.ScoreCommand(text=text, feature=feature,
+                                                                   top_features=SCRATCHPAD_TOP_FEATURES), timeout=60)
 
-        self.push_screen(Scratchpad(self.epo_theme, features[0], score))
+        pane = self.query_one(FeaturePane)
+
+        def label_of(index: int) -> str | None:
+            position = pane.search.position.get(index)
+            return pane.search.labels[position] if position is not None else None
+
+        def choose(index: int | None) -> None:  # a latent picked among those firing on the text
+            if index is not None and not pane.choose(index):
+                self.notify(f"feature {index} is not in the catalog", severity="warning")
+
+        self.push_screen(Scratchpad(self.epo_theme, features[0], score, label_of), choose)
 
     def action_details(self) -> None:
         if self._selected() is not None:

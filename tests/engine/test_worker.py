@@ -33,6 +33,10 @@ def test_round_trip_pause_score_resume_stop(worker_factory, tiny_dir):
     w.send("score", id="sc", text="hello world")
     scored = w.expect("scored", id="sc")
     assert scored["feature"] == 3 and len(scored["activations"]) == len(scored["tokens"])
+    assert scored["top_features"] == []  # not asked for
+    w.send("score", id="top", text="hello world", top_features=2)
+    top = w.expect("scored", id="top")["top_features"]
+    assert len(top) <= 2 and all(t["act"] > 0 and t["position"] >= scored["prompt_start"] for t in top)
     time.sleep(0.5)
     assert all(e["type"] != "progress" for e in _drain(w)), "progress while paused"
     w.send("resume", id="r")

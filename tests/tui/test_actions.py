@@ -114,6 +114,28 @@ def test_copy_details_edit_and_scratchpad(tmp_path):
     _run(app, scenario)
 
 
+def test_the_scratchpad_lists_the_latents_firing_most_and_enter_chooses_one(tmp_path):
+    record = tmp_path / "commands.jsonl"
+    app = fake_app(record=record)
+
+    async def scenario(pilot):
+        await pilot.press("t")
+        await until(pilot, lambda: isinstance(app.screen, Scratchpad), "the scratchpad")
+        await pilot.press(*"free software")
+        await until(pilot, lambda: app.screen.query_one("#scratch-top").option_count == 2, "the latents")
+        assert _sent(record, "score")[-1]["top_features"] == 8
+        options = app.screen.query_one("#scratch-top")
+        shown = [str(options.get_option_at_index(i).prompt) for i in range(2)]
+        # the fake worker: latents 7 (act 3.5) and 24 (1.0), both strongest on the first word
+        assert shown == ["   3.5  #7      mentions of topic 7  on 'free'", "     1  #24     (no label)  on 'free'"]
+        await pilot.press("down", "enter")
+        await until(pilot, lambda: not isinstance(app.screen, Scratchpad), "the main screen")
+        await until(pilot, lambda: app.chosen.index == 7, "latent 7 chosen")
+        assert app.query_one(StatusBar).fields["label"] == "feature 7: mentions of topic 7"
+
+    _run(app, scenario)
+
+
 def test_details_show_each_token_with_its_activation(tmp_path):
     app = fake_app()
 

@@ -363,6 +363,13 @@ class FeaturePane(Vertical):
         feature_list.focus()
         return True
 
+    def choose(self, index: int) -> bool:
+        """Moves to latent `index` and chooses it (as enter does); False when the catalog lacks it."""
+        if not self.jump_to(index):
+            return False
+        self.action_choose()
+        return True
+
     # -- the search box
 
     @on(Input.Changed, "#feature-search")
