@@ -97,7 +97,7 @@ def run_key(config, options: DatasetOptions, text: list[dict]) -> str:
             "context": options.context, "top_k": options.top_k, "max_tokens": options.max_tokens,
             "histogram": list(options.histogram),
             "example_window": list(options.example_window) if options.example_window else None,
-            "decimals": options.decimals}
+            "decimals": options.decimals, "store": str(options.store) if options.store else None}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -133,7 +133,7 @@ def run_dataset(config, options: DatasetOptions, display=None, stop: StopFlag | 
 
     pair = load_model_with_sae(config)
     rows = dataset_pass.dataset_rows(pair, pieces(options.sources), options.context, options.max_tokens)
-    job = DatasetPass(pair, rows, options.batch_rows, dataset_pass.histogram_edges(*options.histogram))
+    job = DatasetPass(pair, rows, options.batch_rows, options.histogram)
     folder = cache_folder(key)
     state, seconds_before, notes = _resume(folder / CHECKPOINT_FILE, key, job, options.top_k)
     stop = stop or StopFlag()
