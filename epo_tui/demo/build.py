@@ -1,6 +1,6 @@
 """Builds the offline demo pack, stage by stage.
 
-    python -m epo_tui.demo.build [--out DIR] [--stage corpus|lm|eval-lm|sae|eval-sae|labels|pack|all]
+    python -m epo_tui.demo.build [--out DIR] [--stage corpus|lm|eval-lm|sae|eval-sae|labels|pack|stats|all]
 
 corpus   English prose from Debian documentation packages -> DIR/corpus/{train,heldout}.jsonl
 lm       byte-level BPE tokenizer + a small GPT-2 trained in JAX -> DIR/model (needs the corpus)
@@ -9,7 +9,8 @@ sae      activations of blocks.2.hook_resid_pre over train -> a standard ReLU SA
 eval-sae held-out FVE, L0 and alive fraction of DIR/sae (as the search loads and runs it)
 labels   a label per latent of DIR/sae from its top-activating train snippets -> DIR/labels (needs the sae)
 pack     DIR's model, SAE, labels and held-out sample + config.toml + NOTICE.md -> epo_tui/demo/pack
-all      corpus, lm, sae, labels, pack (lm ends with eval-lm, sae with eval-sae)
+stats    the pack SAE's dataset statistics over the pack's held-out text -> <pack>/dataset (heldout_stats.py)
+all      corpus, lm, sae, labels, pack, stats (lm ends with eval-lm, sae with eval-sae)
 
 Seeds are fixed; see epo_tui/demo/README.md for run times and the numbers to expect.
 """
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 DEFAULT_OUT = Path("/tmp/epo_tui_demo_build")
-STAGES = ("corpus", "lm", "eval-lm", "sae", "eval-sae", "labels", "pack", "all")
+STAGES = ("corpus", "lm", "eval-lm", "sae", "eval-sae", "labels", "pack", "stats", "all")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +114,16 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             build_pack(out, args.pack_dir or paths.demo_pack())
             timings["pack"] = time.perf_counter() - t
+        if args.stage in ("stats", "all"):
+            from epo_tui import paths
+            from epo_tui.demo.heldout_stats import build_heldout_stats
+
+            pack = args.pack_dir or paths.demo_pack()
+            if not (pack / "config.toml").is_file():
+                raise CorpusError(f"{pack} holds no pack: run --stage pack first")
+            t = time.perf_counter()
+            build_heldout_stats(pack)
+            timings["stats"] = time.perf_counter() - t
     except (CorpusError, PackError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
