@@ -617,28 +617,25 @@ def cmd_registry(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_import(args: argparse.Namespace, config: Config) -> int:
-    from epo_tui import dataset_stats, labels, neuronpedia
+    from epo_tui import dataset_stats, neuronpedia
     from epo_tui.engine.sae_loading import load_sae
     from epo_tui.export_lines import ExportTarget, count
 
     if args.top_k < 1:
         raise UserError(f"--top-k: must be >= 1, found {args.top_k}")
-    files = neuronpedia.find_export_files([paths.expand_user(p) for p in args.paths])
+    export_paths = [paths.expand_user(p) for p in args.paths]
+    neuronpedia.find_export_files(export_paths)  # a path without an export fails before the SAE loads
     sae = load_sae(config.sae, source=config.source)  # the SAE alone says which exports fit: no model load
     model_name = config.model.path or config.model.name  # as the loaded model (and the UI's worker) names it
     key = dataset_stats.sae_key(model_name, sae.display_name)
     target = ExportTarget(neuronpedia_id=sae.neuronpedia_id, d_sae=sae.d_sae, release=sae.release, sae_id=sae.id)
     shown = inert(sae.neuronpedia_id or sae.display_name)
-    for note in neuronpedia.check_sources(files.sources, target):
+    outcome = neuronpedia.import_exports(export_paths, key, target, top_k=args.top_k,
+                                         progress=lambda line: _progress_line(f"epo-tui: import: {inert(line)}"))
+    for note in outcome.source_notes:
         print(f"epo-tui: import: {inert(note)}", file=sys.stderr)
-    # everything is read before anything is kept: an export that fails leaves both stores as they were
-    explained = neuronpedia.read_explanation_files(files.explanations, target) if files.explanations else None
-    stats = None
-    if files.activations or files.features:
-        stats = neuronpedia.import_statistics(key, files.activations, files.features, target, top_k=args.top_k,
-                                              progress=lambda line: _progress_line(f"epo-tui: import: {inert(line)}"))
+    explained, stats = outcome.labels, outcome.stats
     if explained is not None:
-        labels.remember_imported(key, explained.labels)
         print(f"imported {count(len(explained.labels), 'label')} for {shown}{_import_notes(explained.notes)}")
     if stats is not None:
         print(f"imported statistics of {count(stats.latents, 'latent')}, {count(stats.examples, 'example')} for "

@@ -50,7 +50,7 @@ from epo_tui.dataset_stats import Example
 from epo_tui.errors import UserError
 from epo_tui.export_lines import (ExportTarget, count, json_records, latent_index, numbered_lines, record_source,
                                   source_names)
-from epo_tui.labels import ImportedLabels, read_export
+from epo_tui.labels import ImportedLabels, read_export, remember_imported
 
 DEFAULT_TOP_K = 20
 KINDS = ("explanations", "activations", "features")
@@ -360,6 +360,34 @@ def import_statistics(key: str, activations: Sequence[Path], features: Sequence[
             reading.close()
     latents = len(set(reading.top) | set(reading.features))
     return ImportedStats(folder=folder, latents=latents, examples=kept, notes=tuple(notes))
+
+
+@dataclass(frozen=True)
+class ImportOutcome:
+    """What `import_exports` kept: the labels (None: no explanations given), the statistics (None: no
+    activations or features given), and notes on the export's source.jsonl files."""
+
+    labels: ImportedLabels | None
+    stats: ImportedStats | None
+    source_notes: tuple[str, ...] = ()
+
+
+def import_exports(paths: Sequence[Path], key: str, target: ExportTarget, top_k: int = DEFAULT_TOP_K,
+                   progress: Callable[[str], None] | None = None) -> ImportOutcome:
+    """Imports the Neuronpedia exports among `paths` (files or folders) for the SAE `target` describes,
+    kept under its key `key` (`dataset_stats.sae_key`): explanations as its labels (epo_tui.labels'
+    store), activations and features as its dataset statistics. Everything is read before anything is
+    kept, so an export that fails leaves both stores as they were. UserError (one line) for a path with
+    no export, an export of another SAE, or a damaged file."""
+    files = find_export_files(paths)
+    source_notes = check_sources(files.sources, target)
+    explained = read_explanation_files(files.explanations, target) if files.explanations else None
+    stats = None
+    if files.activations or files.features:
+        stats = import_statistics(key, files.activations, files.features, target, top_k=top_k, progress=progress)
+    if explained is not None:
+        remember_imported(key, explained.labels)
+    return ImportOutcome(labels=explained, stats=stats, source_notes=source_notes)
 
 
 def _refuse_another_sae(skips: _Skips, target: ExportTarget, files: list[tuple[Path, str]]) -> None:

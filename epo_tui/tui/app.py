@@ -18,10 +18,11 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer
 
-from epo_tui import dataset_stats, favorites, labels, protocol
+from epo_tui import dataset_stats, favorites, labels, neuronpedia, protocol
 from epo_tui.client import WORKER_DIED, WorkerClient, WorkerError
 from epo_tui.config import Config
 from epo_tui.errors import UserError
+from epo_tui.export_lines import ExportTarget, count
 from epo_tui.features import FeatureEntry, alive_indices
 from epo_tui.stars import Stars
 from epo_tui.text import inert
@@ -82,7 +83,7 @@ class EpoApp(App):
         Binding("d", "details", "Details", id="main.details"),
         Binding("t", "scratchpad", "Scratchpad", id="main.scratchpad"),
         Binding("S", "settings", "Settings", id="main.settings"),
-        Binding("i", "import_labels", "Import labels", show=False, id="main.import_labels"),
+        Binding("i", "import", "Import a Neuronpedia export", show=False, id="main.import"),
         Binding("R", "restart", "Restart worker", show=False, id="main.restart"),
         Binding("question_mark", "help", "Help: every key", show=False, id="main.help"),
         Binding("f1", "help", "Help: every key", show=False, id="main.help"),
@@ -404,7 +405,9 @@ class EpoApp(App):
         if imported:
             self.query_one(FeaturePane).apply_labels(imported)
 
-    def action_import_labels(self) -> None:
+    def action_import(self) -> None:
+        """A Neuronpedia export (a file, or a folder of batches): explanations become labels, activations
+        and features the dataset statistics, kept for this SAE; the same import as `epo-tui import`."""
         if not self._worker_ready():
             return
 
@@ -413,27 +416,32 @@ class EpoApp(App):
                 return
             sae_key = self._sae_key()
             # the worker says which SAE is loaded; an older worker sends no neuronpedia_id: not checked
-            target = labels.LabelTarget(neuronpedia_id=self.ready.neuronpedia_id, d_sae=self.ready.d_sae)
-
-            def read_and_keep() -> labels.ImportedLabels:
-                imported = labels.read_export(Path(path).expanduser(), target)
-                labels.remember_imported(sae_key, imported.labels)
-                return imported
-
+            target = ExportTarget(neuronpedia_id=self.ready.neuronpedia_id, d_sae=self.ready.d_sae)
             try:
-                imported = await asyncio.to_thread(read_and_keep)
+                outcome = await asyncio.to_thread(neuronpedia.import_exports, [Path(path).expanduser()], sae_key,
+                                                  target)
             except (UserError, OSError) as err:
-                self.notify(inert(str(err)), title="labels not imported", severity="error", timeout=15,
+                self.notify(inert(str(err)), title="not imported", severity="error", timeout=15,
                             markup=False)  # it quotes the file: shown as text, never as markup
                 return
-            found = imported.labels
-            applied = self.query_one(FeaturePane).apply_labels(found)
-            notes = "".join(f"\n{inert(note)}" for note in imported.notes)
-            self.notify(f"{applied} of {len(found)} labels match this SAE's features; kept for next time{notes}",
-                        title="labels imported", severity="warning" if notes else "information",
-                        timeout=15 if notes else 5, markup=False)
+            if outcome.labels is not None:
+                found = outcome.labels.labels
+                applied = self.query_one(FeaturePane).apply_labels(found)
+                self._notify_import(f"{applied} of {len(found)} labels match this SAE's features",
+                                    "labels imported", outcome.source_notes + outcome.labels.notes)
+            if outcome.stats is not None:
+                stats = outcome.stats
+                self._notify_import(f"statistics of {count(stats.latents, 'latent')}, {count(stats.examples, 'example')}",
+                                    "dataset statistics imported", outcome.source_notes + stats.notes)
+                self.load_dataset()
 
-        self.push_screen(PromptEditor("a Neuronpedia explanations export (.jsonl or .jsonl.gz): path", ""), load)
+        self.push_screen(PromptEditor("a Neuronpedia export (a folder, or a .jsonl or .jsonl.gz file): path", ""),
+                         load)
+
+    def _notify_import(self, what: str, title: str, notes: tuple[str, ...]) -> None:
+        shown = "".join(f"\n{inert(note)}" for note in notes)
+        self.notify(f"{what}; kept for next time{shown}", title=title, severity="warning" if notes else "information",
+                    timeout=15 if notes else 5, markup=False)
 
     def action_sessions(self) -> None:
         """The worker's saved sessions (a remote worker's are that host's); favorites and stars stay here."""

@@ -224,6 +224,30 @@ def test_import_labels_shows_them_and_keeps_them_for_next_time(tmp_path):
     _run(again, reopened)
 
 
+def test_import_of_an_activations_export_shows_the_dataset_at_once(tmp_path):
+    from epo_tui.tui.components.dataset import DatasetPane
+    from epo_tui.tui.components.frontier import FrontierPane
+
+    folder = tmp_path / "v1" / "demo" / "2-res" / "activations"
+    folder.mkdir(parents=True)
+    (folder / "batch-0.jsonl").write_text(json.dumps(
+        {"modelId": "demo", "layer": "2-res", "index": "24", "tokens": [" the", " Debian", " way"],
+         "values": [0.0, 3.0, 0.5], "maxValue": 3.0, "maxValueTokenIndex": 1}) + "\n")
+    app = fake_app()
+
+    async def scenario(pilot):
+        assert not app.query_one(DatasetPane).display
+        await _import(pilot, app, folder.parent)  # the export's folder, as downloaded
+        await until(pilot, lambda: app.query_one(DatasetPane).display, "the dataset pane")
+        [note] = _notes(app, "dataset statistics imported")
+        assert note.message == "statistics of 1 latent, 1 example; kept for next time"
+        assert app.query_one(FrontierPane).dataset_max == 3.0
+        lines = [line.plain for line in app.query_one(DatasetPane).lines()]
+        assert lines[0].startswith("latent 24: dataset max 3") and "3  the Debian way" in lines[1]
+
+    _run(app, scenario)
+
+
 def test_import_takes_a_non_empty_and_the_best_scored_explanation(tmp_path):
     export = tmp_path / "export.jsonl"
     write_explanations(export, [
@@ -254,9 +278,9 @@ def test_import_of_an_export_for_another_layer_is_refused_in_one_notification(tm
     async def scenario(pilot):
         before = [e.label for e in app.query_one(FeaturePane).entries]
         await _import(pilot, app, export)
-        await until(pilot, lambda: _notes(app, "labels not imported"), "the refusal")
+        await until(pilot, lambda: _notes(app, "not imported"), "the refusal")
         await pilot.pause(0.2)
-        [refusal] = _notes(app, "labels not imported")
+        [refusal] = _notes(app, "not imported")
         assert refusal.message == f"{export}: an export for demo/8-res, not for this SAE (demo/2-res): not imported"
         assert refusal.severity == "error" and not _notes(app, "labels imported")
         assert [e.label for e in app.query_one(FeaturePane).entries] == before
