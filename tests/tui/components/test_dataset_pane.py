@@ -34,26 +34,35 @@ def _pane_text(app) -> str:
     return "\n".join(line.plain for line in app.query_one(DatasetPane).lines())
 
 
-def test_the_chosen_latents_dataset_beside_the_search():
-    write_fake_dataset()
+def _on_the_fake_worker(scenario, with_dataset: bool = True):
+    """`scenario(pilot, app)`'s return value, run on the fake worker's app (with the fake dataset
+    statistics written first, and shown, unless `with_dataset` is False); q ends the app."""
+    if with_dataset:
+        write_fake_dataset()
     app = fake_app()
 
-    async def scenario():
+    async def main():
         async with app.run_test(size=(120, 40)) as pilot:
             await ready(pilot)
-            pane = app.query_one(DatasetPane)
-            await until(pilot, lambda: pane.display, "the dataset pane")
-            before = _pane_text(app)
-            assert app.query_one(FrontierPane).dataset_max == FAKE_DATASET_MAX
-            await search_until(pilot, 5)
-            status = str(app.query_one(StatusBar).line_text())
-            elites, frontier = app.query_one(ElitesPane), app.query_one(FrontierPane)
-            above = [a for _, a in frontier.elite_points if a > FAKE_DATASET_MAX]
-            scales = elites.scale_max, pane.scale_max
+            if with_dataset:
+                await until(pilot, lambda: app.query_one(DatasetPane).display, "the dataset pane")
+            outcome = await scenario(pilot, app)
             await pilot.press("q")
-        return before, status, above, scales
+        return outcome
 
-    before, status, above, scales = asyncio.run(scenario())
+    return asyncio.run(main())
+
+
+def test_the_chosen_latents_dataset_beside_the_search():
+    async def scenario(pilot, app):
+        before = _pane_text(app)
+        assert app.query_one(FrontierPane).dataset_max == FAKE_DATASET_MAX
+        await search_until(pilot, 5)
+        elites, frontier, pane = app.query_one(ElitesPane), app.query_one(FrontierPane), app.query_one(DatasetPane)
+        return (before, str(app.query_one(StatusBar).line_text()),
+                [a for _, a in frontier.elite_points if a > FAKE_DATASET_MAX], (elites.scale_max, pane.scale_max))
+
+    before, status, above, scales = _on_the_fake_worker(scenario)
     assert before.startswith("latent 24: dataset max 2.2 · fires on 0.81% of tokens · neuronpedia")
     assert "2.2  The Debian project ships packages" in before and "1.1  apt install on Ubuntu" in before
     # the fake worker's best elite at iteration 5: act 2.6 at xent 4.25
@@ -63,62 +72,39 @@ def test_the_chosen_latents_dataset_beside_the_search():
 
 
 def test_a_latent_without_statistics_hides_the_pane_and_the_line():
-    write_fake_dataset()
-    app = fake_app()
+    async def scenario(pilot, app):
+        await pilot.press("g", *"30", "enter")  # go to latent 30, which has no statistics
+        await pilot.pause(0.2)
+        await pilot.press("enter")  # choose it
+        await until(pilot, lambda: app.chosen.index == 30, "latent 30 chosen")
+        return (app.query_one(DatasetPane).display, app.query_one(FrontierPane).dataset_max,
+                app.query_one(ElitesPane).scale_floor)
 
-    async def scenario():
-        async with app.run_test(size=(120, 40)) as pilot:
-            await ready(pilot)
-            pane = app.query_one(DatasetPane)
-            await until(pilot, lambda: pane.display, "the dataset pane")
-            await pilot.press("g", *"30", "enter")  # go to latent 30, which has no statistics
-            await pilot.pause(0.2)
-            await pilot.press("enter")  # choose it
-            await until(pilot, lambda: app.chosen.index == 30, "latent 30 chosen")
-            shown = pane.display, app.query_one(FrontierPane).dataset_max
-            elites_scale = app.query_one(ElitesPane).scale_floor
-            await pilot.press("q")
-        return shown, elites_scale
-
-    (shown, line), floor = asyncio.run(scenario())
-    assert not shown and line is None and floor == 0.0
+    assert _on_the_fake_worker(scenario) == (False, None, 0.0)
 
 
 def test_without_any_statistics_the_screen_is_as_before():
-    app = fake_app()
+    async def scenario(pilot, app):
+        await search_until(pilot, 5)
+        return (app.query_one(DatasetPane).display, app.query_one(FrontierPane).dataset_max,
+                str(app.query_one(StatusBar).line_text()))
 
-    async def scenario():
-        async with app.run_test(size=(120, 40)) as pilot:
-            await ready(pilot)
-            await search_until(pilot, 5)
-            state = app.query_one(DatasetPane).display, app.query_one(FrontierPane).dataset_max
-            status = str(app.query_one(StatusBar).line_text())
-            await pilot.press("q")
-        return state, status
-
-    (shown, line), status = asyncio.run(scenario())
+    shown, line, status = _on_the_fake_worker(scenario, with_dataset=False)
     assert not shown and line is None and "dataset" not in status
 
 
 def test_the_feature_list_shows_dataset_figures_and_orders_by_them():
-    write_fake_dataset()
-    app = fake_app()
-
-    async def scenario():
-        async with app.run_test(size=(120, 40)) as pilot:
-            await ready(pilot)
-            pane = app.query_one(FeaturePane)
-            await until(pilot, lambda: pane.dataset is not None, "the dataset statistics")
-            row = pane.row_text(pane.rows.index(pane.search.position[24]), 60, lambda _: Style()).plain
-            orders = {}
-            for _ in ORDERS:
-                orders[pane.order] = [e.index for e in pane.shown[:3]]
-                count = str(pane.query_one("#feature-count").render())
-                await pilot.press("ctrl+o")
-            await pilot.press("q")
+    async def scenario(pilot, app):
+        pane = app.query_one(FeaturePane)
+        row = pane.row_text(pane.rows.index(pane.search.position[24]), 60, lambda _: Style()).plain
+        orders = {}
+        for _ in ORDERS:
+            orders[pane.order] = [e.index for e in pane.shown[:3]]
+            count = str(pane.query_one("#feature-count").render())
+            await pilot.press("ctrl+o")
         return row, orders, count
 
-    row, orders, count = asyncio.run(scenario())
+    row, orders, count = _on_the_fake_worker(scenario)
     assert row.startswith("     24     2.2  0.81% (no label) ")  # mark, index, star, max, density
     # latent 7 fires on 20% of tokens, 24 on 0.81%; the others have no density (none from the fake SAE)
     assert orders == {"relevance": [0, 1, 2], "index": [0, 1, 2], "density": [7, 24, 0],
@@ -129,19 +115,12 @@ def test_the_feature_list_shows_dataset_figures_and_orders_by_them():
 def test_a_favorite_records_its_ratio_to_the_dataset_maximum():
     from epo_tui import favorites
 
-    write_fake_dataset()
-    app = fake_app()
-
-    async def scenario():
-        async with app.run_test(size=(120, 40)) as pilot:
-            await ready(pilot)
-            await until(pilot, lambda: app.query_one(DatasetPane).display, "the dataset pane")
-            await search_until(pilot, 5)
-            await pilot.press("f")  # the selected elite: the first, act 2.0 at iteration 5
-            path = favorites.favorites_path(app.config)
-            await until(pilot, lambda: path.exists() and favorites.read_favorites(path), "the favorite")
-            await pilot.press("q")
+    async def scenario(pilot, app):
+        await search_until(pilot, 5)
+        await pilot.press("f")  # the selected elite: the first, act 2.0 at iteration 5
+        path = favorites.favorites_path(app.config)
+        await until(pilot, lambda: path.exists() and favorites.read_favorites(path), "the favorite")
         return path.read_text()
 
-    text = asyncio.run(scenario())
+    text = _on_the_fake_worker(scenario)
     assert "- act 2.000 (0.91× the dataset maximum) · xent 5.750 · λ 1.00" in text.splitlines()
