@@ -151,3 +151,15 @@ def test_a_pass_killed_with_sigkill_resumes_to_the_same_statistics(tmp_path):
     assert resumed[1] == whole[1]
     summary = json.loads((cache / checkpoint.parent.name / dataset_job.SUMMARY_FILE).read_text())
     assert summary["rows"] == int(meta["rows"])
+
+
+def test_the_rate_leaves_out_the_first_batch_which_compiles(capsys):
+    from epo_tui.progress import dataset_progress
+
+    with dataset_progress() as display:  # stderr is not a terminal here: lines
+        display.start(10, 1270, 0, 0)
+        assert display.rate() == "compiling…"
+        display.advance(4, 508, 30.0)
+        display.advance(8, 508, 2.0)
+        assert display.rate() == "254 tokens/s"
+    assert capsys.readouterr().err == "epo-tui: dataset: 10 rows, 1,270 tokens\n"
