@@ -172,31 +172,42 @@ class EpoApp(App):
         self.show_dataset()
 
     def show_dataset(self) -> None:
-        """The chosen latent's dataset examples, and its maximum as the frontier's line and the colour scale."""
+        """The dataset examples of the latent in view (`_dataset_latent`); the maximum of the latent the
+        elites and the frontier belong to (`_searched_latent`) as the frontier's line and the colour scale."""
         latent = self._dataset_latent()
         self.query_one(DatasetPane).show_latent(self.dataset, latent)
-        top = self.dataset.max(latent) if self.dataset is not None and latent is not None else None
-        self.query_one(FrontierPane).set_dataset_max(top)
+        self.query_one(FrontierPane).set_dataset_max(self._searched_max())
         self._share_colour_scale()
 
     def _dataset_latent(self) -> int | None:
-        """The latent whose dataset is shown: the one a running (or paused) search optimizes, else the
+        """The latent whose examples are shown: the one a running (or paused) search optimizes, else the
         chosen one; None when that is several latents."""
         if self.session is not None and self.state in ("compiling", "running", "paused", "stopping"):
+            return self._searched_latent()
+        return self.chosen.index if self.chosen is not None and not self.combined else None
+
+    def _searched_latent(self) -> int | None:
+        """The latent of the elites and frontier on screen: the last search's (even once it ended), else
+        the chosen one, which the next search will optimize; None when that is several latents."""
+        if self.session is not None:
             indices = list(self.session.feature.get("indices") or [])
             return indices[0] if len(indices) == 1 else None
         return self.chosen.index if self.chosen is not None and not self.combined else None
 
+    def _searched_max(self) -> float | None:
+        latent = self._searched_latent()
+        return self.dataset.max(latent) if self.dataset is not None and latent is not None else None
+
     def _share_colour_scale(self) -> None:
         """Elites and dataset examples on one colour scale: up to the larger of the strongest elite token
-        and the dataset maximum, so a dream and an example compare at a glance."""
+        and the searched latent's dataset maximum, so a dream and an example compare at a glance."""
         elites, pane = self.query_one(ElitesPane), self.query_one(DatasetPane)
-        elites.set_scale_floor(pane.dataset_max or 0.0)
+        elites.set_scale_floor(self._searched_max() or 0.0)
         pane.set_scale(elites.scale_max)
 
     def _versus_dataset(self, elites: list[protocol.Elite]) -> str:
         """'best 1.24× dataset max at xent 4.1' for the most active elite; '' where no maximum is known."""
-        top = self.query_one(DatasetPane).dataset_max
+        top = self._searched_max()
         if not elites or top is None or top <= 0:
             return ""
         best = max(elites, key=lambda e: e.act)

@@ -34,12 +34,13 @@ def _pane_text(app) -> str:
     return "\n".join(line.plain for line in app.query_one(DatasetPane).lines())
 
 
-def _on_the_fake_worker(scenario, with_dataset: bool = True):
+def _on_the_fake_worker(scenario, with_dataset: bool = True, ending: str | None = None):
     """`scenario(pilot, app)`'s return value, run on the fake worker's app (with the fake dataset
-    statistics written first, and shown, unless `with_dataset` is False); q ends the app."""
+    statistics written first, and shown, unless `with_dataset` is False; `ending` as fake_app's); q ends
+    the app."""
     if with_dataset:
         write_fake_dataset()
-    app = fake_app()
+    app = fake_app(ending)
 
     async def main():
         async with app.run_test(size=(120, 40)) as pilot:
@@ -81,6 +82,20 @@ def test_a_latent_without_statistics_hides_the_pane_and_the_line():
                 app.query_one(ElitesPane).scale_floor)
 
     assert _on_the_fake_worker(scenario) == (False, None, 0.0)
+
+
+def test_after_a_search_the_line_stays_with_its_frontier_while_another_latent_is_chosen():
+    async def scenario(pilot, app):
+        await search_until(pilot, 5)
+        await until(pilot, lambda: app.state == "idle", "the search's end")
+        await pilot.press("g", *"30", "enter")
+        await pilot.pause(0.2)
+        await pilot.press("enter")  # latent 30, without statistics, for the next search
+        await until(pilot, lambda: app.chosen.index == 30, "latent 30 chosen")
+        return app.query_one(DatasetPane).display, app.query_one(FrontierPane).dataset_max
+
+    # the pane follows the choice; the line belongs to the frontier on screen, latent 24's
+    assert _on_the_fake_worker(scenario, ending="finish") == (False, FAKE_DATASET_MAX)
 
 
 def test_without_any_statistics_the_screen_is_as_before():
