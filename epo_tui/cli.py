@@ -154,9 +154,10 @@ def _add_run_command(commands, common: argparse.ArgumentParser) -> None:
 def _add_batch_command(commands, common: argparse.ArgumentParser) -> None:
     """`batch`: one search per feature, on one process or split over several."""
     batch = commands.add_parser(
-        "batch", parents=[common], help="one search per feature, with an index sorted by activation",
+        "batch", parents=[common], help="one search per feature, with an index of the best prompts",
         description="One search per feature, each in DIR/feature-N/ (result.json, report.md), then "
-                    "DIR/index.md and DIR/index.json sorted by best activation. The model and SAE load once; "
+                    "DIR/index.md and DIR/index.json sorted by best activation, or, where the SAE has dataset "
+                    "statistics, by its ratio to each latent's dataset maximum. The model and SAE load once; "
                     "a time budget is split equally between the features. "
                     "Several processes (hosts) split the features between them: see README, 'Run a search'. "
                     f"Ctrl-C writes what finished and the index (exit code {EXIT_INTERRUPTED}).")
