@@ -184,18 +184,22 @@ class EpoApp(App):
         chosen one; None when that is several latents."""
         if self.session is not None and self.state in ("compiling", "running", "paused", "stopping"):
             return self._searched_latent()
+        return self._chosen_latent()
+
+    def _chosen_latent(self) -> int | None:
         return self.chosen.index if self.chosen is not None and not self.combined else None
 
     def _searched_latent(self) -> int | None:
         """The latent of the elites and frontier on screen: the last search's (even once it ended), else
         the chosen one, which the next search will optimize; None when that is several latents."""
         if self.session is not None:
-            indices = list(self.session.feature.get("indices") or [])
-            return indices[0] if len(indices) == 1 else None
-        return self.chosen.index if self.chosen is not None and not self.combined else None
+            return _single_latent(self.session.feature)
+        return self._chosen_latent()
 
     def _searched_max(self) -> float | None:
-        latent = self._searched_latent()
+        return self._dataset_max(self._searched_latent())
+
+    def _dataset_max(self, latent: int | None) -> float | None:
         return self.dataset.max(latent) if self.dataset is not None and latent is not None else None
 
     def _share_colour_scale(self) -> None:
@@ -343,8 +347,7 @@ class EpoApp(App):
             return
         path = favorites.favorites_path(self.config)
         try:
-            indices = list((self.session_meta.get("feature") or {}).get("indices") or [])
-            top = self.dataset.max(indices[0]) if self.dataset is not None and len(indices) == 1 else None
+            top = self._dataset_max(_single_latent(self.session_meta.get("feature") or {}))
             entry = favorites.favorite_from_elite(self.session_meta, elite, dataset_max=top)
             saved = await asyncio.to_thread(favorites.append_favorite, path, entry)
         except Exception as err:  # noqa: BLE001 - a failed save is told, never fatal
@@ -530,6 +533,12 @@ class EpoApp(App):
         for binding in rebound(FeaturePane.BINDINGS, self.keymap):
             yield SystemCommand(f"Feature: {binding.description}", f"key {self.get_key_display(binding)}"
                                 " in the feature list", lambda action=binding.action: pane.run_action(action))
+
+
+def _single_latent(feature: dict[str, Any]) -> int | None:
+    """The latent a search's feature record ({"indices": [...]}) optimizes; None for several."""
+    indices = list(feature.get("indices") or [])
+    return indices[0] if len(indices) == 1 else None
 
 
 def key_scopes() -> list[KeyScope]:
