@@ -54,6 +54,7 @@ class SAEConfig:
 TARGET_KINDS = ("sae", "direction", "neuron", "logit", "vector")
 COMBINES = ("lp", "min", "sum", "contrast")
 READS = ("last", "max")
+PENALTY_SCALES = ("auto", "measured", "none")  # search.penalty_scale: engine/penalty_scale.py
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,11 @@ class SearchConfig:
     penalty_min: float = field(default=1.0, metadata=_limits(
         minimum=0.0, help="smallest fluency penalty λ (λ log-spaced up to penalty_max)"))
     penalty_max: float = field(default=20.0, metadata=_limits(minimum=0.0, help="largest fluency penalty λ"))
+    penalty_scale: str = field(default="auto", metadata=_limits(choices=PENALTY_SCALES, help=(
+        "what λ's nat is weighed against: 'auto' = the feature's dataset maximum where known (epo-tui import "
+        "or dataset), else three standard deviations of its value over the model's own text, so λ = 1 "
+        "prices a nat at a fifth of that on every SAE; 'measured' = always the latter; 'none' = the "
+        "feature's raw units")))
     topk: int = field(default=128, metadata=_limits(minimum=1, help="tokens per position kept by the gradient mask"))
     seed: int = field(default=0, metadata=_limits(minimum=0, help="random seed: the same seed repeats the same search"))
     prefix: str = field(default="", metadata=_limits(

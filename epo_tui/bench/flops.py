@@ -39,11 +39,11 @@ def xla_flops(search, state, calls: dict[int, int], children: int, iterations: i
 
     st = search.st
     tokens, key = jnp.asarray(state.tokens_KxN), _key_of(state)
-    lambdas = jnp.asarray(search.lambdas_K)
+    weights = jnp.asarray(search.xent_weights_K)
     grads_compiled = search_module.gradients.lower(search.params, search.sae, search.arrays, search.prefix, tokens,
-                                                   lambdas, st=st).compile()
+                                                   weights, st=st).compile()
     grads, parents = search_module.gradients(search.params, search.sae, search.arrays, search.prefix, tokens,
-                                             lambdas, st=st)
+                                             weights, st=st)
     propose_compiled = search_module.propose.lower(key, tokens, grads, parents.next_logits_KxNxV, search.banned_V,
                                                    st=st).compile()
     scorer = search.scorer

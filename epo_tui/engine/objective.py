@@ -40,6 +40,9 @@ class Target:
 class TargetArrays:
     indices_F: jax.Array  # int32
     vectors_FxD: jax.Array  # unit decoder rows (direction) or the user's vectors (vector); else 1x1
+    # each feature's optimized value is divided by its scale before features combine (float32; ones:
+    # raw units). Several SAE latents get theirs from engine/penalty_scale.py, so none outweighs another.
+    scales_F: jax.Array
 
 
 def build_target(pair: ModelWithSAE, feature: FeatureConfig, source: str = "config") -> tuple[Target, TargetArrays]:
@@ -71,7 +74,8 @@ def build_target(pair: ModelWithSAE, feature: FeatureConfig, source: str = "conf
         indices = tuple(range(len(vectors)))
     target = Target(kind=feature.kind, combine=feature.combine, lp_p=feature.lp_p, lp_offset=feature.lp_offset,
                     read=feature.read, hook=hook, n_features=len(indices))
-    return target, TargetArrays(indices_F=jnp.asarray(indices, jnp.int32), vectors_FxD=jnp.asarray(vectors))
+    return target, TargetArrays(indices_F=jnp.asarray(indices, jnp.int32), vectors_FxD=jnp.asarray(vectors),
+                                scales_F=jnp.ones(len(indices), jnp.float32))
 
 
 def _load_vector(path: str, width: int) -> np.ndarray:
@@ -89,16 +93,17 @@ def _load_vector(path: str, width: int) -> np.ndarray:
 def per_position(target: Target, arrays: TargetArrays, sae: SAEParams, hook_BxLxD: jax.Array | None,
                  logits_BxLxV: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """(optimized_BxLxF, reported_BxLxF): for `sae`, the pre-activation and the true activation;
-    for the other kinds both are the same value."""
+    for the other kinds both are the same value. The optimized values are divided by `arrays.scales_F`."""
     if target.kind == "sae":
-        return feature_pre_and_act(sae, hook_BxLxD, arrays.indices_F)
+        pre, act = feature_pre_and_act(sae, hook_BxLxD, arrays.indices_F)
+        return pre / arrays.scales_F.astype(pre.dtype), act
     if target.kind == "logit":
         values = jnp.take(logits_BxLxV, arrays.indices_F, axis=-1)
     elif target.kind == "neuron":
         values = jnp.take(hook_BxLxD, arrays.indices_F, axis=-1).astype(jnp.float32)
     else:  # direction, vector
         values = jnp.einsum("BLD,FD->BLF", hook_BxLxD.astype(jnp.float32), arrays.vectors_FxD)
-    return values, values
+    return values / arrays.scales_F.astype(values.dtype), values
 
 
 def combine(target: Target, values_BxLxF: jax.Array) -> jax.Array:

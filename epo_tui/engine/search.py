@@ -8,8 +8,8 @@ One iteration is three jitted functions with static shapes, then selection on th
   3. evaluation (engine/evaluation.py): objective, reported activation and xent of all KxC children,
      each running only from (about) its first changed position, split along the mesh's "data" axis
      (its "model" axis splits every layer's weights: engine/sharding.py);
-then each elite k keeps the best f_k = objective - lambda_k * xent over itself, the other elites and
-the children whose text re-tokenizes to the same ids. What a reader sees of each elite is
+then each elite k keeps the best f_k = objective - lambda_k * scale/5 * xent (engine/penalty_scale.py) over itself, the other elites and
+the children whose text re-tokenizes to the same ids, among the prompts no earlier elite took. What a reader sees of each elite is
 engine/reporting.py's (`elite_reports`).
 
 Shapes: K elites, C children per elite (`search.candidates`), B = K*C, N optimized tokens, V vocabulary, F features,
@@ -28,13 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from epo_tui import dataset_stats
 from epo_tui.config import Config, SearchConfig
 from epo_tui.engine.frontier import Frontier
-from epo_tui.engine import sampling, sharding
+from epo_tui.engine import penalty_scale, sampling, sharding
 from epo_tui.engine.evaluation import ChildScorer, Parents, Prefix, Statics, score
 from epo_tui.engine.export_cache import exported_jit
 from epo_tui.engine.language_model import run_model
-from epo_tui.engine.objective import build_target
+from epo_tui.engine.objective import build_target, combine
 from epo_tui.engine.pairing import ModelWithSAE
 from epo_tui.engine.score_cache import ScoreCache
 from epo_tui.errors import UserError, require_utf8
@@ -75,13 +76,13 @@ def penalties(search: SearchConfig) -> np.ndarray:
 
 
 @exported_jit(static_argnames=("st",))
-def gradients(params, sae, arrays, prefix, tokens_KxN, lambdas_K, *, st: Statics):
-    """(grad_KxNxV of f_k w.r.t. elite k's one-hot tokens, the elites' `Parents`: what their children
+def gradients(params, sae, arrays, prefix, tokens_KxN, xent_weights_K, *, st: Statics):
+    """(grad_KxNxV of f_k = objective - xent_weights_K[k] * xent w.r.t. elite k's one-hot tokens, the elites' `Parents`: what their children
     reuse, with the next-token logits_KxNxV the proposals draw from)."""
 
     def total_fitness(onehot_KxNxV):
         objective_K, _, xent_K, parents = score(params, sae, arrays, prefix, onehot_KxNxV, st, keep=True)
-        return (objective_K - lambdas_K * xent_K).sum(), parents
+        return (objective_K - xent_weights_K * xent_K).sum(), parents
 
     onehot = jax.nn.one_hot(tokens_KxN, st.cfg.vocab_size, dtype=jnp.float32)
     return jax.grad(total_fitness, has_aux=True)(onehot)
@@ -202,10 +203,52 @@ class Search:
                                         center_writes=self.st.center_writes, keep_kv=True)
         self.prefix = jax.device_put(Prefix(kv=kv, next_logits_V=logits_1xPxV[0, -1]),
                                      NamedSharding(self.mesh, PartitionSpec()))  # small: on every device
+        self.objective_scale = self._objective_scale()
+        if self.objective_scale.features:  # several latents: each divided by its own scale
+            self.arrays = dataclasses.replace(self.arrays, scales_F=jnp.asarray(self.objective_scale.features,
+                                                                                 jnp.float32))
+        # f_k = objective - xent_weights_K[k] * xent: lambda_k priced in the scale (engine/penalty_scale.py)
+        self.xent_weights_K = self.objective_scale.xent_weights(self.lambdas_K)
         self.scorer = ChildScorer(self.st, self.mesh, self.params, self.sae, self.arrays, self.prefix)
         self._valid_cache: dict[bytes, bool] = {}
 
     # -- set-up
+
+    def _objective_scale(self) -> penalty_scale.ObjectiveScale:
+        """search.penalty_scale's scale (engine/penalty_scale.py): an SAE latent's dataset maximum where
+        the dataset statistics know it, else measured over K prompts the model samples with a fixed key
+        (not the search's seed: every seed of one target prices a nat the same). Several SAE latents get
+        one scale each."""
+        choice = self.config.search.penalty_scale
+        if choice == "none":
+            return penalty_scale.ObjectiveScale(1.0, penalty_scale.NONE)
+        several = self.target.kind == "sae" and self.target.n_features > 1
+        if choice == "auto" and self.target.kind == "sae":
+            known = [penalty_scale.from_dataset(m) for m in self._dataset_maxima(self.config.feature.features)]
+            scale = penalty_scale.per_feature(known) if several else known[0]
+            if scale is not None:
+                return scale
+        K, N = self.st.elites, self.st.prompt_tokens
+        sampled = sampling.sample_continuations(self.params, self.prefix, jax.random.key(0),
+                                                jnp.zeros((K, N), jnp.int32), 0, self.banned_V, st=self.st)
+        _, parents = gradients(self.params, self.sae, self.arrays, self.prefix, sampled,
+                               jnp.zeros(K, jnp.float32), st=self.st)
+        values_KxNxF = np.asarray(parents.optimized_KxNxF)
+        if several:
+            scale = penalty_scale.per_feature([penalty_scale.measured(values_KxNxF[..., f])
+                                               for f in range(values_KxNxF.shape[-1])])
+            return scale or penalty_scale.ObjectiveScale(1.0, penalty_scale.NONE)
+        return penalty_scale.measured(np.asarray(combine(self.target, jnp.asarray(values_KxNxF))))
+
+    def _dataset_maxima(self, latents: tuple[int, ...]) -> list[float | None]:
+        """Each latent's maximum in the SAE's dataset statistics (None where unknown); all None without
+        statistics or with a damaged store: the search then measures its scale rather than refusing to run."""
+        try:
+            stats = dataset_stats.load_best_stats(dataset_stats.sae_key(self.pair.model.name,
+                                                                        self.pair.sae.display_name))
+        except UserError:
+            stats = None
+        return [stats.max(i) if stats is not None and i < stats.d_sae else None for i in latents]
 
     def _banned_tokens(self, banned: tuple[str, ...]) -> jax.Array:
         model = self.pair.model
@@ -306,7 +349,7 @@ class Search:
 
         t0 = time.perf_counter()
         grads, parents = gradients(self.params, self.sae, self.arrays, self.prefix, tokens,
-                                   jnp.asarray(self.lambdas_K), st=self.st)
+                                   jnp.asarray(self.xent_weights_K), st=self.st)
         jax.block_until_ready(grads)
         t1 = time.perf_counter()
         children = propose(key, tokens, grads, parents.next_logits_KxNxV, self.banned_V, st=self.st)
@@ -321,19 +364,33 @@ class Search:
         return state, timings
 
     def _select(self, state: SearchState, children_BxN, objective, act, xent, scored: ScoreCache) -> SearchState:
-        """Each elite keeps the best f_k among the elites and the valid children (elites win ties)."""
+        """Elite k (in order of lambda) keeps the best f_k among the elites and the valid children whose
+        prompt no earlier elite took (elites win ties), so the K elites are K distinct prompts whenever
+        the pool holds that many. Only when every valid prompt is taken does it share one.
+
+        No prompt is lost by this: the pool's best prompt for lambda_k is elite k's or an earlier
+        elite's, so max_j f_k(elite j) is the pool's best f_k and never falls from one iteration to
+        the next.
+        """
         pool_tokens = np.concatenate([state.tokens_KxN, children_BxN])
         pool_obj = np.concatenate([state.objective_K, objective])
         pool_act = np.concatenate([state.act_K, act])
         pool_xent = np.concatenate([state.xent_K, xent])
         K = len(state.tokens_KxN)
-        chosen = []
-        for k, lam in enumerate(self.lambdas_K):
-            fitness = pool_obj - lam * pool_xent
+        chosen, taken = [], set()
+        for weight in self.xent_weights_K:
+            fitness = pool_obj - weight * pool_xent
+            best_valid = None
             for i in np.argsort(-fitness, kind="stable"):
-                if i < K or self.is_valid(pool_tokens[i]):
-                    chosen.append(i)
+                if not (i < K or self.is_valid(pool_tokens[i])):
+                    continue
+                best_valid = i if best_valid is None else best_valid
+                if pool_tokens[i].tobytes() not in taken:
                     break
+            else:
+                i = best_valid  # every valid prompt is some earlier elite's already
+            chosen.append(i)
+            taken.add(pool_tokens[i].tobytes())
         chosen = np.array(chosen)
         frontier = self._update_frontier(state.frontier, children_BxN, objective, act, xent)
         return SearchState(iteration=state.iteration + 1, tokens_KxN=pool_tokens[chosen].copy(),

@@ -193,8 +193,8 @@ class RecordedSearch:
         candidate = self.search.initial_state(text, "inject: the text")  # K continuations of the text, all valid
         tokens, objective = candidate.tokens_KxN[0], float(candidate.objective_K[0])
         act, xent = float(candidate.act_K[0]), float(candidate.xent_K[0])
-        state, lambdas = self.state, self.search.lambdas_K
-        gain_K = (objective - lambdas * xent) - (state.objective_K - lambdas * state.xent_K)
+        state, weights = self.state, self.search.xent_weights_K
+        gain_K = (objective - weights * xent) - (state.objective_K - weights * state.xent_K)
         k = int(np.argmax(gain_K))
         # copies: the state's arrays may be read-only views (of device buffers or a loaded checkpoint)
         changed = {name: np.array(getattr(state, name)) for name in ("tokens_KxN", "objective_K", "act_K", "xent_K")}

@@ -67,14 +67,14 @@ def _children_both_ways(search: Search, iterations: int = 4):
 
 
 def _assert_same(runs):
-    starts, reused = set(), 0
+    """Fast and plain scores agree, and some child ran from a later start. Whether a child repeats
+    (and is not run) depends on the family's random weights: the repeats' own tests are below."""
+    starts = set()
     for children, fast, plain, counts in runs:
         for name, a, b in zip(("objective", "act", "xent"), fast, plain):
             np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=name)
         starts |= set(counts.calls)
-        reused += counts.children - counts.run
     assert starts - {0}, "no child ran from a later start"
-    assert reused > 0, "every child ran, even repeated ones"
 
 
 @pytest.mark.parametrize("family", [*FAST, *(pytest.param(f, marks=pytest.mark.slow) for f in SLOW)])

@@ -33,7 +33,13 @@ def with_feature(config, **changes):
 
 def fitness(search: Search, objective, xent) -> np.ndarray:
     """f_k for every elite k (elite k's own objective and xent): the number selection maximizes."""
-    return np.asarray(objective) - search.lambdas_K * np.asarray(xent)
+    return np.asarray(objective) - search.xent_weights_K * np.asarray(xent)
+
+
+def best_held(search: Search, state) -> np.ndarray:
+    """For every k, the best f_k that any elite holds (max over j of f_k(elite j))."""
+    f_KxJ = state.objective_K[None, :] - search.xent_weights_K[:, None] * state.xent_K[None, :]
+    return f_KxJ.max(-1)
 
 
 def retokenizes(tokenizer, ids) -> bool:
@@ -87,7 +93,8 @@ def two_feature(tmp_path_factory):
                                                               (2, 1, (fx.PLANTED[2], 1))])
 def test_search_reaches_the_brute_force_optimum(char_setup, char_pair, n_tokens, elites, features):
     base = fx.make_config(*char_setup, elites=elites, candidates=64, prompt_tokens=n_tokens,
-                          penalty_min=fx.PLANTED_PENALTY, penalty_max=3.0)
+                          penalty_min=fx.PLANTED_PENALTY, penalty_max=3.0,
+                          penalty_scale="none")  # the planted penalty is in the SAE's raw units
     tokenizer = char_pair.model.tokenizer
     every, _ = fx.all_prompts(tokenizer, n_tokens, char_pair.model.special_token_ids())
     assert len(every) == 18**n_tokens and char_pair.model.vocab_size == len(tokenizer) + fx.EXTRA_ROWS
@@ -98,7 +105,7 @@ def test_search_reaches_the_brute_force_optimum(char_setup, char_pair, n_tokens,
         search = Search(char_pair, with_feature(base, index=feature))
         assert search.lambdas_K[0] == pytest.approx(fx.PLANTED_PENALTY)
         objective, _, xent = search.evaluate(every)
-        f_KxB = objective - search.lambdas_K[:, None] * xent
+        f_KxB = objective - search.xent_weights_K[:, None] * xent
         best_K = f_KxB[:, valid].max(-1)
         if feature == fx.PLANTED[n_tokens]:  # here the rule changes the answer: an invalid prompt is better
             assert f_KxB[0].max() > best_K[0] + 0.1
@@ -106,20 +113,38 @@ def test_search_reaches_the_brute_force_optimum(char_setup, char_pair, n_tokens,
         assert (fitness(search, state.objective_K, state.xent_K) < best_K - 1e-3).any(), "already optimal"
         for _ in range(60):
             state, _ = search.step(state)
-        reached = fitness(search, state.objective_K, state.xent_K)
+        reached = best_held(search, state)  # each lambda's best prompt is held, by its elite or an earlier one
         np.testing.assert_allclose(reached, best_K, atol=1e-5, rtol=0,
                                    err_msg=f"feature {feature}: elites {state.tokens_KxN.tolist()}")
         assert all(retokenizes(tokenizer, row) for row in state.tokens_KxN)
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Selection: every elite's f_k is the best over the elites and the valid children, so it never falls
+# 2. Selection: elite k takes the best valid f_k that no earlier elite took, so the elites are distinct
+#    and each lambda's best prompt so far is always held by some elite
 
 
-def test_each_elite_keeps_the_best_valid_f_and_never_gets_worse(tiny_config, tiny_pair):
+def expected_selection(weights_K, pool_tokens, pool_obj, pool_xent, valid) -> list[int]:
+    """The rule, written out independently: in order of k, the pool's best valid f_k whose tokens no
+    earlier pick holds; the best valid one only when every valid prompt is taken."""
+    picks, taken = [], []
+    for weight in weights_K:
+        f = pool_obj - weight * pool_xent
+        order = [i for i in np.argsort(-f, kind="stable") if valid[i]]
+        fresh = [i for i in order if not any((pool_tokens[i] == pool_tokens[j]).all() for j in taken)]
+        picks.append(fresh[0] if fresh else order[0])
+        taken.append(picks[-1])
+    return picks
+
+
+def test_elites_are_distinct_and_each_penalty_keeps_its_best_prompt(tiny_config, tiny_pair):
     search = Search(tiny_pair, tiny_config)
     tokenizer = tiny_pair.model.tokenizer
+    K = tiny_config.search.elites
     state = search.initial_state()
+    state.tokens_KxN[1:] = state.tokens_KxN[0]  # start from copies: selection must spread them out
+    state.objective_K[1:], state.act_K[1:], state.xent_K[1:] = (a[0] for a in
+                                                                 (state.objective_K, state.act_K, state.xent_K))
     calls = spy_on_evaluate(search)
     improved = 0
     invalid_children = 0
@@ -127,27 +152,41 @@ def test_each_elite_keeps_the_best_valid_f_and_never_gets_worse(tiny_config, tin
         before = state
         state, _ = search.step(before)
         children, objective, act, xent = calls[-1]
-        assert children.shape == (tiny_config.search.elites * tiny_config.search.candidates,
-                                  tiny_config.search.prompt_tokens)
-        valid = np.array([retokenizes(tokenizer, c) for c in children])
-        invalid_children += (~valid).sum()
-        pool_obj = np.concatenate([before.objective_K, objective[valid]])
-        pool_xent = np.concatenate([before.xent_K, xent[valid]])
-        pool_tokens = np.concatenate([before.tokens_KxN, children[valid]])
-        old_f = fitness(search, before.objective_K, before.xent_K)
-        new_f = fitness(search, state.objective_K, state.xent_K)
-        for k, lam in enumerate(search.lambdas_K):
-            f_pool = pool_obj - lam * pool_xent
-            assert new_f[k] >= old_f[k], f"elite {k} got worse: {old_f[k]} -> {new_f[k]}"
-            assert new_f[k] == pytest.approx(f_pool.max(), abs=1e-6)
-            # the elite is a member of the pool with those very numbers
-            same = (pool_tokens == state.tokens_KxN[k]).all(-1)
-            assert same.any() and np.isclose(f_pool[same], new_f[k], atol=1e-6).any()
-        improved += (new_f > old_f).sum()
+        assert children.shape == (K * tiny_config.search.candidates, tiny_config.search.prompt_tokens)
+        valid = np.array([True] * K + [retokenizes(tokenizer, c) for c in children])
+        invalid_children += (~valid[K:]).sum()
+        pool_tokens = np.concatenate([before.tokens_KxN, children])
+        pool_obj = np.concatenate([before.objective_K, objective])
+        pool_xent = np.concatenate([before.xent_K, xent])
+        picks = expected_selection(search.xent_weights_K, pool_tokens, pool_obj, pool_xent, valid)
+        np.testing.assert_array_equal(state.tokens_KxN, pool_tokens[picks])
+        np.testing.assert_allclose(state.objective_K, pool_obj[picks], rtol=0, atol=0)
+        distinct_valid = len({pool_tokens[i].tobytes() for i in np.flatnonzero(valid)})
+        assert len({row.tobytes() for row in state.tokens_KxN}) == min(K, distinct_valid)
+        # no lambda loses its best prompt: the pool's best f_k is held by some elite, so it never falls
+        f_pool = pool_obj[None, valid] - search.xent_weights_K[:, None] * pool_xent[None, valid]
+        np.testing.assert_allclose(best_held(search, state), f_pool.max(-1), rtol=0, atol=1e-6)
+        assert (best_held(search, state) >= best_held(search, before) - 1e-6).all()
+        improved += (best_held(search, state) > best_held(search, before)).sum()
         assert state.iteration == before.iteration + 1
     assert improved > 0
     assert invalid_children > 0  # the rule was exercised (a child that does not re-tokenize is never kept)
+    assert len({row.tobytes() for row in state.tokens_KxN}) == K
     assert state.best_objective_history and len(state.best_objective_history) == 30
+
+
+def test_an_elite_shares_a_prompt_only_when_every_valid_prompt_is_taken(tiny_config, tiny_pair):
+    search = Search(tiny_pair, tiny_config)
+    state = search.initial_state()
+    K, N = state.tokens_KxN.shape
+    children = np.repeat(state.tokens_KxN[:1], K * tiny_config.search.candidates, axis=0)  # all copies of elite 0
+    state.tokens_KxN[:] = state.tokens_KxN[0]
+    same = (np.full(K, state.objective_K[0]), np.full(K, state.act_K[0]), np.full(K, state.xent_K[0]))
+    state.objective_K, state.act_K, state.xent_K = same
+    B = len(children)
+    after = search._select(state, children, np.full(B, same[0][0]), np.full(B, same[1][0]), np.full(B, same[2][0]),
+                           state.scored)
+    np.testing.assert_array_equal(after.tokens_KxN, state.tokens_KxN)  # one prompt in the pool: all hold it
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,7 +540,8 @@ def test_same_seed_same_run_other_seed_other_run(tiny_config, tiny_pair):
 
 def test_lp_raises_two_latents_at_one_position(two_feature):
     model_dir, sae_dir, tok_a, tok_b, pair = two_feature
-    common = dict(elites=2, candidates=32, prompt_tokens=4, penalty_min=0.02, penalty_max=0.05)
+    # the planted penalties are in the latents' raw units
+    common = dict(elites=2, candidates=32, prompt_tokens=4, penalty_min=0.02, penalty_max=0.05, penalty_scale="none")
 
     def run(feature):
         config = fx.make_config(model_dir, sae_dir, feature, **common)

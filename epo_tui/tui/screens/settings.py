@@ -28,7 +28,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.validation import Integer, Number, Validator
+from textual.validation import Function, Integer, Number, Validator
 from textual.widgets import Input, Label, Static
 
 from epo_tui.config import Config, SearchConfig, config_from_data, field_help
@@ -54,10 +54,13 @@ class SettingField:
     minimum: float | None
     maximum: float | None
     help: str
+    choices: tuple[str, ...] = ()  # a str field that takes one of these only
 
     @property
     def allowed(self) -> str:
-        """What the field accepts, e.g. 'an integer ≥ 1' or 'a number from 0.0 to 1.0'."""
+        """What the field accepts, e.g. 'an integer ≥ 1', 'a number from 0.0 to 1.0' or 'one of: a, b'."""
+        if self.choices:
+            return "one of: " + ", ".join(self.choices)
         noun = {int: "an integer", float: "a number", str: "any text"}[self.kind]
         if self.minimum is not None and self.maximum is not None:
             return f"{noun} from {self.minimum} to {self.maximum}"
@@ -74,6 +77,8 @@ class SettingField:
             return [Integer(self.minimum, self.maximum, failure_description=message)]
         if self.kind is float:  # Number also refuses nan and inf, which the limits would let through
             return [Number(self.minimum, self.maximum, failure_description=message)]
+        if self.choices:
+            return [Function(lambda text: text.strip() in self.choices, failure_description=message)]
         return []
 
     def show(self, value: Any) -> str:
@@ -88,7 +93,7 @@ class SettingField:
             return int(text.strip())
         if self.kind is float:
             return float(text.strip())
-        return unescape_text(text)
+        return text.strip() if self.choices else unescape_text(text)
 
 
 def setting_fields() -> list[SettingField]:
@@ -100,7 +105,7 @@ def setting_fields() -> list[SettingField]:
         if spec.name in EXCLUDED_FIELDS or kind not in _SCALAR_TYPES:
             continue
         fields.append(SettingField(spec.name, kind, spec.metadata.get("min"), spec.metadata.get("max"),
-                                   field_help("search", spec.name)))
+                                   field_help("search", spec.name), tuple(spec.metadata.get("choices") or ())))
     return fields
 
 

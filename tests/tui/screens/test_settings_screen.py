@@ -82,6 +82,23 @@ def test_fields_take_their_limits_from_the_config_metadata():
     assert (specs["iterations"].kind, specs["iterations"].allowed) == (int, "an integer ≥ 1")
     assert specs["skip_gradient_mask"].allowed == "a number from 0.0 to 1.0"
     assert (specs["prefix"].kind, specs["prefix"].validators()) == (str, [])
+    assert specs["penalty_scale"].allowed == "one of: auto, measured, none"
+
+
+def test_a_field_with_choices_takes_only_them_and_applies_one():
+    async def scenario(pilot, screen, host):
+        await type_into(pilot, screen, "penalty_scale", "dataset")
+        assert message(screen, "penalty_scale") == "must be one of: auto, measured, none"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert host.result is NOT_DISMISSED
+        await type_into(pilot, screen, "penalty_scale", "none")
+        assert message(screen, "penalty_scale") == ""
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert host.result == {"penalty_scale": "none"}
+
+    run_form(scenario)
 
 
 def test_text_escapes_round_trip():
