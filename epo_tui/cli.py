@@ -29,6 +29,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C: the results so far are written, and scripts can still tell
 RUNS_DIR = Path("epo-runs")
 QUALITY_LATENTS = 20
+QUALITY_PAIRS = 10
 QUALITY_ITERATIONS = 50  # per latent: 20 latents of the demo in about 11 minutes on 2 CPU cores
 
 
@@ -120,10 +121,15 @@ def _add_bench_command(commands, common: argparse.ArgumentParser) -> None:
     quality.add_argument("--quality", action="store_true", help="measure search quality instead of speed")
     quality.add_argument("--latents", type=int, metavar="N", default=QUALITY_LATENTS,
                          help=f"latents to search (default {QUALITY_LATENTS})")
+    quality.add_argument("--pairs", type=int, nargs="?", const=QUALITY_PAIRS, metavar="N",
+                         help=f"instead of single latents, N random pairs (default {QUALITY_PAIRS}) that fire "
+                              "together on the held-out text: can one prompt make both reach half their "
+                              "maximum on one token?")
     quality.add_argument("--heldout", metavar="PATH",
                          help="held-out text: .jsonl of {\"text\": ...} or a plain text file (default with "
                               "--demo: the pack's held-out sample)")
-    quality.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the latent draw (default 0)")
+    quality.add_argument("--seed", type=int, default=0, metavar="S",
+                         help="seed of the latent draw and of every search (default 0)")
     quality.add_argument("--time-budget", metavar="DURATION",
                          help=f"wall clock per latent ({EXAMPLES}), instead of {QUALITY_ITERATIONS} iterations; "
                               "with --iterations, whichever comes first (the config's search.time_budget is "
@@ -545,6 +551,8 @@ def _progress_line(message: str) -> None:
 
 
 def cmd_bench(args: argparse.Namespace, config: Config) -> int:
+    if args.pairs is not None and not args.quality:
+        raise UserError("--pairs: a kind of --quality benchmark (bench --quality --pairs)")
     if args.time_budget is not None and not args.quality:
         raise UserError("--time-budget: a budget per latent of --quality (the speed benchmarks run fixed iterations)")
     if args.ui:  # the UI's key-press-to-repaint latency while a search runs
@@ -571,8 +579,10 @@ def _bench_quality(args: argparse.Namespace, config: Config) -> int:
     if args.model not in (None, "config"):
         raise UserError(f"--quality: measures the model and SAE of --config or --demo, not --model {args.model}")
     _require_at_least_one("--latents", args.latents)
-    if args.seed < 0:
-        raise UserError(f"--seed: must be >= 0, found {args.seed}")
+    if args.pairs is not None:
+        _require_at_least_one("--pairs", args.pairs)
+    if not 0 <= args.seed <= INT_MAX:
+        raise UserError(f"--seed: must be 0..{INT_MAX}, found {args.seed}")
     if args.heldout:
         heldout = Path(args.heldout).expanduser()
     elif args.demo:
@@ -580,6 +590,7 @@ def _bench_quality(args: argparse.Namespace, config: Config) -> int:
     else:
         raise UserError("--quality: needs a held-out text: --heldout PATH, or --demo for the pack's sample")
     budget = budget_seconds(_time_budget(args.time_budget)) if args.time_budget is not None else None
+    config = dataclasses.replace(config, search=dataclasses.replace(config.search, seed=args.seed))
     from epo_tui.bench import quality
 
     texts = quality.read_heldout(heldout)
@@ -590,11 +601,18 @@ def _bench_quality(args: argparse.Namespace, config: Config) -> int:
     with StopFlag() as stop:
         # a budget replaces the fixed iteration count; --iterations then still caps it
         iterations = args.iterations or (None if budget else QUALITY_ITERATIONS)
-        report = quality.run_quality(pair, config, texts, latents=args.latents, iterations=iterations,
-                                     time_budget_s=budget, seed=args.seed, labels=labels,
-                                     progress=_progress_line, stop=stop)
+        common = dict(iterations=iterations, time_budget_s=budget, seed=args.seed, labels=labels,
+                      progress=_progress_line, stop=stop)
+        if args.pairs is not None:
+            from epo_tui.bench import pairs
+
+            report = pairs.run_pairs(pair, config, texts, pairs=args.pairs, **common)
+        else:
+            report = quality.run_quality(pair, config, texts, latents=args.latents, **common)
     if args.json:
         print(quality.report_json(report))
+    elif args.pairs is not None:
+        pairs.print_pairs(report)
     else:
         quality.print_quality(report)
     return EXIT_INTERRUPTED if report["interrupted"] else 0

@@ -99,7 +99,7 @@ class SearchConfig:
     penalty_scale: str = field(default="auto", metadata=_limits(choices=PENALTY_SCALES, help=(
         "what λ's nat is weighed against: 'auto' = the feature's dataset maximum where known (epo-tui import "
         "or dataset), else three standard deviations of its value over the model's own text, so λ = 1 "
-        "prices a nat at a fifth of that on every SAE; 'measured' = always the latter; 'none' = the "
+        "prices a nat at a tenth of that on every SAE; 'measured' = always the latter; 'none' = the "
         "feature's raw units")))
     topk: int = field(default=128, metadata=_limits(minimum=1, help="tokens per position kept by the gradient mask"))
     seed: int = field(default=0, metadata=_limits(minimum=0, help="random seed: the same seed repeats the same search"))

@@ -2,8 +2,8 @@
 every SAE.
 
 Elite k maximizes f_k = objective - λ_k · (scale / PENALTY_UNITS) · xent, which ranks prompts exactly as
-PENALTY_UNITS · objective / scale - λ_k · xent does: λ = 1 trades a fifth of the scale for one nat of
-cross-entropy, λ = 20 four times the scale. The scale is, by preference:
+PENALTY_UNITS · objective / scale - λ_k · xent does: λ = 1 trades a tenth of the scale for one nat of
+cross-entropy, λ = 20 twice the scale. The scale is, by preference:
   1. the latent's dataset maximum (engine-independent store `dataset_stats`, written by
      `epo-tui import` or `epo-tui dataset`; the demo pack ships its own), for a single SAE latent;
   2. else MEASURED_SIGMAS standard deviations of the target's optimized value (an SAE latent's
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PENALTY_UNITS = 5.0  # λ = 1 prices one nat at scale / PENALTY_UNITS
+PENALTY_UNITS = 10.0  # λ = 1 prices one nat at scale / PENALTY_UNITS
 # On the demo SAE, 3 standard deviations of a latent's pre-activation over 160 positions of the model's
 # own samples is the median latent's held-out maximum (ratio 2.9 at seed 0, 3.1 at seed 1; half the
 # latents within a factor 1.25 either way): measured by scripts in the issue's closing note.
@@ -41,16 +41,16 @@ class ObjectiveScale:
     features: tuple[float, ...] = ()
 
     def describe(self) -> str:
-        """One line for a log or a report, e.g. "λ = 1 prices a nat at 1.5 (a fifth of the dataset maximum, 7.5)"."""
+        """One line for a log or a report, e.g. "λ = 1 prices a nat at 0.75 (a tenth of the dataset maximum, 7.5)"."""
         if self.source == NONE:
             return "λ prices a nat in the feature's raw units (search.penalty_scale = 'none')"
         what = {DATASET_MAXIMUM: "the dataset maximum",
                 MEASURED: f"{MEASURED_SIGMAS:g} standard deviations of the feature over the model's own text"}
         if self.features:
             each = ", ".join(f"{v:.3g}" for v in self.features)
-            return (f"λ = 1 prices a nat at a fifth of each feature's {what[self.source].removeprefix('the ')} "
+            return (f"λ = 1 prices a nat at a tenth of each feature's {what[self.source].removeprefix('the ')} "
                     f"({each}), each feature divided by its own")
-        return (f"λ = 1 prices a nat at {self.value / PENALTY_UNITS:.3g} (a fifth of {what[self.source]}, "
+        return (f"λ = 1 prices a nat at {self.value / PENALTY_UNITS:.3g} (a tenth of {what[self.source]}, "
                 f"{self.value:.3g})")
 
     def xent_weights(self, lambdas_K: np.ndarray) -> np.ndarray:

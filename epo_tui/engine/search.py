@@ -8,7 +8,7 @@ One iteration is three jitted functions with static shapes, then selection on th
   3. evaluation (engine/evaluation.py): objective, reported activation and xent of all KxC children,
      each running only from (about) its first changed position, split along the mesh's "data" axis
      (its "model" axis splits every layer's weights: engine/sharding.py);
-then each elite k keeps the best f_k = objective - lambda_k * scale/5 * xent (engine/penalty_scale.py) over itself, the other elites and
+then each elite k keeps the best f_k = objective - lambda_k * scale/10 * xent (engine/penalty_scale.py) over itself, the other elites and
 the children whose text re-tokenizes to the same ids, among the prompts no earlier elite took. What a reader sees of each elite is
 engine/reporting.py's (`elite_reports`).
 

@@ -4,6 +4,7 @@ through `score`; the verdict follows the rule; the command's errors and output."
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -131,10 +132,32 @@ def test_run_quality_reports_each_latent_and_the_verdict_rule(tiny_pair, tiny_co
         fluent = row["fluent_act"]
         assert row["beat"] == (fluent is not None and fluent > row["dataset_max"])
         assert "[" in row["dataset_context"]
+        assert 1 <= row["distinct_elites"] <= tiny_config.search.elites and row["hypervolume"] >= 0
+        assert row["frontier_xent"][0] <= row["frontier_xent"][1]
     assert report["beaten"] == sum(r["beat"] for r in report["latents"])
+    distinct = [r["distinct_elites"] for r in report["latents"]]
+    goal = math.ceil(0.75 * tiny_config.search.elites)  # 6 of 8
+    assert report["distinct_elites"] == {"goal": goal, "min": min(distinct),
+                                         "searches_meeting_goal": sum(d >= goal for d in distinct)}
+    assert report["search"]["seed"] == tiny_config.search.seed
     again = quality.run_quality(tiny_pair, tiny_config, fx.HELDOUT_TEXTS, latents=2, iterations=2, seed=3)
     assert [r["latent"] for r in again["latents"]] == [r["latent"] for r in report["latents"]]
     assert any("latent" in line for line in lines)
+
+
+def test_hypervolume_is_the_area_under_the_best_act_so_far_up_to_the_limit():
+    # points (xent, act): (2, 1) then (3, 4) then (5, 9) past the limit 4; dataset max 2
+    xent, act = np.array([3.0, 2.0, 5.0, 3.5]), np.array([4.0, 1.0, 9.0, 2.0])
+    # from 2 to 3 the best is 1/2, from 3 to 4 it is 4/2 (the point at 3.5 is dominated)
+    assert quality.frontier_hypervolume(xent, act, 4.0, 2.0) == pytest.approx(0.5 * 1 + 2.0 * 1)
+    assert quality.frontier_hypervolume(xent, act, 1.0, 2.0) == 0.0  # nothing under the limit
+    assert quality.frontier_hypervolume(np.array([1.0]), np.array([-3.0]), 2.0, 1.0) == 0.0  # never below zero
+    with pytest.raises(ValueError):
+        quality.frontier_hypervolume(xent, act, 4.0, 0.0)
+
+
+def test_distinct_prompts_counts_rows():
+    assert quality.distinct_prompts(np.array([[1, 2], [1, 2], [2, 1]], np.int32)) == 2
 
 
 def test_read_heldout_reads_jsonl_and_text_and_names_bad_lines(tmp_path):

@@ -41,15 +41,15 @@ def test_several_features_share_one_source_or_none():
     assert penalty_scale.per_feature([a, ObjectiveScale(3.0, MEASURED)]) is None
     assert penalty_scale.per_feature([ObjectiveScale(1.0, NONE)] * 2) is None
     assert ObjectiveScale(1.0, DATASET_MAXIMUM, (2.0, 8.0)).describe() == (
-        "λ = 1 prices a nat at a fifth of each feature's dataset maximum (2, 8), each feature divided by its own")
+        "λ = 1 prices a nat at a tenth of each feature's dataset maximum (2, 8), each feature divided by its own")
 
 
-def test_xent_weights_price_a_nat_at_a_fifth_of_the_scale():
+def test_xent_weights_price_a_nat_at_a_tenth_of_the_scale():
     lambdas = np.array([1.0, 2.0, 20.0], np.float32)
-    np.testing.assert_allclose(ObjectiveScale(7.5, DATASET_MAXIMUM).xent_weights(lambdas), [1.5, 3.0, 30.0], rtol=1e-6)
+    np.testing.assert_allclose(ObjectiveScale(7.5, DATASET_MAXIMUM).xent_weights(lambdas), [0.75, 1.5, 15.0], rtol=1e-6)
     np.testing.assert_array_equal(ObjectiveScale(1.0, NONE).xent_weights(lambdas), lambdas)
     assert ObjectiveScale(7.5, DATASET_MAXIMUM).describe() == (
-        "λ = 1 prices a nat at 1.5 (a fifth of the dataset maximum, 7.5)")
+        "λ = 1 prices a nat at 0.75 (a tenth of the dataset maximum, 7.5)")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_the_demo_latent_is_priced_in_its_shipped_dataset_maximum(demo_config):
     search = Search(load_model_with_sae(demo_config), demo_config)
     stats = dataset_stats.load_best_stats(dataset_stats.sae_key(search.pair.model.name, search.pair.sae.display_name))
     assert search.objective_scale == ObjectiveScale(stats.max(LATENT), DATASET_MAXIMUM)
-    np.testing.assert_allclose(search.xent_weights_K, search.lambdas_K * stats.max(LATENT) / 5, rtol=1e-6)
+    np.testing.assert_allclose(search.xent_weights_K, search.lambdas_K * stats.max(LATENT) / 10, rtol=1e-6)
     measured = Search(search.pair, dataclasses.replace(demo_config, search=dataclasses.replace(
         demo_config.search, penalty_scale="measured")))
     assert measured.objective_scale.source == MEASURED
@@ -137,7 +137,7 @@ def test_two_latents_are_each_divided_by_their_own_dataset_maximum(demo_config):
     stats = dataset_stats.load_best_stats(dataset_stats.sae_key(pair.model.name, pair.sae.display_name))
     maxima = np.array([stats.max(i) for i in latents])
     assert search.objective_scale == ObjectiveScale(1.0, DATASET_MAXIMUM, tuple(maxima))
-    np.testing.assert_allclose(search.xent_weights_K, search.lambdas_K / 5, rtol=1e-6)
+    np.testing.assert_allclose(search.xent_weights_K, search.lambdas_K / 10, rtol=1e-6)
     state = search.initial_state()
     prefix = np.asarray(search.prefix_ids)
     full = np.concatenate([np.repeat(prefix[None], len(state.tokens_KxN), 0), state.tokens_KxN], axis=1)

@@ -1,0 +1,83 @@
+"""`bench --quality --pairs` (epo_tui/bench/pairs.py): the pairs it draws fire together, the joint share it
+reports is what a plain forward pass gives, and the command reports every pair."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from epo_tui.bench import pairs, quality
+from epo_tui.engine.pairing import as_batch
+from epo_tui.engine.sae import activations
+from epo_tui.engine.search import Search
+from cli_run import run_cli
+import search_fixtures as fx
+
+
+def _acts_RxLxS(pair, tokens_RxL) -> np.ndarray:
+    return np.stack([np.asarray(activations(pair.sae, pair.forward(as_batch(r.tolist()), logits=False)[1][0]))
+                     for r in tokens_RxL])
+
+
+def test_cofiring_pairs_are_every_pair_on_together_on_a_counted_token(tiny_pair):
+    tokens, mask = quality.heldout_rows(tiny_pair, fx.HELDOUT_TEXTS)
+    fires_PxS = (_acts_RxLxS(tiny_pair, tokens) > 0)[mask]
+    together_SxS = fires_PxS.T.astype(np.int64) @ fires_PxS.astype(np.int64)
+    expected = np.argwhere(np.triu(together_SxS, k=1) > 0)
+    found = pairs.cofiring_pairs(tiny_pair, tokens, mask)
+    assert len(found) > 10
+    np.testing.assert_array_equal(found, expected)
+
+
+def test_joint_activation_is_the_smaller_share_on_the_best_token(tiny_pair, tiny_config):
+    search = Search(tiny_pair, tiny_config)
+    state = search.initial_state()
+    latents, maxima = (3, 7), (0.5, 2.0)
+    joint, where = pairs.joint_activation(tiny_pair, search, state.tokens_KxN, latents, maxima)
+    prefix = np.asarray(search.prefix_ids)
+    full = np.concatenate([np.repeat(prefix[None], len(state.tokens_KxN), 0), state.tokens_KxN], axis=1)
+    acts = _acts_RxLxS(tiny_pair, full)[:, len(prefix):, list(latents)]
+    share_KxN = (acts / np.asarray(maxima)).min(-1)
+    np.testing.assert_allclose(joint, share_KxN.max(-1), atol=1e-5)
+    np.testing.assert_array_equal(where, share_KxN.argmax(-1))
+
+
+def test_run_pairs_reports_each_pair_and_the_success_rule(tiny_pair, tiny_config):
+    lines = []
+    report = pairs.run_pairs(tiny_pair, tiny_config, fx.HELDOUT_TEXTS, pairs=2, iterations=2, seed=1,
+                             progress=lines.append)
+    assert len(report["pairs"]) == 2 and not report["interrupted"]
+    tokens, mask = quality.heldout_rows(tiny_pair, fx.HELDOUT_TEXTS)
+    every = {tuple(p) for p in pairs.cofiring_pairs(tiny_pair, tokens, mask).tolist()}
+    maxima, _ = quality.dataset_maxima(tiny_pair, tokens, mask)
+    acts_PxS = _acts_RxLxS(tiny_pair, tokens)[mask]
+    for row in report["pairs"]:
+        a, b = row["latents"]
+        assert row["dataset_joint"] == pytest.approx(
+            np.minimum(acts_PxS[:, a] / maxima[a], acts_PxS[:, b] / maxima[b]).max(), abs=1e-5)
+        assert 0 < row["dataset_joint"] <= 1
+        assert tuple(row["latents"]) in every
+        assert row["dataset_max"] == pytest.approx([float(maxima[i]) for i in row["latents"]])
+        assert row["success"] == (row["joint"] is not None and row["joint"] >= 0.5)
+        if row["joint"] is not None:
+            assert row["xent"] <= report["xent_limit"]
+    assert report["succeeded"] == sum(r["success"] for r in report["pairs"])
+    assert report["search"]["combine"] == "lp" and report["search"]["read"] == "max"
+    assert any("latents" in line for line in lines)
+
+
+def test_bench_pairs_command_prints_json_and_refuses_bad_input(tiny_dir, tmp_path):
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in fx.HELDOUT_TEXTS))
+    config = tiny_dir / "config.toml"
+    code, out, err = run_cli("bench", "--quality", "--pairs", 1, "--config", config, "--heldout", heldout,
+                             "--iterations", 1, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert len(report["pairs"]) == 1 and report["search"]["iterations"] == 1
+    for argv, message in ((("--quality", "--pairs", 0), "--pairs: must be >= 1, found 0"),
+                          (("--pairs", 2), "--pairs: a kind of --quality benchmark")):
+        code, out, err = run_cli("bench", *argv, "--config", config, "--heldout", heldout)
+        assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
