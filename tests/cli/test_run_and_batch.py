@@ -561,7 +561,12 @@ def test_run_and_batch_compare_every_elite_with_the_dataset_maximum(tiny_dir, tm
     from epo_tui import dataset_stats
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    code, _, err = run_cli("batch", "--config", _config(tiny_dir), "--features", "1,2,3", "--iterations", 2,
+    # the statistics written below must not change the searches (penalty_scale "auto" would price λ in
+    # their maxima): both batches run the same searches, and only what they report differs
+    config = tiny_dir / "config-measured-scale.toml"
+    config.write_text((tiny_dir / "config.toml").read_text().replace(
+        "[search]\n", '[search]\npenalty_scale = "measured"\n', 1))
+    code, _, err = run_cli("batch", "--config", config, "--features", "1,2,3", "--iterations", 2,
                            "--out", tmp_path / "before")
     assert code == 0, err
     first = _load(tmp_path / "before" / "feature-1")
@@ -576,7 +581,7 @@ def test_run_and_batch_compare_every_elite_with_the_dataset_maximum(tiny_dir, tm
                                                          dataset_stats.LOCAL),
                               max_F, np.full(d_sae, np.nan), [], provenance={"origin": "local"})
 
-    code, _, err = run_cli("batch", "--config", _config(tiny_dir), "--features", "1,2,3", "--iterations", 2,
+    code, _, err = run_cli("batch", "--config", config, "--features", "1,2,3", "--iterations", 2,
                            "--out", tmp_path / "after")
     assert code == 0, err
     index = json.loads((tmp_path / "after" / "index.json").read_text())

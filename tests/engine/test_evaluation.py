@@ -122,8 +122,12 @@ def test_a_bfloat16_search_reports_its_elites_in_float32(setups):
         np.testing.assert_allclose([getattr(r, name) for r in reports], values, atol=ATOL, rtol=0, err_msg=name)
     plain = elite_reports(search32, state)
     np.testing.assert_allclose([r.activations for r in reports], [r.activations for r in plain], atol=ATOL)
-    # the search's own figures are bfloat16's: the reports were recomputed, not copied
-    assert np.abs(np.array([r.xent for r in reports]) - state.xent_K).max() > ATOL
+    # the search's own figures are bfloat16's: the reports were recomputed, not copied (they sit closer
+    # to float32's than the search's own do; how much closer depends on which prompts the search kept)
+    own = np.concatenate([state.objective_K, state.act_K, state.xent_K])
+    reported = np.array([getattr(r, name) for name in expected for r in reports])
+    float32 = np.concatenate(list(expected.values()))
+    assert np.abs(own - float32).max() > 10 * np.abs(reported - float32).max()
 
 
 def test_repeats_in_a_batch_run_once_and_a_batch_always_scores_the_same(setups):
