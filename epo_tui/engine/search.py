@@ -8,8 +8,9 @@ One iteration is three jitted functions with static shapes, then selection on th
   3. evaluation (engine/evaluation.py): objective, reported activation and xent of all KxC children,
      each running only from (about) its first changed position, split along the mesh's "data" axis
      (its "model" axis splits every layer's weights: engine/sharding.py);
-then each elite k keeps the best f_k = objective - lambda_k * scale/10 * xent (engine/penalty_scale.py) over itself, the other elites and
-the children whose text re-tokenizes to the same ids, among the prompts no earlier elite took. What a reader sees of each elite is
+then each elite k keeps the best f_k = objective - lambda_k * scale/10 * xent (engine/penalty_scale.py)
+over itself, the other elites and the children whose text re-tokenizes to the same ids, among the
+prompts no earlier elite took. What a reader sees of each elite is
 engine/reporting.py's (`elite_reports`).
 
 Shapes: K elites, C children per elite (`search.candidates`), B = K*C, N optimized tokens, V vocabulary, F features,
@@ -77,8 +78,9 @@ def penalties(search: SearchConfig) -> np.ndarray:
 
 @exported_jit(static_argnames=("st",))
 def gradients(params, sae, arrays, prefix, tokens_KxN, xent_weights_K, *, st: Statics):
-    """(grad_KxNxV of f_k = objective - xent_weights_K[k] * xent w.r.t. elite k's one-hot tokens, the elites' `Parents`: what their children
-    reuse, with the next-token logits_KxNxV the proposals draw from)."""
+    """(grad_KxNxV of f_k = objective - xent_weights_K[k] * xent w.r.t. elite k's one-hot tokens, the
+    elites' `Parents`: what their children reuse, with the next-token logits_KxNxV the proposals draw
+    from)."""
 
     def total_fitness(onehot_KxNxV):
         objective_K, _, xent_K, parents = score(params, sae, arrays, prefix, onehot_KxNxV, st, keep=True)
