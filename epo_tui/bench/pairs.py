@@ -128,7 +128,9 @@ def run_pairs(pair: ModelWithSAE, config: Config, heldout: list[str], pairs: int
             feature, index=latents[0], indices=latents)), mesh=pair.mesh)
 
     dataset_joint = heldout_joint(pair, tokens, mask, chosen, maxima_S)
-    median, limit, windows = quality.xent_limit(search_for(chosen[0]), tokens, mask, progress)
+    first = search_for(chosen[0])
+    median, limit, windows = quality.xent_limit(first, tokens, mask, progress)
+    quality.compile_steps(first, progress)
     rows = []
     for n, latents in enumerate(chosen, 1):
         if stop.requested:

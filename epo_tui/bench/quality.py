@@ -146,6 +146,13 @@ def xent_limit(search: Search, tokens_RxL: np.ndarray, mask_RxL: np.ndarray, pro
     return median, limit, int(len(windows))
 
 
+def compile_steps(search: Search, progress: Progress = quiet) -> None:
+    """Compiles `search`'s steps before any budget starts, so that each search's budget goes to
+    searching (else the compiler takes most of the first one's). Every search of the run shares them."""
+    progress("compiling the search's steps (outside every search's budget)")
+    search.warm_up()
+
+
 def context_snippet(pair: ModelWithSAE, tokens_RxL: np.ndarray, flat: int, before: int = 12, after: int = 3) -> str:
     """The held-out text around a flat position, the token there in [brackets]; each token shown as
     everywhere else (`LanguageModel.token_strings`: a piece of a character as `\\xNN`)."""
@@ -255,7 +262,9 @@ def run_quality(pair: ModelWithSAE, config: Config, heldout: list[str], latents:
         feature = dataclasses.replace(config.feature, index=latent, indices=())
         return Search(pair, dataclasses.replace(search_config, feature=feature), mesh=mesh)
 
-    median, limit, windows = xent_limit(search_for(chosen[0]), tokens, mask, progress)
+    first = search_for(chosen[0])
+    median, limit, windows = xent_limit(first, tokens, mask, progress)
+    compile_steps(first, progress)
     rows, search_seconds = [], []
     for n, latent in enumerate(chosen, 1):
         if stop.requested:

@@ -630,3 +630,26 @@ def test_no_recompilation_across_iterations_and_features(tiny_config, tiny_pair)
         elite_reports(search2, state2)
     assert switched.compiled == [], f"compiled for another feature: {switched.compiled}"
     assert not np.array_equal(np.asarray(search.arrays.indices_F), np.asarray(search2.arrays.indices_F))
+
+
+def test_a_warmed_up_search_compiles_nothing_while_it_runs(tiny_config, tiny_pair):
+    """`Search.warm_up` (which `bench --quality` runs before any budget starts) compiles every step an
+    iteration may run, every suffix bucket included, and leaves the search's results as they were."""
+    # shapes no other test uses, so that nothing is compiled yet
+    config = replace(tiny_config, search=replace(tiny_config.search, candidates=5, prompt_tokens=7))
+    warmed = Search(tiny_pair, config)
+    with CompileCounter() as warming:
+        warmed.warm_up()
+    assert warming.compiled, "warm_up compiled nothing: the test would prove nothing"
+    with CompileCounter() as running:
+        state = warmed.initial_state()
+        for _ in range(6):
+            state, _ = warmed.step(state)
+    assert running.compiled == [], f"compiled after warm_up: {running.compiled}"
+
+    plain = Search(tiny_pair, config)
+    same = plain.initial_state()
+    for _ in range(6):
+        same, _ = plain.step(same)
+    np.testing.assert_array_equal(state.tokens_KxN, same.tokens_KxN)
+    np.testing.assert_array_equal(state.objective_K, same.objective_K)
