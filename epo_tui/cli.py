@@ -30,7 +30,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C: the results so far are written, and scripts ca
 RUNS_DIR = Path("epo-runs")
 QUALITY_LATENTS = 20
 QUALITY_PAIRS = 10
-QUALITY_ITERATIONS = 50  # per latent: 20 latents of the demo in about 11 minutes on 2 CPU cores
+QUALITY_TIME_BUDGET = "30s"  # per latent, searched for a fixed wall clock: 20 demo latents in about 11 minutes
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,7 +109,8 @@ def _add_bench_command(commands, common: argparse.ArgumentParser) -> None:
                             "else gpt2-small, then tiny and its warm start)")
     bench.add_argument("--iterations", type=int, metavar="N",
                        help="EPO iterations per setup, the first compiles (default: gpt2-small 3, tiny 20, "
-                            f"config 5; --quality {QUALITY_ITERATIONS} per latent, or no cap with --time-budget)")
+                            f"config 5; --quality: none, each latent searches for {QUALITY_TIME_BUDGET}; given alone, "
+                            "N iterations per latent replace that budget)")
     bench.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                        help="weights of the gpt2-small setup (default float32)")
     bench.add_argument("--no-warm-start", action="store_true",
@@ -131,9 +132,9 @@ def _add_bench_command(commands, common: argparse.ArgumentParser) -> None:
     quality.add_argument("--seed", type=int, default=0, metavar="S",
                          help="seed of the latent draw and of every search (default 0)")
     quality.add_argument("--time-budget", metavar="DURATION",
-                         help=f"wall clock per latent ({EXAMPLES}), instead of {QUALITY_ITERATIONS} iterations; "
-                              "with --iterations, whichever comes first (the config's search.time_budget is "
-                              "not used here)")
+                         help=f"wall clock per latent ({EXAMPLES}; default {QUALITY_TIME_BUDGET} unless --iterations "
+                              "is given); with --iterations, whichever comes first (the config's "
+                              "search.time_budget is not used here)")
     from epo_tui.bench.ui_latency import add_options as add_ui_options  # --ui, --presses, --size
 
     add_ui_options(bench)
@@ -589,7 +590,10 @@ def _bench_quality(args: argparse.Namespace, config: Config) -> int:
         heldout = paths.demo_pack() / "heldout.jsonl"
     else:
         raise UserError("--quality: needs a held-out text: --heldout PATH, or --demo for the pack's sample")
-    budget = budget_seconds(_time_budget(args.time_budget)) if args.time_budget is not None else None
+    if args.time_budget is not None:
+        budget = budget_seconds(_time_budget(args.time_budget))
+    else:  # --iterations alone: a fixed count, no budget
+        budget = None if args.iterations is not None else budget_seconds(QUALITY_TIME_BUDGET)
     config = dataclasses.replace(config, search=dataclasses.replace(config.search, seed=args.seed))
     from epo_tui.bench import quality
 
@@ -599,9 +603,7 @@ def _bench_quality(args: argparse.Namespace, config: Config) -> int:
     from epo_tui.engine.runner import StopFlag
 
     with StopFlag() as stop:
-        # a budget replaces the fixed iteration count; --iterations then still caps it
-        iterations = args.iterations or (None if budget else QUALITY_ITERATIONS)
-        common = dict(iterations=iterations, time_budget_s=budget, seed=args.seed, labels=labels,
+        common = dict(iterations=args.iterations, time_budget_s=budget, seed=args.seed, labels=labels,
                       progress=_progress_line, stop=stop)
         if args.pairs is not None:
             from epo_tui.bench import pairs

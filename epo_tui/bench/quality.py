@@ -223,11 +223,12 @@ class IterationLines(Reporter):
 def per_latent(iterations: int | None, time_budget_s: float | None) -> str:
     """How long each latent's search runs, in words: "50 iterations", "2m", or "2m or 50 iterations,
     whichever comes first"."""
+    count = f"{iterations} iteration{'' if iterations == 1 else 's'}"
     if time_budget_s is None:
-        return f"{iterations} iterations"
+        return count
     if iterations is None:
         return format_budget(time_budget_s)
-    return f"{format_budget(time_budget_s)} or {iterations} iterations, whichever comes first"
+    return f"{format_budget(time_budget_s)} or {count}, whichever comes first"
 
 
 def run_quality(pair: ModelWithSAE, config: Config, heldout: list[str], latents: int, iterations: int | None,

@@ -247,7 +247,7 @@ def test_bench_quality_runs_each_latent_for_the_budget(tiny_dir, tmp_path, clock
     assert code == 0, err
     report = json.loads(out)
     assert report["search"]["per_latent"] == "25s" and report["search"]["time_budget_s"] == 25
-    assert report["search"]["iterations"] is None  # the budget replaced the fixed 50
+    assert report["search"]["iterations"] is None  # the budget alone: no fixed count
     assert [row["iterations_run"] for row in report["latents"]] == [3, 3]
     assert all(row["budget_ran_out"] for row in report["latents"]) and not report["interrupted"]
     code, out, err = run_cli("bench", "--quality", "--config", _config(tiny_dir), "--heldout", heldout,
@@ -256,6 +256,24 @@ def test_bench_quality_runs_each_latent_for_the_budget(tiny_dir, tmp_path, clock
     report = json.loads(out)
     assert report["search"]["per_latent"] == "25s or 2 iterations, whichever comes first"
     assert report["latents"][0]["iterations_run"] == 2 and not report["latents"][0]["budget_ran_out"]
+
+
+def test_bench_quality_searches_each_latent_for_30_seconds_unless_told_otherwise(tiny_dir, tmp_path, clock):
+    from search_fixtures import HELDOUT_TEXTS
+
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in HELDOUT_TEXTS))
+    args = ("bench", "--quality", "--config", _config(tiny_dir), "--heldout", heldout, "--latents", 1, "--json")
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["search"]["per_latent"] == "30s" and report["search"]["time_budget_s"] == 30
+    assert report["latents"][0]["iterations_run"] == 30 // STEP_S and report["latents"][0]["budget_ran_out"]
+    code, out, err = run_cli(*args, "--iterations", 1)  # a fixed count instead of the budget
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["search"]["per_latent"] == "1 iteration" and report["search"]["time_budget_s"] is None
+    assert report["latents"][0]["iterations_run"] == 1 and not report["latents"][0]["budget_ran_out"]
 
 
 # ----------------------------------------------------------------------------------------------
