@@ -320,27 +320,24 @@ class ChildScorer:
             start = max(s for s in self.starts if s <= first_R[rows].min())
             counts.add_call(start)
             counts.positions += self.chunk * (N - start)
-            tokens = self._split(tokens_RxN[padded])
-            if start == 0:
-                outs = self._full(self.params, self.sae, self.arrays, self.prefix, tokens)
-            else:
-                outs = suffix_evaluator(self.st, self.mesh, start)(self.params, self.sae, self.arrays, self.prefix,
-                                                                   parents, tokens, self._split(parent_R[padded]))
+            outs = self._call(start, tokens_RxN[padded], parent_R[padded], parents)
             results[:, rows] = np.stack([np.asarray(o, np.float32) for o in outs])[:, :len(rows)]
         return results
+
+    def _call(self, start: int, tokens_BxN: np.ndarray, parent_B: np.ndarray, parents: Parents):
+        """(objective_B, act_B, xent_B) of one call of B = `chunk` prompts at a bucket start (0: every position)."""
+        tokens = self._split(tokens_BxN)
+        if not start:
+            return self._full(self.params, self.sae, self.arrays, self.prefix, tokens)
+        return suffix_evaluator(self.st, self.mesh, start)(self.params, self.sae, self.arrays, self.prefix, parents,
+                                                           tokens, self._split(parent_B))
 
     def warm_up(self, parents: Parents) -> None:
         """Runs one call at every bucket start on dummy prompts, so that no later call compiles: for
         benchmarks that time the search rather than XLA. `parents` as `children` gets them."""
-        tokens = self._split(np.zeros((self.chunk, self.st.prompt_tokens), np.int32))
-        parent = self._split(np.zeros(self.chunk, np.int32))
+        tokens, parent = np.zeros((self.chunk, self.st.prompt_tokens), np.int32), np.zeros(self.chunk, np.int32)
         for start in self.starts:
-            if not start:
-                outs = self._full(self.params, self.sae, self.arrays, self.prefix, tokens)
-            else:
-                outs = suffix_evaluator(self.st, self.mesh, start)(self.params, self.sae, self.arrays, self.prefix,
-                                                                   self._whole(parents), tokens, parent)
-            jax.block_until_ready(outs)
+            jax.block_until_ready(self._call(start, tokens, parent, self._whole(parents)))
 
     def compiled_call(self, start: int, parents: Parents):
         """The compiled executable of one call at this bucket start (0: every position), for XLA's cost
