@@ -335,7 +335,7 @@ class Search:
         touched. For benchmarks that time the search rather than XLA's compiler."""
         state = self.initial_state()
         tokens = jnp.asarray(state.tokens_KxN)
-        key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(state.key)), state.iteration)  # as `step`
+        key = self._iteration_key(state)
         grads, parents = gradients(self.params, self.sae, self.arrays, self.prefix, tokens,
                                    jnp.asarray(self.xent_weights_K), st=self.st)
         jax.block_until_ready(propose(key, tokens, grads, parents.next_logits_KxNxV, self.banned_V, st=self.st))
@@ -358,7 +358,7 @@ class Search:
 
     def step(self, state: SearchState) -> tuple[SearchState, Timings]:
         timings = Timings()
-        key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(state.key)), state.iteration)
+        key = self._iteration_key(state)
         tokens = jnp.asarray(state.tokens_KxN)
 
         t0 = time.perf_counter()
@@ -376,6 +376,11 @@ class Search:
         t4 = time.perf_counter()
         timings.gradients, timings.proposals, timings.evaluation, timings.selection = t1 - t0, t2 - t1, t3 - t2, t4 - t3
         return state, timings
+
+    @staticmethod
+    def _iteration_key(state: SearchState) -> jax.Array:
+        """The PRNG key of the iteration that steps from `state`: its seed's key folded with the iteration."""
+        return jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(state.key)), state.iteration)
 
     def _select(self, state: SearchState, children_BxN, objective, act, xent, scored: ScoreCache) -> SearchState:
         """Elite k (in order of lambda) keeps the best f_k among the elites and the valid children whose
