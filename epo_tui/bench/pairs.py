@@ -4,10 +4,12 @@ The seed could not get two features to fire together at a reasonable fluency pen
 random pairs of alive latents that fire together on some token of the held-out text (drawn uniformly
 from all such pairs, seeded), one search per pair maximizes the seed's L_p combination of the two
 (`feature.combine = "lp"`, each latent divided by its own scale, `read = "max"`: on whichever token
-the two meet). A pair succeeds when some prompt the search kept (frontier or elites), at an xent no
+the two meet, λ over PAIR_PENALTY_RANGE instead of the config's range). A pair succeeds when some prompt the search kept (frontier or elites), at an xent no
 worse than the held-out limit of `bench --quality`, has a token on which both latents reach
 HALF_MAXIMUM of their held-out maxima. Each pair also reports the held-out text's own best token by
-the same measure (`dataset_joint`): most pairs that fire together at all do so weakly.
+the same measure (`dataset_joint`): most pairs that fire together at all do so weakly; and the best
+share at any xent (`unlimited_joint`), which tells a pair that fired together only at poor fluency from
+one that never did.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ from epo_tui.errors import UserError
 HALF_MAXIMUM = 0.5  # each latent's share of its held-out maximum, on one token, for a pair to count
 GOAL_FRACTION = 0.6
 PAIR_LP_OFFSET = 1.0  # relu(a / scale + offset): in units of each latent's scale, a gradient down to -1 scale
+# λ for the pairs' searches, log-spaced as search.penalty_min/max are. With the default 1..20 every elite
+# of every pair ended at xent 2.2-3.6, far under the limit, with both latents near 0 (mean best share 5%,
+# demo, seed 0, 30 s per pair); 0.1..5 gave 21%, 0.02..2 gave 25% (2026-12-02, README "Search quality").
+PAIR_PENALTY_RANGE = (0.02, 2.0)
 
 
 def cofiring_pairs(pair: ModelWithSAE, tokens_RxL: np.ndarray, mask_RxL: np.ndarray) -> np.ndarray:
@@ -121,7 +127,8 @@ def run_pairs(pair: ModelWithSAE, config: Config, heldout: list[str], pairs: int
     cap = iterations if iterations is not None else sys.maxsize
     feature = dataclasses.replace(config.feature, combine="lp", read="max", lp_offset=PAIR_LP_OFFSET)
     search_config = dataclasses.replace(config, feature=feature, search=dataclasses.replace(
-        config.search, iterations=iterations or config.search.iterations, time_budget=""))
+        config.search, iterations=iterations or config.search.iterations, time_budget="",
+        penalty_min=PAIR_PENALTY_RANGE[0], penalty_max=PAIR_PENALTY_RANGE[1]))
 
     def search_for(latents: tuple[int, int]) -> Search:
         return Search(pair, dataclasses.replace(search_config, feature=dataclasses.replace(
@@ -153,6 +160,9 @@ def run_pairs(pair: ModelWithSAE, config: Config, heldout: list[str], pairs: int
                "iterations_run": timings.iterations_run,
                "distinct_elites": quality.distinct_prompts(state.tokens_KxN),
                "joint": None, "prompt": None, "xent": None, "token": None}
+        # the best share at any xent: whether a failing pair lacks fluency or never fired together
+        anywhere, _ = joint_activation(pair, search, prompts, latents, maxima)
+        row.update(unlimited_joint=float(anywhere.max()), unlimited_xent=float(xent[int(np.argmax(anywhere))]))
         if len(fluent):
             joint, where = joint_activation(pair, search, prompts[fluent], latents, maxima)
             best = int(np.argmax(joint))
@@ -163,7 +173,8 @@ def run_pairs(pair: ModelWithSAE, config: Config, heldout: list[str], pairs: int
         rows.append(row)
         shown = "no prompt under the limit" if row["joint"] is None else (
             f"both at >= {row['joint']:.0%} of their maxima on {row['token']!r} (xent {row['xent']:.2f})")
-        progress(f"{label}: {shown}; {'succeeds' if row['success'] else 'fails'}")
+        progress(f"{label}: {shown}; {'succeeds' if row['success'] else 'fails'} (at any xent: "
+                 f"{row['unlimited_joint']:.0%}, xent {row['unlimited_xent']:.2f})")
     succeeded = sum(r["success"] for r in rows)
     return {
         "model": pair.model.name, "sae": pair.sae.display_name, "hook": pair.sae.hook_name,
@@ -173,7 +184,8 @@ def run_pairs(pair: ModelWithSAE, config: Config, heldout: list[str], pairs: int
                    "time_budget_s": time_budget_s, "elites": config.search.elites,
                    "candidates": config.search.candidates, "seed": config.search.seed,
                    "combine": "lp", "lp_p": feature.lp_p, "lp_offset": feature.lp_offset, "read": "max",
-                   "penalty_scale": config.search.penalty_scale},
+                   "penalty_scale": config.search.penalty_scale,
+                   "penalty_min": PAIR_PENALTY_RANGE[0], "penalty_max": PAIR_PENALTY_RANGE[1]},
         "pair_seed": seed, "xent_limit": limit, "half_maximum": HALF_MAXIMUM,
         "pairs": rows, "succeeded": succeeded, "fraction": succeeded / len(rows) if rows else 0.0,
         "goal_fraction": GOAL_FRACTION, "interrupted": len(rows) < pairs,
@@ -191,11 +203,11 @@ def print_pairs(report: dict) -> None:
     out.print(f"{inert(report['model'])} + {inert(report['sae'])} at {report['hook']}; "
               f"{report['heldout']['cofiring_pairs']:,} pairs fire together on the held-out text; "
               f"{s['per_pair']} of {s['elites']} x {s['candidates']} per pair, L_{s['lp_p']:g} with offset "
-              f"{s['lp_offset']:g}, read at the max")
+              f"{s['lp_offset']:g}, read at the max, λ {s['penalty_min']:g}..{s['penalty_max']:g}")
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column, justify in (("latents", "left"), ("maxima", "right"), ("held-out text", "right"),
                             ("both reach", "right"), ("on", "left"),
-                            ("xent", "right"), ("prompt", "left"), ("ok", "left")):
+                            ("xent", "right"), ("prompt", "left"), ("ok", "left"), ("at any xent", "right")):
         table.add_column(column, justify=justify)
     for row in report["pairs"]:
         none = row["joint"] is None
@@ -203,7 +215,8 @@ def print_pairs(report: dict) -> None:
                       f"{row['dataset_max'][0]:.2f}, {row['dataset_max'][1]:.2f}", f"{row['dataset_joint']:.0%}",
                       "-" if none else f"{row['joint']:.0%}", "" if none else inert(repr(row["token"])),
                       "-" if none else f"{row['xent']:.2f}", "" if none else inert(row["prompt"]),
-                      "yes" if row["success"] else "no")
+                      "yes" if row["success"] else "no",
+                      f"{row['unlimited_joint']:.0%} ({row['unlimited_xent']:.2f})")
     out.print(table)
     verdict = "meets" if report["fraction"] >= report["goal_fraction"] else "misses"
     out.print(f"both latents at >= {report['half_maximum']:.0%} of their held-out maxima on one token at xent <= "

@@ -44,8 +44,14 @@ def test_joint_activation_is_the_smaller_share_on_the_best_token(tiny_pair, tiny
     np.testing.assert_array_equal(where, share_KxN.argmax(-1))
 
 
-def test_run_pairs_reports_each_pair_and_the_success_rule(tiny_pair, tiny_config):
-    lines = []
+def test_run_pairs_reports_each_pair_and_the_success_rule(tiny_pair, tiny_config, monkeypatch):
+    lines, ranges = [], []
+
+    def recording_search(pair, config, **kwargs):
+        ranges.append((config.search.penalty_min, config.search.penalty_max))
+        return Search(pair, config, **kwargs)
+
+    monkeypatch.setattr(pairs, "Search", recording_search)
     report = pairs.run_pairs(tiny_pair, tiny_config, fx.HELDOUT_TEXTS, pairs=2, iterations=2, seed=1,
                              progress=lines.append)
     assert len(report["pairs"]) == 2 and not report["interrupted"]
@@ -63,8 +69,12 @@ def test_run_pairs_reports_each_pair_and_the_success_rule(tiny_pair, tiny_config
         assert row["success"] == (row["joint"] is not None and row["joint"] >= 0.5)
         if row["joint"] is not None:
             assert row["xent"] <= report["xent_limit"]
+            assert row["unlimited_joint"] >= row["joint"] - 1e-6
     assert report["succeeded"] == sum(r["success"] for r in report["pairs"])
     assert report["search"]["combine"] == "lp" and report["search"]["read"] == "max"
+    assert set(ranges) == {pairs.PAIR_PENALTY_RANGE}  # every pair's search, not the config's own range
+    assert pairs.PAIR_PENALTY_RANGE != (tiny_config.search.penalty_min, tiny_config.search.penalty_max)
+    assert (report["search"]["penalty_min"], report["search"]["penalty_max"]) == pairs.PAIR_PENALTY_RANGE
     assert any("latents" in line for line in lines)
 
 
