@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from epo_tui.bench import quality
-from epo_tui.bench.report import Progress, console, quiet
+from epo_tui.bench.report import Progress, console, plain, quiet
 from epo_tui.budget import Deadline
 from epo_tui.config import Config
 from epo_tui.engine.pairing import ModelWithSAE
@@ -196,29 +196,34 @@ def run_pairs(pair: ModelWithSAE, config: Config, heldout: list[str], pairs: int
 def print_pairs(report: dict) -> None:
     from rich.table import Table
 
-    from epo_tui.text import inert
 
     out = console()
     s = report["search"]
-    out.print(f"{inert(report['model'])} + {inert(report['sae'])} at {report['hook']}; "
+    out.print(f"{plain(report['model'])} + {plain(report['sae'])} at {report['hook']}; "
               f"{report['heldout']['cofiring_pairs']:,} pairs fire together on the held-out text; "
               f"{s['per_pair']} of {s['elites']} x {s['candidates']} per pair, L_{s['lp_p']:g} with offset "
               f"{s['lp_offset']:g}, read at the max, λ {s['penalty_min']:g}..{s['penalty_max']:g}")
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column, justify in (("latents", "left"), ("maxima", "right"), ("held-out text", "right"),
-                            ("both reach", "right"), ("on", "left"),
-                            ("xent", "right"), ("prompt", "left"), ("ok", "left"), ("at any xent", "right")):
+                            ("both reach", "right"), ("on", "left"), ("xent", "right"), ("ok", "left"),
+                            ("at any xent", "right")):
         table.add_column(column, justify=justify)
     for row in report["pairs"]:
         none = row["joint"] is None
-        table.add_row(f"{row['latents'][0]} + {row['latents'][1]}",
-                      f"{row['dataset_max'][0]:.2f}, {row['dataset_max'][1]:.2f}", f"{row['dataset_joint']:.0%}",
-                      "-" if none else f"{row['joint']:.0%}", "" if none else inert(repr(row["token"])),
-                      "-" if none else f"{row['xent']:.2f}", "" if none else inert(row["prompt"]),
+        table.add_row(_latents(row), f"{row['dataset_max'][0]:.2f}, {row['dataset_max'][1]:.2f}",
+                      f"{row['dataset_joint']:.0%}", "-" if none else f"{row['joint']:.0%}",
+                      "" if none else plain(repr(row["token"])), "-" if none else f"{row['xent']:.2f}",
                       "yes" if row["success"] else "no",
-                      f"{row['unlimited_joint']:.0%} ({row['unlimited_xent']:.2f})")
+                      f"{row['unlimited_joint']:.0%} at {row['unlimited_xent']:.2f}")
     out.print(table)
+    out.print("each pair's best prompt under the xent limit:")
+    for row in report["pairs"]:  # whole, on lines of their own: a table column would fold them
+        out.print(f"  {_latents(row)}: " + ("none" if row["prompt"] is None else plain(repr(row["prompt"]))))
     verdict = "meets" if report["fraction"] >= report["goal_fraction"] else "misses"
     out.print(f"both latents at >= {report['half_maximum']:.0%} of their held-out maxima on one token at xent <= "
               f"{report['xent_limit']:.2f}: {report['succeeded']}/{len(report['pairs'])} = {report['fraction']:.0%} "
               f"({verdict} the goal of {report['goal_fraction']:.0%}); {report['seconds']['total']:.0f} s")
+
+
+def _latents(row: dict) -> str:
+    return f"{row['latents'][0]} + {row['latents'][1]}"

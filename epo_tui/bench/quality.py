@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from epo_tui.bench.report import Progress, console, quiet
+from epo_tui.bench.report import Progress, console, plain, quiet
 from epo_tui.budget import Deadline, format_budget
 from epo_tui.config import Config
 from epo_tui.engine.pairing import ModelWithSAE
@@ -326,11 +326,10 @@ def run_quality(pair: ModelWithSAE, config: Config, heldout: list[str], latents:
 def print_quality(report: dict) -> None:
     from rich.table import Table
 
-    from epo_tui.text import inert
 
     out = console()
     h, s = report["heldout"], report["search"]
-    out.print(f"{inert(report['model'])} + {inert(report['sae'])} at {report['hook']}; held-out "
+    out.print(f"{plain(report['model'])} + {plain(report['sae'])} at {report['hook']}; held-out "
                   f"{h['tokens']:,} tokens, median xent {h['median_window_xent']:.3f} over {h['windows']:,} "
                   f"windows of {h['window_tokens']} tokens; {s['per_latent']} of {s['elites']} x "
                   f"{s['candidates']} per latent")
@@ -342,7 +341,7 @@ def print_quality(report: dict) -> None:
         table.add_column(column, justify=justify)
     for row in report["latents"]:
         fluent = "-" if row["fluent_act"] is None else f"{row['fluent_act']:.3f}"
-        table.add_row(str(row["latent"]), inert(row["label"] or ""), f"{row['dataset_max']:.3f}",
+        table.add_row(str(row["latent"]), plain(row["label"] or ""), f"{row['dataset_max']:.3f}",
                       f"{row['best_act']:.3f}", f"{row['best_xent']:.3f}", fluent, "yes" if row["beat"] else "no",
                       f"{row['distinct_elites']}/{report['search']['elites']}", f"{row['hypervolume']:.2f}")
     out.print(table)

@@ -46,6 +46,16 @@ def si(value: float | None, unit: str = "") -> str:
     return f"{value:.2f} {unit}".rstrip()
 
 
+def plain(text: str) -> str:
+    """A model's or a user's text for `console().print` and rich tables: control characters as escapes
+    (`text.inert`) and rich markup escaped, so "[bold]" or "list[int]" prints as written."""
+    from rich.markup import escape
+
+    from epo_tui.text import inert
+
+    return escape(inert(text))
+
+
 def console():
     """A rich console on stdout for a report: no highlighting, long lines kept whole."""
     from rich.console import Console

@@ -91,3 +91,31 @@ def test_bench_pairs_command_prints_json_and_refuses_bad_input(tiny_dir, tmp_pat
                           (("--pairs", 2), "--pairs: a kind of --quality benchmark")):
         code, out, err = run_cli("bench", *argv, "--config", config, "--heldout", heldout)
         assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
+
+
+def test_the_printed_report_has_a_row_per_pair_and_each_prompt_whole(capsys):
+    def row(latents, joint, success, prompt):
+        return {"latents": latents, "dataset_max": [3.65, 3.135], "dataset_joint": 0.02, "joint": joint,
+                "token": None if prompt is None else " You", "xent": None if prompt is None else 5.634,
+                "prompt": prompt, "success": success, "unlimited_joint": 0.672, "unlimited_xent": 7.94}
+
+    long_prompt = "Then [bold]You[/bold] may\nadd the users to the group, as the handbook says in its chapter on accounts"
+    report = {"model": "demo-gpt2", "sae": "demo-sae", "hook": "blocks.2.hook_resid_pre",
+              "heldout": {"cofiring_pairs": 12345},
+              "search": {"per_pair": "30s", "elites": 8, "candidates": 32, "lp_p": 0.1, "lp_offset": 1.0,
+                         "penalty_min": 0.02, "penalty_max": 2.0},
+              "pairs": [row([616, 1316], 0.634, True, long_prompt), row([17, 1546], None, False, None)],
+              "succeeded": 1, "fraction": 0.5, "goal_fraction": 0.6, "half_maximum": 0.5, "xent_limit": 5.751,
+              "seconds": {"total": 61.2}}
+    pairs.print_pairs(report)
+    lines = capsys.readouterr().out.splitlines()
+    assert "12,345 pairs fire together" in lines[0] and "λ 0.02..2" in lines[0]
+    first = next(line for line in lines if line.startswith("616 + 1316"))
+    assert first.split() == ["616", "+", "1316", "3.65,", "3.13", "2%", "63%", "'", "You'", "5.63", "yes", "67%", "at",
+                             "7.94"]
+    second = next(line for line in lines if line.startswith("17 + 1546"))
+    assert second.split() == ["17", "+", "1546", "3.65,", "3.13", "2%", "-", "-", "no", "67%", "at", "7.94"]
+    assert f"  616 + 1316: {long_prompt!r}" in lines  # whole, its markup shown as text
+    assert "  17 + 1546: none" in lines
+    assert lines[-1] == ("both latents at >= 50% of their held-out maxima on one token at xent <= 5.75: 1/2 = 50% "
+                         "(misses the goal of 60%); 61 s")
