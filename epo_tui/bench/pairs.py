@@ -1,15 +1,15 @@
 """`epo-tui bench --quality --pairs`: can the search make two latents fire on one token, fluently?
 
-The seed could not get two features to fire together at a reasonable fluency penalty. Here, for N
-random pairs of alive latents that fire together on some token of the held-out text (drawn uniformly
-from all such pairs, seeded), one search per pair maximizes the seed's L_p combination of the two
-(`feature.combine = "lp"`, each latent divided by its own scale, `read = "max"`: on whichever token
-the two meet, λ over PAIR_PENALTY_RANGE instead of the config's range). A pair succeeds when some prompt the search kept (frontier or elites), at an xent no
-worse than the held-out limit of `bench --quality`, has a token on which both latents reach
-HALF_MAXIMUM of their held-out maxima. Each pair also reports the held-out text's own best token by
-the same measure (`dataset_joint`): most pairs that fire together at all do so weakly; and the best
-share at any xent (`unlimited_joint`), which tells a pair that fired together only at poor fluency from
-one that never did.
+The seed could not get two features to fire together at a reasonable fluency penalty. Here, for N random
+pairs of alive latents that fire together on some token of the held-out text (drawn uniformly from all
+such pairs, seeded), one search per pair maximizes the seed's L_p combination of the two
+(`feature.combine = "lp"`, each latent divided by its own scale, `read = "max"`: on whichever token the
+two meet, λ over PAIR_PENALTY_RANGE instead of the config's range). A pair succeeds when some prompt the
+search kept (frontier or elites), at an xent no worse than the held-out limit of `bench --quality`, has
+a token on which both latents reach HALF_MAXIMUM of their held-out maxima. Each pair also reports the
+held-out text's own best token by the same measure (`dataset_joint`): most pairs that fire together at
+all do so weakly; and the best share at any xent (`unlimited_joint`), which tells a pair that fired
+together only at poor fluency from one that never did.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ HALF_MAXIMUM = 0.5  # each latent's share of its held-out maximum, on one token,
 GOAL_FRACTION = 0.6
 PAIR_LP_OFFSET = 1.0  # relu(a / scale + offset): in units of each latent's scale, a gradient down to -1 scale
 # λ for the pairs' searches, log-spaced as search.penalty_min/max are. With the default 1..20 every elite
-# of every pair ended at xent 2.2-3.6, far under the limit, with both latents near 0 (mean best share 5%,
-# demo, seed 0, 30 s per pair); 0.1..5 gave 21%, 0.02..2 gave 25% (2026-12-02, README "Search quality").
+# ended far under the xent limit (2.2-4.8 against 5.75; mean best share 10%, demo, seed 0, 30 s per
+# pair); 0.1..5 gave 21%, 0.02..2 gave 25% (2026-12-02, README "Search quality").
 PAIR_PENALTY_RANGE = (0.02, 2.0)
 
 
@@ -195,7 +195,6 @@ def run_pairs(pair: ModelWithSAE, config: Config, heldout: list[str], pairs: int
 
 def print_pairs(report: dict) -> None:
     from rich.table import Table
-
 
     out = console()
     s = report["search"]

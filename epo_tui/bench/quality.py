@@ -326,7 +326,6 @@ def run_quality(pair: ModelWithSAE, config: Config, heldout: list[str], latents:
 def print_quality(report: dict) -> None:
     from rich.table import Table
 
-
     out = console()
     h, s = report["heldout"], report["search"]
     out.print(f"{plain(report['model'])} + {plain(report['sae'])} at {report['hook']}; held-out "

@@ -99,7 +99,8 @@ def test_the_printed_report_has_a_row_per_pair_and_each_prompt_whole(capsys):
                 "token": None if prompt is None else " You", "xent": None if prompt is None else 5.634,
                 "prompt": prompt, "success": success, "unlimited_joint": 0.672, "unlimited_xent": 7.94}
 
-    long_prompt = "Then [bold]You[/bold] may\nadd the users to the group, as the handbook says in its chapter on accounts"
+    long_prompt = ("Then [bold]You[/bold] may\nadd the users to the group, as the handbook says in its chapter "
+                   "on accounts")
     report = {"model": "demo-gpt2", "sae": "demo-sae", "hook": "blocks.2.hook_resid_pre",
               "heldout": {"cofiring_pairs": 12345},
               "search": {"per_pair": "30s", "elites": 8, "candidates": 32, "lp_p": 0.1, "lp_offset": 1.0,
