@@ -160,14 +160,15 @@ def run_pairs(pair: ModelWithSAE, config: Config, heldout: list[str], pairs: int
                "iterations_run": timings.iterations_run,
                "distinct_elites": quality.distinct_prompts(state.tokens_KxN),
                "joint": None, "prompt": None, "xent": None, "token": None}
-        # the best share at any xent: whether a failing pair lacks fluency or never fired together
-        anywhere, _ = joint_activation(pair, search, prompts, latents, maxima)
-        row.update(unlimited_joint=float(anywhere.max()), unlimited_xent=float(xent[int(np.argmax(anywhere))]))
+        # every prompt's share once: the best at any xent tells a failing pair that lacks fluency from one
+        # that never fired together; the best under the limit decides the pair
+        joint, where = joint_activation(pair, search, prompts, latents, maxima)
+        anywhere = int(np.argmax(joint))
+        row.update(unlimited_joint=float(joint[anywhere]), unlimited_xent=float(xent[anywhere]))
         if len(fluent):
-            joint, where = joint_activation(pair, search, prompts[fluent], latents, maxima)
-            best = int(np.argmax(joint))
-            ids = prompts[fluent[best]]
-            row.update(joint=float(joint[best]), prompt=pair.model.decode(ids), xent=float(xent[fluent[best]]),
+            best = int(fluent[np.argmax(joint[fluent])])
+            ids = prompts[best]
+            row.update(joint=float(joint[best]), prompt=pair.model.decode(ids), xent=float(xent[best]),
                        token="".join(pair.model.token_strings(ids[where[best]:where[best] + 1])))
         row["success"] = row["joint"] is not None and row["joint"] >= HALF_MAXIMUM
         rows.append(row)
