@@ -3,9 +3,10 @@
 The seed's headline: EPO finds prompts that activate a feature more than any dataset example. Here,
 for N random alive latents (seeded): the latent's maximum activation over every position of a
 held-out text, against the best activation the search reaches at a cross-entropy no worse than the
-held-out text's own (median over 20-token windows, each scored exactly as the search scores a prompt)
-plus a margin of one nat. Each search also reports how many of its elites are distinct prompts at the
-end (`MIN_DISTINCT_ELITES` of 8 is the goal) and its frontier's hypervolume (`frontier_hypervolume`).
+held-out text's own (median over windows as long as the prompt, each scored exactly as the search
+scores a prompt) plus a margin of one nat. Each search also reports how many of its elites are distinct
+prompts at the end (`MIN_DISTINCT_ELITES` of 8 is the goal) and its frontier's hypervolume
+(`frontier_hypervolume`).
 """
 
 from __future__ import annotations
