@@ -126,6 +126,9 @@ def _add_bench_command(commands, common: argparse.ArgumentParser) -> None:
                          help=f"instead of single latents, N random pairs (default {QUALITY_PAIRS}) that fire "
                               "together on the held-out text: can one prompt make both reach half their "
                               "maximum on one token?")
+    quality.add_argument("--cofiring", type=float, metavar="SHARE",
+                         help="with --pairs: draw pairs that both reach SHARE of their held-out maxima on one "
+                              "token (default 0.25; 0: both above zero)")
     quality.add_argument("--heldout", metavar="PATH",
                          help="held-out text: .jsonl of {\"text\": ...} or a plain text file (default with "
                               "--demo: the pack's held-out sample)")
@@ -554,6 +557,8 @@ def _progress_line(message: str) -> None:
 def cmd_bench(args: argparse.Namespace, config: Config) -> int:
     if args.pairs is not None and not args.quality:
         raise UserError("--pairs: a kind of --quality benchmark (bench --quality --pairs)")
+    if args.cofiring is not None and args.pairs is None:
+        raise UserError("--cofiring: how the pairs of --pairs are drawn (bench --quality --pairs --cofiring SHARE)")
     if args.time_budget is not None and not args.quality:
         raise UserError("--time-budget: a budget per latent of --quality (the speed benchmarks run fixed iterations)")
     if args.ui:  # the UI's key-press-to-repaint latency while a search runs
@@ -582,6 +587,9 @@ def _bench_quality(args: argparse.Namespace, config: Config) -> int:
     _require_at_least_one("--latents", args.latents)
     if args.pairs is not None:
         _require_at_least_one("--pairs", args.pairs)
+    if args.cofiring is not None and not 0 <= args.cofiring < 1:
+        raise UserError(f"--cofiring: a share of each latent's held-out maximum, 0 <= SHARE < 1; "
+                        f"found {args.cofiring:g}")
     if not 0 <= args.seed <= INT_MAX:
         raise UserError(f"--seed: must be 0..{INT_MAX}, found {args.seed}")
     if args.heldout:
@@ -608,7 +616,8 @@ def _bench_quality(args: argparse.Namespace, config: Config) -> int:
         if args.pairs is not None:
             from epo_tui.bench import pairs
 
-            report = pairs.run_pairs(pair, config, texts, pairs=args.pairs, **common)
+            drawn = {} if args.cofiring is None else {"cofiring_share": args.cofiring}
+            report = pairs.run_pairs(pair, config, texts, pairs=args.pairs, **drawn, **common)
         else:
             report = quality.run_quality(pair, config, texts, latents=args.latents, **common)
     if args.json:

@@ -1,15 +1,15 @@
 """`epo-tui bench --quality --pairs`: can the search make two latents fire on one token, fluently?
 
 The seed could not get two features to fire together at a reasonable fluency penalty. Here, for N random
-pairs of alive latents that fire together on some token of the held-out text (drawn uniformly from all
-such pairs, seeded), one search per pair maximizes the seed's L_p combination of the two
-(`feature.combine = "lp"`, each latent divided by its own scale, `read = "max"`: on whichever token the
-two meet, λ over PAIR_PENALTY_RANGE instead of the config's range). A pair succeeds when some prompt the
-search kept (frontier or elites), at an xent no worse than the held-out limit of `bench --quality`, has
-a token on which both latents reach HALF_MAXIMUM of their held-out maxima. Each pair also reports the
-held-out text's own best token by the same measure (`dataset_joint`): most pairs that fire together at
-all do so weakly; and the best share at any xent (`unlimited_joint`), which tells a pair that fired
-together only at poor fluency from one that never did.
+pairs of latents that fire together on some token of the held-out text (both at >= COFIRING_SHARE of their
+held-out maxima there; drawn uniformly from all such pairs, seeded), one search per pair maximizes the
+seed's L_p combination of the two (`feature.combine = "lp"`, each latent divided by its own scale,
+`read = "max"`: on whichever token the two meet, λ over PAIR_PENALTY_RANGE instead of the config's range).
+A pair succeeds when some prompt the search kept (frontier or elites), at an xent no worse than the
+held-out limit of `bench --quality`, has a token on which both latents reach HALF_MAXIMUM of their held-out
+maxima. Each pair also reports the held-out text's own best token by the same measure (`dataset_joint`,
+what the search has to beat), and the best share at any xent (`unlimited_joint`), which tells a pair that
+fired together only at poor fluency from one that never did.
 """
 
 from __future__ import annotations
@@ -39,15 +39,23 @@ PAIR_LP_OFFSET = 1.0  # relu(a / scale + offset): in units of each latent's scal
 # ended far under the xent limit (2.2-4.8 against 5.75; mean best share 10%, demo, seed 0, 30 s per
 # pair); 0.1..5 gave 21%, 0.02..2 gave 25% (2026-12-02, README "Search quality").
 PAIR_PENALTY_RANGE = (0.02, 2.0)
+# Two latents fire together where both reach this share of their held-out maxima on one token. Above zero
+# alone counts pairs that meet only at a ReLU SAE's noise floor: on the demo, of the 614,952 pairs above zero
+# together somewhere, the median never passes 8% of both maxima; for five such pairs the best of five searches
+# each stayed at 24-42%, even at any xent; of pairs at 25-50% there, 9 in 10 reached half (README "Search quality").
+COFIRING_SHARE = 0.25
 
 
-def cofiring_pairs(pair: ModelWithSAE, tokens_RxL: np.ndarray, mask_RxL: np.ndarray) -> np.ndarray:
-    """Every pair (a < b) of latents that are both above 0 on at least one counted token, as Px2 int64,
-    sorted. Memory grows with the number of distinct pairs, not with d_sae squared."""
+def cofiring_pairs(pair: ModelWithSAE, tokens_RxL: np.ndarray, mask_RxL: np.ndarray,
+                   floor_S: np.ndarray | None = None) -> np.ndarray:
+    """Every pair (a < b) of latents that are both above 0 and at least `floor_S` (activation units, one per
+    latent; None: 0) on one counted token, as Px2 int64, sorted. Memory grows with the number of distinct
+    pairs, not with d_sae squared."""
     S = pair.sae.d_sae
+    floor = jnp.zeros(S, jnp.float32) if floor_S is None else jnp.asarray(floor_S, jnp.float32)
     codes = []
     for _, sae_in_BxLxD, m in quality.heldout_batches(pair, tokens_RxL, mask_RxL):
-        fires_BLxS = np.asarray(_fires(pair.sae, sae_in_BxLxD)).reshape(-1, S) & m.reshape(-1, 1)
+        fires_BLxS = np.asarray(_fires(pair.sae, sae_in_BxLxD, floor)).reshape(-1, S) & m.reshape(-1, 1)
         for position in np.flatnonzero(fires_BLxS.sum(-1) >= 2):
             on = np.flatnonzero(fires_BLxS[position])
             a, b = np.triu_indices(len(on), k=1)
@@ -61,8 +69,9 @@ def cofiring_pairs(pair: ModelWithSAE, tokens_RxL: np.ndarray, mask_RxL: np.ndar
 
 
 @jax.jit
-def _fires(sae, sae_in_BxLxD: jax.Array) -> jax.Array:
-    return activations(sae, sae_in_BxLxD) > 0
+def _fires(sae, sae_in_BxLxD: jax.Array, floor_S: jax.Array) -> jax.Array:
+    act_BxLxS = activations(sae, sae_in_BxLxD)
+    return (act_BxLxS > 0) & (act_BxLxS >= floor_S)
 
 
 def heldout_joint(pair: ModelWithSAE, tokens_RxL: np.ndarray, mask_RxL: np.ndarray, chosen: list[tuple[int, int]],
@@ -103,9 +112,11 @@ def joint_activation(pair: ModelWithSAE, search: Search, tokens_BxN: np.ndarray,
 
 def run_pairs(pair: ModelWithSAE, config: Config, heldout: list[str], pairs: int, iterations: int | None,
               seed: int = 0, labels: dict[int, str] | None = None, progress: Progress = quiet,
-              stop: StopFlag | None = None, time_budget_s: float | None = None) -> dict:
+              stop: StopFlag | None = None, time_budget_s: float | None = None,
+              cofiring_share: float = COFIRING_SHARE) -> dict:
     """The pairs benchmark as one JSON-able dict (see the module docstring); each pair's search runs as
-    `quality.run_quality`'s do."""
+    `quality.run_quality`'s do. The draw takes pairs both at >= `cofiring_share` of their held-out maxima
+    on one token (0: both above zero)."""
     if config.feature.kind != "sae":
         raise UserError("bench --quality --pairs: needs feature.kind = 'sae' (it measures SAE latents)")
     if iterations is None and time_budget_s is None:
@@ -115,13 +126,14 @@ def run_pairs(pair: ModelWithSAE, config: Config, heldout: list[str], pairs: int
     tokens, mask = quality.heldout_rows(pair, heldout)
     if not mask.any():
         raise UserError("bench --quality: the held-out sample holds no text")
+    together = _together(cofiring_share)
     progress(f"held-out sample: {len(heldout)} documents, {int(mask.sum()):,} tokens; finding latents that "
-             f"fire together")
+             f"fire together ({together})")
     maxima_S, _ = quality.dataset_maxima(pair, tokens, mask)
-    candidates = cofiring_pairs(pair, tokens, mask)
+    candidates = cofiring_pairs(pair, tokens, mask, cofiring_share * maxima_S)
     if len(candidates) < pairs:
         raise UserError(f"bench --quality --pairs: {pairs} pairs asked, {len(candidates)} fire together "
-                        f"on the held-out sample")
+                        f"({together}) on the held-out sample")
     picked = np.random.default_rng(seed).choice(len(candidates), size=pairs, replace=False)
     chosen = [tuple(int(i) for i in candidates[p]) for p in sorted(picked)]
     cap = iterations if iterations is not None else sys.maxsize
@@ -180,7 +192,8 @@ def run_pairs(pair: ModelWithSAE, config: Config, heldout: list[str], pairs: int
     return {
         "model": pair.model.name, "sae": pair.sae.display_name, "hook": pair.sae.hook_name,
         "heldout": {"documents": len(heldout), "tokens": int(mask.sum()), "windows": windows,
-                    "median_window_xent": median, "cofiring_pairs": int(len(candidates))},
+                    "median_window_xent": median, "cofiring_pairs": int(len(candidates)),
+                    "cofiring_share": cofiring_share},
         "search": {"per_pair": quality.per_latent(iterations, time_budget_s), "iterations": iterations,
                    "time_budget_s": time_budget_s, "elites": config.search.elites,
                    "candidates": config.search.candidates, "seed": config.search.seed,
@@ -199,8 +212,10 @@ def print_pairs(report: dict) -> None:
 
     out = console()
     s = report["search"]
+    held = report["heldout"]
     out.print(f"{plain(report['model'])} + {plain(report['sae'])} at {report['hook']}; "
-              f"{report['heldout']['cofiring_pairs']:,} pairs fire together on the held-out text; "
+              f"{held['cofiring_pairs']:,} pairs fire together on the held-out text "
+              f"({_together(held['cofiring_share'])}); "
               f"{s['per_pair']} of {s['elites']} x {s['candidates']} per pair, L_{s['lp_p']:g} with offset "
               f"{s['lp_offset']:g}, read at the max, λ {s['penalty_min']:g}..{s['penalty_max']:g}")
     table = Table(box=None, pad_edge=False, header_style="bold")
@@ -223,6 +238,13 @@ def print_pairs(report: dict) -> None:
     out.print(f"both latents at >= {report['half_maximum']:.0%} of their held-out maxima on one token at xent <= "
               f"{report['xent_limit']:.2f}: {report['succeeded']}/{len(report['pairs'])} = {report['fraction']:.0%} "
               f"({verdict} the goal of {report['goal_fraction']:.0%}); {report['seconds']['total']:.0f} s")
+
+
+def _together(share: float) -> str:
+    """What "fire together" means in this run, for its messages."""
+    if share <= 0:
+        return "both above zero on one token"
+    return f"both at >= {share:.0%} of their held-out maxima on one token"
 
 
 def _latents(row: dict) -> str:

@@ -31,6 +31,18 @@ def test_cofiring_pairs_are_every_pair_on_together_on_a_counted_token(tiny_pair)
     np.testing.assert_array_equal(found, expected)
 
 
+def test_cofiring_pairs_above_a_floor_are_those_both_at_least_that_high_on_one_token(tiny_pair):
+    tokens, mask = quality.heldout_rows(tiny_pair, fx.HELDOUT_TEXTS)
+    acts_PxS = _acts_RxLxS(tiny_pair, tokens)[mask]
+    floor_S = 0.4 * acts_PxS.max(0)
+    fires_PxS = (acts_PxS > 0) & (acts_PxS >= floor_S)
+    together_SxS = fires_PxS.T.astype(np.int64) @ fires_PxS.astype(np.int64)
+    expected = np.argwhere(np.triu(together_SxS, k=1) > 0)
+    found = pairs.cofiring_pairs(tiny_pair, tokens, mask, floor_S)
+    assert 0 < len(found) < len(pairs.cofiring_pairs(tiny_pair, tokens, mask))
+    np.testing.assert_array_equal(found, expected)
+
+
 def test_joint_activation_is_the_smaller_share_on_the_best_token(tiny_pair, tiny_config):
     search = Search(tiny_pair, tiny_config)
     state = search.initial_state()
@@ -56,14 +68,14 @@ def test_run_pairs_reports_each_pair_and_the_success_rule(tiny_pair, tiny_config
                              progress=lines.append)
     assert len(report["pairs"]) == 2 and not report["interrupted"]
     tokens, mask = quality.heldout_rows(tiny_pair, fx.HELDOUT_TEXTS)
-    every = {tuple(p) for p in pairs.cofiring_pairs(tiny_pair, tokens, mask).tolist()}
     maxima, _ = quality.dataset_maxima(tiny_pair, tokens, mask)
+    every = {tuple(p) for p in pairs.cofiring_pairs(tiny_pair, tokens, mask, pairs.COFIRING_SHARE * maxima).tolist()}
     acts_PxS = _acts_RxLxS(tiny_pair, tokens)[mask]
     for row in report["pairs"]:
         a, b = row["latents"]
         assert row["dataset_joint"] == pytest.approx(
             np.minimum(acts_PxS[:, a] / maxima[a], acts_PxS[:, b] / maxima[b]).max(), abs=1e-5)
-        assert 0 < row["dataset_joint"] <= 1
+        assert pairs.COFIRING_SHARE <= row["dataset_joint"] <= 1
         assert tuple(row["latents"]) in every
         assert row["dataset_max"] == pytest.approx([float(maxima[i]) for i in row["latents"]])
         assert row["success"] == (row["joint"] is not None and row["joint"] >= 0.5)
@@ -71,6 +83,8 @@ def test_run_pairs_reports_each_pair_and_the_success_rule(tiny_pair, tiny_config
             assert row["xent"] <= report["xent_limit"]
             assert row["unlimited_joint"] >= row["joint"] - 1e-6
     assert report["succeeded"] == sum(r["success"] for r in report["pairs"])
+    assert report["heldout"]["cofiring_pairs"] == len(every)
+    assert report["heldout"]["cofiring_share"] == pairs.COFIRING_SHARE
     assert report["search"]["combine"] == "lp" and report["search"]["read"] == "max"
     assert set(ranges) == {pairs.PAIR_PENALTY_RANGE}  # every pair's search, not the config's own range
     assert pairs.PAIR_PENALTY_RANGE != (tiny_config.search.penalty_min, tiny_config.search.penalty_max)
@@ -87,8 +101,16 @@ def test_bench_pairs_command_prints_json_and_refuses_bad_input(tiny_dir, tmp_pat
     assert code == 0, err
     report = json.loads(out)
     assert len(report["pairs"]) == 1 and report["search"]["iterations"] == 1
+    assert report["heldout"]["cofiring_share"] == pairs.COFIRING_SHARE
+    code, out, err = run_cli("bench", "--quality", "--pairs", 1, "--cofiring", 0, "--config", config,
+                             "--heldout", heldout, "--iterations", 1, "--json")
+    assert code == 0, err
+    above_zero = json.loads(out)["heldout"]
+    assert above_zero["cofiring_share"] == 0 and above_zero["cofiring_pairs"] > report["heldout"]["cofiring_pairs"]
     for argv, message in ((("--quality", "--pairs", 0), "--pairs: must be >= 1, found 0"),
-                          (("--pairs", 2), "--pairs: a kind of --quality benchmark")):
+                          (("--pairs", 2), "--pairs: a kind of --quality benchmark"),
+                          (("--quality", "--pairs", "--cofiring", 1), "--cofiring: a share of each latent's"),
+                          (("--quality", "--cofiring", 0.5), "--cofiring: how the pairs of --pairs are drawn")):
         code, out, err = run_cli("bench", *argv, "--config", config, "--heldout", heldout)
         assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
 
@@ -102,7 +124,7 @@ def test_the_printed_report_has_a_row_per_pair_and_each_prompt_whole(capsys):
     long_prompt = ("Then [bold]You[/bold] may\nadd the users to the group, as the handbook says in its chapter "
                    "on accounts")
     report = {"model": "demo-gpt2", "sae": "demo-sae", "hook": "blocks.2.hook_resid_pre",
-              "heldout": {"cofiring_pairs": 12345},
+              "heldout": {"cofiring_pairs": 12345, "cofiring_share": 0.25},
               "search": {"per_pair": "30s", "elites": 8, "candidates": 32, "lp_p": 0.1, "lp_offset": 1.0,
                          "penalty_min": 0.02, "penalty_max": 2.0},
               "pairs": [row([616, 1316], 0.634, True, long_prompt), row([17, 1546], None, False, None)],
@@ -110,7 +132,8 @@ def test_the_printed_report_has_a_row_per_pair_and_each_prompt_whole(capsys):
               "seconds": {"total": 61.2}}
     pairs.print_pairs(report)
     lines = capsys.readouterr().out.splitlines()
-    assert "12,345 pairs fire together" in lines[0] and "λ 0.02..2" in lines[0]
+    assert "12,345 pairs fire together on the held-out text (both at >= 25% of their held-out maxima on one token)" \
+        in lines[0] and "λ 0.02..2" in lines[0]
     first = next(line for line in lines if line.startswith("616 + 1316"))
     assert first.split() == ["616", "+", "1316", "3.65,", "3.13", "2%", "63%", "'", "You'", "5.63", "yes", "67%", "at",
                              "7.94"]
