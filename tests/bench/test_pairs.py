@@ -21,11 +21,15 @@ def _acts_RxLxS(pair, tokens_RxL) -> np.ndarray:
                      for r in tokens_RxL])
 
 
+def _pairs_together(fires_PxS: np.ndarray) -> np.ndarray:
+    """Every (a < b) on together at some position, by a co-occurrence count."""
+    together_SxS = fires_PxS.T.astype(np.int64) @ fires_PxS.astype(np.int64)
+    return np.argwhere(np.triu(together_SxS, k=1) > 0)
+
+
 def test_cofiring_pairs_are_every_pair_on_together_on_a_counted_token(tiny_pair):
     tokens, mask = quality.heldout_rows(tiny_pair, fx.HELDOUT_TEXTS)
-    fires_PxS = (_acts_RxLxS(tiny_pair, tokens) > 0)[mask]
-    together_SxS = fires_PxS.T.astype(np.int64) @ fires_PxS.astype(np.int64)
-    expected = np.argwhere(np.triu(together_SxS, k=1) > 0)
+    expected = _pairs_together((_acts_RxLxS(tiny_pair, tokens) > 0)[mask])
     found = pairs.cofiring_pairs(tiny_pair, tokens, mask)
     assert len(found) > 10
     np.testing.assert_array_equal(found, expected)
@@ -35,9 +39,7 @@ def test_cofiring_pairs_above_a_floor_are_those_both_at_least_that_high_on_one_t
     tokens, mask = quality.heldout_rows(tiny_pair, fx.HELDOUT_TEXTS)
     acts_PxS = _acts_RxLxS(tiny_pair, tokens)[mask]
     floor_S = 0.4 * acts_PxS.max(0)
-    fires_PxS = (acts_PxS > 0) & (acts_PxS >= floor_S)
-    together_SxS = fires_PxS.T.astype(np.int64) @ fires_PxS.astype(np.int64)
-    expected = np.argwhere(np.triu(together_SxS, k=1) > 0)
+    expected = _pairs_together((acts_PxS > 0) & (acts_PxS >= floor_S))
     found = pairs.cofiring_pairs(tiny_pair, tokens, mask, floor_S)
     assert 0 < len(found) < len(pairs.cofiring_pairs(tiny_pair, tokens, mask))
     np.testing.assert_array_equal(found, expected)
