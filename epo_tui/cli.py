@@ -128,7 +128,7 @@ def _add_bench_command(commands, common: argparse.ArgumentParser) -> None:
                               "maximum on one token?")
     quality.add_argument("--cofiring", type=float, metavar="SHARE",
                          help="with --pairs: draw pairs that both reach SHARE of their held-out maxima on one "
-                              "token (default 0.25; 0: both above zero)")
+                              "token (default 0.25, bench/pairs.py's COFIRING_SHARE; 0: both above zero)")
     quality.add_argument("--heldout", metavar="PATH",
                          help="held-out text: .jsonl of {\"text\": ...} or a plain text file (default with "
                               "--demo: the pack's held-out sample)")
@@ -616,8 +616,8 @@ def _bench_quality(args: argparse.Namespace, config: Config) -> int:
         if args.pairs is not None:
             from epo_tui.bench import pairs
 
-            drawn = {} if args.cofiring is None else {"cofiring_share": args.cofiring}
-            report = pairs.run_pairs(pair, config, texts, pairs=args.pairs, **drawn, **common)
+            share = pairs.COFIRING_SHARE if args.cofiring is None else args.cofiring
+            report = pairs.run_pairs(pair, config, texts, pairs=args.pairs, cofiring_share=share, **common)
         else:
             report = quality.run_quality(pair, config, texts, latents=args.latents, **common)
     if args.json:

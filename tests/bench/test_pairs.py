@@ -109,6 +109,8 @@ def test_bench_pairs_command_prints_json_and_refuses_bad_input(tiny_dir, tmp_pat
     assert code == 0, err
     above_zero = json.loads(out)["heldout"]
     assert above_zero["cofiring_share"] == 0 and above_zero["cofiring_pairs"] > report["heldout"]["cofiring_pairs"]
+    code, out, _ = run_cli("bench", "--help")
+    assert code == 0 and f"(default {pairs.COFIRING_SHARE:g}, bench/pairs.py's COFIRING_SHARE" in " ".join(out.split())
     for argv, message in ((("--quality", "--pairs", 0), "--pairs: must be >= 1, found 0"),
                           (("--pairs", 2), "--pairs: a kind of --quality benchmark"),
                           (("--quality", "--pairs", "--cofiring", 1), "--cofiring: a share of each latent's"),
