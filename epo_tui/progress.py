@@ -41,9 +41,15 @@ class _Progress:
     def line(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    def search_started(self, label: str, iterations: int, deadline=None) -> None:
+    def search_started(self, label: str, iterations: int, deadline=None, penalty_scale: str = "") -> None:
         self.label, self.total, self.seconds = label, iterations, []
         self.deadline = deadline if deadline is not None and deadline.seconds is not None else None
+        self.penalty_scale = penalty_scale
+
+    def penalty_line(self) -> None:
+        """What λ means in this search (engine/penalty_scale.py's description), when the run said."""
+        if self.penalty_scale:
+            self.line(f"epo-tui: {self.label}: {inert(self.penalty_scale)}")
 
     def elites_ready(self, state, texts: list[str]) -> None:
         """One line as soon as the starting elites exist: the first iteration compiles, so it may be a
@@ -105,10 +111,11 @@ class _ProgressLines(_Progress):
         print(f"epo-tui: batch: {len(features)} features here: {', '.join(map(str, features))}",
               file=sys.stderr, flush=True)
 
-    def search_started(self, label: str, iterations: int, deadline=None) -> None:
-        super().search_started(label, iterations, deadline)
+    def search_started(self, label: str, iterations: int, deadline=None, penalty_scale: str = "") -> None:
+        super().search_started(label, iterations, deadline, penalty_scale)
         self.budget_tenths = 0
         print(f"epo-tui: {label}: starting, {self.limits()}", file=sys.stderr, flush=True)
+        self.penalty_line()
 
     def iteration_done(self, state, seconds: float) -> None:
         super().iteration_done(state, seconds)
@@ -155,8 +162,9 @@ class _ProgressBars(_Progress):
         self.features_done, self.features_total = 0, len(features)
         self.batch_task = self.bars.add_task("features", total=len(features), status="", count=f"0/{len(features)}")
 
-    def search_started(self, label: str, iterations: int, deadline=None) -> None:
-        super().search_started(label, iterations, deadline)
+    def search_started(self, label: str, iterations: int, deadline=None, penalty_scale: str = "") -> None:
+        super().search_started(label, iterations, deadline, penalty_scale)
+        self.penalty_line()
         if self.task is not None:
             self.bars.remove_task(self.task)
         budget = f" or {self.deadline.describe()}" if self.deadline is not None else ""

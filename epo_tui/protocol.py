@@ -305,7 +305,8 @@ class Started(Event):
     """A search started (or resumed at `iteration`); `feature` says what is optimized (an
     `OptimizedFeature`'s JSON object). `label` names the features for a status line ("feature 48");
     `feature_label` is their interpretation as the session keeps it ("Debian", from the worker's labels;
-    "A + B" when combined), null when unlabelled."""
+    "A + B" when combined), null when unlabelled. `penalty_scale` says what λ means in this search
+    (engine/penalty_scale.py's description), null from an older worker."""
 
     TYPE: ClassVar[str] = "started"
     session: str
@@ -316,6 +317,7 @@ class Started(Event):
     iterations_total: int
     lambdas: list[float]
     elites: list[Elite]
+    penalty_scale: str | None = None
 
 
 @_event

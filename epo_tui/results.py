@@ -56,8 +56,9 @@ class RunTimings:
 
 def build_result(*, config: dict, feature: OptimizedFeature, model: str, sae: dict, timings: RunTimings,
                  frontier: list[dict], best_objective_history: list[float], elites: list[Elite],
-                 process: dict | None = None) -> dict[str, Any]:
-    """The content of result.json (version 1)."""
+                 process: dict | None = None, penalty_scale: dict | None = None) -> dict[str, Any]:
+    """The content of result.json (version 1). `penalty_scale`: what λ means in this search
+    (engine/penalty_scale.py's ObjectiveScale.to_json()); files written before it existed lack it."""
     return {
         "version": RESULT_VERSION,
         "config": config,
@@ -69,6 +70,7 @@ def build_result(*, config: dict, feature: OptimizedFeature, model: str, sae: di
         "frontier": frontier,
         "best_objective_history": list(best_objective_history),
         "elites": [elite.to_json() for elite in elites],
+        **({"penalty_scale": penalty_scale} if penalty_scale is not None else {}),
     }
 
 
@@ -259,6 +261,7 @@ def render_report(result: dict) -> str:
         "",
         _timing_line(result),
         "",
+        *_penalty_lines(result.get("penalty_scale")),
         *_dataset_lines(result.get("dataset")),
         "## Elites",
         "",
@@ -268,6 +271,13 @@ def render_report(result: dict) -> str:
         lines += elite_section(k, elite)
     lines += frontier_section(result["frontier"])
     return "\n".join(lines) + "\n"
+
+
+def _penalty_lines(penalty_scale: dict | None) -> list[str]:
+    """The report's sentence on what λ means (absent from results written before it was recorded)."""
+    if not penalty_scale:
+        return []
+    return [f"Fluency penalty: {md_text(penalty_scale['description'])}.", ""]
 
 
 def _dataset_lines(dataset: dict | None) -> list[str]:

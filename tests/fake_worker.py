@@ -185,6 +185,7 @@ def hang_on_shutdown(commands: Commands) -> int:
         time.sleep(1)
 
 
+UI_PENALTY_SCALE = "λ = 1 prices a nat at 0.75 (a tenth of the dataset maximum, 7.5)"  # `started`'s line
 UI_TOKENS = [" Debian", " is", " a", " free", " operating", " system", " for", " servers"]
 EVIL_TOKENS = ["\x1b[2J", " EVIL\x1b]52;c;RVZJTA==\x07", "\x1b]8;;http://evil.example/\x1b\\link\x1b]8;;\x1b\\",
                "</code>", "```", "<script>alert(1)</script>", "[x](javascript:alert(1))",
@@ -248,7 +249,8 @@ def ui(commands: Commands, ending: str | None) -> int:
             emit("started", id=id_, session=resumed or "20261125-120000-abc123", label=f"feature {index}",
                  feature_label=ui_label(index),
                  feature={"kind": "sae", "indices": [index], "combine": "lp"}, iteration=0, iterations_total=100,
-                 lambdas=[1.0, 3.0, 7.0, 20.0], elites=[ui_elite(k, 0) for k in range(4)])
+                 lambdas=[1.0, 3.0, 7.0, 20.0], elites=[ui_elite(k, 0) for k in range(4)],
+                 penalty_scale=UI_PENALTY_SCALE)
             emit("state", state="running", detail=None)
             for it in range(1, 6):
                 # every elite is among its iteration's frontier points, so the screen ends the same

@@ -53,10 +53,20 @@ class ObjectiveScale:
         return (f"λ = 1 prices a nat at {self.value / PENALTY_UNITS:.3g} (a tenth of {what[self.source]}, "
                 f"{self.value:.3g})")
 
+    def to_json(self) -> dict:
+        """result.json's `penalty_scale`: `source`, `value` (in the target's units), `features` (each latent's
+        own scale; empty for one latent), `nat_at_lambda_1` (what one nat of xent costs at λ = 1, in the
+        objective's units: for several latents, each latent's own scale is 1) and `description`."""
+        return {"source": self.source, "value": self.value, "features": list(self.features),
+                "nat_at_lambda_1": self.per_nat(), "description": self.describe()}
+
+    def per_nat(self) -> float:
+        """What one nat of xent costs at λ = 1, in the objective's units."""
+        return self.value / PENALTY_UNITS if self.source != NONE else 1.0
+
     def xent_weights(self, lambdas_K: np.ndarray) -> np.ndarray:
         """λ_k · scale / PENALTY_UNITS (objective units per nat), float32, for the fitness f_k."""
-        per_nat = self.value / PENALTY_UNITS if self.source != NONE else 1.0
-        return (np.asarray(lambdas_K, np.float64) * per_nat).astype(np.float32)
+        return (np.asarray(lambdas_K, np.float64) * self.per_nat()).astype(np.float32)
 
 
 def from_dataset(maximum: float | None) -> ObjectiveScale | None:

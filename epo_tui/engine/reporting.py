@@ -38,7 +38,7 @@ def result_of(search: Search, state: SearchState, timings: results.RunTimings, c
         sae={"name": sae.display_name, "hook": sae.hook_name}, timings=timings,
         frontier=state.frontier.to_json(model.decode), best_objective_history=state.best_objective_history,
         elites=elites if elites is not None else elite_reports(search, state),
-        process=cluster.to_json())
+        process=cluster.to_json(), penalty_scale=search.objective_scale.to_json())
 
 
 def features_label(config: Config) -> str:

@@ -40,9 +40,10 @@ class Reporter:
     def batch_skipped(self, features: list[int], out: Path) -> None:
         """Features of this process that an earlier run of the batch finished in `out` (not run again)."""
 
-    def search_started(self, label: str, iterations: int, deadline: Deadline | None = None) -> None:
+    def search_started(self, label: str, iterations: int, deadline: Deadline | None = None,
+                       penalty_scale: str = "") -> None:
         """A search is set up (model on the devices, starting elites not yet sampled); `deadline`: its
-        time budget, when it has one."""
+        time budget, when it has one; `penalty_scale`: what λ means in it (ObjectiveScale.describe())."""
 
     def elites_ready(self, state: SearchState, texts: list[str]) -> None:
         """The elites a search starts (or resumes) from exist, before its first iteration (which
@@ -139,7 +140,8 @@ def run_one(pair: ModelWithSAE, config: Config, folder: Path, reporter: Reporter
     t0 = time.perf_counter()
     deadline = Deadline(budget_seconds(config.search.time_budget))  # set-up counts too
     search = Search(pair, config, mesh=mesh)  # its input errors come before any output
-    reporter.search_started(features_label(config), config.search.iterations, deadline)
+    reporter.search_started(features_label(config), config.search.iterations, deadline,
+                            search.objective_scale.describe())
     recorded = RecordedSearch.start(pair, config, search=search, root=sessions_root)
     return _run_recorded(recorded, time.perf_counter() - t0, folder, reporter, stop, cluster, deadline)
 
@@ -153,7 +155,8 @@ def resume_one(pair: ModelWithSAE, session: sessions.Session, folder: Path, repo
     recorded = RecordedSearch.resume(pair, session, mesh=mesh, iterations_total=iterations_total)
     own = recorded.search.config.search.time_budget
     deadline.seconds = budget_seconds(own if time_budget is None else time_budget)
-    reporter.search_started(features_label(recorded.search.config), recorded.iterations_total, deadline)
+    reporter.search_started(features_label(recorded.search.config), recorded.iterations_total, deadline,
+                            recorded.search.objective_scale.describe())
     return _run_recorded(recorded, time.perf_counter() - t0, folder, reporter, stop, Cluster(), deadline)
 
 

@@ -309,7 +309,8 @@ class Worker:
             id=id_, session=active.session.id, label=active.label(), feature_label=active.feature_label,
             feature=feature_record(active.search).to_json(),
             iteration=active.state.iteration, iterations_total=active.iterations_total,
-            lambdas=[float(x) for x in active.search.lambdas_K], elites=active.elites()))
+            lambdas=[float(x) for x in active.search.lambdas_K], elites=active.elites(),
+            penalty_scale=active.search.objective_scale.describe()))
         self.set_state("running")
 
     def new_search(self, cmd: protocol.StartCommand, every: float) -> RecordedSearch:

@@ -230,6 +230,7 @@ class EpoApp(App):
         self.session, self.last_outcome = event, None
         self.session_meta = self._live_meta(event)
         self.query_one(FrontierPane).reset()
+        self.query_one(ElitesPane).penalty_scale = event.penalty_scale or ""
         self.query_one(ElitesPane).update_elites(event.elites)
         self.show_dataset()
         self.status(session=event.session, label=event.label, iteration=event.iteration,
@@ -472,6 +473,7 @@ class EpoApp(App):
             if not self._no_search_running(then="before opening another"):
                 return
             self.session, self.session_meta = None, choice.meta
+            self.query_one(ElitesPane).penalty_scale = ""  # a saved session's meta does not keep it
             self.query_one(ElitesPane).update_elites(choice.elites)
             self.query_one(FrontierPane).show_saved(choice.history, choice.elites)
             meta = choice.meta

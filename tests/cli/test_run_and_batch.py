@@ -90,6 +90,18 @@ def test_run_shows_the_starting_elites_before_the_first_iteration(run_dir):
                      lines[starting[0]]), lines[starting[0]]
 
 
+def test_run_says_what_lambda_means_in_the_log_the_report_and_result_json(run_dir):
+    """The tiny model's SAE has no dataset statistics: λ is priced in a scale the search measured."""
+    scale = _load(run_dir)["penalty_scale"]
+    assert scale["source"] == "measured" and scale["value"] > 0 and scale["features"] == []
+    assert scale["nat_at_lambda_1"] == pytest.approx(scale["value"] / 10)
+    assert scale["description"] == (f"λ = 1 prices a nat at {scale['value'] / 10:.3g} (a tenth of 3 standard "
+                                    f"deviations of the feature over the model's own text, {scale['value']:.3g})")
+    lines = (run_dir.parent / "stderr.txt").read_text().splitlines()
+    assert f"epo-tui: feature {_load(run_dir)['feature']['indices'][0]}: {scale['description']}" in lines
+    assert f"\nFluency penalty: {results.md_text(scale['description'])}.\n" in (run_dir / "report.md").read_text()
+
+
 def test_run_writes_a_readable_report(run_dir):
     report = (run_dir / "report.md").read_text()
     result = _load(run_dir)

@@ -52,6 +52,17 @@ def test_xent_weights_price_a_nat_at_a_tenth_of_the_scale():
         "λ = 1 prices a nat at 0.75 (a tenth of the dataset maximum, 7.5)")
 
 
+def test_result_json_records_the_scale_and_what_a_nat_costs_at_lambda_1():
+    assert ObjectiveScale(7.5, DATASET_MAXIMUM).to_json() == {
+        "source": "dataset maximum", "value": 7.5, "features": [], "nat_at_lambda_1": 0.75,
+        "description": "λ = 1 prices a nat at 0.75 (a tenth of the dataset maximum, 7.5)"}
+    several = ObjectiveScale(1.0, MEASURED, (2.0, 8.0)).to_json()
+    assert (several["features"], several["nat_at_lambda_1"]) == ([2.0, 8.0], 0.1)  # each latent in its own scale
+    assert ObjectiveScale(1.0, NONE).to_json()["nat_at_lambda_1"] == 1.0  # raw units: λ itself
+    for scale in (ObjectiveScale(7.5, DATASET_MAXIMUM), ObjectiveScale(1.0, MEASURED, (2.0, 8.0)), ObjectiveScale(1.0, NONE)):
+        assert scale.xent_weights(np.ones(1)) == np.float32(scale.to_json()["nat_at_lambda_1"])
+
+
 @pytest.fixture(scope="module")
 def demo_config():
     config = load_config(str(paths.demo_pack() / "config.toml"))

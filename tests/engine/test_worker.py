@@ -25,6 +25,8 @@ def test_round_trip_pause_score_resume_stop(worker_factory, tiny_dir):
     started = load_and_start(w, tiny_dir, 400, feature={"index": 3})
     session = started["session"]
     assert started["iterations_total"] == 400 and len(started["elites"]) == len(started["lambdas"])
+    assert started["penalty_scale"].startswith("λ = 1 prices a nat at ")  # no dataset statistics: measured
+    assert "3 standard deviations of the feature over the model's own text" in started["penalty_scale"]
     first = w.expect("progress")
     assert first["session"] == session and first["elites"][0]["tokens"][0] == "<|endoftext|>"
     w.send("pause", id="p")

@@ -19,6 +19,7 @@ from epo_tui.tui.components.status import StatusBar
 from epo_tui.tui.screens.prompts import EliteDetails, PromptEditor, Scratchpad
 from epo_tui.tui.screens.sessions import SessionsScreen
 from epo_tui.tui.screens.settings import SearchSettings
+from fake_worker import UI_PENALTY_SCALE
 from tui_pilot import fake_app, ready, search_until, until
 
 SIZE = (120, 34)
@@ -93,6 +94,7 @@ def test_copy_details_edit_and_scratchpad(tmp_path):
         await pilot.press("d")
         await until(pilot, lambda: isinstance(app.screen, EliteDetails), "the details")
         assert _plain(app.screen.details).startswith("elite 1 ")
+        assert _plain(app.screen.details).splitlines()[1] == UI_PENALTY_SCALE  # what λ means, from `started`
         await pilot.press("escape")
         await pilot.press("e")
         await until(pilot, lambda: isinstance(app.screen, PromptEditor), "the editor")

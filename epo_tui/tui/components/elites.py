@@ -53,6 +53,7 @@ class ElitesPane(Vertical):
         self.elites: list[Elite] = []
         self.scale_max = 0.0
         self.scale_floor = 0.0  # the scale reaches at least this (the latent's dataset maximum)
+        self.penalty_scale = ""  # what λ means in the search shown (a `started` event's penalty_scale)
         self._mounted = False  # the table exists from on_mount on; elites given earlier are shown then
 
     def compose(self) -> ComposeResult:
@@ -138,8 +139,9 @@ class ElitesPane(Vertical):
     def details(self, index: int | None = None) -> RenderableType:
         """Elite `index` (default: the selected one) token by token, for an on-demand panel.
 
-        A header line (λ, act, xent, objective) over a table of pos | token | act, pos counting from the
-        prompt's first token. The model's xent is per prompt only, so it is not broken down here.
+        A header line (λ, act, xent, objective), what λ means in this search when the worker said, then a
+        table of pos | token | act, pos counting from the prompt's first token. The model's xent is per
+        prompt only, so it is not broken down here.
         """
         if index is None:
             index = self.selected_index
@@ -161,4 +163,5 @@ class ElitesPane(Vertical):
             table.add_row(str(pos), activation_text([token], [act], 0, self.epo_theme, self.scale_max,
                                                     None if raw is None else [raw[pos]]),
                           format_number(act))
-        return Group(header, table)
+        meaning = [Text(self.penalty_scale, style="dim")] if self.penalty_scale else []
+        return Group(header, *meaning, table)

@@ -191,6 +191,8 @@ async def _elites_scenario():
         rows = [line.split() for line in details.splitlines()[2:] if line.strip()]
         assert rows == [["0", "the", "0"], ["1", "cat", "3"], ["2", "7", "11"]]  # pos | token | act
         assert BOS not in details
+        pane.penalty_scale = "λ = 1 prices a nat at 0.751 (a tenth of the dataset maximum, 7.51)"  # a started event's
+        assert plain_of(pane.details()).splitlines()[1] == pane.penalty_scale  # under the header, over the table
 
         pane.update_elites([])
         await pilot.pause()
