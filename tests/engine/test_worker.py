@@ -179,14 +179,17 @@ def test_bad_config_inject_and_features(worker_factory, tiny_dir):
     assert "out of range" in w.expect("error", id="s")["message"]
     w.send("start", id="s2", search={"iterations": 100000})
     w.expect("started", id="s2")
+    # paused, no iteration can replace the injected prompt (a child may beat it at its λ) before the stop
+    w.send("pause", id="p")
+    w.expect("state", state="paused", id="p")
     w.send("inject", id="i", text="hello")
     injected = w.expect("injected", id="i")
     assert injected["text"].startswith("hello") and 0 <= injected["elite"] < 4
-    progress = w.expect("progress")
-    assert any(e["text"] == injected["text"] for e in progress["elites"]) or progress["iteration"] > 1
     w.send("shutdown", id="q")
-    w.expect("finished")
+    finished = w.expect("finished")
     assert w.expect("bye", id="q")["id"] == "q"
+    saved = sessions.Session(Path(finished["folder"])).read_elites()
+    assert saved[injected["elite"]].text == injected["text"]  # the stop kept the injected elite
 
 
 def test_library_warnings_become_log_events():
