@@ -26,6 +26,7 @@ from epo_tui.progress import progress_reporter
 from epo_tui.text import inert, json_line
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer its pipe's reader left
 EXIT_INTERRUPTED = 130  # Ctrl-C: the results so far are written, and scripts can still tell
 RUNS_DIR = Path("epo-runs")
 QUALITY_LATENTS = 20
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common_options(top_level=False)
     parser = _Parser(prog="epo-tui", parents=[_common_options(top_level=True)],
                      description="Evolutionary prompt optimization for sparse-autoencoder features. "
-                                 "`epo-tui --demo` alone runs a search on the bundled demo pack.")
+                                 "`epo-tui --demo` alone opens the UI on the bundled demo pack.")
     parser.add_argument("--version", action="version", version=f"epo-tui {__version__}")
     parser.add_argument("--worker", metavar="COMMAND",
                         help="the UI's worker command, run exactly as typed (no shell), e.g. \"ssh host epo-tui "
@@ -120,7 +121,7 @@ def _add_bench_command(commands, common: argparse.ArgumentParser) -> None:
         "search quality (--quality): N random alive latents; each one's maximum activation over a held-out "
         "text against the best activation the search finds at an xent <= the text's median + 1 nat")
     quality.add_argument("--quality", action="store_true", help="measure search quality instead of speed")
-    quality.add_argument("--latents", type=int, metavar="N", default=QUALITY_LATENTS,
+    quality.add_argument("--latents", type=int, metavar="N",
                          help=f"latents to search (default {QUALITY_LATENTS})")
     quality.add_argument("--pairs", type=int, nargs="?", const=QUALITY_PAIRS, metavar="N",
                          help=f"instead of single latents, N random pairs (default {QUALITY_PAIRS}) that fire "
@@ -158,7 +159,8 @@ def _add_run_command(commands, common: argparse.ArgumentParser) -> None:
                     "stop after this much wall clock, set-up included")
     run.add_argument("--resume", metavar="ID",
                      help="continue a stopped session exactly where it stopped (its own config; see "
-                          "`epo-tui sessions`); --iterations then sets the new total")
+                          "`epo-tui sessions`); --iterations then sets the new total (a finished session "
+                          "without it: another search's worth)")
 
 
 def _add_batch_command(commands, common: argparse.ArgumentParser) -> None:
@@ -304,7 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_ui(args, config)
         if args.worker or args.theme:
             raise UserError("--worker and --theme: options of the UI (epo-tui without a command)")
-        return COMMANDS[args.command](args, config)
+        code = COMMANDS[args.command](args, config)
+        sys.stdout.flush()  # here, where a reader that left (BrokenPipeError) is caught, not at exit
+        return code
     except UserError as err:
         if args.debug:
             traceback.print_exc()
@@ -313,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("epo-tui: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`epo-tui sessions | head`): stop quietly, as `yes | head` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush cannot fail again
+        return EXIT_BROKEN_PIPE
     except Exception as err:  # a bug of ours: one line unless --debug
         if args.debug:
             traceback.print_exc()
@@ -433,6 +440,25 @@ def _feature_overrides(args: argparse.Namespace, config: Config) -> Config:
     return dataclasses.replace(config, feature=feature)
 
 
+def _out_folder(option: str | None, default_name: str, *, rerun_allowed: bool = False) -> Path:
+    """The results folder: --out, else ./epo-runs/<time>-<default_name>, checked before anything loads (a
+    file, or a folder under one that cannot be written, is one line now, not an error after the search).
+    A folder holding an earlier run's result.json is refused unless `rerun_allowed` (a batch continues
+    its own folder): a run never overwrites results. The runner makes it once the search is set up."""
+    out = Path(option).expanduser() if option else _default_out(default_name)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {inert(str(out))}: is a file, not a folder")
+    if not rerun_allowed and (out / "result.json").exists():
+        raise UserError(f"--out {inert(str(out))}: holds the results of an earlier run; give another folder")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {inert(str(out))}: {inert(str(existing))} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {inert(str(out))}: {inert(str(existing))} is not writable")
+    return out
+
+
+
 def _default_out(name: str) -> Path:
     """./epo-runs/<time>-<name>, with -2, -3... if that folder exists already."""
     base = RUNS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
@@ -452,11 +478,11 @@ def _load_pair(config: Config, features: Sequence[int], source: str):
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    if args.resume:
+    if args.resume is not None:
         return _resume_run(args)
     config = _feature_overrides(args, _search_overrides(args, config))
     features = config.feature.features
-    out = Path(args.out) if args.out else _default_out("f" + "+".join(map(str, features)))
+    out = _out_folder(args.out, "f" + "+".join(map(str, features)))
     from epo_tui.engine.compile_cache import enable_compile_cache
 
     enable_compile_cache()  # a second run of the same shapes skips XLA compilation
@@ -490,6 +516,8 @@ def _resume_run(args: argparse.Namespace) -> int:
     if given:
         raise UserError(f"--resume: the session keeps its own config; drop {', '.join(given)}")
     _require_at_least_one("--iterations", args.iterations)
+    if not args.resume.strip():
+        raise UserError("--resume: give a session's id or a unique part of it (`epo-tui sessions` lists them)")
     budget = _time_budget(args.time_budget) if args.time_budget is not None else None
     session = sessions.find_session(args.resume)
     from epo_tui.engine.compile_cache import enable_compile_cache
@@ -498,8 +526,8 @@ def _resume_run(args: argparse.Namespace) -> int:
 
     enable_compile_cache()
     config = session_config(session)
+    out = _out_folder(args.out, f"resume-{session.id}")
     pair = _load_pair(config, config.feature.features, f"session {session.id}")
-    out = Path(args.out) if args.out else _default_out(f"resume-{session.id}")
     with StopFlag() as stop, progress_reporter() as reporter:
         result = resume_one(pair, session, out, reporter, stop, iterations_total=args.iterations, time_budget=budget)
     return _print_run_line(result, out)
@@ -522,12 +550,12 @@ def cmd_batch(args: argparse.Namespace, config: Config) -> int:
     enable_compile_cache()
 
     started = time.perf_counter()
+    out = _out_folder(args.out, f"batch-{len(args.features) if args.features else args.random}", rerun_allowed=True)
     pair = _load_pair(config, args.features or [0], "--features")
     if args.random is not None and args.random > pair.sae.d_sae:
         raise UserError(f"--random: {args.random} features asked, the SAE has {pair.sae.d_sae}")
     seed = config.search.seed
     features = args.features or random_features(args.random, pair.sae.d_sae, seed)
-    out = Path(args.out) if args.out else _default_out(f"batch-{len(features)}")
     with StopFlag() as stop, progress_reporter() as reporter:
         index = run_batch(pair, config, features, out, reporter, stop, cluster)
     each = budget_share(config, len(cluster.share(features))).search.time_budget
@@ -558,9 +586,14 @@ def cmd_bench(args: argparse.Namespace, config: Config) -> int:
     if args.pairs is not None and not args.quality:
         raise UserError("--pairs: a kind of --quality benchmark (bench --quality --pairs)")
     if args.cofiring is not None and args.pairs is None:
-        raise UserError("--cofiring: how the pairs of --pairs are drawn (bench --quality --pairs --cofiring SHARE)")
+        raise UserError("--cofiring: only with --pairs, whose draw it sets (bench --quality --pairs N --cofiring SHARE)")
+    if args.latents is not None and (args.pairs is not None or not args.quality):
+        raise UserError("--latents: the single-latent --quality benchmark's count; --pairs N counts pairs")
     if args.time_budget is not None and not args.quality:
         raise UserError("--time-budget: a budget per latent of --quality (the speed benchmarks run fixed iterations)")
+    for option, value in (("--presses", args.presses), ("--size", args.size)):
+        if value is not None and not args.ui:
+            raise UserError(f"{option}: an option of --ui (bench --ui {option} ...)")
     if args.ui:  # the UI's key-press-to-repaint latency while a search runs
         from epo_tui.bench.ui_latency import cmd_bench_ui
 
@@ -585,6 +618,7 @@ def _bench_quality(args: argparse.Namespace, config: Config) -> int:
     if args.model not in (None, "config"):
         raise UserError(f"--quality: measures the model and SAE of --config or --demo, not --model {args.model}")
     _require_at_least_one("--latents", args.latents)
+    latents = QUALITY_LATENTS if args.latents is None else args.latents
     if args.pairs is not None:
         _require_at_least_one("--pairs", args.pairs)
     if args.cofiring is not None and not 0 <= args.cofiring < 1:
@@ -606,6 +640,8 @@ def _bench_quality(args: argparse.Namespace, config: Config) -> int:
     from epo_tui.bench import quality
 
     texts = quality.read_heldout(heldout)
+    if not any(text.strip() for text in texts):
+        raise UserError(f"--heldout: {inert(str(heldout))} holds no text")
     pair = _load_pair(config, [0], config.source)
     labels = _config_labels(config, pair.sae)
     from epo_tui.engine.runner import StopFlag
@@ -619,7 +655,7 @@ def _bench_quality(args: argparse.Namespace, config: Config) -> int:
             share = pairs.COFIRING_SHARE if args.cofiring is None else args.cofiring
             report = pairs.run_pairs(pair, config, texts, pairs=args.pairs, cofiring_share=share, **common)
         else:
-            report = quality.run_quality(pair, config, texts, latents=args.latents, **common)
+            report = quality.run_quality(pair, config, texts, latents=latents, **common)
     if args.json:
         print(quality.report_json(report))
     elif args.pairs is not None:

@@ -108,8 +108,9 @@ class _ProgressLines(_Progress):
     iterations, and of its time budget), the last."""
 
     def batch_started(self, features: list[int]) -> None:
-        print(f"epo-tui: batch: {len(features)} features here: {', '.join(map(str, features))}",
-              file=sys.stderr, flush=True)
+        if features:  # none left: batch_skipped said so
+            print(f"epo-tui: batch: {len(features)} features here: {', '.join(map(str, features))}",
+                  file=sys.stderr, flush=True)
 
     def search_started(self, label: str, iterations: int, deadline=None, penalty_scale: str = "") -> None:
         super().search_started(label, iterations, deadline, penalty_scale)

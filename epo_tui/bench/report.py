@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+PIPED_COLUMNS = 200  # a report's width into a file or a pipe
+
 Progress = Callable[[str], None]  # one line of progress, for stderr
 
 
@@ -57,10 +59,13 @@ def plain(text: str) -> str:
 
 
 def console():
-    """A rich console on stdout for a report: no highlighting, long lines kept whole."""
+    """A rich console on stdout for a report: no highlighting, long lines kept whole. Into a file or a pipe
+    it lays tables out PIPED_COLUMNS wide (rich would take 80, wrapping every label and prompt) unless
+    COLUMNS says otherwise."""
     from rich.console import Console
 
-    return Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else PIPED_COLUMNS
+    return Console(file=sys.stdout, highlight=False, soft_wrap=True, width=width)
 
 
 def print_goals(out, goals: list[dict[str, Any]]) -> None:

@@ -492,9 +492,9 @@ def add_options(bench: argparse.ArgumentParser) -> None:
         "UI latency (--ui): the UI on a pseudo-terminal with a search running (--demo unless --config); "
         "key press to repaint, p50 and p99, and the time to the first screen")
     group.add_argument("--ui", action="store_true", help="measure the UI's latency instead of the search's speed")
-    group.add_argument("--presses", type=int, default=DEFAULT_PRESSES, metavar="N",
+    group.add_argument("--presses", type=int, metavar="N",
                        help=f"key presses to time (default {DEFAULT_PRESSES})")
-    group.add_argument("--size", default=f"{DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]}", metavar="COLSxROWS",
+    group.add_argument("--size", metavar="COLSxROWS",
                        help=f"the terminal's size (default {DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]})")
 
 
@@ -518,12 +518,13 @@ def cmd_bench_ui(args: argparse.Namespace, config, progress: Progress = quiet) -
                                       ("--no-warm-start", args.no_warm_start)) if value]
     if others:
         raise UserError(f"--ui: measures the UI with a search on --config or --demo; drop {', '.join(others)}")
-    if args.presses < 1:
-        raise UserError(f"--presses: must be >= 1, found {args.presses}")
-    size = _parse_size(args.size)
+    presses = DEFAULT_PRESSES if args.presses is None else args.presses
+    if presses < 1:
+        raise UserError(f"--presses: must be >= 1, found {presses}")
+    size = DEFAULT_SIZE if args.size is None else _parse_size(args.size)
     if not args.config:
         config = load_config(str(paths.demo_config_file()))
-    report = run_bench_ui(config, presses=args.presses, size=size, progress=progress)
+    report = run_bench_ui(config, presses=presses, size=size, progress=progress)
     if args.json:
         print(json.dumps(report))
     else:

@@ -133,6 +133,15 @@ def run_search(stepper, reporter: Reporter, stop: StopFlag, deadline: Deadline |
     return timings
 
 
+def make_results_folder(folder: Path) -> None:
+    """Makes `folder` once a search is set up (nothing is written for a search that cannot start), before
+    it runs: a path that cannot be a folder is one line now, not an error after the search."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot make the results folder {inert(str(folder))}: {err.strerror or err}") from None
+
+
 def run_one(pair: ModelWithSAE, config: Config, folder: Path, reporter: Reporter, stop: StopFlag,
             mesh: Mesh | None = None, cluster: Cluster = Cluster(), sessions_root: Path | None = None) -> dict:
     """One search for config.feature, recorded as a session: runs it, writes folder/result.json and
@@ -140,6 +149,7 @@ def run_one(pair: ModelWithSAE, config: Config, folder: Path, reporter: Reporter
     t0 = time.perf_counter()
     deadline = Deadline(budget_seconds(config.search.time_budget))  # set-up counts too
     search = Search(pair, config, mesh=mesh)  # its input errors come before any output
+    make_results_folder(folder)
     reporter.search_started(features_label(config), config.search.iterations, deadline,
                             search.objective_scale.describe())
     recorded = RecordedSearch.start(pair, config, search=search, root=sessions_root)
@@ -153,6 +163,7 @@ def resume_one(pair: ModelWithSAE, session: sessions.Session, folder: Path, repo
     t0 = time.perf_counter()
     deadline = Deadline(None)  # set-up counts too
     recorded = RecordedSearch.resume(pair, session, mesh=mesh, iterations_total=iterations_total)
+    make_results_folder(folder)
     own = recorded.search.config.search.time_budget
     deadline.seconds = budget_seconds(own if time_budget is None else time_budget)
     reporter.search_started(features_label(recorded.search.config), recorded.iterations_total, deadline,

@@ -70,6 +70,9 @@ class RecordedSearch:
     @classmethod
     def resume(cls, pair: ModelWithSAE, session: sessions.Session, mesh=None, iterations_total: int | None = None,
                checkpoint_seconds: float = CHECKPOINT_SECONDS) -> RecordedSearch:
+        """`session` continued from its checkpoint. `iterations_total` is the new total, more than the
+        checkpoint's iteration (else UserError); None keeps the session's own, or gives a finished session
+        another search's worth (its config's search.iterations)."""
         meta = session.read_meta()
         config = session_config(session, meta)
         arrays, _ = session.read_checkpoint()
@@ -80,6 +83,11 @@ class RecordedSearch:
             raise UserError(f"session {session.id}: {err}") from None
         state = search.admissible(state)
         total = iterations_total or int(meta.get("iterations_total") or config.search.iterations)
+        if iterations_total is not None and total <= state.iteration:
+            raise UserError(f"session {session.id} is at iteration {state.iteration} already: the new total "
+                            f"of iterations must be more than that")
+        if total <= state.iteration:  # a finished session goes on for another search's worth, as in the UI
+            total = state.iteration + config.search.iterations
         recorded = cls(search, state, session, total, checkpoint_seconds, feature_label=meta.get("label"))
         session.update_meta(status="running", iterations_total=total, error=None)
         return recorded

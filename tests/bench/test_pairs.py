@@ -114,9 +114,17 @@ def test_bench_pairs_command_prints_json_and_refuses_bad_input(tiny_dir, tmp_pat
     for argv, message in ((("--quality", "--pairs", 0), "--pairs: must be >= 1, found 0"),
                           (("--pairs", 2), "--pairs: a kind of --quality benchmark"),
                           (("--quality", "--pairs", "--cofiring", 1), "--cofiring: a share of each latent's"),
-                          (("--quality", "--cofiring", 0.5), "--cofiring: how the pairs of --pairs are drawn")):
+                          (("--quality", "--cofiring", 0.5), "--cofiring: only with --pairs, whose draw it sets"),
+                          (("--quality", "--pairs", 2, "--latents", 3), "--latents: the single-latent --quality"),
+                          (("--latents", 3), "--latents: the single-latent --quality"),
+                          (("--size", "100x30"), "--size: an option of --ui"),
+                          (("--presses", 5), "--presses: an option of --ui")):
         code, out, err = run_cli("bench", *argv, "--config", config, "--heldout", heldout)
         assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
+    for empty in ("", "\n\n"):  # no document, or only blank lines: one line, not an IndexError
+        (tmp_path / "empty.txt").write_text(empty)
+        code, out, err = run_cli("bench", "--quality", "--config", config, "--heldout", tmp_path / "empty.txt")
+        assert (code, out, err) == (2, "", f"epo-tui: error: --heldout: {tmp_path / 'empty.txt'} holds no text\n")
 
 
 def test_the_printed_report_has_a_row_per_pair_and_each_prompt_whole(capsys):

@@ -211,6 +211,35 @@ def test_bad_input_is_one_line_and_exit_2(tiny_dir, tmp_path, argv, message):
     assert not (tmp_path / "never").exists()
 
 
+def test_an_out_that_cannot_hold_results_is_refused_and_earlier_results_are_kept(tiny_dir, tmp_path):
+    a_file, earlier = tmp_path / "a-file", tmp_path / "earlier"
+    a_file.write_text("not a folder")
+    earlier.mkdir()
+    (earlier / "result.json").write_text('{"kept": true}')
+    for argv, message in ((["run", "--out", a_file], f"--out {a_file}: is a file, not a folder"),
+                          (["run", "--out", a_file / "sub"], f"--out {a_file / 'sub'}: {a_file} is a file, not a folder"),
+                          (["batch", "--features", "1", "--out", a_file / "b"], f"--out {a_file / 'b'}: {a_file} is a file, not a folder"),
+                          (["run", "--out", earlier], f"--out {earlier}: holds the results of an earlier run; give "
+                                                      "another folder")):
+        code, out, err = run_cli(*argv[:1], "--config", _config(tiny_dir), *argv[1:])
+        assert (code, out, err) == (2, "", f"epo-tui: error: {message}\n")
+    assert a_file.read_text() == "not a folder" and (earlier / "result.json").read_text() == '{"kept": true}'
+
+
+def test_a_reader_that_left_the_pipe_ends_the_command_quietly(tmp_path):
+    """`epo-tui sessions | head -1`: once head has gone, the rest of the output goes nowhere, with no
+    "internal error" and the exit code a shell gives a writer its reader left (141)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    try:
+        proc = subprocess.run([sys.executable, "-m", "epo_tui", "sessions", "list"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120,
+                              env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")
+
+
 # ----------------------------------------------------------------------------------------------
 # Markdown safety
 

@@ -39,9 +39,20 @@ def test_run_then_resume_list_show_favorite_delete(tiny_dir, tmp_path):
     assert code == 2 and "--favorite" in err
 
     for argv, message in ((("--resume", "nope"), "nope"),
-                          (("--resume", session_id, "--feature", 3), "drop --feature")):
-        code, _, err = run_cli("run", *argv)
+                          (("--resume", session_id, "--feature", 3), "drop --feature"),
+                          (("--resume", ""), "--resume: give a session's id"),
+                          (("--resume", session_id, "--iterations", 9),
+                           f"session {session_id} is at iteration 9 already: the new total of iterations must be "
+                           "more than that")):
+        code, _, err = run_cli("run", *argv, "--out", tmp_path / "never")
         assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "never").exists()
+
+    # a finished session resumed without --iterations goes on for another search's worth (its config's 5)
+    code, out, err = run_cli("run", "--resume", session_id, "--out", tmp_path / "c")
+    assert code == 0, err
+    more = json.loads((tmp_path / "c" / "result.json").read_text())
+    assert (more["timings"]["iterations_run"], len(more["best_objective_history"])) == (5, 14)
 
     code, out, err = run_cli("sessions", "delete", session_id)
     assert code == 0 and not (sessions.sessions_dir() / session_id).exists()
