@@ -495,7 +495,9 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
 
 def _print_run_line(result: dict, out: Path) -> int:
-    timings, best = result["timings"], max(result["elites"], key=lambda e: e["act"])
+    """The last line of `run`: how it ended, the highest act found (the frontier's end, with its xent:
+    an elite trades act for xent at its λ), and where the results are."""
+    timings, best = result["timings"], max(result["frontier"] or result["elites"], key=lambda p: p["act"])
     ran = f"{timings['iterations_run']}/{timings['iterations_requested']} iterations"
     if timings["interrupted"]:
         head = f"interrupted after {ran}"

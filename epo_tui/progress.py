@@ -75,7 +75,8 @@ class _Progress:
         rate = len(later) / sum(later) if sum(later) > 0 else 0.0
         eta = seconds_left(state.iteration, self.total, self.seconds, self.budget_left())
         tail = f" · ETA {format_budget(round(eta))}" if eta else ""
-        return f"{rate:.1f} it/s · best act {state.act_K.max():.3f} · best xent {state.xent_K.min():.3f}{tail}"
+        act, xent = best_found(state)
+        return f"{rate:.1f} it/s · best act {act:.3f} · best xent {xent:.3f}{tail}"
 
     def budget_left(self) -> float | None:
         return self.deadline.left_s() if self.deadline is not None else None
@@ -87,6 +88,15 @@ class _Progress:
             return float(iteration)
         spent = min(1.0, self.deadline.spent_s() / self.deadline.seconds)
         return max(float(iteration), spent * self.total)
+
+
+def best_found(state) -> tuple[float, float]:
+    """(highest act, lowest xent) of every prompt the search has kept: its frontier holds both ends, which
+    never get worse, while an elite trades act for xent at its λ (the elites' own are the fallback)."""
+    frontier = state.frontier
+    if len(frontier):
+        return float(frontier.act.max()), float(frontier.xent.min())
+    return float(state.act_K.max()), float(state.xent_K.min())
 
 
 def seconds_left(iteration: int, total: int, seconds: list[float], budget_left: float | None) -> float | None:

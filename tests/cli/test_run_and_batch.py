@@ -46,6 +46,7 @@ def run_dir(tiny_dir, tmp_path_factory) -> Path:
     assert code == 0, stderr
     assert stdout.startswith(f"ran {ITERATIONS}/{ITERATIONS} iterations") and f"results in {out}/" in stdout
     (out.parent / "stderr.txt").write_text(stderr)
+    (out.parent / "stdout.txt").write_text(stdout)
     return out
 
 
@@ -100,6 +101,18 @@ def test_run_says_what_lambda_means_in_the_log_the_report_and_result_json(run_di
     lines = (run_dir.parent / "stderr.txt").read_text().splitlines()
     assert f"epo-tui: feature {_load(run_dir)['feature']['indices'][0]}: {scale['description']}" in lines
     assert f"\nFluency penalty: {results.md_text(scale['description'])}.\n" in (run_dir / "report.md").read_text()
+
+
+def test_the_best_act_shown_is_the_highest_the_search_found(run_dir):
+    """Not the best elite's: the elite of the lowest λ trades act for xent, the frontier keeps the highest."""
+    result = _load(run_dir)
+    top = max(result["frontier"], key=lambda p: p["act"])
+    assert top["act"] >= max(e["act"] for e in result["elites"])
+    assert f"; best act {top['act']:.3f} (xent {top['xent']:.3f}); " in (run_dir.parent / "stdout.txt").read_text()
+    last = [line for line in (run_dir.parent / "stderr.txt").read_text().splitlines()
+            if f"iteration {ITERATIONS}/{ITERATIONS}" in line][-1]
+    lowest = min(p["xent"] for p in result["frontier"])
+    assert f" · best act {top['act']:.3f} · best xent {lowest:.3f}" in last
 
 
 def test_run_writes_a_readable_report(run_dir):

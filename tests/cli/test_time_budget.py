@@ -367,7 +367,7 @@ def test_progress_lines_come_every_tenth_of_the_budget(capsys):
     lines.search_started("feature 1", 1000, Deadline(100.0, clock=fake))
     for i in range(1, 11):  # 5 s per iteration: a tenth of the budget every second iteration
         fake.t += 5
-        lines.iteration_done(SimpleNamespace(iteration=i, act_K=np.zeros(2), xent_K=np.ones(2)), 5.0)
+        lines.iteration_done(SimpleNamespace(iteration=i, act_K=np.zeros(2), xent_K=np.ones(2), frontier=()), 5.0)
     shown = [line.split("iteration ")[1].split("/")[0] for line in capsys.readouterr().err.splitlines()
              if "iteration " in line]
     assert shown == ["1", "2", "4", "6", "8", "10"]
