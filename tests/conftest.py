@@ -84,3 +84,22 @@ def worker_factory(tmp_path):
     yield make
     for w in started:
         w.close()
+
+
+@pytest.fixture
+def hub_host_unresolvable(monkeypatch):
+    """No HF_HUB_OFFLINE, and the hub's host does not resolve (a machine without a network)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from epo_tui.engine import hub_access
+
+    def no_dns(host, *args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_access, "_unreachable", [])
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    return constants

@@ -5,7 +5,6 @@ shapes its config implies. Nothing is unpickled."""
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 from safetensors import SafetensorError, safe_open
 
+from epo_tui.engine.hub_access import cache_only_if_unreachable, hub_offline
 from epo_tui.errors import UserError, first_line
 
 # What a checkpoint folder must hold for us: config, tokenizer files and safetensors weights.
@@ -36,7 +36,7 @@ def resolve_checkpoint_dir(name: str | None, path: str | None) -> Path:
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
 
-    offline = hub_offline()
+    offline, unreachable = hub_offline(), cache_only_if_unreachable()
     try:
         return Path(snapshot_download(name, allow_patterns=CHECKPOINT_FILES))
     except GatedRepoError:
@@ -44,7 +44,8 @@ def resolve_checkpoint_dir(name: str | None, path: str | None) -> Path:
     except RepositoryNotFoundError:
         reason = "no such model on the hub (or it is private: export HF_TOKEN)"
     except LocalEntryNotFoundError as err:
-        why = "HF_HUB_OFFLINE is set" if offline else f"the hub is unreachable: {first_line(err.__cause__ or err)}"
+        why = ("HF_HUB_OFFLINE is set" if offline else f"the hub is unreachable: {unreachable}" if unreachable
+               else f"the hub is unreachable: {first_line(err.__cause__ or err)}")
         reason = f"it is not in the local cache and {why}"
     except (HfHubHTTPError, OSError, ValueError) as err:
         reason = f"the download failed: {first_line(err)}"
@@ -53,11 +54,6 @@ def resolve_checkpoint_dir(name: str | None, path: str | None) -> Path:
         "Set model.path to a local checkpoint folder, export HF_TOKEN if the model is gated, or fill the "
         "cache where the hub is reachable"
     )
-
-
-def hub_offline() -> bool:
-    """Whether HF_HUB_OFFLINE asks huggingface_hub to use its cache only."""
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
 def read_safetensors(folder: Path, max_layer: int | None = None,

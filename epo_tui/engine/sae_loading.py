@@ -36,7 +36,7 @@ import numpy as np
 from epo_tui import paths
 from epo_tui.atomic import write_bytes_atomic, write_json_atomic
 from epo_tui.config import SAEConfig
-from epo_tui.engine.hf_checkpoint import hub_offline
+from epo_tui.engine.hub_access import cache_only_if_unreachable, hub_offline
 from epo_tui.engine.sae import (ARCHITECTURES, ARRAY_FIELDS, GATED_FIELDS, META_FIELDS, NORMALIZATIONS, SUPPORTED,
                                 TRAINING_ONLY, UNFOLDED, UNSUPPORTED_WHY, SAEParams)
 from epo_tui.engine.sae_hub import cached_shapes_first
@@ -187,6 +187,7 @@ def _load_with_sae_lens(sae_cfg: SAEConfig, source: str) -> tuple[dict[str, np.n
             density = _read_local_density(folder / SAE_LENS_SPARSITY)  # load_from_disk does not read it
         else:
             lookup = _registry_lookup(sae_cfg.release, sae_cfg.id, source)
+            cache_only_if_unreachable()
             try:
                 with cached_shapes_first():
                     sae, density = _from_pretrained(sae_cfg.release, sae_cfg.id)
@@ -318,7 +319,9 @@ def _download_error(release: str, sae_id: str, err: Exception) -> UserError:
     elif isinstance(err, RepositoryNotFoundError):
         reason = "its repository is not on the hub (or it is private: set HF_TOKEN)"
     elif isinstance(err, LocalEntryNotFoundError):
+        unreachable = cache_only_if_unreachable()
         reason = ("it is not in the local cache and HF_HUB_OFFLINE is set" if offline
+                  else f"it is not in the local cache and the hub is unreachable ({unreachable})" if unreachable
                   else "it is not in the local cache and the hub could not be reached")
     elif isinstance(err, EntryNotFoundError):
         reason = "a file of it is missing from its repository"

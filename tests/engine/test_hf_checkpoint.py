@@ -51,6 +51,26 @@ def test_a_hub_id_not_in_the_cache_offline_is_a_clear_error():
     assert "\n" not in message
 
 
+def test_without_a_network_the_cache_answers_at_once(gpt2_dir, hub_host_unresolvable):
+    """huggingface_hub would retry each request for half a minute; an unresolvable host sends it to its
+    cache: a cached model loads, a missing one is one line saying why."""
+    from epo_tui.engine import hub_access
+
+    with pytest.raises(UserError) as info:
+        load_model(ModelConfig(name="nobody/not-cached"))
+    assert hub_host_unresolvable.HF_HUB_OFFLINE is True  # cache only, for the rest of this process
+    assert hub_access.cache_only_if_unreachable() == "huggingface.co does not resolve"
+    assert ("it is not in the local cache and the hub is unreachable: huggingface.co does not resolve"
+            in str(info.value)) and "\n" not in str(info.value)
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = _hub_cache() / "models--tiny-org--cached-gpt2"
+    shutil.copytree(gpt2_dir, repo / "snapshots" / commit, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    np.testing.assert_array_equal(_logits(load_model(ModelConfig(name="tiny-org/cached-gpt2"))),
+                                  _logits(load_model(ModelConfig(name=None, path=str(gpt2_dir)))))
+
+
 def test_sharded_checkpoint_reads_like_a_single_file(gpt2_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

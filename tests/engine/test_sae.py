@@ -290,6 +290,15 @@ def _in_hub_cache(folder: Path, repo_id: str, subfolder: str) -> Path:
     return repo
 
 
+def test_a_registry_sae_without_a_network_fails_at_once_in_one_line(tmp_path, hub_host_unresolvable):
+    with pytest.raises(UserError) as info:
+        load_sae(SAEConfig(release="gpt2-small-res-jb", id="blocks.8.hook_resid_pre"), cache_root=tmp_path)
+    assert str(info.value) == (
+        "sae: cannot load 'gpt2-small-res-jb' / 'blocks.8.hook_resid_pre' from the Hugging Face hub or its local "
+        "cache: it is not in the local cache and the hub is unreachable (huggingface.co does not resolve). Set "
+        "sae.path to a local sae-lens folder, or set HF_TOKEN for gated or private SAEs")
+
+
 def test_registry_sae_loads_from_the_hub_cache_with_registry_metadata(tmp_path):
     """The real from_pretrained path, offline, on a random SAE laid out as the hub cache holds
     gpt2-small-res-jb: center_writes comes from the release's model_from_pretrained_kwargs override,
