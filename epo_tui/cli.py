@@ -499,6 +499,10 @@ def _print_run_line(result: dict, out: Path) -> int:
     an elite trades act for xent at its λ), and where the results are."""
     timings, best = result["timings"], max(result["frontier"] or result["elites"], key=lambda p: p["act"])
     ran = f"{timings['iterations_run']}/{timings['iterations_requested']} iterations"
+    start = len(result["best_objective_history"]) - timings["iterations_run"]  # > 0: a resumed session
+    if start > 0:
+        ran += (f" (the session at iteration {start + timings['iterations_run']} of "
+                f"{start + timings['iterations_requested']})")
     if timings["interrupted"]:
         head = f"interrupted after {ran}"
     elif timings["budget_ran_out"]:

@@ -53,6 +53,7 @@ def test_run_then_resume_list_show_favorite_delete(tiny_dir, tmp_path):
     assert code == 0, err
     more = json.loads((tmp_path / "c" / "result.json").read_text())
     assert (more["timings"]["iterations_run"], len(more["best_objective_history"])) == (5, 14)
+    assert out.startswith("ran 5/5 iterations (the session at iteration 14 of 14) in ")
 
     code, out, err = run_cli("sessions", "delete", session_id)
     assert code == 0 and not (sessions.sessions_dir() / session_id).exists()
