@@ -458,7 +458,6 @@ def _out_folder(option: str | None, default_name: str, *, rerun_allowed: bool = 
     return out
 
 
-
 def _default_out(name: str) -> Path:
     """./epo-runs/<time>-<name>, with -2, -3... if that folder exists already."""
     base = RUNS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"

@@ -99,6 +99,8 @@ def hub_host_unresolvable(monkeypatch):
         raise socket.gaierror(-2, "Name or service not known")
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub_access, "_unreachable", [])
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)

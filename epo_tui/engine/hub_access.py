@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import urllib.request
 from urllib.parse import urlparse
 
 _unreachable: list[str | None] = []  # the answer, once asked: why the hub cannot be reached, or None
@@ -23,8 +24,8 @@ def hub_offline() -> bool:
 def cache_only_if_unreachable() -> str | None:
     """Before a download: when the hub's host (HF_ENDPOINT's, else huggingface.co) does not resolve,
     huggingface_hub is set to use its cache only for the rest of the process. Returns why the hub is
-    unreachable ("huggingface.co does not resolve"), or None when it may be reached or HF_HUB_OFFLINE
-    is set already."""
+    unreachable ("huggingface.co does not resolve"), or None when it may be reached, HF_HUB_OFFLINE is
+    set already, or a proxy is configured (the proxy resolves the host, not this machine)."""
     if not _unreachable:
         _unreachable.append(None if hub_offline() else _resolution_failure())
         if _unreachable[0] is not None:
@@ -37,6 +38,8 @@ def cache_only_if_unreachable() -> str | None:
 def _resolution_failure() -> str | None:
     from huggingface_hub import constants
 
+    if urllib.request.getproxies():
+        return None
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
         socket.getaddrinfo(host, 443)

@@ -71,6 +71,13 @@ def test_without_a_network_the_cache_answers_at_once(gpt2_dir, hub_host_unresolv
                                   _logits(load_model(ModelConfig(name=None, path=str(gpt2_dir)))))
 
 
+def test_behind_a_proxy_an_unresolvable_host_is_left_to_the_proxy(hub_host_unresolvable, monkeypatch):
+    from epo_tui.engine import hub_access
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # it resolves the hub, not this machine
+    assert hub_access.cache_only_if_unreachable() is None and hub_host_unresolvable.HF_HUB_OFFLINE is False
+
+
 def test_sharded_checkpoint_reads_like_a_single_file(gpt2_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
