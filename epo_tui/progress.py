@@ -24,6 +24,7 @@ class _Progress:
 
     def __init__(self):
         self.label, self.total, self.seconds, self.deadline = "", 0, [], None
+        self.penalty_scale = ""
 
     def __enter__(self):
         return self
