@@ -32,6 +32,7 @@ from epo_tui.engine.sae import activations
 from epo_tui.engine.search import Search
 from epo_tui.engine.text_rows import countable, pack_rows, token_stream
 from epo_tui.errors import UserError
+from epo_tui.progress import best_found
 
 XENT_MARGIN = 1.0  # nats over the held-out median window xent a winning prompt may have
 GOAL_FRACTION = 0.95
@@ -218,7 +219,7 @@ class IterationLines(Reporter):
 
     def iteration_done(self, state, seconds: float) -> None:
         if state.iteration % self.every == 0:
-            self.progress(f"{self.label}: iteration {state.iteration}, best act {float(state.act_K.max()):.3f}")
+            self.progress(f"{self.label}: iteration {state.iteration}, best act {best_found(state)[0]:.3f}")
 
 
 def per_latent(iterations: int | None, time_budget_s: float | None) -> str:

@@ -219,3 +219,17 @@ def test_dataset_context_shows_pieces_of_a_character_as_score_does(tiny_pair):
     first_byte = next(i for i, t in enumerate(row) if tiny_pair.model.token_bytes([t])[0] == b"\xf0")
     context = quality.context_snippet(tiny_pair, tokens, first_byte)
     assert "\ufffd" not in context and context.startswith("we like ") and "[\\xf0]" in context
+
+
+def test_iteration_lines_give_the_highest_act_found_not_the_best_elites():
+    from types import SimpleNamespace
+
+    from epo_tui.engine.frontier import Frontier
+
+    frontier = Frontier(xent=np.array([3.0, 6.0], np.float32), objective=np.array([1.0, 4.5], np.float32),
+                        act=np.array([1.0, 4.5], np.float32), tokens=np.array([[1], [2]], np.int32))
+    lines = []
+    reporter = quality.IterationLines(lines.append, "latent 7", every=10)
+    for iteration in (9, 10):  # an elite trades act for xent: 2.0 among the elites, 4.5 kept on the frontier
+        reporter.iteration_done(SimpleNamespace(iteration=iteration, act_K=np.array([2.0]), frontier=frontier), 1.0)
+    assert lines == ["latent 7: iteration 10, best act 4.500"]
