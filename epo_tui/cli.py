@@ -29,6 +29,7 @@ EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer its pipe's reader left
 EXIT_INTERRUPTED = 130  # Ctrl-C: the results so far are written, and scripts can still tell
 RUNS_DIR = Path("epo-runs")
+RESULT_FILES = ("result.json", "report.md")  # what a run writes in its --out
 QUALITY_LATENTS = 20
 QUALITY_PAIRS = 10
 QUALITY_TIME_BUDGET = "30s"  # per latent, searched for a fixed wall clock: 20 demo latents in about 11 minutes
@@ -443,13 +444,15 @@ def _feature_overrides(args: argparse.Namespace, config: Config) -> Config:
 def _out_folder(option: str | None, default_name: str, *, rerun_allowed: bool = False) -> Path:
     """The results folder: --out, else ./epo-runs/<time>-<default_name>, checked before anything loads (a
     file, or a folder under one that cannot be written, is one line now, not an error after the search).
-    A folder holding an earlier run's result.json is refused unless `rerun_allowed` (a batch continues
-    its own folder): a run never overwrites results. The runner makes it once the search is set up."""
+    A folder holding a result.json or report.md is refused unless `rerun_allowed` (a batch continues its
+    own folder): a run never overwrites them. The runner makes the folder once the search is set up."""
     out = Path(option).expanduser() if option else _default_out(default_name)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {inert(str(out))}: is a file, not a folder")
-    if not rerun_allowed and (out / "result.json").exists():
-        raise UserError(f"--out {inert(str(out))}: holds the results of an earlier run; give another folder")
+    held = [name for name in RESULT_FILES if (out / name).exists()]
+    if held and not rerun_allowed:
+        raise UserError(f"--out {inert(str(out))}: holds {' and '.join(held)} already, which a run would "
+                        "overwrite; give another folder")
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise UserError(f"--out {inert(str(out))}: {inert(str(existing))} is a file, not a folder")
@@ -522,7 +525,8 @@ def _resume_run(args: argparse.Namespace) -> int:
         raise UserError(f"--resume: the session keeps its own config; drop {', '.join(given)}")
     _require_at_least_one("--iterations", args.iterations)
     if not args.resume.strip():
-        raise UserError("--resume: give a session's id or a unique part of it (`epo-tui sessions` lists them)")
+        raise UserError("--resume: give a session's id, or the start of it or of its 6-letter tail "
+                        "(`epo-tui sessions` lists them)")
     budget = _time_budget(args.time_budget) if args.time_budget is not None else None
     session = sessions.find_session(args.resume)
     from epo_tui.engine.compile_cache import enable_compile_cache

@@ -225,18 +225,23 @@ def test_bad_input_is_one_line_and_exit_2(tiny_dir, tmp_path, argv, message):
 
 
 def test_an_out_that_cannot_hold_results_is_refused_and_earlier_results_are_kept(tiny_dir, tmp_path):
-    a_file, earlier = tmp_path / "a-file", tmp_path / "earlier"
+    a_file, earlier, notes = tmp_path / "a-file", tmp_path / "earlier", tmp_path / "notes"
     a_file.write_text("not a folder")
     earlier.mkdir()
     (earlier / "result.json").write_text('{"kept": true}')
+    notes.mkdir()
+    (notes / "report.md").write_text("mine")
     for argv, message in ((["run", "--out", a_file], f"--out {a_file}: is a file, not a folder"),
                           (["run", "--out", a_file / "sub"], f"--out {a_file / 'sub'}: {a_file} is a file, not a folder"),
                           (["batch", "--features", "1", "--out", a_file / "b"], f"--out {a_file / 'b'}: {a_file} is a file, not a folder"),
-                          (["run", "--out", earlier], f"--out {earlier}: holds the results of an earlier run; give "
-                                                      "another folder")):
+                          (["run", "--out", earlier], f"--out {earlier}: holds result.json already, which a run "
+                                                      "would overwrite; give another folder"),
+                          (["run", "--out", notes], f"--out {notes}: holds report.md already, which a run would "
+                                                    "overwrite; give another folder")):
         code, out, err = run_cli(*argv[:1], "--config", _config(tiny_dir), *argv[1:])
         assert (code, out, err) == (2, "", f"epo-tui: error: {message}\n")
     assert a_file.read_text() == "not a folder" and (earlier / "result.json").read_text() == '{"kept": true}'
+    assert (notes / "report.md").read_text() == "mine"
 
 
 def test_a_reader_that_left_the_pipe_ends_the_command_quietly(tmp_path):
