@@ -37,7 +37,7 @@ def build_heldout_stats(pack: Path, log=print) -> dict:
                              histogram=HISTOGRAM)
     outcome = run_dataset(config, options)
     for path in (pack / SHIPPED_FOLDER).iterdir():
-        path.chmod(0o644)  # atomic writes create 0600 files; the pack is read by every user
+        path.chmod(0o644)  # the pack is read by every user, whatever the umask of whoever built it
     (pack / SHIPPED_FOLDER).chmod(0o755)
     size = sum(p.stat().st_size for p in (pack / SHIPPED_FOLDER).iterdir())
     log(f"stats: {summary_line(outcome)}; {size / 1e3:.0f} kB")

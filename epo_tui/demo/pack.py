@@ -124,7 +124,7 @@ def build_pack(out: Path, dest: Path, default_feature: int = DEFAULT_FEATURE, lo
     write_text_atomic(dest / "NOTICE.md", notice_text(manifest))
     for path in dest.rglob("*"):
         if path.is_file():
-            path.chmod(0o644)  # atomic writes create 0600 files; the pack is read by every user
+            path.chmod(0o644)  # the pack is read by every user, whatever the umask of whoever built it
     sizes = {str(p.relative_to(dest)): p.stat().st_size for p in sorted(dest.rglob("*")) if p.is_file()}
     report = {"dest": str(dest), "bytes": sum(sizes.values()), "files": sizes, "default_feature": default_feature}
     log(f"pack: {len(sizes)} files, {report['bytes'] / 1e6:.1f} MB in {dest}; default feature {default_feature}"
