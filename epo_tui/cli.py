@@ -29,7 +29,6 @@ EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer its pipe's reader left
 EXIT_INTERRUPTED = 130  # Ctrl-C: the results so far are written, and scripts can still tell
 RUNS_DIR = Path("epo-runs")
-RESULT_FILES = ("result.json", "report.md")  # what a run writes in its --out
 QUALITY_LATENTS = 20
 QUALITY_PAIRS = 10
 QUALITY_TIME_BUDGET = "30s"  # per latent, searched for a fixed wall clock: 20 demo latents in about 11 minutes
@@ -449,6 +448,8 @@ def _out_folder(option: str | None, default_name: str, *, rerun_allowed: bool = 
     out = Path(option).expanduser() if option else _default_out(default_name)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {inert(str(out))}: is a file, not a folder")
+    from epo_tui.results import RESULT_FILES
+
     held = [name for name in RESULT_FILES if (out / name).exists()]
     if held and not rerun_allowed:
         raise UserError(f"--out {inert(str(out))}: holds {' and '.join(held)} already, which a run would "

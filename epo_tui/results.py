@@ -22,6 +22,7 @@ from epo_tui.text import inert
 
 RESULT_VERSION = 1
 INDEX_VERSION = 1
+RESULT_FILES = ("result.json", "report.md")  # what a search writes in its folder (write_result)
 
 
 @dataclass

@@ -318,7 +318,7 @@ def _flat(data: dict, prefix: str = "") -> dict:
 
 def _clear_partial_writes(folder: Path) -> None:
     """Temp files of an atomic write that a killed process left behind (atomic.py names them .NAME.*.tmp)."""
-    for name in ("result.json", "report.md"):
+    for name in results.RESULT_FILES:
         for partial in folder.glob(f".{name}.*.tmp"):
             partial.unlink(missing_ok=True)
 
